@@ -1,0 +1,47 @@
+# The habits: `make run`, `make test`, `make lint`, `make proto`.
+# Everything installs into .venv from the project's own files.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint fmt proto proto-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml Cargo.toml dispatcher_rs/Cargo.toml $(wildcard dispatcher_rs/src/*.rs)
+	@command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e clients/python -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/dispatchd up
+
+test: install
+	cargo test -q --manifest-path dispatcher_rs/Cargo.toml
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	MYPYPATH=services $(PY) -m mypy.stubtest dispatch._dispatcher
+	cargo fmt --all --check
+	cargo clippy --all-targets -q -- -D warnings
+
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+	cargo fmt --all
+
+proto: install
+	$(PY) scripts/gen_protos.py
+
+proto-check: install
+	$(PY) scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,172 @@
+"""The kernel's live state: active turns (one per conversation), event logs,
+and starting, cancelling and draining turns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from dispatch.kernel.events import ConversationLog, replay_and_follow
+from dispatch.kernel.turn import TurnDeps, TurnRunner
+from dispatch.shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
+from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 1_000_000
+
+
+@dataclass
+class ActiveTurn:
+    runner: TurnRunner
+    task: asyncio.Task[None]
+
+
+class Kernel:
+    """Runs turns; the gRPC servicer is a thin layer over this."""
+
+    def __init__(self, deps: TurnDeps):
+        self.deps = deps
+        self._logs: dict[str, ConversationLog] = {}
+        self._active: dict[str, ActiveTurn] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._draining = False
+
+    def _lock(self, conversation_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(conversation_id, asyncio.Lock())
+
+    async def _log(self, tenant_id: str, conversation_id: str) -> ConversationLog:
+        """The conversation's event log, loaded from the store on first use (NOT_FOUND if absent)."""
+        if not tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        if not conversation_id:
+            raise InvalidArgument("conversation_id is required")
+        existing = self._logs.get(conversation_id)
+        if existing is not None:
+            if existing.tenant_id != tenant_id:
+                raise NotFound(f"conversation {conversation_id} not found")
+            return existing
+        try:
+            conv = await self.deps.store.GetConversation(
+                store_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not load the conversation") from None
+        # Another caller may have created it while we awaited the store.
+        return self._logs.setdefault(conversation_id, ConversationLog(tenant_id, conversation_id, conv.last_event_seq))
+
+    async def start_turn(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        chunks: Sequence[common_pb2.Chunk],
+        policy: common_pb2.SendPolicy.ValueType,
+        idempotency_key: str,
+    ) -> kernel_pb2.StartTurnResponse:
+        if not chunks:
+            raise InvalidArgument("the message is empty: send at least one text chunk")
+        size = sum(len(c.text.text) for c in chunks)
+        if size == 0:
+            raise InvalidArgument("the message has no text")
+        if size > MAX_MESSAGE_CHARS:
+            raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_MESSAGE_CHARS}")
+        if self._draining:
+            raise Unavailable("the kernel is shutting down; retry on another kernel")
+        events = await self._log(tenant_id, conversation_id)
+        async with self._lock(conversation_id):
+            running = self._active.get(conversation_id)
+            if running is not None:
+                if policy == common_pb2.SEND_POLICY_INTERRUPT:
+                    running.runner.abort()
+                    await asyncio.wait([running.task])
+                elif policy == common_pb2.SEND_POLICY_REJECT:
+                    raise FailedPrecondition(
+                        f"conversation {conversation_id} has a running turn {running.runner.turn.id}; "
+                        "send with policy interrupt to replace it, or wait for turn_sealed"
+                    )
+                else:
+                    raise FailedPrecondition(
+                        f"conversation {conversation_id} has a running turn {running.runner.turn.id}; "
+                        "queueing messages behind a running turn is not supported yet: "
+                        "wait for turn_sealed, or send with policy interrupt"
+                    )
+            try:
+                turn = await self.deps.store.CreateTurn(
+                    store_pb2.CreateTurnRequest(
+                        tenant_id=tenant_id,
+                        conversation_id=conversation_id,
+                        idempotency_key=idempotency_key,
+                        state=common_pb2.TURN_STATE_RUNNING,
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, "the store could not create the turn") from None
+            after = events.last_seq
+            runner = TurnRunner(self.deps, events, turn, chunks)
+            task = asyncio.create_task(runner.run(), name=f"turn {turn.id}")
+            self._active[conversation_id] = ActiveTurn(runner, task)
+            task.add_done_callback(lambda _t: self._finished(conversation_id, runner))
+        return kernel_pb2.StartTurnResponse(
+            turn_id=turn.id, state=common_pb2.TURN_STATE_RUNNING, after_event_seq=after
+        )
+
+    def _finished(self, conversation_id: str, runner: TurnRunner) -> None:
+        active = self._active.get(conversation_id)
+        if active is not None and active.runner is runner:
+            del self._active[conversation_id]
+
+    async def subscribe(
+        self, tenant_id: str, conversation_id: str, after_event_seq: int
+    ) -> AsyncIterator[list[common_pb2.AgentEvent]]:
+        if after_event_seq < 0:
+            raise InvalidArgument("after_event_seq must be 0 or more")
+        events = await self._log(tenant_id, conversation_id)
+
+        async def load(after: int, limit: int) -> list[common_pb2.AgentEvent]:
+            resp = await self.deps.store.LoadEvents(
+                store_pb2.LoadEventsRequest(
+                    tenant_id=tenant_id, conversation_id=conversation_id, after_event_seq=after, limit=limit
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+            return list(resp.events)
+
+        async for batch in replay_and_follow(events, after_event_seq, load):
+            yield batch
+
+    async def cancel(self, tenant_id: str, conversation_id: str, turn_id: str) -> str:
+        await self._log(tenant_id, conversation_id)
+        running = self._active.get(conversation_id)
+        if running is None or (turn_id and running.runner.turn.id != turn_id):
+            return ""
+        running.runner.abort()
+        await asyncio.wait([running.task])
+        return running.runner.turn.id
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking turns, let running ones finish within ``grace``, interrupt the rest."""
+        self._draining = True
+        tasks = [a.task for a in self._active.values()]
+        if tasks:
+            log.info("draining %d running turn(s)", len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, grace - 1.0))
+            for active in list(self._active.values()):
+                if active.task in pending:
+                    active.runner.abort(common_pb2.TURN_STATE_INTERRUPTED)
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for events in self._logs.values():
+            events.close_subscribers()
+

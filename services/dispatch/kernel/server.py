@@ -1,0 +1,50 @@
+"""Start the kernel service: its peers, its provider, its servicer."""
+
+from __future__ import annotations
+
+import grpc
+
+from dispatch.kernel.kernel import Kernel
+from dispatch.kernel.providers import Provider, build_provider
+from dispatch.kernel.service import KernelServicer
+from dispatch.kernel.tools import BUILTIN_TOOLS
+from dispatch.kernel.turn import TurnDeps
+from dispatch.shared.config import KernelConfig
+from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, start_server
+from dispatch.v1 import exec_pb2_grpc, kernel_pb2_grpc, store_pb2_grpc
+
+
+async def start(cfg: KernelConfig, provider: Provider | None = None) -> Hosted:
+    """Start the kernel on ``cfg.listen``; ``provider`` overrides the configured one (tests)."""
+    store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
+    exec_channel = grpc.aio.insecure_channel(cfg.exec_address, options=GRPC_OPTIONS)
+    provider = provider or build_provider(cfg.provider)
+    deps = TurnDeps(
+        store=store_pb2_grpc.ConversationStoreStub(store_channel),
+        exec=exec_pb2_grpc.ExecStub(exec_channel),
+        provider=provider,
+        tools=BUILTIN_TOOLS,
+        system_prompt=cfg.system_prompt,
+        max_steps=cfg.max_steps,
+        rpc_timeout=cfg.rpc_timeout,
+    )
+    kernel = Kernel(deps)
+    servicer = KernelServicer(kernel)
+    hosted = await start_server(
+        [
+            Service(
+                "dispatch.v1.Kernel",
+                lambda server: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, server),
+            )
+        ],
+        cfg.listen,
+        drain=kernel.drain,
+    )
+
+    async def close() -> None:
+        await provider.aclose()
+        await store_channel.close()
+        await exec_channel.close()
+
+    hosted.closers.append(close)
+    return hosted

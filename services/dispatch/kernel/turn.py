@@ -1,0 +1,413 @@
+"""One turn: a loop of steps, each streaming one provider response and running
+the tool calls it contains, until a response calls no tool.
+
+Persistence: the user message when the turn starts, each step's messages when
+the step completes (with the events produced so far, in the same
+transaction), and ``turn_sealed`` only after the final append succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from dispatch.kernel.events import ConversationLog
+from dispatch.kernel.providers.base import (
+    Finish,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    Usage,
+)
+from dispatch.kernel.tools import Tool, ToolContext, ToolResult
+from dispatch.shared.ids import step_id as make_step_id
+from dispatch.shared.timeutil import duration
+from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATE: Mapping[common_pb2.FinishReason.ValueType, common_pb2.TurnState.ValueType] = {
+    common_pb2.FINISH_REASON_ABORTED: common_pb2.TURN_STATE_ABORTED,
+    common_pb2.FINISH_REASON_ERROR: common_pb2.TURN_STATE_FAILED,
+}
+
+
+@dataclass
+class TurnDeps:
+    """What every turn of a kernel shares."""
+
+    store: store_pb2_grpc.ConversationStoreAsyncStub
+    exec: exec_pb2_grpc.ExecAsyncStub
+    provider: Provider
+    tools: Mapping[str, Tool]
+    system_prompt: str
+    max_steps: int = 0
+    rpc_timeout: float = 30.0
+
+
+@dataclass
+class StepState:
+    """What a step has produced so far; kept apart so an abort can keep text and thinking."""
+
+    index: int
+    step_id: str
+    started: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    results: dict[str, ToolResult] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_STOP
+    first_token: float | None = None
+    stream_end: float | None = None
+
+    def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
+        chunks: list[common_pb2.Chunk] = []
+        if self.thinking:
+            chunks.append(common_pb2.Chunk(thinking=common_pb2.ThinkingChunk(text="".join(self.thinking))))
+        if self.text:
+            chunks.append(common_pb2.Chunk(text=common_pb2.TextChunk(text="".join(self.text))))
+        if with_calls:
+            chunks.extend(
+                common_pb2.Chunk(
+                    tool_call=common_pb2.ToolCallChunk(
+                        id=c.id, name=c.name, input_json=c.input_json, step_id=self.step_id
+                    )
+                )
+                for c in self.calls
+            )
+        if not chunks:
+            return None
+        return common_pb2.Message(
+            role=common_pb2.ROLE_ASSISTANT, chunks=chunks, turn_id=turn_id, step_index=self.index
+        )
+
+    def tool_message(self, turn_id: str) -> common_pb2.Message | None:
+        if not self.calls:
+            return None
+        chunks = [
+            common_pb2.Chunk(
+                tool_result=common_pb2.ToolResultChunk(
+                    tool_call_id=c.id,
+                    name=c.name,
+                    content=self.results[c.id].content,
+                    is_error=self.results[c.id].is_error,
+                    step_id=self.step_id,
+                )
+            )
+            for c in self.calls
+        ]
+        return common_pb2.Message(role=common_pb2.ROLE_TOOL, chunks=chunks, turn_id=turn_id, step_index=self.index)
+
+
+class StoreFailed(Exception):
+    """The store refused or failed a write the turn depends on."""
+
+
+class TurnRunner:
+    """Runs one turn of one conversation and emits its events."""
+
+    def __init__(
+        self,
+        deps: TurnDeps,
+        events: ConversationLog,
+        turn: common_pb2.Turn,
+        user_chunks: Sequence[common_pb2.Chunk],
+    ):
+        self.deps = deps
+        self.events = events
+        self.turn = turn
+        self.user_chunks = list(user_chunks)
+        self.abort_reason: common_pb2.TurnState.ValueType | None = None
+        self._step_task: asyncio.Task[None] | None = None
+        self._usage = common_pb2.Usage()
+        self._last_seq = 0
+        # Where tools run; resolved from the store when the turn starts.
+        self._computer_id = ""
+        self._cwd = ""
+
+    @property
+    def tenant_id(self) -> str:
+        return self.events.tenant_id
+
+    def abort(self, state: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_ABORTED) -> None:
+        """Abort the turn: the running step is cancelled, and the turn seals as aborted."""
+        if self.abort_reason is None:
+            self.abort_reason = state
+        if self._step_task is not None:
+            self._step_task.cancel()
+
+    def _emit(self, step_id: str = "", **kind: object) -> None:
+        self.events.emit(self.turn.id, step_id, **kind)
+
+    async def _append(self, messages: Sequence[common_pb2.Message]) -> store_pb2.AppendResponse:
+        """Commit messages together with every event not yet persisted, in one transaction."""
+        pending = list(self.events.unpersisted)
+        if not messages and not pending:
+            return store_pb2.AppendResponse()
+        try:
+            resp: store_pb2.AppendResponse = await self.deps.store.Append(
+                store_pb2.AppendRequest(
+                    tenant_id=self.tenant_id,
+                    conversation_id=self.turn.conversation_id,
+                    messages=messages,
+                    events=pending,
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreFailed(f"the store failed to commit: {exc.code().name}: {exc.details()}") from exc
+        if pending:
+            self.events.mark_persisted(pending[-1].event_seq)
+        if resp.last_seq:
+            self._last_seq = resp.last_seq
+            self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=resp.first_seq, last_seq=resp.last_seq))
+        return resp
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        self._emit(
+            turn_started=common_pb2.TurnStarted(
+                agent=self.turn.agent, model=self.deps.provider.model
+            )
+        )
+        finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
+        error = ""
+        steps = 0
+        last_step_usage = common_pb2.Usage()
+        user_seq = 0
+        try:
+            user = common_pb2.Message(role=common_pb2.ROLE_USER, chunks=self.user_chunks, turn_id=self.turn.id)
+            user_seq = (await self._append([user])).first_seq
+            finish, steps, last_step_usage = await self._steps()
+        except StoreFailed as exc:
+            error = str(exc)
+            self._emit(error=common_pb2.ErrorEvent(message=error, code="store", fatal=True))
+        except ProviderError as exc:
+            error = str(exc)
+            self._emit(error=common_pb2.ErrorEvent(message=error, code="provider", fatal=True))
+        except Exception as exc:
+            log.exception("turn %s failed", self.turn.id)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            self._emit(error=common_pb2.ErrorEvent(message=error, code="internal", fatal=True))
+        if self.abort_reason is not None:
+            finish = common_pb2.FINISH_REASON_ABORTED
+        self._emit(
+            turn_done=common_pb2.TurnDone(
+                finish_reason=finish,
+                duration=duration(time.monotonic() - started),
+                usage=self._usage,
+                context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
+                steps=steps,
+            )
+        )
+        state = self.abort_reason or TERMINAL_STATE.get(finish, common_pb2.TURN_STATE_COMPLETED)
+        await self._seal(state, finish, error, user_seq)
+
+    async def _seal(
+        self,
+        state: common_pb2.TurnState.ValueType,
+        finish: common_pb2.FinishReason.ValueType,
+        error: str,
+        user_seq: int,
+    ) -> None:
+        try:
+            await self._append([])
+            await self.deps.store.TransitionTurn(
+                store_pb2.TransitionTurnRequest(
+                    tenant_id=self.tenant_id,
+                    turn_id=self.turn.id,
+                    to=state,
+                    finish_reason=finish,
+                    error_message=error,
+                    user_message_seq=user_seq,
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except (StoreFailed, grpc.aio.AioRpcError) as exc:
+            # Not sealed: what was committed stays; the turn's row is reconciled later.
+            detail = str(exc) if isinstance(exc, StoreFailed) else f"{exc.code().name}: {exc.details()}"
+            log.error("turn %s could not be sealed: %s", self.turn.id, detail)
+            self._emit(error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True))
+            return
+        self._emit(turn_sealed=common_pb2.TurnSealed(state=state, last_seq=self._last_seq))
+        try:
+            await self._append([])
+        except StoreFailed as exc:
+            log.warning("turn %s: turn_sealed not persisted (it will be with the next append): %s", self.turn.id, exc)
+
+    async def _load_history(self) -> list[common_pb2.Message]:
+        try:
+            resp = await self.deps.store.Load(
+                store_pb2.LoadRequest(tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id),
+                timeout=self.deps.rpc_timeout,
+            )
+            where = await self.deps.store.ResolveExecution(
+                store_pb2.ResolveExecutionRequest(
+                    tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id, turn_id=self.turn.id
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreFailed(f"the store failed to load the conversation: {exc.details()}") from exc
+        self._computer_id, self._cwd = where.computer_id, where.cwd
+        return list(resp.messages)
+
+    async def _steps(self) -> tuple[common_pb2.FinishReason.ValueType, int, common_pb2.Usage]:
+        """The step loop. Returns the turn's finish reason, its step count and the last step's usage."""
+        history = await self._load_history()
+        last_usage = common_pb2.Usage()
+        step_index = 0
+        while True:
+            if self.abort_reason is not None:
+                return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
+            if self.deps.max_steps and step_index >= self.deps.max_steps:
+                return common_pb2.FINISH_REASON_MAX_STEPS, step_index, last_usage
+            step = StepState(step_index, make_step_id(self.turn.id, step_index))
+            self._step_task = asyncio.create_task(self._run_step(step, history))
+            try:
+                await self._step_task
+            except asyncio.CancelledError:
+                if self.abort_reason is None:
+                    raise  # the kernel itself is being cancelled
+            except ProviderError:
+                # Keep what the step said before failing, without dangling tool calls.
+                await self._commit_partial(step)
+                raise
+            finally:
+                self._step_task = None
+            if self.abort_reason is not None:
+                await self._commit_partial(step)
+                return common_pb2.FINISH_REASON_ABORTED, step_index + 1, step.usage.to_proto()
+            messages = [
+                m
+                for m in (step.assistant_message(self.turn.id, with_calls=True), step.tool_message(self.turn.id))
+                if m is not None
+            ]
+            committed = await self._append(messages)
+            history.extend(committed.messages)
+            last_usage = step.usage.to_proto()
+            self._complete_step(step, last_usage)
+            step_index += 1
+            if not step.calls:
+                return step.finish, step_index, last_usage
+
+    async def _commit_partial(self, step: StepState) -> None:
+        message = step.assistant_message(self.turn.id, with_calls=False)
+        await self._append([message] if message is not None else [])
+
+    def _complete_step(self, step: StepState, usage: common_pb2.Usage) -> None:
+        end = step.stream_end or time.monotonic()
+        first = step.first_token or end
+        self._emit(
+            step.step_id,
+            step_completed=common_pb2.StepCompleted(
+                step_index=step.index,
+                finish_reason=step.finish,
+                ttft=duration(first - step.started),
+                decode=duration(end - first),
+                generation=duration(end - step.started),
+                usage=usage,
+                tool_calls=len(step.calls),
+            ),
+        )
+
+    async def _run_step(self, step: StepState, history: Sequence[common_pb2.Message]) -> None:
+        request = ProviderRequest(
+            model=self.deps.provider.model,
+            system=self.deps.system_prompt,
+            messages=history,
+            tools=[t.spec for t in self.deps.tools.values()],
+        )
+        sid = step.step_id
+        try:
+            async for ev in self.deps.provider.stream(request):
+                if step.first_token is None and not isinstance(ev, (Usage, Finish)):
+                    step.first_token = time.monotonic()
+                if isinstance(ev, TextDelta):
+                    step.text.append(ev.text)
+                    self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
+                elif isinstance(ev, ReasoningDelta):
+                    step.thinking.append(ev.text)
+                    self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
+                elif isinstance(ev, ToolCall):
+                    step.calls.append(ev)
+                    self._emit(
+                        sid,
+                        tool_call=common_pb2.ToolCallEvent(tool_call_id=ev.id, name=ev.name, input_json=ev.input_json),
+                    )
+                elif isinstance(ev, Usage):
+                    step.usage = ev
+                    self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
+                elif isinstance(ev, Finish):
+                    step.finish = ev.reason
+        finally:
+            step.stream_end = time.monotonic()
+            self._add_usage(step.usage)
+        # Tools run one after another for now; the dispatcher_rs scheduler
+        # (concurrency caps, dedup, exclusivity) takes over this loop.
+        try:
+            for call in step.calls:
+                await self._run_tool(step, call)
+        except asyncio.CancelledError:
+            for call in step.calls:
+                if call.id not in step.results:
+                    step.results[call.id] = ToolResult("Aborted", is_error=True)
+                    self._emit(
+                        sid,
+                        tool_result=common_pb2.ToolResultEvent(
+                            tool_call_id=call.id, name=call.name, content="Aborted", is_error=True
+                        ),
+                    )
+            raise
+
+    async def _run_tool(self, step: StepState, call: ToolCall) -> None:
+        started = time.monotonic()
+        tool = self.deps.tools.get(call.name)
+        if tool is None:
+            result = ToolResult(
+                f"unknown tool {call.name!r}; available tools: {', '.join(sorted(self.deps.tools))}",
+                is_error=True,
+            )
+        else:
+
+            def on_output(stream: common_pb2.OutputStream.ValueType, data: bytes) -> None:
+                self._emit(
+                    step.step_id,
+                    tool_output=common_pb2.ToolOutput(tool_call_id=call.id, stream=stream, data=data),
+                )
+
+            ctx = ToolContext(
+                exec=self.deps.exec,
+                computer_id=self._computer_id,
+                cwd=self._cwd,
+                rpc_timeout=self.deps.rpc_timeout,
+                on_output=on_output,
+            )
+            result = await tool.run(ctx, call.input_json)
+        step.results[call.id] = result
+        self._emit(
+            step.step_id,
+            tool_result=common_pb2.ToolResultEvent(
+                tool_call_id=call.id,
+                name=call.name,
+                content=result.content,
+                is_error=result.is_error,
+                duration=duration(time.monotonic() - started),
+            ),
+        )
+
+    def _add_usage(self, usage: Usage) -> None:
+        self._usage.input_tokens += usage.input_tokens
+        self._usage.output_tokens += usage.output_tokens
+        self._usage.cache_read_tokens += usage.cache_read_tokens
+        self._usage.cache_write_tokens += usage.cache_write_tokens
+        self._usage.reasoning_tokens += usage.reasoning_tokens

@@ -1,0 +1,1 @@
+"""What the four services share: server lifecycle, config, ids, errors, time."""

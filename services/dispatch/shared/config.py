@@ -1,0 +1,231 @@
+"""Typed configuration, loaded in one place and passed down explicitly.
+
+Precedence: command-line flags, then environment variables, then the TOML
+config file (``--config`` or ``DISPATCH_CONFIG``), then defaults. Nothing else
+in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispatch.shared.errors import InvalidArgument
+
+DEFAULT_TRANSPORT_LISTEN = "127.0.0.1:7600"
+
+
+class ConfigError(InvalidArgument):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    listen: str = "127.0.0.1:0"
+    # sqlite:///relative/path, sqlite:////absolute/path
+    database_url: str = "sqlite:///.dispatch/dispatch.db"
+    # Root of the default workspace created on first use.
+    default_workspace_root: str = "."
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    listen: str = "127.0.0.1:0"
+    # Output past this many bytes per spawn is dropped with a marker.
+    max_output_bytes: int = 1 << 20
+    # ReadFile never returns more than this many bytes in one call.
+    max_read_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    # "demo" (built in, no model), "scripted" (replays `script`), "openai".
+    kind: str = "demo"
+    model: str = ""
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str = field(default="", repr=False)  # never printed
+    script: str = ""
+    # Per-attempt limit on waiting for response headers, in seconds.
+    request_timeout: float = 120.0
+
+    @property
+    def display(self) -> str:
+        if self.kind == "openai":
+            return f"openai-compatible model {self.model!r} at {self.base_url}"
+        if self.kind == "scripted":
+            return f"scripted provider replaying {self.script}"
+        return "built-in demo script (no model configured)"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    listen: str = "127.0.0.1:0"
+    store_address: str = ""
+    exec_address: str = ""
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    system_prompt: str = (
+        "You are Dispatch, a careful agent. Use the tools to inspect the workspace before answering."
+    )
+    # 0 = unlimited.
+    max_steps: int = 0
+    # Deadline on every unary call to the store and exec, in seconds.
+    rpc_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    listen: str = DEFAULT_TRANSPORT_LISTEN
+    kernel_address: str = ""
+    store_address: str = ""
+    rpc_timeout: float = 30.0
+
+
+def load_file(path: str | None) -> dict[str, Any]:
+    """Read the TOML config file, or nothing when none is given."""
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+
+
+def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key [{name}] must be a table")
+    return value
+
+
+def _pick(flag: Any, env: Mapping[str, str], env_names: tuple[str, ...], file_value: Any, default: Any) -> Any:
+    if flag is not None:
+        return flag
+    for name in env_names:
+        if env.get(name):
+            return env[name]
+    if file_value is not None:
+        return file_value
+    return default
+
+
+def _float(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key} must be a number, got {value!r}") from None
+
+
+def _int(value: Any, key: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key} must be an integer, got {value!r}") from None
+
+
+def provider_config(
+    flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]
+) -> ProviderConfig:
+    sec = _section(file, "provider")
+    model = _pick(flags.get("model"), env, ("DISPATCH_MODEL",), sec.get("model"), "")
+    script = _pick(flags.get("script"), env, ("DISPATCH_SCRIPT",), sec.get("script"), "")
+    kind_default = "openai" if model else ("scripted" if script else "demo")
+    kind = _pick(flags.get("provider"), env, ("DISPATCH_PROVIDER",), sec.get("kind"), kind_default)
+    if kind not in ("demo", "scripted", "openai"):
+        raise ConfigError(f"config key provider.kind must be demo, scripted or openai, got {kind!r}")
+    key_env = sec.get("api_key_env", "OPENAI_API_KEY")
+    api_key = env.get("DISPATCH_PROVIDER_API_KEY") or env.get(str(key_env), "")
+    base_url = _pick(
+        flags.get("base_url"),
+        env,
+        ("DISPATCH_BASE_URL", "OPENAI_BASE_URL"),
+        sec.get("base_url"),
+        ProviderConfig.base_url,
+    )
+    timeout = _float(
+        _pick(None, env, ("DISPATCH_REQUEST_TIMEOUT",), sec.get("request_timeout"), 120.0),
+        "provider.request_timeout",
+    )
+    if kind == "openai" and not model:
+        raise ConfigError("config key provider.model (or DISPATCH_MODEL) is required for provider openai")
+    if kind == "scripted" and not script:
+        raise ConfigError("config key provider.script (or DISPATCH_SCRIPT) is required for provider scripted")
+    return ProviderConfig(
+        kind=kind,
+        model=model,
+        base_url=str(base_url).rstrip("/"),
+        api_key=api_key,
+        script=script,
+        request_timeout=timeout,
+    )
+
+
+def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> StoreConfig:
+    sec = _section(file, "store")
+    return StoreConfig(
+        listen=_pick(flags.get("listen"), env, ("DISPATCH_STORE_LISTEN",), sec.get("listen"), StoreConfig.listen),
+        database_url=_pick(
+            flags.get("database_url"), env, ("DISPATCH_DATABASE_URL",), sec.get("database_url"),
+            StoreConfig.database_url,
+        ),
+        default_workspace_root=str(
+            Path(
+                _pick(flags.get("workspace"), env, ("DISPATCH_WORKSPACE",), sec.get("workspace"), ".")
+            ).resolve()
+        ),
+    )
+
+
+def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> ExecConfig:
+    sec = _section(file, "exec")
+    return ExecConfig(
+        listen=_pick(flags.get("listen"), env, ("DISPATCH_EXEC_LISTEN",), sec.get("listen"), ExecConfig.listen),
+        max_output_bytes=_int(sec.get("max_output_bytes", ExecConfig.max_output_bytes), "exec.max_output_bytes"),
+        max_read_bytes=_int(sec.get("max_read_bytes", ExecConfig.max_read_bytes), "exec.max_read_bytes"),
+    )
+
+
+def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> KernelConfig:
+    sec = _section(file, "kernel")
+    cfg = KernelConfig(
+        listen=_pick(flags.get("listen"), env, ("DISPATCH_KERNEL_LISTEN",), sec.get("listen"), KernelConfig.listen),
+        store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),
+        exec_address=_pick(flags.get("exec"), env, ("DISPATCH_EXEC_ADDRESS",), sec.get("exec"), ""),
+        provider=provider_config(flags, env, file),
+        system_prompt=sec.get("system_prompt", KernelConfig.system_prompt),
+        max_steps=_int(_pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"),
+    )
+    if not cfg.store_address:
+        raise ConfigError("kernel needs the store's address: --store or DISPATCH_STORE_ADDRESS")
+    if not cfg.exec_address:
+        raise ConfigError("kernel needs the exec service's address: --exec or DISPATCH_EXEC_ADDRESS")
+    return cfg
+
+
+def transport_config(
+    flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]
+) -> TransportConfig:
+    sec = _section(file, "transport")
+    cfg = TransportConfig(
+        listen=_pick(
+            flags.get("listen"), env, ("DISPATCH_TRANSPORT_LISTEN",), sec.get("listen"), TransportConfig.listen
+        ),
+        kernel_address=_pick(flags.get("kernel"), env, ("DISPATCH_KERNEL_ADDRESS",), sec.get("kernel"), ""),
+        store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),
+    )
+    if not cfg.kernel_address:
+        raise ConfigError("transport needs the kernel's address: --kernel or DISPATCH_KERNEL_ADDRESS")
+    if not cfg.store_address:
+        raise ConfigError("transport needs the store's address: --store or DISPATCH_STORE_ADDRESS")
+    return cfg
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment: read here and only here."""
+    return dict(os.environ)

@@ -1,0 +1,36 @@
+"""Start the transport service."""
+
+from __future__ import annotations
+
+import grpc
+
+from dispatch.shared.config import TransportConfig
+from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, start_server
+from dispatch.transport.service import DispatchServicer
+from dispatch.v1 import kernel_pb2_grpc, store_pb2_grpc, transport_pb2_grpc
+
+
+async def start(cfg: TransportConfig) -> Hosted:
+    kernel_channel = grpc.aio.insecure_channel(cfg.kernel_address, options=GRPC_OPTIONS)
+    store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
+    servicer = DispatchServicer(
+        kernel_pb2_grpc.KernelStub(kernel_channel),
+        store_pb2_grpc.ConversationStoreStub(store_channel),
+        cfg.rpc_timeout,
+    )
+    hosted = await start_server(
+        [
+            Service(
+                "dispatch.v1.Dispatch",
+                lambda server: transport_pb2_grpc.add_DispatchServicer_to_server(servicer, server),
+            )
+        ],
+        cfg.listen,
+    )
+
+    async def close() -> None:
+        await kernel_channel.close()
+        await store_channel.close()
+
+    hosted.closers.append(close)
+    return hosted

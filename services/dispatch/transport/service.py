@@ -1,0 +1,281 @@
+"""The public ``dispatch.v1.Dispatch`` servicer.
+
+Until API keys land every caller is the single local tenant, which is why the
+transport only listens on loopback by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+
+from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
+from dispatch.v1 import (
+    common_pb2,
+    kernel_pb2,
+    kernel_pb2_grpc,
+    store_pb2,
+    store_pb2_grpc,
+    transport_pb2,
+    transport_pb2_grpc,
+)
+
+LOCAL_TENANT = "local"
+
+T = TypeVar("T")
+
+
+class DispatchServicer(transport_pb2_grpc.DispatchServicer):
+    def __init__(
+        self,
+        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        store: store_pb2_grpc.ConversationStoreAsyncStub,
+        rpc_timeout: float,
+    ):
+        self.kernel = kernel
+        self.store = store
+        self.timeout = rpc_timeout
+
+    def _tenant(self, context: Context) -> str:
+        return LOCAL_TENANT
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, what) from None
+
+    @staticmethod
+    def _need(value: str, name: str) -> str:
+        if not value:
+            raise InvalidArgument(f"{name} is required")
+        return value
+
+    @grpc_errors
+    async def CreateWorkspace(
+        self, request: transport_pb2.PublicCreateWorkspaceRequest, context: Context
+    ) -> common_pb2.Workspace:
+        return await self._call(
+            "could not create the workspace",
+            self.store.CreateWorkspace(
+                store_pb2.CreateWorkspaceRequest(
+                    tenant_id=self._tenant(context),
+                    name=request.name,
+                    root=request.root,
+                    default_computer_id=request.default_computer_id,
+                    default_agent=request.default_agent,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def ListWorkspaces(
+        self, request: transport_pb2.PublicListWorkspacesRequest, context: Context
+    ) -> store_pb2.ListWorkspacesResponse:
+        return await self._call(
+            "could not list workspaces",
+            self.store.ListWorkspaces(
+                store_pb2.ListWorkspacesRequest(
+                    tenant_id=self._tenant(context), page_size=request.page_size, page_token=request.page_token
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def CreateConversation(
+        self, request: transport_pb2.PublicCreateConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        return await self._call(
+            "could not create the conversation",
+            self.store.CreateConversation(
+                store_pb2.CreateConversationRequest(
+                    tenant_id=self._tenant(context),
+                    workspace_id=request.workspace_id,
+                    title=request.title,
+                    cwd=request.cwd,
+                    computer_id=request.computer_id,
+                    agent=request.agent,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def ListConversations(
+        self, request: transport_pb2.PublicListConversationsRequest, context: Context
+    ) -> store_pb2.ListConversationsResponse:
+        return await self._call(
+            "could not list conversations",
+            self.store.ListConversations(
+                store_pb2.ListConversationsRequest(
+                    tenant_id=self._tenant(context),
+                    workspace_id=request.workspace_id,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def GetConversation(
+        self, request: transport_pb2.PublicGetConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        return await self._call(
+            "could not get the conversation",
+            self.store.GetConversation(
+                store_pb2.GetConversationRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def DeleteConversation(
+        self, request: transport_pb2.PublicDeleteConversationRequest, context: Context
+    ) -> store_pb2.DeleteConversationResponse:
+        return await self._call(
+            "could not delete the conversation",
+            self.store.DeleteConversation(
+                store_pb2.DeleteConversationRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def UpdateConversation(
+        self, request: transport_pb2.PublicUpdateConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        update = store_pb2.UpdateConversationRequest(
+            tenant_id=self._tenant(context),
+            conversation_id=self._need(request.conversation_id, "conversation_id"),
+        )
+        for name in ("title", "cwd", "computer_id", "agent"):
+            if request.HasField(name):
+                setattr(update, name, getattr(request, name))
+        return await self._call(
+            "could not update the conversation", self.store.UpdateConversation(update, timeout=self.timeout)
+        )
+
+    @grpc_errors
+    async def Send(self, request: transport_pb2.SendRequest, context: Context) -> transport_pb2.SendResponse:
+        chunks = list(request.chunks)
+        if not chunks:
+            if not request.text:
+                raise InvalidArgument("the message is empty: set text or chunks")
+            chunks = [common_pb2.Chunk(text=common_pb2.TextChunk(text=request.text))]
+        resp = await self._call(
+            "could not start the turn",
+            self.kernel.StartTurn(
+                kernel_pb2.StartTurnRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    chunks=chunks,
+                    policy=request.policy,
+                    idempotency_key=request.idempotency_key,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+        return transport_pb2.SendResponse(
+            turn_id=resp.turn_id, state=resp.state, queued=resp.queued, after_event_seq=resp.after_event_seq
+        )
+
+    @grpc_errors
+    async def Subscribe(
+        self, request: transport_pb2.SubscribeRequest, context: Context
+    ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
+        stream = self.kernel.Subscribe(
+            kernel_pb2.KernelSubscribeRequest(
+                tenant_id=self._tenant(context),
+                conversation_id=self._need(request.conversation_id, "conversation_id"),
+                after_event_seq=request.after_event_seq,
+            )
+        )
+        try:
+            async for batch in stream:
+                yield transport_pb2.SubscribeResponse(events=batch.events)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the event stream broke") from None
+        finally:
+            stream.cancel()
+
+    @grpc_errors
+    async def Cancel(self, request: transport_pb2.CancelRequest, context: Context) -> transport_pb2.CancelResponse:
+        resp = await self._call(
+            "could not cancel the turn",
+            self.kernel.Cancel(
+                kernel_pb2.KernelCancelRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    turn_id=request.turn_id,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+        return transport_pb2.CancelResponse(turn_id=resp.turn_id)
+
+    @grpc_errors
+    async def ResolveApproval(
+        self, request: transport_pb2.PublicResolveApprovalRequest, context: Context
+    ) -> common_pb2.Approval:
+        raise Unimplemented("Dispatch.ResolveApproval: approvals are not implemented yet")
+
+    @grpc_errors
+    async def History(self, request: transport_pb2.HistoryRequest, context: Context) -> transport_pb2.HistoryResponse:
+        if request.after_seq < 0 or request.limit < 0:
+            raise InvalidArgument("after_seq and limit must be 0 or more")
+        resp = await self._call(
+            "could not load the history",
+            self.store.LoadSince(
+                store_pb2.LoadSinceRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    after_seq=request.after_seq,
+                    limit=request.limit,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+        return transport_pb2.HistoryResponse(messages=resp.messages, last_seq=resp.last_seq)
+
+    @grpc_errors
+    async def Metrics(self, request: transport_pb2.MetricsRequest, context: Context) -> store_pb2.GetMetricsResponse:
+        return await self._call(
+            "could not load metrics",
+            self.store.GetMetrics(
+                store_pb2.GetMetricsRequest(
+                    tenant_id=self._tenant(context),
+                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    turn_id=request.turn_id,
+                ),
+                timeout=self.timeout,
+            ),
+        )
+
+    @grpc_errors
+    async def Models(self, request: transport_pb2.ModelsRequest, context: Context) -> transport_pb2.ModelsResponse:
+        resp = await self._call(
+            "could not list models",
+            self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
+        )
+        return transport_pb2.ModelsResponse(models=resp.models)
+
+    @grpc_errors
+    async def Computers(
+        self, request: transport_pb2.ComputersRequest, context: Context
+    ) -> transport_pb2.ComputersResponse:
+        resp = await self._call(
+            "could not list computers",
+            self.kernel.ListComputers(kernel_pb2.KernelListComputersRequest(), timeout=self.timeout),
+        )
+        return transport_pb2.ComputersResponse(computers=resp.computers)

@@ -1,0 +1,117 @@
+"""The per-conversation event log: event_seq, fan-out, and resume from
+persisted + in-memory + live events exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dispatch.kernel.events import ConversationLog, Subscription, replay_and_follow
+from dispatch.shared.errors import ResourceExhausted
+from dispatch.v1 import common_pb2
+
+
+class FakeStore:
+    """Persisted events, as the store would return them."""
+
+    def __init__(self) -> None:
+        self.events: list[common_pb2.AgentEvent] = []
+        self.loads = 0
+
+    async def load(self, after: int, limit: int) -> list[common_pb2.AgentEvent]:
+        self.loads += 1
+        return [e for e in self.events if e.event_seq > after][:limit]
+
+    def persist(self, log: ConversationLog) -> None:
+        self.events.extend(log.unpersisted)
+        log.mark_persisted(log.unpersisted[-1].event_seq)
+
+
+def emit_text(log: ConversationLog, n: int) -> None:
+    for i in range(n):
+        log.emit("turn_1", "turn_1#0", text_delta=common_pb2.TextDelta(text=str(i)))
+
+
+async def take(stream: object, count: int) -> list[int]:
+    seqs: list[int] = []
+    async for batch in stream:  # type: ignore[attr-defined]
+        seqs.extend(e.event_seq for e in batch)
+        if len(seqs) >= count:
+            break
+    return seqs
+
+
+def test_emit_stamps_the_envelope() -> None:
+    log = ConversationLog("t", "conv_1", last_event_seq=41)
+    event = log.emit("turn_1", "turn_1#0", text_delta=common_pb2.TextDelta(text="x"))
+    assert (event.conversation_id, event.turn_id, event.event_seq, event.step_id) == ("conv_1", "turn_1", 42, "turn_1#0")
+    assert event.time.seconds > 0
+    assert event.WhichOneof("kind") == "text_delta"
+
+
+@pytest.mark.parametrize("after", [0, 3, 5, 7, 9, 12])
+async def test_resume_joins_persisted_memory_and_live_exactly_once(after: int) -> None:
+    store = FakeStore()
+    log = ConversationLog("t", "c", 0)
+    emit_text(log, 5)
+    store.persist(log)  # 1..5 in the store
+    emit_text(log, 4)  # 6..9 in memory only
+    stream = replay_and_follow(log, after, store.load, page=2)
+    task = asyncio.create_task(take(stream, 13 - after))
+    await asyncio.sleep(0)
+    emit_text(log, 4)  # 10..13 live
+    assert await asyncio.wait_for(task, 5) == list(range(after + 1, 14))
+
+
+async def test_events_persisted_while_a_subscriber_replays_are_not_repeated() -> None:
+    store = FakeStore()
+    log = ConversationLog("t", "c", 0)
+    emit_text(log, 3)
+    stream = replay_and_follow(log, 0, store.load)
+    first = await anext(stream)  # the in-memory snapshot 1..3
+    store.persist(log)
+    emit_text(log, 2)
+    second = await anext(stream)
+    assert [e.event_seq for e in first + second] == [1, 2, 3, 4, 5]
+
+
+async def test_two_subscribers_see_the_same_events() -> None:
+    store = FakeStore()
+    log = ConversationLog("t", "c", 0)
+    a = asyncio.create_task(take(replay_and_follow(log, 0, store.load), 6))
+    b = asyncio.create_task(take(replay_and_follow(log, 0, store.load), 6))
+    await asyncio.sleep(0)
+    emit_text(log, 6)
+    assert await asyncio.wait_for(a, 5) == await asyncio.wait_for(b, 5) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_slow_subscriber_overflows_without_blocking_the_log() -> None:
+    sub = Subscription(limit=3)
+    for i in range(5):
+        sub.push(common_pb2.AgentEvent(event_seq=i + 1))
+    assert sub.overflowed
+    assert await sub.next_batch() is None
+
+
+async def test_overflow_tells_the_subscriber_where_to_resume() -> None:
+    log = ConversationLog("t", "c", 0)
+    store = FakeStore()
+    stream = replay_and_follow(log, 0, store.load)
+    emit_text(log, 1)
+    assert [e.event_seq for e in await anext(stream)] == [1]
+    sub = next(iter(log._subscribers))
+    sub._limit = 2
+    emit_text(log, 5)
+    with pytest.raises(ResourceExhausted, match="after_event_seq=1"):
+        await anext(stream)
+    assert not log._subscribers  # unsubscribed on the way out
+
+
+async def test_closing_ends_live_streams() -> None:
+    log = ConversationLog("t", "c", 0)
+    stream = replay_and_follow(log, 0, FakeStore().load)
+    task = asyncio.create_task(take(stream, 1))
+    await asyncio.sleep(0)
+    log.close_subscribers()
+    assert await asyncio.wait_for(task, 5) == []

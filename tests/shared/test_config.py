@@ -1,0 +1,79 @@
+"""Configuration: flags over environment over file over defaults; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatch.shared import config
+from dispatch.shared.config import ConfigError
+
+
+def test_no_model_means_the_demo() -> None:
+    cfg = config.provider_config({}, {}, {})
+    assert cfg.kind == "demo"
+    assert "demo" in cfg.display
+
+
+def test_a_model_from_the_environment_means_openai_with_its_key_kept_out_of_repr() -> None:
+    env = {"DISPATCH_MODEL": "gpt-x", "OPENAI_API_KEY": "sk-123", "OPENAI_BASE_URL": "http://h:1/v1/"}
+    cfg = config.provider_config({}, env, {})
+    assert (cfg.kind, cfg.model, cfg.base_url, cfg.api_key) == ("openai", "gpt-x", "http://h:1/v1", "sk-123")
+    assert "sk-123" not in repr(cfg)
+
+
+def test_precedence_flag_then_env_then_file() -> None:
+    file = {"provider": {"kind": "openai", "model": "from-file", "base_url": "http://file/v1"}}
+    env = {"DISPATCH_MODEL": "from-env"}
+    assert config.provider_config({}, {}, file).model == "from-file"
+    assert config.provider_config({}, env, file).model == "from-env"
+    assert config.provider_config({"model": "from-flag"}, env, file).model == "from-flag"
+    assert config.provider_config({}, env, file).base_url == "http://file/v1"
+
+
+def test_api_key_env_is_configurable() -> None:
+    file = {"provider": {"model": "m", "api_key_env": "MY_KEY"}}
+    assert config.provider_config({}, {"MY_KEY": "k"}, file).api_key == "k"
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "file", "key"),
+    [
+        ({"provider": "openai"}, {}, {}, "provider.model"),
+        ({"provider": "scripted"}, {}, {}, "provider.script"),
+        ({}, {"DISPATCH_PROVIDER": "llama"}, {}, "provider.kind"),
+        ({}, {}, {"provider": "openai"}, "[provider]"),
+        ({}, {"DISPATCH_REQUEST_TIMEOUT": "soon"}, {}, "provider.request_timeout"),
+    ],
+)
+def test_bad_provider_config_names_the_key(flags: Any, env: Any, file: Any, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        config.provider_config(flags, env, file)
+
+
+def test_kernel_and_transport_need_their_peers() -> None:
+    with pytest.raises(ConfigError, match="DISPATCH_STORE_ADDRESS"):
+        config.kernel_config({}, {"DISPATCH_EXEC_ADDRESS": "x:1"}, {})
+    with pytest.raises(ConfigError, match="DISPATCH_KERNEL_ADDRESS"):
+        config.transport_config({"store": "x:1"}, {}, {})
+    cfg = config.transport_config({}, {"DISPATCH_KERNEL_ADDRESS": "k:1", "DISPATCH_STORE_ADDRESS": "s:1"}, {})
+    assert (cfg.kernel_address, cfg.store_address, cfg.listen) == ("k:1", "s:1", config.DEFAULT_TRANSPORT_LISTEN)
+
+
+def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load_file(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[provider\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load_file(str(bad))
+    good = tmp_path / "good.toml"
+    good.write_text('[provider]\nmodel = "m"\n')
+    assert config.provider_config({}, {}, config.load_file(str(good))).model == "m"
+
+
+def test_store_workspace_resolves_to_an_absolute_path(tmp_path: Path) -> None:
+    cfg = config.store_config({"workspace": str(tmp_path / "a" / ".." / "b")}, {}, {})
+    assert cfg.default_workspace_root == str(tmp_path / "b")

@@ -1,0 +1,137 @@
+"""The four services in-process on port 0, wired together, for service-level tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from dispatch.exec.server import start as start_exec
+from dispatch.kernel.providers import Provider
+from dispatch.kernel.server import start as start_kernel
+from dispatch.shared.config import ExecConfig, KernelConfig, StoreConfig, TransportConfig
+from dispatch.shared.server import Hosted
+from dispatch.store.server import start as start_store
+from dispatch.transport.server import start as start_transport
+from dispatch.transport.service import LOCAL_TENANT
+from dispatch.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, store_pb2, store_pb2_grpc, transport_pb2_grpc
+
+TENANT = LOCAL_TENANT
+
+
+@dataclass
+class Stack:
+    workspace: Path
+    hosted: dict[str, Hosted]
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.hosted[name].port}"
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(self.address(name))
+        self.channels.append(channel)
+        return channel
+
+    @property
+    def store(self) -> store_pb2_grpc.ConversationStoreAsyncStub:
+        return store_pb2_grpc.ConversationStoreStub(self.channel("store"))
+
+    @property
+    def kernel(self) -> kernel_pb2_grpc.KernelAsyncStub:
+        return kernel_pb2_grpc.KernelStub(self.channel("kernel"))
+
+    @property
+    def transport(self) -> transport_pb2_grpc.DispatchAsyncStub:
+        return transport_pb2_grpc.DispatchStub(self.channel("transport"))
+
+    async def conversation(self) -> str:
+        conv = await self.store.CreateConversation(store_pb2.CreateConversationRequest(tenant_id=TENANT))
+        return conv.id
+
+    async def stop(self, grace: float = 0.0) -> None:
+        for channel in self.channels:
+            await channel.close()
+        for name in ("transport", "kernel", "exec", "store"):
+            if name in self.hosted:
+                await self.hosted[name].stop(grace)
+
+
+async def start_stack(
+    tmp_path: Path, provider: Provider | None = None, *, max_steps: int = 0, transport: bool = False
+) -> Stack:
+    workspace = tmp_path / "ws"
+    workspace.mkdir(exist_ok=True)
+    store = await start_store(
+        StoreConfig(database_url=f"sqlite:///{tmp_path / 'store.db'}", default_workspace_root=str(workspace))
+    )
+    exec_ = await start_exec(ExecConfig())
+    kernel = await start_kernel(
+        KernelConfig(
+            store_address=f"127.0.0.1:{store.port}",
+            exec_address=f"127.0.0.1:{exec_.port}",
+            max_steps=max_steps,
+            rpc_timeout=10.0,
+        ),
+        provider=provider,
+    )
+    hosted = {"store": store, "exec": exec_, "kernel": kernel}
+    if transport:
+        hosted["transport"] = await start_transport(
+            TransportConfig(
+                listen="127.0.0.1:0",
+                kernel_address=f"127.0.0.1:{kernel.port}",
+                store_address=f"127.0.0.1:{store.port}",
+            )
+        )
+    return Stack(workspace, hosted)
+
+
+def text_chunks(text: str) -> list[common_pb2.Chunk]:
+    return [common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
+
+
+async def run_turn(
+    stack: Stack, conversation_id: str, text: str, *, policy: common_pb2.SendPolicy.ValueType = 0
+) -> tuple[kernel_pb2.StartTurnResponse, list[common_pb2.AgentEvent]]:
+    """Start a turn through the kernel and collect its events up to turn_sealed (or the stream's end)."""
+    kernel = stack.kernel
+    started = await kernel.StartTurn(
+        kernel_pb2.StartTurnRequest(
+            tenant_id=TENANT, conversation_id=conversation_id, chunks=text_chunks(text), policy=policy
+        )
+    )
+    events = await collect(stack, conversation_id, started.after_event_seq, until_turn=started.turn_id)
+    return started, events
+
+
+async def collect(
+    stack: Stack,
+    conversation_id: str,
+    after_event_seq: int,
+    *,
+    until_turn: str = "",
+    sink: list[common_pb2.AgentEvent] | None = None,
+) -> list[common_pb2.AgentEvent]:
+    """Events after ``after_event_seq`` until a turn_sealed (of ``until_turn`` if given),
+    or until a turn ends unsealed because the store failed. ``sink`` fills as they arrive."""
+    events: list[common_pb2.AgentEvent] = [] if sink is None else sink
+    stream = stack.kernel.Subscribe(
+        kernel_pb2.KernelSubscribeRequest(
+            tenant_id=TENANT, conversation_id=conversation_id, after_event_seq=after_event_seq
+        )
+    )
+    async for batch in stream:
+        events.extend(batch.events)
+        if any(e.HasField("turn_sealed") and (not until_turn or e.turn_id == until_turn) for e in batch.events):
+            stream.cancel()
+            break
+        if any(e.HasField("error") and e.error.message.startswith("turn not sealed") for e in batch.events):
+            stream.cancel()
+            break
+    return events
+
+
+def kinds(events: list[common_pb2.AgentEvent]) -> list[str]:
+    return [str(e.WhichOneof("kind")) for e in events]
