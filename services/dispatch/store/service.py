@@ -1,0 +1,395 @@
+"""The ``dispatch.v1.ConversationStore`` servicer: checks request fields, calls the backend.
+
+Field checks (required ids, id shapes, enum values, signs) live here; rules about
+content and state (append checks, the turn state machine, tenancy) live with the
+backend, so every backend enforces them alike.
+"""
+
+from __future__ import annotations
+
+from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, grpc_errors
+from dispatch.shared.ids import is_valid_id
+from dispatch.store.backend import (
+    CONVERSATION_PREFIX,
+    TURN_PREFIX,
+    WORKSPACE_PREFIX,
+    FinishReason,
+    Store,
+    TurnState,
+)
+from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
+
+_TURN_STATES = frozenset(common_pb2.TurnState.values())
+_FINISH_REASONS = frozenset(common_pb2.FinishReason.values())
+
+
+def _tenant(tenant_id: str) -> str:
+    if not tenant_id:
+        raise InvalidArgument("tenant_id is required")
+    return tenant_id
+
+
+def _id(value: str, field: str, prefix: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not is_valid_id(value, prefix):
+        raise InvalidArgument(f"{field} {value!r} is malformed: expected {prefix}_ and 26 base32 characters")
+    return value
+
+
+def _optional_id(value: str, field: str, prefix: str) -> str:
+    return _id(value, field, prefix) if value else ""
+
+
+def _not_negative(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{field} must be 0 or more, got {value}")
+    return value
+
+
+def _state(value: int, field: str) -> TurnState:
+    if value not in _TURN_STATES or value == common_pb2.TURN_STATE_UNSPECIFIED:
+        raise InvalidArgument(f"{field} must be a turn state, got {value}")
+    return common_pb2.TurnState.ValueType(value)
+
+
+def _finish_reason(value: int) -> FinishReason:
+    if value not in _FINISH_REASONS:
+        raise InvalidArgument(f"finish_reason {value} is not a finish reason")
+    return common_pb2.FinishReason.ValueType(value)
+
+
+def _required_text(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    return value
+
+
+def _unimplemented(method: str) -> Unimplemented:
+    return Unimplemented(f"ConversationStore.{method} is not implemented yet")
+
+
+class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
+    """Serves a ``Store`` backend over gRPC."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # ------------------------------------------------------------ workspaces
+
+    @grpc_errors
+    async def CreateWorkspace(
+        self, request: store_pb2.CreateWorkspaceRequest, context: Context
+    ) -> common_pb2.Workspace:
+        return await self.store.create_workspace(
+            _tenant(request.tenant_id),
+            name=_required_text(request.name, "name"),
+            root=_required_text(request.root, "root"),
+            default_computer_id=request.default_computer_id,
+            default_agent=request.default_agent,
+        )
+
+    @grpc_errors
+    async def GetWorkspace(
+        self, request: store_pb2.GetWorkspaceRequest, context: Context
+    ) -> common_pb2.Workspace:
+        return await self.store.get_workspace(
+            _tenant(request.tenant_id), _id(request.workspace_id, "workspace_id", WORKSPACE_PREFIX)
+        )
+
+    @grpc_errors
+    async def ListWorkspaces(
+        self, request: store_pb2.ListWorkspacesRequest, context: Context
+    ) -> store_pb2.ListWorkspacesResponse:
+        page = await self.store.list_workspaces(
+            _tenant(request.tenant_id),
+            page_size=_not_negative(request.page_size, "page_size"),
+            page_token=request.page_token,
+        )
+        return store_pb2.ListWorkspacesResponse(workspaces=page.items, next_page_token=page.next_page_token)
+
+    @grpc_errors
+    async def UpdateWorkspace(
+        self, request: store_pb2.UpdateWorkspaceRequest, context: Context
+    ) -> common_pb2.Workspace:
+        return await self.store.update_workspace(
+            _tenant(request.tenant_id),
+            _id(request.workspace_id, "workspace_id", WORKSPACE_PREFIX),
+            # A workspace always has a name and a root; only the defaults may be cleared.
+            name=_required_text(request.name, "name") if request.HasField("name") else None,
+            root=_required_text(request.root, "root") if request.HasField("root") else None,
+            default_computer_id=request.default_computer_id
+            if request.HasField("default_computer_id")
+            else None,
+            default_agent=request.default_agent if request.HasField("default_agent") else None,
+        )
+
+    # --------------------------------------------------------- conversations
+
+    @grpc_errors
+    async def CreateConversation(
+        self, request: store_pb2.CreateConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        return await self.store.create_conversation(
+            _tenant(request.tenant_id),
+            workspace_id=_optional_id(request.workspace_id, "workspace_id", WORKSPACE_PREFIX),
+            title=request.title,
+            cwd=request.cwd,
+            computer_id=request.computer_id,
+            agent=request.agent,
+        )
+
+    @grpc_errors
+    async def GetConversation(
+        self, request: store_pb2.GetConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        return await self.store.get_conversation(
+            _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        )
+
+    @grpc_errors
+    async def ListConversations(
+        self, request: store_pb2.ListConversationsRequest, context: Context
+    ) -> store_pb2.ListConversationsResponse:
+        page = await self.store.list_conversations(
+            _tenant(request.tenant_id),
+            workspace_id=_optional_id(request.workspace_id, "workspace_id", WORKSPACE_PREFIX),
+            page_size=_not_negative(request.page_size, "page_size"),
+            page_token=request.page_token,
+        )
+        return store_pb2.ListConversationsResponse(
+            conversations=page.items, next_page_token=page.next_page_token
+        )
+
+    @grpc_errors
+    async def UpdateConversation(
+        self, request: store_pb2.UpdateConversationRequest, context: Context
+    ) -> common_pb2.Conversation:
+        return await self.store.update_conversation(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            title=request.title if request.HasField("title") else None,
+            cwd=request.cwd if request.HasField("cwd") else None,
+            computer_id=request.computer_id if request.HasField("computer_id") else None,
+            agent=request.agent if request.HasField("agent") else None,
+        )
+
+    @grpc_errors
+    async def DeleteConversation(
+        self, request: store_pb2.DeleteConversationRequest, context: Context
+    ) -> store_pb2.DeleteConversationResponse:
+        await self.store.delete_conversation(
+            _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        )
+        return store_pb2.DeleteConversationResponse()
+
+    # --------------------------------------------------------------- history
+
+    @grpc_errors
+    async def Append(self, request: store_pb2.AppendRequest, context: Context) -> store_pb2.AppendResponse:
+        done = await self.store.append(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            request.messages,
+            request.events,
+        )
+        return store_pb2.AppendResponse(
+            messages=done.messages,
+            first_seq=done.first_seq,
+            last_seq=done.last_seq,
+            last_event_seq=done.last_event_seq,
+        )
+
+    @grpc_errors
+    async def Load(self, request: store_pb2.LoadRequest, context: Context) -> store_pb2.LoadResponse:
+        history = await self.store.load_since(
+            _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        )
+        return store_pb2.LoadResponse(messages=history.messages, last_seq=history.last_seq)
+
+    @grpc_errors
+    async def LoadSince(
+        self, request: store_pb2.LoadSinceRequest, context: Context
+    ) -> store_pb2.LoadResponse:
+        history = await self.store.load_since(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            after_seq=_not_negative(request.after_seq, "after_seq"),
+            limit=_not_negative(request.limit, "limit"),
+        )
+        return store_pb2.LoadResponse(messages=history.messages, last_seq=history.last_seq)
+
+    @grpc_errors
+    async def LoadEvents(
+        self, request: store_pb2.LoadEventsRequest, context: Context
+    ) -> store_pb2.LoadEventsResponse:
+        history = await self.store.load_events(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            after_event_seq=_not_negative(request.after_event_seq, "after_event_seq"),
+            limit=_not_negative(request.limit, "limit"),
+        )
+        return store_pb2.LoadEventsResponse(events=history.events, last_event_seq=history.last_event_seq)
+
+    # ----------------------------------------------------------------- turns
+
+    @grpc_errors
+    async def CreateTurn(self, request: store_pb2.CreateTurnRequest, context: Context) -> common_pb2.Turn:
+        state = request.state
+        if state != common_pb2.TURN_STATE_UNSPECIFIED:
+            state = _state(state, "state")
+        return await self.store.create_turn(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            idempotency_key=request.idempotency_key,
+            state=state,
+            computer_id=request.computer_id,
+            cwd=request.cwd,
+            agent=request.agent,
+        )
+
+    @grpc_errors
+    async def GetTurn(self, request: store_pb2.GetTurnRequest, context: Context) -> common_pb2.Turn:
+        return await self.store.get_turn(
+            _tenant(request.tenant_id), _id(request.turn_id, "turn_id", TURN_PREFIX)
+        )
+
+    @grpc_errors
+    async def ListTurns(
+        self, request: store_pb2.ListTurnsRequest, context: Context
+    ) -> store_pb2.ListTurnsResponse:
+        page = await self.store.list_turns(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            states=[_state(s, "states") for s in request.states],
+            page_size=_not_negative(request.page_size, "page_size"),
+            page_token=request.page_token,
+        )
+        return store_pb2.ListTurnsResponse(turns=page.items, next_page_token=page.next_page_token)
+
+    @grpc_errors
+    async def TransitionTurn(
+        self, request: store_pb2.TransitionTurnRequest, context: Context
+    ) -> common_pb2.Turn:
+        return await self.store.transition_turn(
+            _tenant(request.tenant_id),
+            _id(request.turn_id, "turn_id", TURN_PREFIX),
+            _state(request.to, "to"),
+            finish_reason=_finish_reason(request.finish_reason),
+            error_message=request.error_message,
+            user_message_seq=_not_negative(request.user_message_seq, "user_message_seq"),
+            lease_owner=request.lease_owner,
+        )
+
+    # ------------------------------------------------------------- execution
+
+    @grpc_errors
+    async def ResolveExecution(
+        self, request: store_pb2.ResolveExecutionRequest, context: Context
+    ) -> store_pb2.ResolveExecutionResponse:
+        where = await self.store.resolve_execution(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            _optional_id(request.turn_id, "turn_id", TURN_PREFIX),
+        )
+        return store_pb2.ResolveExecutionResponse(
+            computer_id=where.computer_id, cwd=where.cwd, workspace_root=where.workspace_root
+        )
+
+    # ------------------------------------------------- not implemented yet
+    # The generated base class answers UNIMPLEMENTED too, but with "Method not
+    # implemented!" and a server-side traceback; these name the method.
+
+    @grpc_errors
+    async def Reconcile(
+        self, request: store_pb2.ReconcileRequest, context: Context
+    ) -> store_pb2.ReconcileResponse:
+        raise _unimplemented("Reconcile")
+
+    @grpc_errors
+    async def ClaimLease(self, request: store_pb2.ClaimLeaseRequest, context: Context) -> common_pb2.Turn:
+        raise _unimplemented("ClaimLease")
+
+    @grpc_errors
+    async def RenewLease(self, request: store_pb2.RenewLeaseRequest, context: Context) -> common_pb2.Turn:
+        raise _unimplemented("RenewLease")
+
+    @grpc_errors
+    async def ReleaseLease(self, request: store_pb2.ReleaseLeaseRequest, context: Context) -> common_pb2.Turn:
+        raise _unimplemented("ReleaseLease")
+
+    @grpc_errors
+    async def ListExpiredLeases(
+        self, request: store_pb2.ListExpiredLeasesRequest, context: Context
+    ) -> store_pb2.ListTurnsResponse:
+        raise _unimplemented("ListExpiredLeases")
+
+    @grpc_errors
+    async def RecordTurnMetrics(
+        self, request: store_pb2.RecordTurnMetricsRequest, context: Context
+    ) -> store_pb2.RecordTurnMetricsResponse:
+        raise _unimplemented("RecordTurnMetrics")
+
+    @grpc_errors
+    async def RecordStepMetrics(
+        self, request: store_pb2.RecordStepMetricsRequest, context: Context
+    ) -> store_pb2.RecordStepMetricsResponse:
+        raise _unimplemented("RecordStepMetrics")
+
+    @grpc_errors
+    async def GetMetrics(
+        self, request: store_pb2.GetMetricsRequest, context: Context
+    ) -> store_pb2.GetMetricsResponse:
+        raise _unimplemented("GetMetrics")
+
+    @grpc_errors
+    async def Enqueue(self, request: store_pb2.EnqueueRequest, context: Context) -> store_pb2.EnqueueResponse:
+        raise _unimplemented("Enqueue")
+
+    @grpc_errors
+    async def DrainQueue(
+        self, request: store_pb2.DrainQueueRequest, context: Context
+    ) -> store_pb2.DrainQueueResponse:
+        raise _unimplemented("DrainQueue")
+
+    @grpc_errors
+    async def CreateApproval(
+        self, request: store_pb2.CreateApprovalRequest, context: Context
+    ) -> common_pb2.Approval:
+        raise _unimplemented("CreateApproval")
+
+    @grpc_errors
+    async def ResolveApproval(
+        self, request: store_pb2.ResolveApprovalRequest, context: Context
+    ) -> common_pb2.Approval:
+        raise _unimplemented("ResolveApproval")
+
+    @grpc_errors
+    async def ListApprovals(
+        self, request: store_pb2.ListApprovalsRequest, context: Context
+    ) -> store_pb2.ListApprovalsResponse:
+        raise _unimplemented("ListApprovals")
+
+    @grpc_errors
+    async def CreateApiKey(
+        self, request: store_pb2.CreateApiKeyRequest, context: Context
+    ) -> store_pb2.CreateApiKeyResponse:
+        raise _unimplemented("CreateApiKey")
+
+    @grpc_errors
+    async def ListApiKeys(
+        self, request: store_pb2.ListApiKeysRequest, context: Context
+    ) -> store_pb2.ListApiKeysResponse:
+        raise _unimplemented("ListApiKeys")
+
+    @grpc_errors
+    async def RevokeApiKey(
+        self, request: store_pb2.RevokeApiKeyRequest, context: Context
+    ) -> store_pb2.RevokeApiKeyResponse:
+        raise _unimplemented("RevokeApiKey")
+
+    @grpc_errors
+    async def Authenticate(
+        self, request: store_pb2.AuthenticateRequest, context: Context
+    ) -> store_pb2.AuthenticateResponse:
+        raise _unimplemented("Authenticate")

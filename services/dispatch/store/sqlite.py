@@ -1,0 +1,863 @@
+"""The SQLite backend: the embedded default.
+
+Every database call runs on one dedicated worker thread. That keeps blocking
+I/O off the event loop, and it serializes writes inside the process, which is
+what makes seq assignment race-free without retry loops. Write transactions
+still begin IMMEDIATE so a second process on the same file waits for the lock
+instead of failing at commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dispatch.shared.config import ConfigError
+from dispatch.shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from dispatch.shared.ids import new_id
+from dispatch.store.backend import (
+    CONVERSATION_PREFIX,
+    DEFAULT_WORKSPACE_NAME,
+    MAX_APPEND_BYTES,
+    TERMINAL_STATES,
+    TURN_PREFIX,
+    WORKSPACE_PREFIX,
+    Appended,
+    EventHistory,
+    Execution,
+    FinishReason,
+    History,
+    Page,
+    Store,
+    TurnState,
+    check_event_seqs,
+    check_transition,
+    decode_cursor,
+    effective_page_size,
+    encode_cursor,
+    initial_state,
+    validate_append,
+)
+from dispatch.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+URL_PREFIX = "sqlite:///"
+MEMORY = ":memory:"
+
+# How long a writer waits for another process's write lock before giving up.
+BUSY_TIMEOUT_SECONDS = 10.0
+
+# Append-only: a released migration is never edited, only followed by a new one.
+# Each runs in its own transaction together with its schema_version row.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE workspaces (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL,
+                name TEXT NOT NULL,
+                root TEXT NOT NULL,
+                default_computer_id TEXT NOT NULL DEFAULT '',
+                default_agent TEXT NOT NULL DEFAULT '',
+                is_default INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL
+            )""",
+            "CREATE INDEX workspaces_by_tenant ON workspaces (tenant_id, created_at, id)",
+            # At most one default workspace per tenant, even if two processes race to create it.
+            "CREATE UNIQUE INDEX workspaces_one_default ON workspaces (tenant_id) WHERE is_default = 1",
+            """CREATE TABLE conversations (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL,
+                workspace_id TEXT NOT NULL REFERENCES workspaces (id),
+                title TEXT NOT NULL DEFAULT '',
+                cwd TEXT NOT NULL DEFAULT '',
+                computer_id TEXT NOT NULL DEFAULT '',
+                agent TEXT NOT NULL DEFAULT '',
+                last_seq INTEGER NOT NULL DEFAULT 0,
+                last_event_seq INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL
+            )""",
+            "CREATE INDEX conversations_by_tenant ON conversations (tenant_id, created_at, id)",
+            "CREATE INDEX conversations_by_workspace ON conversations (workspace_id, created_at, id)",
+            # body is the whole Message as committed (seq, created_at and chunks included);
+            # the other columns are copies for filtering without parsing.
+            """CREATE TABLE messages (
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                seq INTEGER NOT NULL,
+                role INTEGER NOT NULL,
+                turn_id TEXT NOT NULL,
+                step_index INTEGER NOT NULL,
+                created_at INTEGER NOT NULL,
+                body BLOB NOT NULL,
+                PRIMARY KEY (conversation_id, seq)
+            )""",
+            """CREATE TABLE events (
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                event_seq INTEGER NOT NULL,
+                turn_id TEXT NOT NULL,
+                body BLOB NOT NULL,
+                PRIMARY KEY (conversation_id, event_seq)
+            )""",
+            """CREATE TABLE turns (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL,
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                state INTEGER NOT NULL,
+                idempotency_key TEXT NOT NULL DEFAULT '',
+                lease_owner TEXT NOT NULL DEFAULT '',
+                lease_expires_at INTEGER NOT NULL DEFAULT 0,
+                finish_reason INTEGER NOT NULL DEFAULT 0,
+                error_message TEXT NOT NULL DEFAULT '',
+                computer_id TEXT NOT NULL DEFAULT '',
+                cwd TEXT NOT NULL DEFAULT '',
+                agent TEXT NOT NULL DEFAULT '',
+                user_message_seq INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                started_at INTEGER NOT NULL DEFAULT 0,
+                ended_at INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX turns_by_conversation ON turns (conversation_id, created_at, id)",
+            "CREATE UNIQUE INDEX turns_idempotency ON turns (conversation_id, idempotency_key) "
+            "WHERE idempotency_key != ''",
+        ),
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def sqlite_path(url: str) -> str:
+    """The database path of ``sqlite:///relative/path`` or ``sqlite:////absolute/path``.
+
+    ``sqlite:///:memory:`` is accepted for throwaway stores. Anything else raises
+    ``ConfigError`` naming ``store.database_url``.
+    """
+    usage = "expected sqlite:///relative/path or sqlite:////absolute/path"
+    if not url.startswith(URL_PREFIX):
+        raise ConfigError(f"config key store.database_url: {url!r} is not a SQLite URL; {usage}")
+    path = url[len(URL_PREFIX) :]
+    if not path or path.endswith("/"):
+        raise ConfigError(f"config key store.database_url: {url!r} names no database file; {usage}")
+    if "?" in path or "#" in path:
+        raise ConfigError(
+            f"config key store.database_url: {url!r}: query parameters are not supported; {usage}"
+        )
+    return path
+
+
+def _set_ts(field: Any, ns: int) -> None:
+    # 0 is how the tables spell "not yet", which the proto spells as an unset field.
+    if ns:
+        field.FromNanoseconds(ns)
+
+
+def _workspace(row: sqlite3.Row) -> common_pb2.Workspace:
+    ws = common_pb2.Workspace(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        root=row["root"],
+        default_computer_id=row["default_computer_id"],
+        default_agent=row["default_agent"],
+    )
+    _set_ts(ws.created_at, row["created_at"])
+    return ws
+
+
+def _conversation(row: sqlite3.Row) -> common_pb2.Conversation:
+    conv = common_pb2.Conversation(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        workspace_id=row["workspace_id"],
+        title=row["title"],
+        cwd=row["cwd"],
+        computer_id=row["computer_id"],
+        agent=row["agent"],
+        last_seq=row["last_seq"],
+        last_event_seq=row["last_event_seq"],
+    )
+    _set_ts(conv.created_at, row["created_at"])
+    _set_ts(conv.updated_at, row["updated_at"])
+    return conv
+
+
+def _turn(row: sqlite3.Row) -> common_pb2.Turn:
+    turn = common_pb2.Turn(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        state=row["state"],
+        idempotency_key=row["idempotency_key"],
+        lease_owner=row["lease_owner"],
+        finish_reason=row["finish_reason"],
+        error_message=row["error_message"],
+        computer_id=row["computer_id"],
+        cwd=row["cwd"],
+        agent=row["agent"],
+        user_message_seq=row["user_message_seq"],
+    )
+    _set_ts(turn.lease_expires_at, row["lease_expires_at"])
+    _set_ts(turn.created_at, row["created_at"])
+    _set_ts(turn.started_at, row["started_at"])
+    _set_ts(turn.ended_at, row["ended_at"])
+    return turn
+
+
+def _page(rows: list[sqlite3.Row], size: int, convert: Callable[[sqlite3.Row], T]) -> Page[T]:
+    # The query fetched one row more than the page holds, only to learn whether another page exists.
+    more = len(rows) > size
+    rows = rows[:size]
+    token = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else ""
+    return Page(items=[convert(r) for r in rows], next_page_token=token)
+
+
+def _sql_limit(limit: int) -> int:
+    # SQLite reads a negative LIMIT as "no limit".
+    return limit if limit > 0 else -1
+
+
+class SQLiteStore(Store):
+    """``Store`` on a SQLite file, in WAL mode with ``synchronous=FULL``.
+
+    FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power
+    loss, and an acknowledged append must survive that. Build with ``open``.
+    """
+
+    def __init__(
+        self, path: str, *, default_workspace_root: str, max_append_bytes: int = MAX_APPEND_BYTES
+    ) -> None:
+        self.path = path
+        self.default_workspace_root = default_workspace_root
+        self.max_append_bytes = max_append_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatch-store-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._last_ns = 0
+
+    @classmethod
+    async def open(
+        cls, url: str, *, default_workspace_root: str = ".", max_append_bytes: int = MAX_APPEND_BYTES
+    ) -> SQLiteStore:
+        """Open (creating the file and its directory if needed) and migrate the database at ``url``."""
+        store = cls(
+            sqlite_path(url), default_workspace_root=default_workspace_root, max_append_bytes=max_append_bytes
+        )
+        try:
+            await store._call(store._connect)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Queued behind any call already submitted, so those finish first.
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def migrate(self) -> int:
+        """Apply the migrations the database lacks; answer how many were applied."""
+        return await self._call(self._migrate)
+
+    async def schema_version(self) -> int:
+        """The highest migration the database has applied."""
+        return await self._call(self._schema_version)
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise Unavailable("the conversation store's database is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except sqlite3.OperationalError as exc:
+            # Locked past the busy timeout, disk full, I/O error: the caller may retry later.
+            raise Unavailable(f"the conversation store's database failed: {exc}") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise Unavailable("the conversation store's database is not open")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        # IMMEDIATE takes the write lock up front: a read that later upgrades to a
+        # write can fail with SQLITE_BUSY without waiting; reads get one snapshot.
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _now_ns(self) -> int:
+        # Strictly increasing within the process (only the worker thread calls it),
+        # so rows created back to back sort by creation and page cursors never tie.
+        now = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = now
+        return now
+
+    def _connect(self) -> None:
+        if self.path != MEMORY:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal" and self.path != MEMORY:
+                log.warning(
+                    "SQLite at %s refused WAL mode (got %s); writers will block readers", self.path, mode
+                )
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._conn = conn
+            self._migrate()
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _schema_version(self) -> int:
+        row = self._db().execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+        return int(row[0])
+
+    def _migrate(self) -> int:
+        conn = self._db()
+        with self._tx(write=True):
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+        found = self._schema_version()
+        if found > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"database {self.path} has schema version {found}, newer than this store knows "
+                f"({SCHEMA_VERSION}); run a newer dispatchd"
+            )
+        applied = 0
+        for version, statements in MIGRATIONS:
+            with self._tx(write=True):
+                # Checked inside the transaction: another process may have just applied it.
+                if conn.execute("SELECT 1 FROM schema_version WHERE version = ?", (version,)).fetchone():
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, time.time_ns()),
+                )
+                applied += 1
+                log.info("SQLite %s: applied schema migration %d", self.path, version)
+        return applied
+
+    # --------------------------------------------------------- row lookups
+
+    def _workspace_row(self, conn: sqlite3.Connection, tenant_id: str, workspace_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM workspaces WHERE id = ? AND tenant_id = ?", (workspace_id, tenant_id)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"workspace {workspace_id} not found")
+        return row
+
+    def _conversation_row(
+        self, conn: sqlite3.Connection, tenant_id: str, conversation_id: str
+    ) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM conversations WHERE id = ? AND tenant_id = ?", (conversation_id, tenant_id)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"conversation {conversation_id} not found")
+        return row
+
+    def _turn_row(self, conn: sqlite3.Connection, tenant_id: str, turn_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM turns WHERE id = ? AND tenant_id = ?", (turn_id, tenant_id)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"turn {turn_id} not found")
+        return row
+
+    def _insert_workspace(
+        self,
+        conn: sqlite3.Connection,
+        tenant_id: str,
+        *,
+        name: str,
+        root: str,
+        default_computer_id: str,
+        default_agent: str,
+        is_default: bool,
+    ) -> str:
+        workspace_id = new_id(WORKSPACE_PREFIX)
+        conn.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
+            " is_default, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                workspace_id,
+                tenant_id,
+                name,
+                root,
+                default_computer_id,
+                default_agent,
+                int(is_default),
+                self._now_ns(),
+            ),
+        )
+        return workspace_id
+
+    @staticmethod
+    def _update(conn: sqlite3.Connection, table: str, row_id: str, fields: dict[str, object]) -> None:
+        # Column names come from our own keyword arguments, never from a request.
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
+
+    # ------------------------------------------------------------ workspaces
+
+    async def create_workspace(
+        self, tenant_id: str, *, name: str, root: str, default_computer_id: str = "", default_agent: str = ""
+    ) -> common_pb2.Workspace:
+        def run() -> common_pb2.Workspace:
+            with self._tx(write=True) as conn:
+                workspace_id = self._insert_workspace(
+                    conn,
+                    tenant_id,
+                    name=name,
+                    root=root,
+                    default_computer_id=default_computer_id,
+                    default_agent=default_agent,
+                    is_default=False,
+                )
+                return _workspace(self._workspace_row(conn, tenant_id, workspace_id))
+
+        return await self._call(run)
+
+    async def get_workspace(self, tenant_id: str, workspace_id: str) -> common_pb2.Workspace:
+        def run() -> common_pb2.Workspace:
+            with self._tx(write=False) as conn:
+                return _workspace(self._workspace_row(conn, tenant_id, workspace_id))
+
+        return await self._call(run)
+
+    async def list_workspaces(
+        self, tenant_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[common_pb2.Workspace]:
+        size = effective_page_size(page_size)
+        cursor = decode_cursor(page_token)
+
+        def run() -> Page[common_pb2.Workspace]:
+            sql = "SELECT * FROM workspaces WHERE tenant_id = ?"
+            args: list[object] = [tenant_id]
+            if cursor is not None:
+                sql += " AND (created_at, id) > (?, ?)"
+                args += cursor
+            sql += " ORDER BY created_at, id LIMIT ?"
+            with self._tx(write=False) as conn:
+                rows = conn.execute(sql, (*args, size + 1)).fetchall()
+            return _page(rows, size, _workspace)
+
+        return await self._call(run)
+
+    async def update_workspace(
+        self,
+        tenant_id: str,
+        workspace_id: str,
+        *,
+        name: str | None = None,
+        root: str | None = None,
+        default_computer_id: str | None = None,
+        default_agent: str | None = None,
+    ) -> common_pb2.Workspace:
+        given = {
+            "name": name,
+            "root": root,
+            "default_computer_id": default_computer_id,
+            "default_agent": default_agent,
+        }
+        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+
+        def run() -> common_pb2.Workspace:
+            with self._tx(write=True) as conn:
+                self._workspace_row(conn, tenant_id, workspace_id)
+                if fields:
+                    self._update(conn, "workspaces", workspace_id, fields)
+                return _workspace(self._workspace_row(conn, tenant_id, workspace_id))
+
+        return await self._call(run)
+
+    # --------------------------------------------------------- conversations
+
+    async def create_conversation(
+        self,
+        tenant_id: str,
+        *,
+        workspace_id: str = "",
+        title: str = "",
+        cwd: str = "",
+        computer_id: str = "",
+        agent: str = "",
+    ) -> common_pb2.Conversation:
+        def run() -> common_pb2.Conversation:
+            with self._tx(write=True) as conn:
+                if workspace_id:
+                    ws_id = str(self._workspace_row(conn, tenant_id, workspace_id)["id"])
+                else:
+                    ws_id = self._default_workspace(conn, tenant_id)
+                conversation_id = new_id(CONVERSATION_PREFIX)
+                now = self._now_ns()
+                conn.execute(
+                    "INSERT INTO conversations (id, tenant_id, workspace_id, title, cwd, computer_id, agent,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, tenant_id, ws_id, title, cwd, computer_id, agent, now, now),
+                )
+                return _conversation(self._conversation_row(conn, tenant_id, conversation_id))
+
+        return await self._call(run)
+
+    def _default_workspace(self, conn: sqlite3.Connection, tenant_id: str) -> str:
+        row = conn.execute(
+            "SELECT id FROM workspaces WHERE tenant_id = ? AND is_default = 1", (tenant_id,)
+        ).fetchone()
+        if row is not None:
+            return str(row["id"])
+        return self._insert_workspace(
+            conn,
+            tenant_id,
+            name=DEFAULT_WORKSPACE_NAME,
+            root=self.default_workspace_root,
+            default_computer_id="",
+            default_agent="",
+            is_default=True,
+        )
+
+    async def get_conversation(self, tenant_id: str, conversation_id: str) -> common_pb2.Conversation:
+        def run() -> common_pb2.Conversation:
+            with self._tx(write=False) as conn:
+                return _conversation(self._conversation_row(conn, tenant_id, conversation_id))
+
+        return await self._call(run)
+
+    async def list_conversations(
+        self, tenant_id: str, *, workspace_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[common_pb2.Conversation]:
+        size = effective_page_size(page_size)
+        cursor = decode_cursor(page_token)
+
+        def run() -> Page[common_pb2.Conversation]:
+            sql = "SELECT * FROM conversations WHERE tenant_id = ?"
+            args: list[object] = [tenant_id]
+            if workspace_id:
+                sql += " AND workspace_id = ?"
+                args.append(workspace_id)
+            if cursor is not None:
+                sql += " AND (created_at, id) < (?, ?)"
+                args += cursor
+            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+            with self._tx(write=False) as conn:
+                if workspace_id:
+                    self._workspace_row(conn, tenant_id, workspace_id)
+                rows = conn.execute(sql, (*args, size + 1)).fetchall()
+            return _page(rows, size, _conversation)
+
+        return await self._call(run)
+
+    async def update_conversation(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        title: str | None = None,
+        cwd: str | None = None,
+        computer_id: str | None = None,
+        agent: str | None = None,
+    ) -> common_pb2.Conversation:
+        given = {"title": title, "cwd": cwd, "computer_id": computer_id, "agent": agent}
+        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+
+        def run() -> common_pb2.Conversation:
+            with self._tx(write=True) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                if fields:
+                    self._update(
+                        conn, "conversations", conversation_id, {**fields, "updated_at": self._now_ns()}
+                    )
+                return _conversation(self._conversation_row(conn, tenant_id, conversation_id))
+
+        return await self._call(run)
+
+    async def delete_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        def run() -> None:
+            with self._tx(write=True) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                # Explicit rather than left to ON DELETE CASCADE, which only acts
+                # when foreign_keys is on for the connection doing the delete.
+                for table in ("messages", "events", "turns"):
+                    conn.execute(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation_id,))
+                conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+        await self._call(run)
+
+    # --------------------------------------------------------------- history
+
+    async def append(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        messages: Sequence[common_pb2.Message],
+        events: Sequence[common_pb2.AgentEvent] = (),
+    ) -> Appended:
+        validate_append(conversation_id, messages, events, self.max_append_bytes)
+
+        def run() -> Appended:
+            with self._tx(write=True) as conn:
+                conv = self._conversation_row(conn, tenant_id, conversation_id)
+                check_event_seqs(events, conv["last_event_seq"])
+                now = self._now_ns()
+                stored: list[common_pb2.Message] = []
+                seq = int(conv["last_seq"])
+                for msg in messages:
+                    seq += 1
+                    copy = common_pb2.Message()
+                    copy.CopyFrom(msg)
+                    copy.conversation_id = conversation_id
+                    copy.seq = seq
+                    copy.created_at.FromNanoseconds(now)
+                    stored.append(copy)
+                conn.executemany(
+                    "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (conversation_id, m.seq, m.role, m.turn_id, m.step_index, now, m.SerializeToString())
+                        for m in stored
+                    ],
+                )
+                rows = []
+                for event in events:
+                    copy_event = common_pb2.AgentEvent()
+                    copy_event.CopyFrom(event)
+                    copy_event.conversation_id = conversation_id
+                    if not copy_event.HasField("time"):
+                        copy_event.time.FromNanoseconds(now)
+                    rows.append(
+                        (conversation_id, event.event_seq, event.turn_id, copy_event.SerializeToString())
+                    )
+                conn.executemany(
+                    "INSERT INTO events (conversation_id, event_seq, turn_id, body) VALUES (?, ?, ?, ?)", rows
+                )
+                last_event_seq = events[-1].event_seq if events else int(conv["last_event_seq"])
+                conn.execute(
+                    "UPDATE conversations SET last_seq = ?, last_event_seq = ?, updated_at = ? WHERE id = ?",
+                    (seq, last_event_seq, now, conversation_id),
+                )
+            return Appended(
+                messages=stored,
+                first_seq=stored[0].seq if stored else 0,
+                last_seq=seq if stored else 0,
+                last_event_seq=last_event_seq,
+            )
+
+        return await self._call(run)
+
+    async def load_since(
+        self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
+    ) -> History:
+        def run() -> History:
+            with self._tx(write=False) as conn:
+                conv = self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(
+                    "SELECT body FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (conversation_id, after_seq, _sql_limit(limit)),
+                ).fetchall()
+            return History(
+                messages=[common_pb2.Message.FromString(r["body"]) for r in rows], last_seq=conv["last_seq"]
+            )
+
+        return await self._call(run)
+
+    async def load_events(
+        self, tenant_id: str, conversation_id: str, *, after_event_seq: int = 0, limit: int = 0
+    ) -> EventHistory:
+        def run() -> EventHistory:
+            with self._tx(write=False) as conn:
+                conv = self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(
+                    "SELECT body FROM events WHERE conversation_id = ? AND event_seq > ?"
+                    " ORDER BY event_seq LIMIT ?",
+                    (conversation_id, after_event_seq, _sql_limit(limit)),
+                ).fetchall()
+            return EventHistory(
+                events=[common_pb2.AgentEvent.FromString(r["body"]) for r in rows],
+                last_event_seq=conv["last_event_seq"],
+            )
+
+        return await self._call(run)
+
+    # ----------------------------------------------------------------- turns
+
+    async def create_turn(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        idempotency_key: str = "",
+        state: TurnState = common_pb2.TURN_STATE_QUEUED,
+        computer_id: str = "",
+        cwd: str = "",
+        agent: str = "",
+    ) -> common_pb2.Turn:
+        start = initial_state(state)
+
+        def run() -> common_pb2.Turn:
+            with self._tx(write=True) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                if idempotency_key:
+                    existing = conn.execute(
+                        "SELECT id FROM turns WHERE conversation_id = ? AND idempotency_key = ?",
+                        (conversation_id, idempotency_key),
+                    ).fetchone()
+                    if existing is not None:
+                        raise AlreadyExists(
+                            f"idempotency key {idempotency_key!r} already started turn {existing['id']} "
+                            f"in conversation {conversation_id}"
+                        )
+                turn_id = new_id(TURN_PREFIX)
+                now = self._now_ns()
+                started = now if start == common_pb2.TURN_STATE_RUNNING else 0
+                conn.execute(
+                    "INSERT INTO turns (id, tenant_id, conversation_id, state, idempotency_key, computer_id,"
+                    " cwd, agent, created_at, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        turn_id,
+                        tenant_id,
+                        conversation_id,
+                        start,
+                        idempotency_key,
+                        computer_id,
+                        cwd,
+                        agent,
+                        now,
+                        started,
+                    ),
+                )
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
+        def run() -> common_pb2.Turn:
+            with self._tx(write=False) as conn:
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    async def list_turns(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        states: Collection[TurnState] = (),
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[common_pb2.Turn]:
+        size = effective_page_size(page_size)
+        cursor = decode_cursor(page_token)
+        wanted = sorted(set(states))
+
+        def run() -> Page[common_pb2.Turn]:
+            sql = "SELECT * FROM turns WHERE conversation_id = ?"
+            args: list[object] = [conversation_id]
+            if wanted:
+                sql += f" AND state IN ({', '.join('?' for _ in wanted)})"
+                args += wanted
+            if cursor is not None:
+                sql += " AND (created_at, id) > (?, ?)"
+                args += cursor
+            sql += " ORDER BY created_at, id LIMIT ?"
+            with self._tx(write=False) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(sql, (*args, size + 1)).fetchall()
+            return _page(rows, size, _turn)
+
+        return await self._call(run)
+
+    async def transition_turn(
+        self,
+        tenant_id: str,
+        turn_id: str,
+        to: TurnState,
+        *,
+        finish_reason: FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
+        error_message: str = "",
+        user_message_seq: int = 0,
+        lease_owner: str = "",
+    ) -> common_pb2.Turn:
+        def run() -> common_pb2.Turn:
+            with self._tx(write=True) as conn:
+                row = self._turn_row(conn, tenant_id, turn_id)
+                check_transition(turn_id, row["state"], to)
+                now = self._now_ns()
+                if lease_owner and (row["lease_owner"] != lease_owner or row["lease_expires_at"] <= now):
+                    holder = row["lease_owner"] or "nobody"
+                    raise FailedPrecondition(
+                        f"turn {turn_id} is not leased to {lease_owner} (lease holder: {holder}); "
+                        "claim the lease before moving the turn"
+                    )
+                fields: dict[str, object] = {"state": to}
+                if to == common_pb2.TURN_STATE_RUNNING and not row["started_at"]:
+                    fields["started_at"] = now
+                if to in TERMINAL_STATES:
+                    fields["ended_at"] = now
+                if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    fields["finish_reason"] = finish_reason
+                if error_message:
+                    fields["error_message"] = error_message
+                if user_message_seq:
+                    fields["user_message_seq"] = user_message_seq
+                self._update(conn, "turns", turn_id, fields)
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    # ------------------------------------------------------------- execution
+
+    async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
+        def run() -> Execution:
+            with self._tx(write=False) as conn:
+                conv = self._conversation_row(conn, tenant_id, conversation_id)
+                turn_computer = turn_cwd = ""
+                if turn_id:
+                    turn = self._turn_row(conn, tenant_id, turn_id)
+                    if turn["conversation_id"] != conversation_id:
+                        raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
+                    turn_computer, turn_cwd = turn["computer_id"], turn["cwd"]
+                ws = self._workspace_row(conn, tenant_id, conv["workspace_id"])
+            return Execution(
+                computer_id=turn_computer or conv["computer_id"] or ws["default_computer_id"] or "",
+                cwd=turn_cwd or conv["cwd"] or ws["root"],
+                workspace_root=ws["root"],
+            )
+
+        return await self._call(run)

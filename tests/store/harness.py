@@ -1,0 +1,100 @@
+"""A store server in this process, a real channel to it, and request builders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+import grpc
+
+from dispatch.shared.config import StoreConfig
+from dispatch.shared.server import GRPC_OPTIONS, Hosted
+from dispatch.store.server import start as start_store
+from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
+
+TENANT = "acme"
+OTHER_TENANT = "globex"
+
+if TYPE_CHECKING:
+    # The async stub type exists only in the generated .pyi.
+    Stub: TypeAlias = store_pb2_grpc.ConversationStoreAsyncStub
+
+# Written out from the contract, not imported, so a wrong table in the code fails here.
+CONTRACT_TRANSITIONS: dict[int, set[int]] = {
+    common_pb2.TURN_STATE_QUEUED: {common_pb2.TURN_STATE_RUNNING, common_pb2.TURN_STATE_ABORTED},
+    common_pb2.TURN_STATE_RUNNING: {
+        common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+        common_pb2.TURN_STATE_COMPLETED,
+        common_pb2.TURN_STATE_FAILED,
+        common_pb2.TURN_STATE_ABORTED,
+        common_pb2.TURN_STATE_INTERRUPTED,
+    },
+    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL: {
+        common_pb2.TURN_STATE_RESUMING,
+        common_pb2.TURN_STATE_ABORTED,
+        common_pb2.TURN_STATE_FAILED,
+        common_pb2.TURN_STATE_INTERRUPTED,
+    },
+    common_pb2.TURN_STATE_RESUMING: {
+        common_pb2.TURN_STATE_RUNNING,
+        common_pb2.TURN_STATE_ABORTED,
+        common_pb2.TURN_STATE_FAILED,
+        common_pb2.TURN_STATE_INTERRUPTED,
+    },
+    common_pb2.TURN_STATE_COMPLETED: set(),
+    common_pb2.TURN_STATE_FAILED: set(),
+    common_pb2.TURN_STATE_ABORTED: set(),
+    common_pb2.TURN_STATE_INTERRUPTED: set(),
+}
+
+
+@dataclass
+class RunningStore:
+    """One store process's worth of state, in this process: server, channel, stub."""
+
+    cfg: StoreConfig
+    hosted: Hosted
+    channel: grpc.aio.Channel
+    stub: Stub
+
+    @classmethod
+    async def start(cls, cfg: StoreConfig) -> RunningStore:
+        hosted = await start_store(cfg)
+        # The options every Dispatch service dials with: an Append answer echoes its
+        # messages, so it can be as big as the request.
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{hosted.port}", options=GRPC_OPTIONS)
+        return cls(cfg, hosted, channel, store_pb2_grpc.ConversationStoreStub(channel))
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.hosted.stop(1.0)
+
+
+def text_message(text: str, role: common_pb2.Role.ValueType = common_pb2.ROLE_USER) -> common_pb2.Message:
+    return common_pb2.Message(role=role, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))])
+
+
+def text_of(message: common_pb2.Message) -> str:
+    return "".join(c.text.text for c in message.chunks)
+
+
+def delta_event(event_seq: int, text: str = "x") -> common_pb2.AgentEvent:
+    return common_pb2.AgentEvent(event_seq=event_seq, text_delta=common_pb2.TextDelta(text=text))
+
+
+async def new_conversation(stub: Stub, tenant_id: str = TENANT, **fields: str) -> common_pb2.Conversation:
+    return await stub.CreateConversation(store_pb2.CreateConversationRequest(tenant_id=tenant_id, **fields))
+
+
+async def append(
+    stub: Stub,
+    conversation_id: str,
+    messages: list[common_pb2.Message],
+    events: list[common_pb2.AgentEvent] | None = None,
+    tenant_id: str = TENANT,
+) -> store_pb2.AppendResponse:
+    return await stub.Append(
+        store_pb2.AppendRequest(
+            tenant_id=tenant_id, conversation_id=conversation_id, messages=messages, events=events or []
+        )
+    )

@@ -1,0 +1,155 @@
+"""The SQLite backend on its own: URLs, pragmas, migrations, closing, seq invariants."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatch.shared.config import ConfigError
+from dispatch.shared.errors import FailedPrecondition, Unavailable
+from dispatch.store import sqlite as sqlite_backend
+from dispatch.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, sqlite_path
+from tests.store.harness import TENANT, text_message
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///relative/dispatch.db", "relative/dispatch.db"),
+        ("sqlite:////var/lib/dispatch/dispatch.db", "/var/lib/dispatch/dispatch.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_sqlite_url_names_the_file(url: str, path: str) -> None:
+    assert sqlite_path(url) == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/db",
+        "sqlite:///data/",
+        "sqlite:///db?mode=ro",
+        "file:///x.db",
+    ],
+)
+def test_a_bad_sqlite_url_is_a_config_error_naming_the_key(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"store\.database_url"):
+        sqlite_path(url)
+
+
+async def test_a_relative_url_resolves_against_the_working_directory_and_creates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = await SQLiteStore.open("sqlite:///nested/dir/dispatch.db", default_workspace_root="/w")
+    await store.close()
+    assert (tmp_path / "nested" / "dir" / "dispatch.db").is_file()
+
+
+async def test_the_connection_is_wal_with_full_sync(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(url_of(tmp_path / "db"), default_workspace_root="/w")
+    try:
+        # Reached through the worker because the connection belongs to its thread.
+        pragmas = await store._call(
+            lambda: tuple(
+                store._db().execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys")
+            )
+        )
+    finally:
+        await store.close()
+    assert pragmas == ("wal", 2, 1)  # synchronous 2 is FULL
+
+
+def schema_versions(path: Path) -> list[int]:
+    with sqlite3.connect(path) as db:
+        return [v for (v,) in db.execute("SELECT version FROM schema_version ORDER BY version")]
+
+
+async def test_migrations_are_safe_to_run_twice(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        conv = await store.create_conversation(TENANT, title="kept")
+        assert await store.migrate() == 0
+        assert await store.schema_version() == SCHEMA_VERSION
+    finally:
+        await store.close()
+
+    again = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        assert await again.migrate() == 0
+        assert (await again.get_conversation(TENANT, conv.id)).title == "kept"
+    finally:
+        await again.close()
+    assert schema_versions(path) == [v for v, _ in MIGRATIONS]
+
+
+async def test_a_failing_migration_is_rolled_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    await (await SQLiteStore.open(url_of(path), default_workspace_root="/w")).close()
+    broken = (*MIGRATIONS, (SCHEMA_VERSION + 1, ("CREATE TABLE half_done (x INTEGER)", "THIS IS NOT SQL")))
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", broken)
+    with pytest.raises(Unavailable, match="syntax error"):
+        await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchall() == []
+    assert schema_versions(path) == [SCHEMA_VERSION]
+
+    monkeypatch.undo()
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    await store.close()
+
+
+async def test_a_database_from_a_newer_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    await (await SQLiteStore.open(url_of(path), default_workspace_root="/w")).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
+    with pytest.raises(FailedPrecondition, match="schema version 99"):
+        await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+
+
+async def test_a_closed_store_refuses_calls_and_closes_twice(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(url_of(tmp_path / "db"), default_workspace_root="/w")
+    conv = await store.create_conversation(TENANT)
+    await store.close()
+    await store.close()
+    with pytest.raises(Unavailable, match="closed"):
+        await store.get_conversation(TENANT, conv.id)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=12))
+def test_seq_is_gap_free_whatever_the_batches(sizes: list[int]) -> None:
+    async def run() -> None:
+        store = await SQLiteStore.open("sqlite:///:memory:", default_workspace_root="/w")
+        try:
+            conv = await store.create_conversation(TENANT)
+            results = await asyncio.gather(
+                *(store.append(TENANT, conv.id, [text_message(str(i))] * n) for i, n in enumerate(sizes))
+            )
+            history = await store.load_since(TENANT, conv.id)
+        finally:
+            await store.close()
+        total = sum(sizes)
+        assert [m.seq for m in history.messages] == list(range(1, total + 1))
+        assert history.last_seq == total
+        for n, done in zip(sizes, results, strict=True):
+            assert [m.seq for m in done.messages] == list(range(done.first_seq, done.first_seq + n))
+
+    asyncio.run(run())
