@@ -51,7 +51,8 @@ class Up:
         argv = [sys.executable, "-m", "dispatch.cli", "up", "--listen", self.address]
         argv += ["--data-dir", str(self.data), "--grace", "5", *extra]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -67,7 +68,7 @@ class Up:
             if any(text in line for line in self.lines):
                 return
             if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the reader thread catch the last lines
+                self._reader.join(5)  # the last lines
                 raise AssertionError(f"dispatchd up exited {self.proc.returncode}:\n{self.output()}")
             time.sleep(0.05)
         raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output()}")
@@ -89,6 +90,10 @@ class Up:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -221,7 +226,7 @@ def test_up_reports_a_dead_service_and_stops_the_rest(tmp_path: Path, workspace:
 
         os.kill(services_alive.pop("kernel"), signal.SIGKILL)
         assert up.proc.wait(30) == 1
-        time.sleep(0.2)
+        up._reader.join(5)
         assert "kernel was killed by signal 9" in up.output()
         assert "stopping the other services" in up.output()
         assert not any(alive(pid) for pid in services_alive.values())

@@ -76,6 +76,10 @@ class ConversationLog:
         self.persisted_seq = last_event_seq
         # Invariant: exactly the events with seq in (persisted_seq, last_seq].
         self.unpersisted: list[common_pb2.AgentEvent] = []
+        # Held across an Append that carries unpersisted events, so two turns
+        # of the conversation (one sealing, the next starting) never send the
+        # same events twice.
+        self.commit_lock = asyncio.Lock()
         self._subscribers: set[Subscription] = set()
 
     def emit(self, turn_id: str, step_id: str = "", **kind: object) -> common_pb2.AgentEvent:

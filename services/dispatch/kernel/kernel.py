@@ -39,6 +39,9 @@ class Kernel:
         self.deps = deps
         self._logs: dict[str, ConversationLog] = {}
         self._active: dict[str, ActiveTurn] = {}
+        # Every turn task until it ends, including one that has sealed and
+        # freed its conversation but still persists its last events.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining = False
 
@@ -114,17 +117,22 @@ class Kernel:
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc, "the store could not create the turn") from None
             after = events.last_seq
-            runner = TurnRunner(self.deps, events, turn, chunks)
+            runner = TurnRunner(
+                self.deps, events, turn, chunks, on_sealed=lambda: self._finished(conversation_id, turn.id)
+            )
             task = asyncio.create_task(runner.run(), name=f"turn {turn.id}")
             self._active[conversation_id] = ActiveTurn(runner, task)
-            task.add_done_callback(lambda _t: self._finished(conversation_id, runner))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # Also on a turn that ends unsealed (the store failed) or crashes.
+            task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
         return kernel_pb2.StartTurnResponse(
             turn_id=turn.id, state=common_pb2.TURN_STATE_RUNNING, after_event_seq=after
         )
 
-    def _finished(self, conversation_id: str, runner: TurnRunner) -> None:
+    def _finished(self, conversation_id: str, turn_id: str) -> None:
         active = self._active.get(conversation_id)
-        if active is not None and active.runner is runner:
+        if active is not None and active.runner.turn.id == turn_id:
             del self._active[conversation_id]
 
     async def subscribe(
@@ -158,7 +166,7 @@ class Kernel:
     async def drain(self, grace: float) -> None:
         """Stop taking turns, let running ones finish within ``grace``, interrupt the rest."""
         self._draining = True
-        tasks = [a.task for a in self._active.values()]
+        tasks = list(self._tasks)
         if tasks:
             log.info("draining %d running turn(s)", len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, grace - 1.0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -121,8 +121,11 @@ class TurnRunner:
         events: ConversationLog,
         turn: common_pb2.Turn,
         user_chunks: Sequence[common_pb2.Chunk],
+        on_sealed: Callable[[], None] = lambda: None,
     ):
         self.deps = deps
+        # Frees the conversation for its next turn; called just before turn_sealed.
+        self._on_sealed = on_sealed
         self.events = events
         self.turn = turn
         self.user_chunks = list(user_chunks)
@@ -150,23 +153,24 @@ class TurnRunner:
 
     async def _append(self, messages: Sequence[common_pb2.Message]) -> store_pb2.AppendResponse:
         """Commit messages together with every event not yet persisted, in one transaction."""
-        pending = list(self.events.unpersisted)
-        if not messages and not pending:
-            return store_pb2.AppendResponse()
-        try:
-            resp: store_pb2.AppendResponse = await self.deps.store.Append(
-                store_pb2.AppendRequest(
-                    tenant_id=self.tenant_id,
-                    conversation_id=self.turn.conversation_id,
-                    messages=messages,
-                    events=pending,
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise StoreFailed(f"the store failed to commit: {exc.code().name}: {exc.details()}") from exc
-        if pending:
-            self.events.mark_persisted(pending[-1].event_seq)
+        async with self.events.commit_lock:
+            pending = list(self.events.unpersisted)
+            if not messages and not pending:
+                return store_pb2.AppendResponse()
+            try:
+                resp: store_pb2.AppendResponse = await self.deps.store.Append(
+                    store_pb2.AppendRequest(
+                        tenant_id=self.tenant_id,
+                        conversation_id=self.turn.conversation_id,
+                        messages=messages,
+                        events=pending,
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise StoreFailed(f"the store failed to commit: {exc.code().name}: {exc.details()}") from exc
+            if pending:
+                self.events.mark_persisted(pending[-1].event_seq)
         if resp.last_seq:
             self._last_seq = resp.last_seq
             self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=resp.first_seq, last_seq=resp.last_seq))
@@ -238,6 +242,9 @@ class TurnRunner:
             log.error("turn %s could not be sealed: %s", self.turn.id, detail)
             self._emit(error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True))
             return
+        # Free the conversation before announcing the seal: a client that sends
+        # its next message on turn_sealed must find it free.
+        self._on_sealed()
         self._emit(turn_sealed=common_pb2.TurnSealed(state=state, last_seq=self._last_seq))
         try:
             await self._append([])

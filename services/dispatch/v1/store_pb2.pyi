@@ -416,9 +416,12 @@ class AppendResponse(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
-    """0 when no message was appended."""
+    """The seq range of the appended messages; both 0 when the call carried
+    only events.
+    """
     last_seq: _builtins.int
     last_event_seq: _builtins.int
+    """The conversation's highest persisted event_seq after the call."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
         """The appended messages with seq and created_at filled in."""
@@ -498,6 +501,9 @@ class LoadResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     last_seq: _builtins.int
+    """The conversation's highest seq, which may be past the last message
+    returned when a limit cut the answer short.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]: ...
     def __init__(
@@ -593,6 +599,7 @@ class LoadEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     last_event_seq: _builtins.int
+    """The conversation's highest persisted event_seq (see LoadResponse.last_seq)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentEvent]: ...
     def __init__(
