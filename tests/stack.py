@@ -93,7 +93,11 @@ def text_chunks(text: str) -> list[common_pb2.Chunk]:
 
 
 async def run_turn(
-    stack: Stack, conversation_id: str, text: str, *, policy: common_pb2.SendPolicy.ValueType = 0
+    stack: Stack,
+    conversation_id: str,
+    text: str,
+    *,
+    policy: common_pb2.SendPolicy.ValueType = common_pb2.SEND_POLICY_UNSPECIFIED,
 ) -> tuple[kernel_pb2.StartTurnResponse, list[common_pb2.AgentEvent]]:
     """Start a turn through the kernel and collect its events up to turn_sealed (or the stream's end)."""
     kernel = stack.kernel
@@ -124,7 +128,9 @@ async def collect(
     )
     async for batch in stream:
         events.extend(batch.events)
-        if any(e.HasField("turn_sealed") and (not until_turn or e.turn_id == until_turn) for e in batch.events):
+        if any(
+            e.HasField("turn_sealed") and (not until_turn or e.turn_id == until_turn) for e in batch.events
+        ):
             stream.cancel()
             break
         if any(e.HasField("error") and e.error.message.startswith("turn not sealed") for e in batch.events):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,11 @@ def _gen() -> ModuleType:
 
 def test_committed_generated_code_matches_the_protos() -> None:
     result = subprocess.run(
-        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "scripts/gen_protos.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 
@@ -54,7 +59,7 @@ def test_both_copies_share_one_set_of_types() -> None:
 
     event = server_types.AgentEvent(event_seq=7, text_delta=server_types.TextDelta(text="hi"))
     assert client_types.AgentEvent.FromString(event.SerializeToString()) == event
-    assert client_types.AgentEvent is server_types.AgentEvent
+    assert cast(object, client_types.AgentEvent) is server_types.AgentEvent
 
 
 def test_native_module_builds_and_imports() -> None:

@@ -138,11 +138,9 @@ def _flag_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return out
 
 
-async def _up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]) -> int:
-    flags = vars(args)
-    provider = config.provider_config(flags, env, file)  # fail early, with the key's name
-    data_dir: Path = (args.data_dir or Path(env.get("DISPATCH_DATA_DIR", ".dispatch"))).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+async def _up(
+    args: argparse.Namespace, env: Mapping[str, str], provider: config.ProviderConfig, data_dir: Path
+) -> int:
     database_url = env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{data_dir / 'dispatch.db'}"
     transport_listen = args.listen or env.get("DISPATCH_TRANSPORT_LISTEN") or config.DEFAULT_TRANSPORT_LISTEN
     py = [sys.executable, "-m", "dispatch.cli"]
@@ -172,14 +170,19 @@ async def _up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[st
             kernel = child(
                 "kernel",
                 [
-                    "--store", store.address, "--exec", exec_.address,
+                    "--store",
+                    store.address,
+                    "--exec",
+                    exec_.address,
                     *_flag_args(args, ["provider", "model", "base_url", "script"]),
                 ],
             )
             children.append(kernel)
             await kernel.start()
             await kernel.wait_ready(deadline)
-            transport = child("transport", ["--kernel", kernel.address, "--store", store.address], transport_listen)
+            transport = child(
+                "transport", ["--kernel", kernel.address, "--store", store.address], transport_listen
+            )
             children.append(transport)
             await transport.start()
             await transport.wait_ready(deadline)
@@ -193,7 +196,8 @@ async def _up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[st
                 print("\nstopping Dispatch ...", file=sys.stderr)
                 return 0
             dead = next(c for c in children if c.proc is not None and c.proc.returncode is not None)
-            raise ChildDied(dead)
+            print(f"dispatchd up: {dead.why()}\nstopping the other services.", file=sys.stderr)
+            return 1
         except ChildDied as exc:
             print(f"dispatchd up: {exc}\nstopping the other services.", file=sys.stderr)
             return 1
@@ -214,7 +218,7 @@ def _banner(address: str, provider: config.ProviderConfig, database_url: str) ->
         f"  history:  {database_url}",
         "",
         "Chat with it from another terminal:",
-        f"  dispatch chat --address {address} \"what is in this workspace?\"",
+        f'  dispatch chat --address {address} "what is in this workspace?"',
     ]
     if provider.kind == "demo":
         lines += [
@@ -229,11 +233,14 @@ def _banner(address: str, provider: config.ProviderConfig, database_url: str) ->
 
 
 def up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]) -> int:
+    provider = config.provider_config(vars(args), env, file)  # fail early, naming the key
+    data_dir: Path = (args.data_dir or Path(env.get("DISPATCH_DATA_DIR", ".dispatch"))).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
     result = 1
 
     async def main() -> None:
         nonlocal result
-        result = await _up(args, env, file)
+        result = await _up(args, env, provider, data_dir)
 
     run(main)
     return result

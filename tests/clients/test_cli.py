@@ -22,7 +22,9 @@ def test_renders_text_as_it_streams_tool_calls_results_and_the_finish() -> None:
     r.event(ev(tool_result=common_pb2.ToolResultEvent(name="list_dir", content="a.txt (1 bytes)\nb/\nc\nd")))
     r.event(ev(tool_result=common_pb2.ToolResultEvent(name="shell", content="boom", is_error=True)))
     done = common_pb2.TurnDone(
-        finish_reason=common_pb2.FINISH_REASON_STOP, steps=2, usage=common_pb2.Usage(input_tokens=10, output_tokens=4)
+        finish_reason=common_pb2.FINISH_REASON_STOP,
+        steps=2,
+        usage=common_pb2.Usage(input_tokens=10, output_tokens=4),
     )
     done.duration.FromMilliseconds(1500)
     r.event(ev(turn_done=done))

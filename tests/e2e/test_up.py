@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
-from dispatch_client import DispatchClient
+from dispatch_client import DispatchClient, types
 from tests.e2e.procs import ServiceProcess, alive, children_of, cmdline, free_port
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +74,7 @@ class Up:
         raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output()}")
 
     def services(self) -> dict[str, int]:
-        found = {}
+        found: dict[str, int] = {}
         for pid in children_of(self.proc.pid):
             words = cmdline(pid).split()
             for name in ("store", "exec", "kernel", "transport"):
@@ -111,7 +111,7 @@ def script(tmp_path: Path) -> Path:
     return path
 
 
-async def run_turn(address: str, text: str) -> tuple[str, list[common_pb2.AgentEvent]]:
+async def run_turn(address: str, text: str) -> tuple[str, list[types.AgentEvent]]:
     async with DispatchClient(address) as client:
         conversation = await client.create_conversation()
         sent = await client.send(conversation.id, text)
@@ -136,7 +136,13 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
 
         kinds = [e.WhichOneof("kind") for e in events]
         assert [k for k in kinds if k in ORDER] == [
-            "turn_started", "tool_call", "tool_result", "text_delta", "text_delta", "turn_done", "turn_sealed",
+            "turn_started",
+            "tool_call",
+            "tool_result",
+            "text_delta",
+            "text_delta",
+            "turn_done",
+            "turn_sealed",
         ]
         seqs = [e.event_seq for e in events]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "event_seq must be gap-free here"
@@ -148,15 +154,23 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         assert (result.tool_result.name, result.tool_result.is_error) == ("list_dir", False)
         assert "notes.txt" in result.tool_result.content and "src/" in result.tool_result.content
         done = next(e for e in events if e.HasField("turn_done")).turn_done
-        assert done.finish_reason == common_pb2.FINISH_REASON_STOP
-        assert (done.steps, done.usage.input_tokens, done.usage.output_tokens, done.context_size) == (2, 90, 17, 69)
+        assert done.finish_reason == types.FINISH_REASON_STOP
+        assert (done.steps, done.usage.input_tokens, done.usage.output_tokens, done.context_size) == (
+            2,
+            90,
+            17,
+            69,
+        )
         sealed = events[-1].turn_sealed
-        assert sealed.state == common_pb2.TURN_STATE_COMPLETED
+        assert sealed.state == types.TURN_STATE_COMPLETED
 
         # The CLI renders the same kind of turn as it streams.
         chat = subprocess.run(
             [sys.executable, "-m", "dispatch_client.cli", "--address", up.address, "chat", "and now?"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert chat.returncode == 0, chat.stderr
         assert "→ list_dir" in chat.stdout
@@ -171,7 +185,9 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
     # The history is in SQLite: read the file directly, then through a fresh store process.
     db = up.data / "dispatch.db"
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,)).fetchone()
+        rows = conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
     assert rows[0] == 4  # user, assistant (tool call), tool (result), assistant (text)
     store = ServiceProcess("store", ["--database-url", f"sqlite:///{db}"], tmp_path)
     try:
@@ -181,11 +197,18 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         store.terminate()
     assert [m.seq for m in history] == [1, 2, 3, 4]
     assert [m.role for m in history] == [
-        common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_TOOL, common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_USER,
+        common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_TOOL,
+        common_pb2.ROLE_ASSISTANT,
     ]
     assert history[0].chunks[0].text.text == "what is here?"
     tool_call = history[1].chunks[0].tool_call
-    assert (tool_call.name, json.loads(tool_call.input_json), tool_call.step_id) == ("list_dir", {"path": "."}, f"{turn_id}#0")
+    assert (tool_call.name, json.loads(tool_call.input_json), tool_call.step_id) == (
+        "list_dir",
+        {"path": "."},
+        f"{turn_id}#0",
+    )
     assert history[2].chunks[0].tool_result.tool_call_id == tool_call.id
     assert history[3].chunks[0].text.text == "The workspace holds notes.txt and src."
 
@@ -195,11 +218,15 @@ async def _load(address: str, conversation_id: str) -> list[common_pb2.Message]:
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = store_pb2_grpc.ConversationStoreStub(channel)
-        resp = await stub.Load(store_pb2.LoadRequest(tenant_id="local", conversation_id=conversation_id), timeout=10)
+        resp = await stub.Load(
+            store_pb2.LoadRequest(tenant_id="local", conversation_id=conversation_id), timeout=10
+        )
         return list(resp.messages)
 
 
-def test_up_without_a_model_says_so_and_the_demo_makes_real_tool_calls(tmp_path: Path, workspace: Path) -> None:
+def test_up_without_a_model_says_so_and_the_demo_makes_real_tool_calls(
+    tmp_path: Path, workspace: Path
+) -> None:
     up = Up(tmp_path, "--workspace", str(workspace))
     try:
         up.wait_for("Dispatch is up")
@@ -207,7 +234,9 @@ def test_up_without_a_model_says_so_and_the_demo_makes_real_tool_calls(tmp_path:
         _, events = asyncio.run(run_turn(up.address, "hello"))
     finally:
         assert up.stop() == 0
-    calls = [(e.tool_call.name, json.loads(e.tool_call.input_json)) for e in events if e.HasField("tool_call")]
+    calls = [
+        (e.tool_call.name, json.loads(e.tool_call.input_json)) for e in events if e.HasField("tool_call")
+    ]
     assert calls == [("list_dir", {"path": "."}), ("read_file", {"path": "notes.txt", "limit": 2000})]
     results = [e.tool_result for e in events if e.HasField("tool_result")]
     assert not any(r.is_error for r in results)
@@ -237,7 +266,10 @@ def test_up_reports_a_dead_service_and_stops_the_rest(tmp_path: Path, workspace:
 def test_up_refuses_a_bad_provider_config_naming_the_key(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dispatch.cli", "up", "--provider", "openai", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "provider.model" in result.stderr

@@ -44,7 +44,9 @@ class Hang:
 Reply = Stream | Status | Hang
 
 
-def text_chunks(*pieces: str, usage: dict[str, Any] | None = None, finish: str = "stop") -> list[dict[str, Any]]:
+def text_chunks(
+    *pieces: str, usage: dict[str, Any] | None = None, finish: str = "stop"
+) -> list[dict[str, Any]]:
     """The SSE payloads of a plain text answer."""
     events: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
     events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
@@ -82,7 +84,10 @@ class FakeOpenAI:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode().split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.headers.append(headers)
             self.requests.append(json.loads(body))
@@ -107,9 +112,8 @@ class FakeOpenAI:
             writer.close()
             return
         encoding = "Transfer-Encoding: chunked\r\n" if reply.chunked else ""
-        writer.write(
-            f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{encoding}Connection: close\r\n\r\n".encode()
-        )
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{encoding}Connection: close\r\n\r\n"
+        writer.write(head.encode())
 
         def send(data: bytes) -> None:
             writer.write(b"%x\r\n%s\r\n" % (len(data), data) if reply.chunked else data)

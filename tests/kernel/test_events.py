@@ -45,7 +45,12 @@ async def take(stream: object, count: int) -> list[int]:
 def test_emit_stamps_the_envelope() -> None:
     log = ConversationLog("t", "conv_1", last_event_seq=41)
     event = log.emit("turn_1", "turn_1#0", text_delta=common_pb2.TextDelta(text="x"))
-    assert (event.conversation_id, event.turn_id, event.event_seq, event.step_id) == ("conv_1", "turn_1", 42, "turn_1#0")
+    assert (event.conversation_id, event.turn_id, event.event_seq, event.step_id) == (
+        "conv_1",
+        "turn_1",
+        42,
+        "turn_1#0",
+    )
     assert event.time.seconds > 0
     assert event.WhichOneof("kind") == "text_delta"
 

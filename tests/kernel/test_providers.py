@@ -30,7 +30,9 @@ from tests.fakes.openai_server import FakeOpenAI, Hang, Status, Stream, text_chu
 
 
 def user(text: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))])
+    return common_pb2.Message(
+        role=common_pb2.ROLE_USER, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
+    )
 
 
 def assistant_call(call_id: str, name: str, args: dict[str, Any]) -> common_pb2.Message:
@@ -38,7 +40,9 @@ def assistant_call(call_id: str, name: str, args: dict[str, Any]) -> common_pb2.
         role=common_pb2.ROLE_ASSISTANT,
         chunks=[
             common_pb2.Chunk(text=common_pb2.TextChunk(text="looking")),
-            common_pb2.Chunk(tool_call=common_pb2.ToolCallChunk(id=call_id, name=name, input_json=json.dumps(args))),
+            common_pb2.Chunk(
+                tool_call=common_pb2.ToolCallChunk(id=call_id, name=name, input_json=json.dumps(args))
+            ),
         ],
     )
 
@@ -46,7 +50,11 @@ def assistant_call(call_id: str, name: str, args: dict[str, Any]) -> common_pb2.
 def tool_result(call_id: str, name: str, content: str) -> common_pb2.Message:
     return common_pb2.Message(
         role=common_pb2.ROLE_TOOL,
-        chunks=[common_pb2.Chunk(tool_result=common_pb2.ToolResultChunk(tool_call_id=call_id, name=name, content=content))],
+        chunks=[
+            common_pb2.Chunk(
+                tool_result=common_pb2.ToolResultChunk(tool_call_id=call_id, name=name, content=content)
+            )
+        ],
     )
 
 
@@ -107,7 +115,10 @@ async def test_openai_assembles_interleaved_tool_call_deltas_by_index(fake_opena
             ]
         )
     )
-    tools = [ToolSpec("read_file", "read", {"type": "object"}), ToolSpec("list_dir", "ls", {"type": "object"})]
+    tools = [
+        ToolSpec("read_file", "read", {"type": "object"}),
+        ToolSpec("list_dir", "ls", {"type": "object"}),
+    ]
     provider = openai(fake_openai)
     events = await collect(provider, ProviderRequest(model="", system="", messages=[user("x")], tools=tools))
     await provider.aclose()
@@ -125,7 +136,11 @@ async def test_openai_assembles_interleaved_tool_call_deltas_by_index(fake_opena
 
 async def test_openai_sends_history_with_tool_calls_and_results(fake_openai: FakeOpenAI) -> None:
     fake_openai.replies.append(Stream(text_chunks("ok")))
-    history = [user("list"), assistant_call("c1", "list_dir", {"path": "."}), tool_result("c1", "list_dir", "a.txt")]
+    history = [
+        user("list"),
+        assistant_call("c1", "list_dir", {"path": "."}),
+        tool_result("c1", "list_dir", "a.txt"),
+    ]
     provider = openai(fake_openai)
     await collect(provider, ProviderRequest(model="m1", system="", messages=history))
     await provider.aclose()
@@ -135,7 +150,11 @@ async def test_openai_sends_history_with_tool_calls_and_results(fake_openai: Fak
             "role": "assistant",
             "content": "looking",
             "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "list_dir", "arguments": '{"path": "."}'}}
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "list_dir", "arguments": '{"path": "."}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
@@ -172,7 +191,9 @@ async def test_openai_malformed_sse_is_a_clear_error(fake_openai: FakeOpenAI) ->
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
-async def test_openai_connection_dropped_mid_stream_is_retryable(fake_openai: FakeOpenAI, chunked: bool) -> None:
+async def test_openai_connection_dropped_mid_stream_is_retryable(
+    fake_openai: FakeOpenAI, chunked: bool
+) -> None:
     fake_openai.replies.append(Stream(text_chunks("a", "b", "c"), drop_after=1, chunked=chunked))
     provider = openai(fake_openai)
     seen: list[ProviderEvent] = []
@@ -286,7 +307,7 @@ def test_scripted_rejects_bad_scripts_naming_the_place(data: dict[str, Any], mes
 
 
 def test_scripted_from_missing_file_names_the_key(tmp_path: Any) -> None:
-    with pytest.raises(ConfigError, match="provider.script"):
+    with pytest.raises(ConfigError, match=r"provider\.script"):
         ScriptedProvider.from_file(str(tmp_path / "nope.json"))
 
 
@@ -296,11 +317,18 @@ async def test_demo_lists_then_reads_a_file_from_the_listing_then_answers() -> N
     calls = [e for e in first if isinstance(e, ToolCall)]
     assert [(c.name, json.loads(c.input_json)) for c in calls] == [("list_dir", {"path": "."})]
     listing = "src/\nnotes.txt (5 bytes)\nREADME.md (120 bytes)"
-    history = [user("hi"), assistant_call("c1", "list_dir", {"path": "."}), tool_result("c1", "list_dir", listing)]
+    history = [
+        user("hi"),
+        assistant_call("c1", "list_dir", {"path": "."}),
+        tool_result("c1", "list_dir", listing),
+    ]
     second = await collect(demo, ProviderRequest("demo", "", history))
     calls = [e for e in second if isinstance(e, ToolCall)]
     assert [(c.name, json.loads(c.input_json)["path"]) for c in calls] == [("read_file", "README.md")]
-    history += [assistant_call("c2", "read_file", {"path": "README.md"}), tool_result("c2", "read_file", "# Title\n")]
+    history += [
+        assistant_call("c2", "read_file", {"path": "README.md"}),
+        tool_result("c2", "read_file", "# Title\n"),
+    ]
     third = await collect(demo, ProviderRequest("demo", "", history))
     text = "".join(e.text for e in third if isinstance(e, TextDelta))
     assert "# Title" in text

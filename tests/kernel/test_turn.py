@@ -42,7 +42,7 @@ async def history(stack: Stack, conversation_id: str) -> list[common_pb2.Message
     return list(resp.messages)
 
 
-LIST_THEN_ANSWER = (
+LIST_THEN_ANSWER: tuple[list[dict[str, Any]], ...] = (
     [
         {"type": "reasoning_delta", "text": "look first"},
         {"type": "tool_call", "id": "c1", "name": "list_dir", "input": {"path": "."}},
@@ -95,7 +95,10 @@ async def test_two_step_turn_streams_commits_and_seals(make_stack: Any) -> None:
 
     messages = await history(stack, conv)
     assert [m.role for m in messages] == [
-        common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_TOOL, common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_USER,
+        common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_TOOL,
+        common_pb2.ROLE_ASSISTANT,
     ]
     assert [c.WhichOneof("kind") for c in messages[1].chunks] == ["thinking", "tool_call"]
     assert messages[1].chunks[1].tool_call.step_id == f"{turn}#0"
@@ -121,7 +124,12 @@ async def test_events_are_persisted_and_replay_exactly_once_after_the_turn(make_
 
 async def test_second_turn_sees_the_first_in_its_request_and_continues_event_seq(make_stack: Any) -> None:
     provider = ScriptedProvider.from_data(
-        {"turns": [{"steps": [[{"type": "text_delta", "text": "one"}]]}, {"steps": [[{"type": "text_delta", "text": "two"}]]}]}
+        {
+            "turns": [
+                {"steps": [[{"type": "text_delta", "text": "one"}]]},
+                {"steps": [[{"type": "text_delta", "text": "two"}]]},
+            ]
+        }
     )
     stack = await make_stack(provider)
     conv = await stack.conversation()
@@ -136,9 +144,15 @@ async def test_second_turn_sees_the_first_in_its_request_and_continues_event_seq
 @pytest.mark.parametrize(
     ("call", "expected"),
     [
-        ({"name": "no_such_tool", "input": {}}, "unknown tool 'no_such_tool'; available tools: list_dir, read_file, shell"),
+        (
+            {"name": "no_such_tool", "input": {}},
+            "unknown tool 'no_such_tool'; available tools: list_dir, read_file, shell",
+        ),
         ({"name": "read_file", "input": {}}, "invalid input for read_file: 'path' is a required property"),
-        ({"name": "read_file", "input": {"path": "a", "offset": -1}}, "invalid input for read_file at 'offset'"),
+        (
+            {"name": "read_file", "input": {"path": "a", "offset": -1}},
+            "invalid input for read_file at 'offset'",
+        ),
         ({"name": "read_file", "input": {"path": "missing.txt"}}, "read_file failed:"),
         ({"name": "shell", "input": {"command": "exit 3"}}, "[exit code 3]"),
     ],
@@ -146,7 +160,9 @@ async def test_second_turn_sees_the_first_in_its_request_and_continues_event_seq
 async def test_tool_failures_are_error_results_the_model_can_read(
     make_stack: Any, call: dict[str, Any], expected: str
 ) -> None:
-    stack = await make_stack(scripted([{"type": "tool_call", **call}], [{"type": "text_delta", "text": "ok"}]))
+    stack = await make_stack(
+        scripted([{"type": "tool_call", **call}], [{"type": "text_delta", "text": "ok"}])
+    )
     conv = await stack.conversation()
     _, events = await run_turn(stack, conv, "go")
     result = next(e.tool_result for e in events if e.HasField("tool_result"))
@@ -159,7 +175,10 @@ async def test_tool_failures_are_error_results_the_model_can_read(
 async def test_shell_streams_output_as_tool_output_events(make_stack: Any) -> None:
     command = "echo out; echo err >&2; pwd"
     stack = await make_stack(
-        scripted([{"type": "tool_call", "name": "shell", "input": {"command": command}}], [{"type": "text_delta", "text": "k"}])
+        scripted(
+            [{"type": "tool_call", "name": "shell", "input": {"command": command}}],
+            [{"type": "text_delta", "text": "k"}],
+        )
     )
     conv = await stack.conversation()
     _, events = await run_turn(stack, conv, "go")
@@ -176,7 +195,12 @@ async def test_shell_streams_output_as_tool_output_events(make_stack: Any) -> No
 
 async def test_provider_failure_ends_the_turn_with_an_error_keeping_partial_text(make_stack: Any) -> None:
     stack = await make_stack(
-        scripted([{"type": "text_delta", "text": "partial"}, {"type": "error", "status": 400, "message": "bad request"}])
+        scripted(
+            [
+                {"type": "text_delta", "text": "partial"},
+                {"type": "error", "status": 400, "message": "bad request"},
+            ]
+        )
     )
     conv = await stack.conversation()
     started, events = await run_turn(stack, conv, "go")
@@ -197,8 +221,14 @@ async def test_cancel_during_a_long_tool_aborts_at_once_and_leaves_no_dangling_c
         ScriptedProvider.from_data(
             {
                 "turns": [
-                    {"steps": [[{"type": "text_delta", "text": "sleeping"},
-                                {"type": "tool_call", "name": "shell", "input": {"command": "sleep 60"}}]]},
+                    {
+                        "steps": [
+                            [
+                                {"type": "text_delta", "text": "sleeping"},
+                                {"type": "tool_call", "name": "shell", "input": {"command": "sleep 60"}},
+                            ]
+                        ]
+                    },
                     {"steps": [[{"type": "text_delta", "text": "awake"}]]},
                 ]
             }
@@ -238,7 +268,12 @@ async def test_cancel_during_a_long_tool_aborts_at_once_and_leaves_no_dangling_c
 async def test_send_policies_while_a_turn_runs(make_stack: Any) -> None:
     stack = await make_stack(
         ScriptedProvider.from_data(
-            {"turns": [{"steps": [[{"type": "sleep", "seconds": 30}]]}, {"steps": [[{"type": "text_delta", "text": "new"}]]}]}
+            {
+                "turns": [
+                    {"steps": [[{"type": "sleep", "seconds": 30}]]},
+                    {"steps": [[{"type": "text_delta", "text": "new"}]]},
+                ]
+            }
         )
     )
     conv = await stack.conversation()
@@ -251,11 +286,13 @@ async def test_send_policies_while_a_turn_runs(make_stack: Any) -> None:
     ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stack.kernel.StartTurn(
-                kernel_pb2.StartTurnRequest(tenant_id=TENANT, conversation_id=conv, chunks=user_text("x"), policy=policy)
+                kernel_pb2.StartTurnRequest(
+                    tenant_id=TENANT, conversation_id=conv, chunks=user_text("x"), policy=policy
+                )
             )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert first.turn_id in (err.value.details() or "") and phrase in (err.value.details() or "")
-    second, events = await run_turn(stack, conv, "replace it", policy=common_pb2.SEND_POLICY_INTERRUPT)
+    _, events = await run_turn(stack, conv, "replace it", policy=common_pb2.SEND_POLICY_INTERRUPT)
     assert events[-1].turn_sealed.state == common_pb2.TURN_STATE_COMPLETED
     row = await stack.store.GetTurn(store_pb2.GetTurnRequest(tenant_id=TENANT, turn_id=first.turn_id))
     assert row.state == common_pb2.TURN_STATE_ABORTED
@@ -275,7 +312,9 @@ async def test_bad_start_turn_requests(
     stack = await make_stack(scripted([{"type": "text_delta", "text": "x"}]))
     conv = conversation or await stack.conversation()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stack.kernel.StartTurn(kernel_pb2.StartTurnRequest(tenant_id=TENANT, conversation_id=conv, chunks=chunks))
+        await stack.kernel.StartTurn(
+            kernel_pb2.StartTurnRequest(tenant_id=TENANT, conversation_id=conv, chunks=chunks)
+        )
     assert err.value.code() == code
 
 
@@ -298,7 +337,9 @@ async def test_max_steps_ends_the_turn_with_its_finish_reason(make_stack: Any) -
     assert (done.finish_reason, done.steps) == (common_pb2.FINISH_REASON_MAX_STEPS, 2)
 
 
-async def test_a_turn_through_a_real_openai_compatible_http_server(make_stack: Any, fake_openai: FakeOpenAI) -> None:
+async def test_a_turn_through_a_real_openai_compatible_http_server(
+    make_stack: Any, fake_openai: FakeOpenAI
+) -> None:
     call = {"index": 0, "id": "call_a", "function": {"name": "list_dir", "arguments": '{"path": "."}'}}
     fake_openai.replies += [
         Stream([{"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]}]),
@@ -313,6 +354,10 @@ async def test_a_turn_through_a_real_openai_compatible_http_server(make_stack: A
     assert [m["role"] for m in second] == ["system", "user", "assistant", "tool"]
     assert second[2]["tool_calls"][0]["id"] == "call_a"
     assert second[3] == {"role": "tool", "tool_call_id": "call_a", "content": f"{stack.workspace} is empty"}
-    assert [t["function"]["name"] for t in fake_openai.requests[0]["tools"]] == ["list_dir", "read_file", "shell"]
+    assert [t["function"]["name"] for t in fake_openai.requests[0]["tools"]] == [
+        "list_dir",
+        "read_file",
+        "shell",
+    ]
     list_dir = fake_openai.requests[0]["tools"][0]["function"]
     assert list_dir["parameters"]["properties"]["path"]["type"] == "string"

@@ -59,7 +59,11 @@ def test_kernel_and_transport_need_their_peers() -> None:
     with pytest.raises(ConfigError, match="DISPATCH_KERNEL_ADDRESS"):
         config.transport_config({"store": "x:1"}, {}, {})
     cfg = config.transport_config({}, {"DISPATCH_KERNEL_ADDRESS": "k:1", "DISPATCH_STORE_ADDRESS": "s:1"}, {})
-    assert (cfg.kernel_address, cfg.store_address, cfg.listen) == ("k:1", "s:1", config.DEFAULT_TRANSPORT_LISTEN)
+    assert (cfg.kernel_address, cfg.store_address, cfg.listen) == (
+        "k:1",
+        "s:1",
+        config.DEFAULT_TRANSPORT_LISTEN,
+    )
 
 
 def test_config_file_errors_name_the_file(tmp_path: Path) -> None:

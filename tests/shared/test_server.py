@@ -28,7 +28,9 @@ async def test_stop_turns_not_serving_then_drains_then_stops() -> None:
         stopping = asyncio.create_task(hosted.stop(5.0))
         await asyncio.wait_for(draining.wait(), 5)
         # While in-flight work drains, the server still answers, and says NOT_SERVING.
-        assert (await check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            await check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert not stopping.done()
         release.set()
         await asyncio.wait_for(stopping, 5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,12 @@ from tests.stack import Stack, start_stack
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     provider = ScriptedProvider.from_data(
-        {"steps": [[{"type": "tool_call", "name": "list_dir", "input": {}}], [{"type": "text_delta", "text": "done"}]]}
+        {
+            "steps": [
+                [{"type": "tool_call", "name": "list_dir", "input": {}}],
+                [{"type": "text_delta", "text": "done"}],
+            ]
+        }
     )
     s = await start_stack(tmp_path, provider, transport=True)
     yield s
@@ -32,7 +38,9 @@ async def test_send_subscribe_and_history_through_the_transport(stack: Stack) ->
     sent = await api.Send(transport_pb2.SendRequest(conversation_id=conv.id, text="hello"))
     assert sent.state == common_pb2.TURN_STATE_RUNNING
     events: list[common_pb2.AgentEvent] = []
-    stream = api.Subscribe(transport_pb2.SubscribeRequest(conversation_id=conv.id, after_event_seq=sent.after_event_seq))
+    stream = api.Subscribe(
+        transport_pb2.SubscribeRequest(conversation_id=conv.id, after_event_seq=sent.after_event_seq)
+    )
     async for response in stream:
         events.extend(response.events)
         if events[-1].HasField("turn_sealed"):
@@ -66,8 +74,16 @@ async def test_update_and_delete_a_conversation(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("request_", "code", "phrase"),
     [
-        (transport_pb2.SendRequest(conversation_id="", text="hi"), grpc.StatusCode.INVALID_ARGUMENT, "conversation_id is required"),
-        (transport_pb2.SendRequest(conversation_id="conv_x"), grpc.StatusCode.INVALID_ARGUMENT, "message is empty"),
+        (
+            transport_pb2.SendRequest(conversation_id="", text="hi"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "conversation_id is required",
+        ),
+        (
+            transport_pb2.SendRequest(conversation_id="conv_x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "message is empty",
+        ),
         (
             transport_pb2.SendRequest(conversation_id="conv_00000000000000000000000000", text="hi"),
             grpc.StatusCode.NOT_FOUND,
@@ -75,7 +91,9 @@ async def test_update_and_delete_a_conversation(stack: Stack) -> None:
         ),
     ],
 )
-async def test_send_validation(stack: Stack, request_: transport_pb2.SendRequest, code: grpc.StatusCode, phrase: str) -> None:
+async def test_send_validation(
+    stack: Stack, request_: transport_pb2.SendRequest, code: grpc.StatusCode, phrase: str
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stack.transport.Send(request_)
     assert err.value.code() == code
@@ -110,8 +128,9 @@ async def test_every_service_serves_health_and_reflection(stack: Stack, service:
     for svc in ("", name):
         resp = await health.Check(health_pb2.HealthCheckRequest(service=svc))  # type: ignore[attr-defined]
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))  # type: ignore[attr-defined]
+    reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     names = [s.name async for r in responses for s in r.list_services_response.service]
     assert name in names and "grpc.health.v1.Health" in names
-

@@ -1,6 +1,6 @@
 """``dispatch``: talk to a Dispatch server from the terminal.
 
-    dispatch chat "what is in this workspace?"
+dispatch chat "what is in this workspace?"
 """
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ class Renderer:
         elif kind == "tool_result":
             result = event.tool_result
             mark = "✗" if result.is_error else "←"
-            self._line(self._style(f"{mark} {result.name}: {_preview(result.content)}", "31" if result.is_error else "32"))
+            self._line(
+                self._style(
+                    f"{mark} {result.name}: {_preview(result.content)}", "31" if result.is_error else "32"
+                )
+            )
         elif kind == "provider_retry":
             retry = event.provider_retry
             self._line(self._style(f"(provider retry {retry.attempt}: {retry.reason})", "33"))
@@ -133,9 +137,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return asyncio.run(chat(args.address, args.conversation, args.message, sys.stdout, color=sys.stdout.isatty()))
+        return asyncio.run(
+            chat(args.address, args.conversation, args.message, sys.stdout, color=sys.stdout.isatty())
+        )
     except DispatchError as exc:
-        hint = " — is the server running? start it with `dispatchd up`" if exc.code.name == "UNAVAILABLE" else ""
+        hint = (
+            " — is the server running? start it with `dispatchd up`" if exc.code.name == "UNAVAILABLE" else ""
+        )
         print(f"dispatch: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -53,7 +53,13 @@ class DispatchClient:
             raise DispatchError.wrap(exc) from None
 
     async def create_conversation(
-        self, *, workspace_id: str = "", title: str = "", cwd: str = "", computer_id: str = "", agent: str = ""
+        self,
+        *,
+        workspace_id: str = "",
+        title: str = "",
+        cwd: str = "",
+        computer_id: str = "",
+        agent: str = "",
     ) -> common_pb2.Conversation:
         """Create a conversation (in the default workspace unless ``workspace_id`` is given)."""
         request = transport_pb2.PublicCreateConversationRequest(
@@ -67,7 +73,9 @@ class DispatchClient:
         result: common_pb2.Conversation = await self._unary(self._stub.GetConversation, request)
         return result
 
-    async def list_conversations(self, *, page_size: int = 0, page_token: str = "") -> store_pb2.ListConversationsResponse:
+    async def list_conversations(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> store_pb2.ListConversationsResponse:
         request = transport_pb2.PublicListConversationsRequest(page_size=page_size, page_token=page_token)
         result: store_pb2.ListConversationsResponse = await self._unary(self._stub.ListConversations, request)
         return result
@@ -121,9 +129,13 @@ class DispatchClient:
             finally:
                 call.cancel()
 
-    async def history(self, conversation_id: str, *, after_seq: int = 0, limit: int = 0) -> transport_pb2.HistoryResponse:
+    async def history(
+        self, conversation_id: str, *, after_seq: int = 0, limit: int = 0
+    ) -> transport_pb2.HistoryResponse:
         """Committed messages with seq > ``after_seq``."""
-        request = transport_pb2.HistoryRequest(conversation_id=conversation_id, after_seq=after_seq, limit=limit)
+        request = transport_pb2.HistoryRequest(
+            conversation_id=conversation_id, after_seq=after_seq, limit=limit
+        )
         result: transport_pb2.HistoryResponse = await self._unary(self._stub.History, request)
         return result
 
@@ -134,7 +146,9 @@ class DispatchClient:
         return result
 
     async def models(self) -> transport_pb2.ModelsResponse:
-        result: transport_pb2.ModelsResponse = await self._unary(self._stub.Models, transport_pb2.ModelsRequest())
+        result: transport_pb2.ModelsResponse = await self._unary(
+            self._stub.Models, transport_pb2.ModelsRequest()
+        )
         return result
 
     async def computers(self) -> transport_pb2.ComputersResponse:

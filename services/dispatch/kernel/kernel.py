@@ -67,7 +67,9 @@ class Kernel:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "the store could not load the conversation") from None
         # Another caller may have created it while we awaited the store.
-        return self._logs.setdefault(conversation_id, ConversationLog(tenant_id, conversation_id, conv.last_event_seq))
+        return self._logs.setdefault(
+            conversation_id, ConversationLog(tenant_id, conversation_id, conv.last_event_seq)
+        )
 
     async def start_turn(
         self,
@@ -177,4 +179,3 @@ class Kernel:
                 await asyncio.wait(pending, timeout=1.0)
         for events in self._logs.values():
             events.close_subscribers()
-

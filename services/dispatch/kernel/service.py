@@ -20,14 +20,20 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         self, request: kernel_pb2.StartTurnRequest, context: Context
     ) -> kernel_pb2.StartTurnResponse:
         return await self.kernel.start_turn(
-            request.tenant_id, request.conversation_id, request.chunks, request.policy, request.idempotency_key
+            request.tenant_id,
+            request.conversation_id,
+            request.chunks,
+            request.policy,
+            request.idempotency_key,
         )
 
     @grpc_errors
     async def Subscribe(
         self, request: kernel_pb2.KernelSubscribeRequest, context: Context
     ) -> AsyncIterator[common_pb2.EventBatch]:
-        async for batch in self.kernel.subscribe(request.tenant_id, request.conversation_id, request.after_event_seq):
+        async for batch in self.kernel.subscribe(
+            request.tenant_id, request.conversation_id, request.after_event_seq
+        ):
             yield common_pb2.EventBatch(events=batch)
 
     @grpc_errors

@@ -105,7 +105,9 @@ class StepState:
             )
             for c in self.calls
         ]
-        return common_pb2.Message(role=common_pb2.ROLE_TOOL, chunks=chunks, turn_id=turn_id, step_index=self.index)
+        return common_pb2.Message(
+            role=common_pb2.ROLE_TOOL, chunks=chunks, turn_id=turn_id, step_index=self.index
+        )
 
 
 class StoreFailed(Exception):
@@ -173,23 +175,25 @@ class TurnRunner:
                 self.events.mark_persisted(pending[-1].event_seq)
         if resp.last_seq:
             self._last_seq = resp.last_seq
-            self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=resp.first_seq, last_seq=resp.last_seq))
+            self._emit(
+                messages_committed=common_pb2.MessagesCommitted(
+                    first_seq=resp.first_seq, last_seq=resp.last_seq
+                )
+            )
         return resp
 
     async def run(self) -> None:
         started = time.monotonic()
-        self._emit(
-            turn_started=common_pb2.TurnStarted(
-                agent=self.turn.agent, model=self.deps.provider.model
-            )
-        )
+        self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.deps.provider.model))
         finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
         error = ""
         steps = 0
         last_step_usage = common_pb2.Usage()
         user_seq = 0
         try:
-            user = common_pb2.Message(role=common_pb2.ROLE_USER, chunks=self.user_chunks, turn_id=self.turn.id)
+            user = common_pb2.Message(
+                role=common_pb2.ROLE_USER, chunks=self.user_chunks, turn_id=self.turn.id
+            )
             user_seq = (await self._append([user])).first_seq
             finish, steps, last_step_usage = await self._steps()
         except StoreFailed as exc:
@@ -239,8 +243,10 @@ class TurnRunner:
         except (StoreFailed, grpc.aio.AioRpcError) as exc:
             # Not sealed: what was committed stays; the turn's row is reconciled later.
             detail = str(exc) if isinstance(exc, StoreFailed) else f"{exc.code().name}: {exc.details()}"
-            log.error("turn %s could not be sealed: %s", self.turn.id, detail)
-            self._emit(error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True))
+            log.error("turn %s could not be sealed: %s", self.turn.id, detail)  # noqa: TRY400 - the cause is in detail
+            self._emit(
+                error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True)
+            )
             return
         # Free the conversation before announcing the seal: a client that sends
         # its next message on turn_sealed must find it free.
@@ -249,7 +255,9 @@ class TurnRunner:
         try:
             await self._append([])
         except StoreFailed as exc:
-            log.warning("turn %s: turn_sealed not persisted (it will be with the next append): %s", self.turn.id, exc)
+            log.warning(
+                "turn %s: turn_sealed not persisted (it will be with the next append): %s", self.turn.id, exc
+            )
 
     async def _load_history(self) -> list[common_pb2.Message]:
         try:
@@ -296,7 +304,10 @@ class TurnRunner:
                 return common_pb2.FINISH_REASON_ABORTED, step_index + 1, step.usage.to_proto()
             messages = [
                 m
-                for m in (step.assistant_message(self.turn.id, with_calls=True), step.tool_message(self.turn.id))
+                for m in (
+                    step.assistant_message(self.turn.id, with_calls=True),
+                    step.tool_message(self.turn.id),
+                )
                 if m is not None
             ]
             committed = await self._append(messages)
@@ -349,7 +360,9 @@ class TurnRunner:
                     step.calls.append(ev)
                     self._emit(
                         sid,
-                        tool_call=common_pb2.ToolCallEvent(tool_call_id=ev.id, name=ev.name, input_json=ev.input_json),
+                        tool_call=common_pb2.ToolCallEvent(
+                            tool_call_id=ev.id, name=ev.name, input_json=ev.input_json
+                        ),
                     )
                 elif isinstance(ev, Usage):
                     step.usage = ev

@@ -104,7 +104,9 @@ def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def _pick(flag: Any, env: Mapping[str, str], env_names: tuple[str, ...], file_value: Any, default: Any) -> Any:
+def _pick(
+    flag: Any, env: Mapping[str, str], env_names: tuple[str, ...], file_value: Any, default: Any
+) -> Any:
     if flag is not None:
         return flag
     for name in env_names:
@@ -169,9 +171,14 @@ def provider_config(
 def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> StoreConfig:
     sec = _section(file, "store")
     return StoreConfig(
-        listen=_pick(flags.get("listen"), env, ("DISPATCH_STORE_LISTEN",), sec.get("listen"), StoreConfig.listen),
+        listen=_pick(
+            flags.get("listen"), env, ("DISPATCH_STORE_LISTEN",), sec.get("listen"), StoreConfig.listen
+        ),
         database_url=_pick(
-            flags.get("database_url"), env, ("DISPATCH_DATABASE_URL",), sec.get("database_url"),
+            flags.get("database_url"),
+            env,
+            ("DISPATCH_DATABASE_URL",),
+            sec.get("database_url"),
             StoreConfig.database_url,
         ),
         default_workspace_root=str(
@@ -185,8 +192,12 @@ def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping
 def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> ExecConfig:
     sec = _section(file, "exec")
     return ExecConfig(
-        listen=_pick(flags.get("listen"), env, ("DISPATCH_EXEC_LISTEN",), sec.get("listen"), ExecConfig.listen),
-        max_output_bytes=_int(sec.get("max_output_bytes", ExecConfig.max_output_bytes), "exec.max_output_bytes"),
+        listen=_pick(
+            flags.get("listen"), env, ("DISPATCH_EXEC_LISTEN",), sec.get("listen"), ExecConfig.listen
+        ),
+        max_output_bytes=_int(
+            sec.get("max_output_bytes", ExecConfig.max_output_bytes), "exec.max_output_bytes"
+        ),
         max_read_bytes=_int(sec.get("max_read_bytes", ExecConfig.max_read_bytes), "exec.max_read_bytes"),
     )
 
@@ -194,12 +205,16 @@ def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[
 def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> KernelConfig:
     sec = _section(file, "kernel")
     cfg = KernelConfig(
-        listen=_pick(flags.get("listen"), env, ("DISPATCH_KERNEL_LISTEN",), sec.get("listen"), KernelConfig.listen),
+        listen=_pick(
+            flags.get("listen"), env, ("DISPATCH_KERNEL_LISTEN",), sec.get("listen"), KernelConfig.listen
+        ),
         store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),
         exec_address=_pick(flags.get("exec"), env, ("DISPATCH_EXEC_ADDRESS",), sec.get("exec"), ""),
         provider=provider_config(flags, env, file),
         system_prompt=sec.get("system_prompt", KernelConfig.system_prompt),
-        max_steps=_int(_pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"),
+        max_steps=_int(
+            _pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"
+        ),
     )
     if not cfg.store_address:
         raise ConfigError("kernel needs the store's address: --store or DISPATCH_STORE_ADDRESS")
@@ -214,7 +229,11 @@ def transport_config(
     sec = _section(file, "transport")
     cfg = TransportConfig(
         listen=_pick(
-            flags.get("listen"), env, ("DISPATCH_TRANSPORT_LISTEN",), sec.get("listen"), TransportConfig.listen
+            flags.get("listen"),
+            env,
+            ("DISPATCH_TRANSPORT_LISTEN",),
+            sec.get("listen"),
+            TransportConfig.listen,
         ),
         kernel_address=_pick(flags.get("kernel"), env, ("DISPATCH_KERNEL_ADDRESS",), sec.get("kernel"), ""),
         store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),

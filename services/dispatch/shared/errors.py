@@ -85,7 +85,14 @@ def grpc_errors(method: F) -> F:
 
 _PASS_THROUGH: dict[grpc.StatusCode, type[DispatchError]] = {
     cls.code: cls
-    for cls in (NotFound, AlreadyExists, InvalidArgument, FailedPrecondition, ResourceExhausted, Unimplemented)
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        InvalidArgument,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unimplemented,
+    )
 }
 
 

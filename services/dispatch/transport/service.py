@@ -79,7 +79,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             "could not list workspaces",
             self.store.ListWorkspaces(
                 store_pb2.ListWorkspacesRequest(
-                    tenant_id=self._tenant(context), page_size=request.page_size, page_token=request.page_token
+                    tenant_id=self._tenant(context),
+                    page_size=request.page_size,
+                    page_token=request.page_token,
                 ),
                 timeout=self.timeout,
             ),
@@ -210,7 +212,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             stream.cancel()
 
     @grpc_errors
-    async def Cancel(self, request: transport_pb2.CancelRequest, context: Context) -> transport_pb2.CancelResponse:
+    async def Cancel(
+        self, request: transport_pb2.CancelRequest, context: Context
+    ) -> transport_pb2.CancelResponse:
         resp = await self._call(
             "could not cancel the turn",
             self.kernel.Cancel(
@@ -231,7 +235,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         raise Unimplemented("Dispatch.ResolveApproval: approvals are not implemented yet")
 
     @grpc_errors
-    async def History(self, request: transport_pb2.HistoryRequest, context: Context) -> transport_pb2.HistoryResponse:
+    async def History(
+        self, request: transport_pb2.HistoryRequest, context: Context
+    ) -> transport_pb2.HistoryResponse:
         if request.after_seq < 0 or request.limit < 0:
             raise InvalidArgument("after_seq and limit must be 0 or more")
         resp = await self._call(
@@ -249,7 +255,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         return transport_pb2.HistoryResponse(messages=resp.messages, last_seq=resp.last_seq)
 
     @grpc_errors
-    async def Metrics(self, request: transport_pb2.MetricsRequest, context: Context) -> store_pb2.GetMetricsResponse:
+    async def Metrics(
+        self, request: transport_pb2.MetricsRequest, context: Context
+    ) -> store_pb2.GetMetricsResponse:
         return await self._call(
             "could not load metrics",
             self.store.GetMetrics(
@@ -263,7 +271,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         )
 
     @grpc_errors
-    async def Models(self, request: transport_pb2.ModelsRequest, context: Context) -> transport_pb2.ModelsResponse:
+    async def Models(
+        self, request: transport_pb2.ModelsRequest, context: Context
+    ) -> transport_pb2.ModelsResponse:
         resp = await self._call(
             "could not list models",
             self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),

@@ -58,7 +58,9 @@ class DemoProvider:
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         _, step = steps_since_last_user(request.messages)
         if step == 0:
-            async for ev in _words("No model is configured, so this is the built-in demo. Listing the workspace."):
+            async for ev in _words(
+                "No model is configured, so this is the built-in demo. Listing the workspace."
+            ):
                 yield ev
             yield ToolCall(f"call_{uuid.uuid4().hex[:16]}", "list_dir", json.dumps({"path": "."}))
             yield Usage(input_tokens=40, output_tokens=20)

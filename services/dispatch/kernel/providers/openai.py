@@ -99,7 +99,10 @@ def to_openai_messages(system: str, messages: Iterable[common_pb2.Message]) -> l
 
 def to_openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
     return [
-        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
         for t in tools
     ]
 
@@ -170,9 +173,9 @@ class OpenAIProvider:
                 "POST", self._url, json=self._body(request), headers=headers, timeout=self._timeout
             ) as response:
                 if response.status_code >= 400:
-                    detail = (await response.aread())[:500].decode("utf-8", "replace")
+                    detail = (await response.aread())[:500].decode("utf-8", "replace").strip()
                     raise ProviderError(
-                        f"provider answered {response.status_code}: {detail.strip() or response.reason_phrase}",
+                        f"provider answered {response.status_code}: {detail or response.reason_phrase}",
                         status=response.status_code,
                         retryable=response.status_code in RETRYABLE_STATUS,
                         retry_after=parse_retry_after(response.headers.get("retry-after")),
@@ -183,7 +186,9 @@ class OpenAIProvider:
             raise ProviderError(f"provider timed out: {type(exc).__name__}", retryable=True) from exc
         except httpx.TransportError as exc:
             # Connection refused, reset, or dropped mid-stream.
-            raise ProviderError(f"provider connection failed: {exc or type(exc).__name__}", retryable=True) from exc
+            raise ProviderError(
+                f"provider connection failed: {exc or type(exc).__name__}", retryable=True
+            ) from exc
 
     async def _events(self, payloads: AsyncIterator[str]) -> AsyncIterator[ProviderEvent]:
         calls: dict[int, _PendingCall] = {}
