@@ -14,11 +14,3 @@ fn _dispatcher(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", VERSION)?;
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn version_is_the_package_version() {
-        assert_eq!(super::VERSION, "0.1.0");
-    }
-}

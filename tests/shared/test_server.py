@@ -49,3 +49,17 @@ def test_bound_address_names_a_reachable_host() -> None:
     assert bound_address("0.0.0.0:0", 5000) == "127.0.0.1:5000"
     assert bound_address("127.0.0.1:0", 5000) == "127.0.0.1:5000"
     assert bound_address("[::]:0", 7) == "127.0.0.1:7"
+
+
+def test_services_run_on_uvloop() -> None:
+    import uvloop
+
+    from dispatch.shared.server import run
+
+    seen: list[type] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    run(main)
+    assert seen == [uvloop.Loop]
