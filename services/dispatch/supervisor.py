@@ -210,6 +210,17 @@ async def _up(
                 await c.stop(args.grace)
 
 
+def _client_command() -> str:
+    """How to run the `dispatch` CLI installed next to this interpreter."""
+    beside = Path(sys.executable).parent / "dispatch"
+    if not beside.exists():
+        return "dispatch"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def _banner(address: str, provider: config.ProviderConfig, database_url: str) -> None:
     lines = [
         "",
@@ -218,7 +229,7 @@ def _banner(address: str, provider: config.ProviderConfig, database_url: str) ->
         f"  history:  {database_url}",
         "",
         "Chat with it from another terminal:",
-        f'  dispatch chat --address {address} "what is in this workspace?"',
+        f'  {_client_command()} chat --address {address} "what is in this workspace?"',
     ]
     if provider.kind == "demo":
         lines += [

@@ -117,6 +117,7 @@ async def chat(address: str, conversation_id: str, text: str, out: TextIO, *, co
             renderer.event(event)
             if event.WhichOneof("kind") == "turn_sealed":
                 break
+        print(f'continue with: dispatch chat -c {conversation_id} "..."', file=sys.stderr)
         return 0 if renderer.finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH) else 1
 
 
