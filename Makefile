@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt proto proto-check clean
+.PHONY: install run test lint fmt proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 	cargo fmt --all
+
+bench: install
+	$(PY) -m bench
 
 proto: install
 	$(PY) scripts/gen_protos.py
