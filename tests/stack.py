@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import grpc
 from dispatch.exec.server import start as start_exec
 from dispatch.kernel.providers import Provider
 from dispatch.kernel.server import start as start_kernel
-from dispatch.shared.config import ExecConfig, KernelConfig, StoreConfig, TransportConfig
+from dispatch.kernel.tools import Tool
+from dispatch.shared.config import DispatchPolicy, ExecConfig, KernelConfig, StoreConfig, TransportConfig
 from dispatch.shared.server import Hosted
 from dispatch.store.server import start as start_store
 from dispatch.transport.server import start as start_transport
@@ -59,7 +61,13 @@ class Stack:
 
 
 async def start_stack(
-    tmp_path: Path, provider: Provider | None = None, *, max_steps: int = 0, transport: bool = False
+    tmp_path: Path,
+    provider: Provider | None = None,
+    *,
+    max_steps: int = 0,
+    transport: bool = False,
+    tools: Mapping[str, Tool] | None = None,
+    policy: DispatchPolicy | None = None,
 ) -> Stack:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
@@ -73,8 +81,10 @@ async def start_stack(
             exec_address=f"127.0.0.1:{exec_.port}",
             max_steps=max_steps,
             rpc_timeout=10.0,
+            dispatch=policy or DispatchPolicy(),
         ),
         provider=provider,
+        tools=tools,
     )
     hosted = {"store": store, "exec": exec_, "kernel": kernel}
     if transport:

@@ -81,3 +81,42 @@ def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
 def test_store_workspace_resolves_to_an_absolute_path(tmp_path: Path) -> None:
     cfg = config.store_config({"workspace": str(tmp_path / "a" / ".." / "b")}, {}, {})
     assert cfg.default_workspace_root == str(tmp_path / "b")
+
+
+def test_dispatch_policy_from_the_config_file_and_environment() -> None:
+    file = {
+        "kernel": {
+            "dispatch": {
+                "max_concurrent": 4,
+                "tool_limits": {"shell": 2},
+                "eager": False,
+                "dedup_exempt": ["shell"],
+            }
+        }
+    }
+    policy = config.dispatch_policy({"DISPATCH_SCHEDULER": "reference"}, file)
+    assert policy == config.DispatchPolicy(
+        max_concurrent=4,
+        tool_limits={"shell": 2},
+        eager=False,
+        dedup_exempt=frozenset({"shell"}),
+        scheduler="reference",
+    )
+    assert config.dispatch_policy({}, {}) == config.DispatchPolicy()
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "key"),
+    [
+        ({"max_concurrent": "many"}, "kernel.dispatch.max_concurrent"),
+        ({"max_concurrent": -1}, "kernel.dispatch.max_concurrent"),
+        ({"tool_limits": {"shell": "two"}}, "kernel.dispatch.tool_limits.shell"),
+        ({"tool_limits": ["shell"]}, "kernel.dispatch.tool_limits"),
+        ({"dedup_exempt": "shell"}, "kernel.dispatch.dedup_exempt"),
+        ({"eager": "yes"}, "kernel.dispatch.eager"),
+        ({"scheduler": "go"}, "kernel.dispatch.scheduler"),
+    ],
+)
+def test_bad_dispatch_policy_names_the_key(dispatch: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.dispatch_policy({}, {"kernel": {"dispatch": dispatch}})

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from dispatch.kernel.kernel import Kernel
 from dispatch.kernel.providers import Provider, build_provider
 from dispatch.kernel.service import KernelServicer
-from dispatch.kernel.tools import BUILTIN_TOOLS
+from dispatch.kernel.tools import BUILTIN_TOOLS, Tool
 from dispatch.kernel.turn import TurnDeps
 from dispatch.shared.config import KernelConfig
 from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, start_server
 from dispatch.v1 import exec_pb2_grpc, kernel_pb2_grpc, store_pb2_grpc
 
 
-async def start(cfg: KernelConfig, provider: Provider | None = None) -> Hosted:
-    """Start the kernel on ``cfg.listen``; ``provider`` overrides the configured one (tests)."""
+async def start(
+    cfg: KernelConfig, provider: Provider | None = None, tools: Mapping[str, Tool] | None = None
+) -> Hosted:
+    """Start the kernel on ``cfg.listen``; ``provider`` and ``tools`` override the configured ones (tests)."""
     store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
     exec_channel = grpc.aio.insecure_channel(cfg.exec_address, options=GRPC_OPTIONS)
     provider = provider or build_provider(cfg.provider)
@@ -23,10 +27,11 @@ async def start(cfg: KernelConfig, provider: Provider | None = None) -> Hosted:
         store=store_pb2_grpc.ConversationStoreStub(store_channel),
         exec=exec_pb2_grpc.ExecStub(exec_channel),
         provider=provider,
-        tools=BUILTIN_TOOLS,
+        tools=BUILTIN_TOOLS if tools is None else tools,
         system_prompt=cfg.system_prompt,
         max_steps=cfg.max_steps,
         rpc_timeout=cfg.rpc_timeout,
+        policy=cfg.dispatch,
     )
     kernel = Kernel(deps)
     servicer = KernelServicer(kernel)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.providers.base import (
     Finish,
@@ -28,6 +29,7 @@ from dispatch.kernel.providers.base import (
     Usage,
 )
 from dispatch.kernel.tools import Tool, ToolContext, ToolResult
+from dispatch.shared.config import DispatchPolicy
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
@@ -51,6 +53,7 @@ class TurnDeps:
     system_prompt: str
     max_steps: int = 0
     rpc_timeout: float = 30.0
+    policy: DispatchPolicy = field(default_factory=DispatchPolicy)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class TurnRunner:
         # Where tools run; resolved from the store when the turn starts.
         self._computer_id = ""
         self._cwd = ""
+        self._call_ids: set[str] = set()
 
     @property
     def tenant_id(self) -> str:
@@ -338,6 +342,19 @@ class TurnRunner:
             ),
         )
 
+    def _unique(self, call: ToolCall) -> ToolCall:
+        """The call with an id no earlier call of this turn has: a provider that
+        repeats an id must not leave two calls answering to it in history."""
+        if call.id not in self._call_ids:
+            self._call_ids.add(call.id)
+            return call
+        n = 2
+        while f"{call.id}_{n}" in self._call_ids:
+            n += 1
+        renamed = ToolCall(f"{call.id}_{n}", call.name, call.input_json)
+        self._call_ids.add(renamed.id)
+        return renamed
+
     async def _run_step(self, step: StepState, history: Sequence[common_pb2.Message]) -> None:
         request = ProviderRequest(
             model=self.deps.provider.model,
@@ -346,84 +363,91 @@ class TurnRunner:
             tools=[t.spec for t in self.deps.tools.values()],
         )
         sid = step.step_id
+        started: dict[str, float] = {}
+
+        async def run_call(call: ToolCall) -> ToolResult:
+            started[call.id] = time.monotonic()
+            return await self._run_tool(step, call)
+
+        def on_result(call: ToolCall, result: ToolResult, duplicate_of: str) -> None:
+            step.results[call.id] = result
+            elapsed = time.monotonic() - started[call.id] if call.id in started else 0.0
+            self._emit(
+                sid,
+                tool_result=common_pb2.ToolResultEvent(
+                    tool_call_id=call.id,
+                    name=call.name,
+                    content=result.content,
+                    is_error=result.is_error,
+                    duration=duration(elapsed),
+                    duplicate_of=duplicate_of,
+                ),
+            )
+
+        policy = self.deps.policy
+        dispatcher = StepDispatcher(policy, self.deps.tools, run_call, on_result)
         try:
-            async for ev in self.deps.provider.stream(request):
-                if step.first_token is None and not isinstance(ev, (Usage, Finish)):
-                    step.first_token = time.monotonic()
-                if isinstance(ev, TextDelta):
-                    step.text.append(ev.text)
-                    self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
-                elif isinstance(ev, ReasoningDelta):
-                    step.thinking.append(ev.text)
-                    self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
-                elif isinstance(ev, ToolCall):
-                    step.calls.append(ev)
-                    self._emit(
-                        sid,
-                        tool_call=common_pb2.ToolCallEvent(
-                            tool_call_id=ev.id, name=ev.name, input_json=ev.input_json
-                        ),
-                    )
-                elif isinstance(ev, Usage):
-                    step.usage = ev
-                    self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
-                elif isinstance(ev, Finish):
-                    step.finish = ev.reason
-        finally:
-            step.stream_end = time.monotonic()
-            self._add_usage(step.usage)
-        # Tools run one after another for now; the dispatcher_rs scheduler
-        # (concurrency caps, dedup, exclusivity) takes over this loop.
-        try:
-            for call in step.calls:
-                await self._run_tool(step, call)
-        except asyncio.CancelledError:
-            for call in step.calls:
-                if call.id not in step.results:
-                    step.results[call.id] = ToolResult("Aborted", is_error=True)
-                    self._emit(
-                        sid,
-                        tool_result=common_pb2.ToolResultEvent(
-                            tool_call_id=call.id, name=call.name, content="Aborted", is_error=True
-                        ),
-                    )
+            try:
+                async for ev in self.deps.provider.stream(request):
+                    if step.first_token is None and not isinstance(ev, (Usage, Finish)):
+                        step.first_token = time.monotonic()
+                    if isinstance(ev, TextDelta):
+                        step.text.append(ev.text)
+                        self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
+                    elif isinstance(ev, ReasoningDelta):
+                        step.thinking.append(ev.text)
+                        self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
+                    elif isinstance(ev, ToolCall):
+                        call = self._unique(ev)
+                        step.calls.append(call)
+                        self._emit(
+                            sid,
+                            tool_call=common_pb2.ToolCallEvent(
+                                tool_call_id=call.id, name=call.name, input_json=call.input_json
+                            ),
+                        )
+                        if policy.eager:
+                            dispatcher.submit(call)
+                    elif isinstance(ev, Usage):
+                        step.usage = ev
+                        self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
+                    elif isinstance(ev, Finish):
+                        step.finish = ev.reason
+            finally:
+                step.stream_end = time.monotonic()
+                self._add_usage(step.usage)
+            if not policy.eager:
+                for call in step.calls:
+                    dispatcher.submit(call)
+            await dispatcher.wait()
+        except BaseException:
+            # Aborted, or the provider failed while eager calls ran: nothing
+            # keeps running, and every unresolved call reads "Aborted".
+            await dispatcher.abort()
             raise
 
-    async def _run_tool(self, step: StepState, call: ToolCall) -> None:
-        started = time.monotonic()
+    async def _run_tool(self, step: StepState, call: ToolCall) -> ToolResult:
         tool = self.deps.tools.get(call.name)
         if tool is None:
-            result = ToolResult(
+            return ToolResult(
                 f"unknown tool {call.name!r}; available tools: {', '.join(sorted(self.deps.tools))}",
                 is_error=True,
             )
-        else:
 
-            def on_output(stream: common_pb2.OutputStream.ValueType, data: bytes) -> None:
-                self._emit(
-                    step.step_id,
-                    tool_output=common_pb2.ToolOutput(tool_call_id=call.id, stream=stream, data=data),
-                )
-
-            ctx = ToolContext(
-                exec=self.deps.exec,
-                computer_id=self._computer_id,
-                cwd=self._cwd,
-                rpc_timeout=self.deps.rpc_timeout,
-                on_output=on_output,
+        def on_output(stream: common_pb2.OutputStream.ValueType, data: bytes) -> None:
+            self._emit(
+                step.step_id,
+                tool_output=common_pb2.ToolOutput(tool_call_id=call.id, stream=stream, data=data),
             )
-            result = await tool.run(ctx, call.input_json)
-        step.results[call.id] = result
-        self._emit(
-            step.step_id,
-            tool_result=common_pb2.ToolResultEvent(
-                tool_call_id=call.id,
-                name=call.name,
-                content=result.content,
-                is_error=result.is_error,
-                duration=duration(time.monotonic() - started),
-            ),
+
+        ctx = ToolContext(
+            exec=self.deps.exec,
+            computer_id=self._computer_id,
+            cwd=self._cwd,
+            rpc_timeout=self.deps.rpc_timeout,
+            on_output=on_output,
         )
+        return await tool.run(ctx, call.input_json)
 
     def _add_usage(self, usage: Usage) -> None:
         self._usage.input_tokens += usage.input_tokens

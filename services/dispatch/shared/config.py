@@ -62,6 +62,23 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
+class DispatchPolicy:
+    """How a step's tool calls are scheduled."""
+
+    # Cap on running calls; 0 = unlimited.
+    max_concurrent: int = 0
+    # Per-tool caps, e.g. {"shell": 2}.
+    tool_limits: Mapping[str, int] = field(default_factory=dict)
+    # Start a call as soon as it is complete in the provider stream (True), or
+    # only after the stream ends (False).
+    eager: bool = True
+    # Tools whose identical calls within one step all run.
+    dedup_exempt: frozenset[str] = frozenset()
+    # "rust", or "reference" (the pure-Python twin, for debugging).
+    scheduler: str = "rust"
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     listen: str = "127.0.0.1:0"
     store_address: str = ""
@@ -74,6 +91,7 @@ class KernelConfig:
     max_steps: int = 0
     # Deadline on every unary call to the store and exec, in seconds.
     rpc_timeout: float = 30.0
+    dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
 
 
 @dataclass(frozen=True)
@@ -200,6 +218,35 @@ def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[
         ),
         max_read_bytes=_int(sec.get("max_read_bytes", ExecConfig.max_read_bytes), "exec.max_read_bytes"),
     )
+
+
+def dispatch_policy(env: Mapping[str, str], file: Mapping[str, Any]) -> DispatchPolicy:
+    sec = _section(_section(file, "kernel"), "dispatch")
+    limits = sec.get("tool_limits", {})
+    if not isinstance(limits, Mapping):
+        raise ConfigError("config key kernel.dispatch.tool_limits must be a table of tool name = limit")
+    tool_limits = {str(k): _int(v, f"kernel.dispatch.tool_limits.{k}") for k, v in limits.items()}
+    exempt = sec.get("dedup_exempt", [])
+    if not isinstance(exempt, list) or not all(isinstance(x, str) for x in exempt):
+        raise ConfigError("config key kernel.dispatch.dedup_exempt must be a list of tool names")
+    eager = sec.get("eager", True)
+    if not isinstance(eager, bool):
+        raise ConfigError(f"config key kernel.dispatch.eager must be true or false, got {eager!r}")
+    scheduler = _pick(None, env, ("DISPATCH_SCHEDULER",), sec.get("scheduler"), "rust")
+    if scheduler not in ("rust", "reference"):
+        raise ConfigError(
+            f"config key kernel.dispatch.scheduler must be rust or reference, got {scheduler!r}"
+        )
+    policy = DispatchPolicy(
+        max_concurrent=_int(sec.get("max_concurrent", 0), "kernel.dispatch.max_concurrent"),
+        tool_limits=tool_limits,
+        eager=eager,
+        dedup_exempt=frozenset(exempt),
+        scheduler=scheduler,
+    )
+    if policy.max_concurrent < 0 or any(v < 0 for v in tool_limits.values()):
+        raise ConfigError("config keys kernel.dispatch.max_concurrent and tool_limits must be 0 or more")
+    return policy
 
 
 def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> KernelConfig:
