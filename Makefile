@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt proto proto-check bench clean
+.PHONY: system-deps install run test lint fmt proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml Cargo.toml dispatcher_rs/
 run: install
 	$(VENV)/bin/dispatchd up
 
-test: install
+# System packages the tests need (a real PostgreSQL), installed if missing.
+system-deps:
+	bash scripts/ensure-system-deps.sh
+
+test: install system-deps
 	cargo test -q --manifest-path dispatcher_rs/Cargo.toml
 	$(PY) -m pytest -q
 
