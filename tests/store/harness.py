@@ -48,6 +48,19 @@ CONTRACT_TRANSITIONS: dict[int, set[int]] = {
 }
 
 
+class FakeClock:
+    """A store clock (seconds since the epoch) that moves only when a test advances it."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class RunningStore:
     """One store process's worth of state, in this process: server, channel, stub."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sqlite3
 from pathlib import Path
 
@@ -108,7 +109,7 @@ async def test_a_failing_migration_is_rolled_back_whole(
         await SQLiteStore.open(url_of(path), default_workspace_root="/w")
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchall() == []
-    assert schema_versions(path) == [SCHEMA_VERSION]
+    assert schema_versions(path) == [v for v, _ in MIGRATIONS]
 
     monkeypatch.undo()
     store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
@@ -153,3 +154,44 @@ def test_seq_is_gap_free_whatever_the_batches(sizes: list[int]) -> None:
             assert [m.seq for m in done.messages] == list(range(done.first_seq, done.first_seq + n))
 
     asyncio.run(run())
+
+
+async def test_a_version_1_database_upgrades_and_keeps_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(sqlite_backend, "SCHEMA_VERSION", 1)
+    old = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    conv = await old.create_conversation(TENANT, title="from v1")
+    turn = await old.create_turn(TENANT, conv.id)
+    await old.close()
+    assert schema_versions(path) == [1]
+
+    monkeypatch.undo()
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        assert (await store.get_conversation(TENANT, conv.id)).title == "from v1"
+        # The tables of the later migrations are there and usable.
+        await store.enqueue(TENANT, conv.id, text_message("queued"))
+        [queued] = await store.drain_queue(TENANT, conv.id)
+        assert queued.message.chunks[0].text.text == "queued"
+        assert (
+            await store.claim_lease(TENANT, turn.id, "k", datetime.timedelta(seconds=5))
+        ).lease_owner == "k"
+    finally:
+        await store.close()
+    assert schema_versions(path) == [v for v, _ in MIGRATIONS]
+
+
+async def test_secrets_are_stored_only_as_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        _, secret = await store.create_api_key(TENANT, "ci")
+    finally:
+        await store.close()
+    assert secret.encode() not in path.read_bytes()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT * FROM api_keys").fetchall()
+    assert rows and all(secret not in str(value) for row in rows for value in row)

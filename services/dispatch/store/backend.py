@@ -12,12 +12,17 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import datetime
+import hashlib
+import json
+import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
 
 from dispatch.shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from dispatch.v1 import common_pb2
+from dispatch.shared.ids import step_id
+from dispatch.v1 import common_pb2, store_pb2
 
 T = TypeVar("T")
 
@@ -27,6 +32,19 @@ FinishReason: TypeAlias = common_pb2.FinishReason.ValueType
 WORKSPACE_PREFIX = "ws"
 CONVERSATION_PREFIX = "conv"
 TURN_PREFIX = "turn"
+APPROVAL_PREFIX = "apr"
+API_KEY_PREFIX = "key"
+
+# What a caller sees of a tool call the store had to close: the call never got its result.
+INTERRUPTED_TOOL_RESULT = "Tool call was interrupted before it returned a result"
+
+# An API key secret is this marker and 32 url-safe random characters (192 bits);
+# only its SHA-256 is stored, and the first API_KEY_DISPLAY_CHARS tell keys apart.
+API_KEY_SECRET_PREFIX = "dsp_"
+API_KEY_RANDOM_BYTES = 24
+API_KEY_DISPLAY_CHARS = 8
+
+ApprovalDecision: TypeAlias = common_pb2.ApprovalDecision.ValueType
 
 DEFAULT_WORKSPACE_NAME = "default"
 
@@ -252,6 +270,215 @@ def check_event_seqs(events: Sequence[common_pb2.AgentEvent], last_event_seq: in
         previous = event.event_seq
 
 
+# ----------------------------------------------------------------- leases
+
+
+def lease_ttl_ns(ttl: datetime.timedelta) -> int:
+    """A lease's time to live in nanoseconds; ``InvalidArgument`` unless it is positive."""
+    if ttl <= datetime.timedelta(0):
+        raise InvalidArgument(f"ttl must be positive, got {ttl.total_seconds():g}s")
+    return (ttl.days * 86_400 + ttl.seconds) * 1_000_000_000 + ttl.microseconds * 1_000
+
+
+def _format_ns(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def lease_is_held(holder: str, expires_at_ns: int, now_ns: int) -> bool:
+    """Whether somebody holds a lease that has not expired at ``now_ns``."""
+    return bool(holder) and expires_at_ns > now_ns
+
+
+def check_lease_claim(
+    turn_id: str, state: TurnState, *, holder: str, expires_at_ns: int, owner: str, now_ns: int
+) -> None:
+    """Raise ``FailedPrecondition`` unless ``owner`` may claim the turn's lease now.
+
+    A claim succeeds on a live turn whose lease is free, expired, or already ``owner``'s.
+    """
+    if state in TERMINAL_STATES:
+        raise FailedPrecondition(f"turn {turn_id} is {state_name(state)}; an ended turn cannot be leased")
+    if holder != owner and lease_is_held(holder, expires_at_ns, now_ns):
+        raise FailedPrecondition(
+            f"turn {turn_id} is leased to {holder} until {_format_ns(expires_at_ns)}; "
+            "it can be claimed once that lease expires or is released"
+        )
+
+
+def check_lease_renewal(turn_id: str, *, holder: str, expires_at_ns: int, owner: str, now_ns: int) -> None:
+    """Raise ``FailedPrecondition`` unless ``owner`` holds the turn's lease and it has not expired."""
+    if holder != owner:
+        raise FailedPrecondition(
+            f"turn {turn_id} is not leased to {owner} (lease holder: {holder or 'nobody'}); "
+            "claim the lease instead of renewing it"
+        )
+    if expires_at_ns <= now_ns:
+        raise FailedPrecondition(
+            f"the lease of {owner} on turn {turn_id} expired at {_format_ns(expires_at_ns)}; "
+            "claim it again instead of renewing it"
+        )
+
+
+def check_lease_release(turn_id: str, *, holder: str, expires_at_ns: int, owner: str, now_ns: int) -> None:
+    """Raise ``FailedPrecondition`` when another owner holds the turn's lease.
+
+    Releasing a lease nobody holds any more is a no-op, so a retried release succeeds.
+    """
+    if holder and holder != owner and lease_is_held(holder, expires_at_ns, now_ns):
+        raise FailedPrecondition(
+            f"turn {turn_id} is leased to {holder} until {_format_ns(expires_at_ns)}, not to {owner}; "
+            "only the holder may release it"
+        )
+
+
+# -------------------------------------------------------------- reconcile
+
+
+def synthesize_missing_results(history: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
+    """Tool messages answering every tool call in ``history`` that has no result.
+
+    One ROLE_TOOL message per message that carried dangling calls (a step), with
+    that message's turn and step, each result an error with the call's name and
+    step_id. Empty when nothing dangles. seq and conversation are left for the
+    append to fill in.
+    """
+    answered = {
+        chunk.tool_result.tool_call_id
+        for msg in history
+        for chunk in msg.chunks
+        if chunk.WhichOneof("kind") == "tool_result"
+    }
+    synthesized: list[common_pb2.Message] = []
+    for msg in history:
+        results = []
+        for chunk in msg.chunks:
+            if chunk.WhichOneof("kind") != "tool_call" or chunk.tool_call.id in answered:
+                continue
+            call = chunk.tool_call
+            answered.add(call.id)
+            results.append(
+                common_pb2.Chunk(
+                    tool_result=common_pb2.ToolResultChunk(
+                        tool_call_id=call.id,
+                        name=call.name,
+                        content=INTERRUPTED_TOOL_RESULT,
+                        is_error=True,
+                        step_id=call.step_id,
+                    )
+                )
+            )
+        if results:
+            synthesized.append(
+                common_pb2.Message(
+                    role=common_pb2.ROLE_TOOL,
+                    chunks=results,
+                    turn_id=msg.turn_id,
+                    step_index=msg.step_index,
+                )
+            )
+    return synthesized
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def check_turn_metrics(metrics: common_pb2.TurnMetrics) -> None:
+    """``InvalidArgument`` unless the turn metrics name their turn and carry no step metrics."""
+    if not metrics.turn_id:
+        raise InvalidArgument("metrics.turn_id is required")
+    if metrics.step_metrics:
+        raise InvalidArgument("turn metrics carry no step_metrics; record each step with RecordStepMetrics")
+
+
+def normalized_step_metrics(metrics: common_pb2.StepMetrics) -> common_pb2.StepMetrics:
+    """The step metrics as stored: step_id filled in from turn and step; ``InvalidArgument``
+    for a missing turn, a negative step index or a step_id of another step."""
+    if not metrics.turn_id:
+        raise InvalidArgument("metrics.turn_id is required")
+    if metrics.step_index < 0:
+        raise InvalidArgument(f"metrics.step_index must be 0 or more, got {metrics.step_index}")
+    expected = step_id(metrics.turn_id, metrics.step_index)
+    if metrics.step_id and metrics.step_id != expected:
+        raise InvalidArgument(f"metrics.step_id is {metrics.step_id!r}, but turn and step say {expected!r}")
+    stored = common_pb2.StepMetrics()
+    stored.CopyFrom(metrics)
+    stored.step_id = expected
+    return stored
+
+
+# ------------------------------------------------------------------ queue
+
+
+def check_queued_message(conversation_id: str, message: common_pb2.Message) -> None:
+    """``InvalidArgument`` unless ``message`` could be appended to the conversation."""
+    if message.ByteSize() == 0:
+        raise InvalidArgument("message is required")
+    validate_append(conversation_id, [message], [])
+
+
+# -------------------------------------------------------------- approvals
+
+
+def _json_object(text: str, field: str) -> None:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field} must be a JSON object, got {type(value).__name__}")
+
+
+def check_new_approval(approval: common_pb2.Approval) -> None:
+    """``InvalidArgument`` unless the approval names its conversation, turn and call and is pending."""
+    for field in ("conversation_id", "turn_id", "tool_call_id", "tool_name"):
+        if not getattr(approval, field):
+            raise InvalidArgument(f"approval.{field} is required")
+    if approval.input_json:
+        _json_object(approval.input_json, "approval.input_json")
+    if approval.decision != common_pb2.APPROVAL_DECISION_UNSPECIFIED:
+        raise InvalidArgument("a new approval is pending: leave decision unset and resolve it later")
+
+
+def check_resolution(decision: ApprovalDecision, edited_input_json: str) -> None:
+    """``InvalidArgument`` unless the decision is one, and edited input comes exactly with EDIT."""
+    if decision not in common_pb2.ApprovalDecision.values() or (
+        decision == common_pb2.APPROVAL_DECISION_UNSPECIFIED
+    ):
+        raise InvalidArgument(f"decision must be approve, reject or edit, got {decision}")
+    if decision == common_pb2.APPROVAL_DECISION_EDIT:
+        if not edited_input_json:
+            raise InvalidArgument("an edit decision needs edited_input_json")
+        _json_object(edited_input_json, "edited_input_json")
+    elif edited_input_json:
+        raise InvalidArgument("edited_input_json is only taken with an edit decision")
+
+
+def check_pending(approval: common_pb2.Approval) -> None:
+    """``FailedPrecondition`` when the approval has already been resolved."""
+    if approval.decision != common_pb2.APPROVAL_DECISION_UNSPECIFIED:
+        decision = common_pb2.ApprovalDecision.Name(approval.decision).removeprefix("APPROVAL_DECISION_")
+        raise FailedPrecondition(f"approval {approval.id} was already resolved ({decision.lower()})")
+
+
+# --------------------------------------------------------------- api keys
+
+
+def new_api_key_secret() -> str:
+    """A fresh API key secret; shown once, never stored."""
+    return API_KEY_SECRET_PREFIX + secrets.token_urlsafe(API_KEY_RANDOM_BYTES)
+
+
+def hash_api_key(secret: str) -> str:
+    """The stored form of a secret. A plain SHA-256 suffices: the secret is 192 random bits,
+    so there is nothing to brute-force that a slow hash would protect."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def api_key_prefix(secret: str) -> str:
+    """The first characters of a secret, to tell keys apart in listings."""
+    return secret[:API_KEY_DISPLAY_CHARS]
+
+
 class Store(abc.ABC):
     """The conversation store's operations, scoped by tenant.
 
@@ -424,3 +651,114 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
         """Effective computer and cwd: turn override → conversation → workspace → local."""
+
+    # ---------------------------------------------------------------- reconcile
+
+    @abc.abstractmethod
+    async def reconcile(self, tenant_id: str, conversation_id: str) -> list[common_pb2.Message]:
+        """Append ``synthesize_missing_results`` of the whole history in one transaction
+        (no append may slip in between the read and the write); answer what was appended."""
+
+    # ------------------------------------------------------------------ leases
+
+    @abc.abstractmethod
+    async def claim_lease(
+        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+    ) -> common_pb2.Turn:
+        """Lease the turn to ``owner`` until now + ``ttl`` (``check_lease_claim``)."""
+
+    @abc.abstractmethod
+    async def renew_lease(
+        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+    ) -> common_pb2.Turn:
+        """Extend ``owner``'s unexpired lease to now + ``ttl`` (``check_lease_renewal``)."""
+
+    @abc.abstractmethod
+    async def release_lease(self, tenant_id: str, turn_id: str, owner: str) -> common_pb2.Turn:
+        """Clear ``owner``'s lease (``check_lease_release``)."""
+
+    @abc.abstractmethod
+    async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
+        """Turns of every tenant that have not ended and whose lease expired, earliest
+        expiry first, at most ``limit`` (0 = all). Administrative: not tenant-scoped."""
+
+    # ----------------------------------------------------------------- metrics
+
+    @abc.abstractmethod
+    async def record_turn_metrics(self, tenant_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        """Insert or replace the turn's metrics (``check_turn_metrics``); the turn must
+        exist, in ``metrics.conversation_id`` when that is set."""
+
+    @abc.abstractmethod
+    async def record_step_metrics(
+        self, tenant_id: str, conversation_id: str, metrics: common_pb2.StepMetrics
+    ) -> None:
+        """Insert or replace one step's metrics (``normalized_step_metrics``); the turn
+        must belong to the conversation."""
+
+    @abc.abstractmethod
+    async def get_metrics(
+        self, tenant_id: str, conversation_id: str, turn_id: str = ""
+    ) -> list[common_pb2.TurnMetrics]:
+        """Metrics of the conversation's turns (or one turn), oldest turn first, each with
+        its step metrics by step index. A turn with step metrics but no turn metrics yet
+        is answered with only its ids and steps."""
+
+    # ------------------------------------------------------------------- queue
+
+    @abc.abstractmethod
+    async def enqueue(
+        self, tenant_id: str, conversation_id: str, message: common_pb2.Message, idempotency_key: str = ""
+    ) -> store_pb2.QueuedMessage:
+        """Queue a message (``check_queued_message``) under the next id of the store. A non-empty
+        ``idempotency_key`` the conversation already used answers that item instead, drained or not."""
+
+    @abc.abstractmethod
+    async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:
+        """Every queued message in enqueue order, taken off the queue in the same transaction."""
+
+    # --------------------------------------------------------------- approvals
+
+    @abc.abstractmethod
+    async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
+        """Store a pending approval (``check_new_approval``) under a new ``apr_`` id, stamped
+        ``created_at``; its turn must belong to its conversation."""
+
+    @abc.abstractmethod
+    async def resolve_approval(
+        self,
+        tenant_id: str,
+        approval_id: str,
+        decision: ApprovalDecision,
+        *,
+        edited_input_json: str = "",
+        reason: str = "",
+    ) -> common_pb2.Approval:
+        """Record the decision (``check_resolution``) on a pending approval (``check_pending``),
+        stamped ``resolved_at``."""
+
+    @abc.abstractmethod
+    async def list_approvals(
+        self, tenant_id: str, conversation_id: str, *, pending_only: bool = False
+    ) -> list[common_pb2.Approval]:
+        """The conversation's approvals, oldest first; only the pending ones when asked."""
+
+    # ---------------------------------------------------------------- api keys
+
+    @abc.abstractmethod
+    async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
+        """A new key for the tenant and its secret (``new_api_key_secret``); only
+        ``hash_api_key`` of the secret is stored."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, tenant_id: str = "") -> list[store_pb2.ApiKey]:
+        """The tenant's keys, oldest first, revoked ones included; every tenant's when empty."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str) -> store_pb2.ApiKey:
+        """Revoke a key for good (again is a no-op); ``NotFound`` for an unknown id."""
+
+    @abc.abstractmethod
+    async def authenticate(self, secret: str) -> store_pb2.ApiKey:
+        """The live key whose hash matches ``secret``; ``NotFound("unknown or revoked API key")``
+        otherwise. The secret never appears in an error or a log."""

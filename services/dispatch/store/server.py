@@ -7,6 +7,8 @@ import grpc
 from dispatch.shared.config import ConfigError, StoreConfig
 from dispatch.shared.server import Hosted, Service, start_server
 from dispatch.store.backend import Store
+from dispatch.store.postgres import SCHEMES as POSTGRES_SCHEMES
+from dispatch.store.postgres import PostgresStore
 from dispatch.store.service import StoreServicer
 from dispatch.store.sqlite import SQLiteStore
 from dispatch.v1 import store_pb2_grpc
@@ -15,13 +17,18 @@ SERVICE_NAME = "dispatch.v1.ConversationStore"
 
 
 async def open_store(database_url: str, *, default_workspace_root: str) -> Store:
-    """Open the backend ``database_url`` names; only ``sqlite://`` exists so far."""
-    usage = "use sqlite:///relative/path or sqlite:////absolute/path"
+    """Open the backend ``database_url`` names: ``sqlite://`` or ``postgresql://`` (``postgres://``)."""
+    usage = (
+        "use sqlite:///relative/path, sqlite:////absolute/path"
+        " or postgresql://user:password@host:port/database"
+    )
     scheme, sep, _ = database_url.partition("://")
     if not sep:
         raise ConfigError(f"config key store.database_url must be a URL, got {database_url!r}; {usage}")
     if scheme == "sqlite":
         return await SQLiteStore.open(database_url, default_workspace_root=default_workspace_root)
+    if scheme in POSTGRES_SCHEMES:
+        return await PostgresStore.open(database_url, default_workspace_root=default_workspace_root)
     # Only the scheme is echoed: the rest of a database URL may carry a password.
     raise ConfigError(f"config key store.database_url: {scheme}:// databases are not supported yet; {usage}")
 
@@ -29,13 +36,18 @@ async def open_store(database_url: str, *, default_workspace_root: str) -> Store
 async def start(cfg: StoreConfig) -> Hosted:
     """Serve the store on ``cfg.listen``; ``Hosted.stop`` also closes the database."""
     store = await open_store(cfg.database_url, default_workspace_root=cfg.default_workspace_root)
+    return await serve(store, cfg.listen)
+
+
+async def serve(store: Store, listen: str) -> Hosted:
+    """Serve an open backend on ``listen``; ``Hosted.stop`` closes it (and so does a failed start)."""
     servicer = StoreServicer(store)
 
     def register(server: grpc.aio.Server) -> None:
         store_pb2_grpc.add_ConversationStoreServicer_to_server(servicer, server)
 
     try:
-        hosted = await start_server([Service(name=SERVICE_NAME, register=register)], cfg.listen)
+        hosted = await start_server([Service(name=SERVICE_NAME, register=register)], listen)
     except BaseException:
         await store.close()
         raise

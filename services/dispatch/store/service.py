@@ -7,9 +7,15 @@ backend, so every backend enforces them alike.
 
 from __future__ import annotations
 
-from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, grpc_errors
+import datetime
+
+from google.protobuf import duration_pb2
+
+from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
 from dispatch.shared.ids import is_valid_id
 from dispatch.store.backend import (
+    API_KEY_PREFIX,
+    APPROVAL_PREFIX,
     CONVERSATION_PREFIX,
     TURN_PREFIX,
     WORKSPACE_PREFIX,
@@ -65,8 +71,9 @@ def _required_text(value: str, field: str) -> str:
     return value
 
 
-def _unimplemented(method: str) -> Unimplemented:
-    return Unimplemented(f"ConversationStore.{method} is not implemented yet")
+def _ttl(value: duration_pb2.Duration) -> datetime.timedelta:
+    # Sign and size are the backend's rule (lease_ttl_ns); this only converts.
+    return datetime.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
 
 
 class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
@@ -296,100 +303,172 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             computer_id=where.computer_id, cwd=where.cwd, workspace_root=where.workspace_root
         )
 
-    # ------------------------------------------------- not implemented yet
-    # The generated base class answers UNIMPLEMENTED too, but with "Method not
-    # implemented!" and a server-side traceback; these name the method.
+    # ------------------------------------------------------------- reconcile
 
     @grpc_errors
     async def Reconcile(
         self, request: store_pb2.ReconcileRequest, context: Context
     ) -> store_pb2.ReconcileResponse:
-        raise _unimplemented("Reconcile")
+        appended = await self.store.reconcile(
+            _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        )
+        return store_pb2.ReconcileResponse(appended=appended)
+
+    # ---------------------------------------------------------------- leases
 
     @grpc_errors
     async def ClaimLease(self, request: store_pb2.ClaimLeaseRequest, context: Context) -> common_pb2.Turn:
-        raise _unimplemented("ClaimLease")
+        return await self.store.claim_lease(
+            _tenant(request.tenant_id),
+            _id(request.turn_id, "turn_id", TURN_PREFIX),
+            _required_text(request.owner, "owner"),
+            _ttl(request.ttl),
+        )
 
     @grpc_errors
     async def RenewLease(self, request: store_pb2.RenewLeaseRequest, context: Context) -> common_pb2.Turn:
-        raise _unimplemented("RenewLease")
+        return await self.store.renew_lease(
+            _tenant(request.tenant_id),
+            _id(request.turn_id, "turn_id", TURN_PREFIX),
+            _required_text(request.owner, "owner"),
+            _ttl(request.ttl),
+        )
 
     @grpc_errors
     async def ReleaseLease(self, request: store_pb2.ReleaseLeaseRequest, context: Context) -> common_pb2.Turn:
-        raise _unimplemented("ReleaseLease")
+        return await self.store.release_lease(
+            _tenant(request.tenant_id),
+            _id(request.turn_id, "turn_id", TURN_PREFIX),
+            _required_text(request.owner, "owner"),
+        )
 
     @grpc_errors
     async def ListExpiredLeases(
         self, request: store_pb2.ListExpiredLeasesRequest, context: Context
     ) -> store_pb2.ListTurnsResponse:
-        raise _unimplemented("ListExpiredLeases")
+        turns = await self.store.list_expired_leases(limit=_not_negative(request.limit, "limit"))
+        return store_pb2.ListTurnsResponse(turns=turns)
+
+    # --------------------------------------------------------------- metrics
 
     @grpc_errors
     async def RecordTurnMetrics(
         self, request: store_pb2.RecordTurnMetricsRequest, context: Context
     ) -> store_pb2.RecordTurnMetricsResponse:
-        raise _unimplemented("RecordTurnMetrics")
+        tenant_id = _tenant(request.tenant_id)
+        metrics = request.metrics
+        _id(metrics.turn_id, "metrics.turn_id", TURN_PREFIX)
+        _optional_id(metrics.conversation_id, "metrics.conversation_id", CONVERSATION_PREFIX)
+        _finish_reason(metrics.finish_reason)
+        await self.store.record_turn_metrics(tenant_id, metrics)
+        return store_pb2.RecordTurnMetricsResponse()
 
     @grpc_errors
     async def RecordStepMetrics(
         self, request: store_pb2.RecordStepMetricsRequest, context: Context
     ) -> store_pb2.RecordStepMetricsResponse:
-        raise _unimplemented("RecordStepMetrics")
+        tenant_id = _tenant(request.tenant_id)
+        conversation_id = _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        metrics = request.metrics
+        _id(metrics.turn_id, "metrics.turn_id", TURN_PREFIX)
+        _finish_reason(metrics.finish_reason)
+        await self.store.record_step_metrics(tenant_id, conversation_id, metrics)
+        return store_pb2.RecordStepMetricsResponse()
 
     @grpc_errors
     async def GetMetrics(
         self, request: store_pb2.GetMetricsRequest, context: Context
     ) -> store_pb2.GetMetricsResponse:
-        raise _unimplemented("GetMetrics")
+        turns = await self.store.get_metrics(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            _optional_id(request.turn_id, "turn_id", TURN_PREFIX),
+        )
+        return store_pb2.GetMetricsResponse(turns=turns)
+
+    # ----------------------------------------------------------------- queue
 
     @grpc_errors
     async def Enqueue(self, request: store_pb2.EnqueueRequest, context: Context) -> store_pb2.EnqueueResponse:
-        raise _unimplemented("Enqueue")
+        queued = await self.store.enqueue(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            request.message,
+            request.idempotency_key,
+        )
+        return store_pb2.EnqueueResponse(queued=queued)
 
     @grpc_errors
     async def DrainQueue(
         self, request: store_pb2.DrainQueueRequest, context: Context
     ) -> store_pb2.DrainQueueResponse:
-        raise _unimplemented("DrainQueue")
+        drained = await self.store.drain_queue(
+            _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
+        )
+        return store_pb2.DrainQueueResponse(messages=drained)
+
+    # ------------------------------------------------------------- approvals
 
     @grpc_errors
     async def CreateApproval(
         self, request: store_pb2.CreateApprovalRequest, context: Context
     ) -> common_pb2.Approval:
-        raise _unimplemented("CreateApproval")
+        tenant_id = _tenant(request.tenant_id)
+        approval = request.approval
+        _id(approval.conversation_id, "approval.conversation_id", CONVERSATION_PREFIX)
+        _id(approval.turn_id, "approval.turn_id", TURN_PREFIX)
+        return await self.store.create_approval(tenant_id, approval)
 
     @grpc_errors
     async def ResolveApproval(
         self, request: store_pb2.ResolveApprovalRequest, context: Context
     ) -> common_pb2.Approval:
-        raise _unimplemented("ResolveApproval")
+        return await self.store.resolve_approval(
+            _tenant(request.tenant_id),
+            _id(request.approval_id, "approval_id", APPROVAL_PREFIX),
+            request.decision,
+            edited_input_json=request.edited_input_json,
+            reason=request.reason,
+        )
 
     @grpc_errors
     async def ListApprovals(
         self, request: store_pb2.ListApprovalsRequest, context: Context
     ) -> store_pb2.ListApprovalsResponse:
-        raise _unimplemented("ListApprovals")
+        approvals = await self.store.list_approvals(
+            _tenant(request.tenant_id),
+            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            pending_only=request.pending_only,
+        )
+        return store_pb2.ListApprovalsResponse(approvals=approvals)
+
+    # -------------------------------------------------------------- api keys
+    # Administrative, except Authenticate, which the transport calls per client.
 
     @grpc_errors
     async def CreateApiKey(
         self, request: store_pb2.CreateApiKeyRequest, context: Context
     ) -> store_pb2.CreateApiKeyResponse:
-        raise _unimplemented("CreateApiKey")
+        key, secret = await self.store.create_api_key(_tenant(request.tenant_id), request.name)
+        return store_pb2.CreateApiKeyResponse(key=key, secret=secret)
 
     @grpc_errors
     async def ListApiKeys(
         self, request: store_pb2.ListApiKeysRequest, context: Context
     ) -> store_pb2.ListApiKeysResponse:
-        raise _unimplemented("ListApiKeys")
+        return store_pb2.ListApiKeysResponse(keys=await self.store.list_api_keys(request.tenant_id))
 
     @grpc_errors
     async def RevokeApiKey(
         self, request: store_pb2.RevokeApiKeyRequest, context: Context
     ) -> store_pb2.RevokeApiKeyResponse:
-        raise _unimplemented("RevokeApiKey")
+        key = await self.store.revoke_api_key(_id(request.key_id, "key_id", API_KEY_PREFIX))
+        return store_pb2.RevokeApiKeyResponse(key=key)
 
     @grpc_errors
     async def Authenticate(
         self, request: store_pb2.AuthenticateRequest, context: Context
     ) -> store_pb2.AuthenticateResponse:
-        raise _unimplemented("Authenticate")
+        # The secret is never echoed: not in an error, not in a log.
+        key = await self.store.authenticate(_required_text(request.secret, "secret"))
+        return store_pb2.AuthenticateResponse(tenant_id=key.tenant_id, key_id=key.id)

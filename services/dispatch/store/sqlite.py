@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import sqlite3
 import time
@@ -23,6 +24,8 @@ from dispatch.shared.config import ConfigError
 from dispatch.shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
+    API_KEY_PREFIX,
+    APPROVAL_PREFIX,
     CONVERSATION_PREFIX,
     DEFAULT_WORKSPACE_NAME,
     MAX_APPEND_BYTES,
@@ -30,6 +33,7 @@ from dispatch.store.backend import (
     TURN_PREFIX,
     WORKSPACE_PREFIX,
     Appended,
+    ApprovalDecision,
     EventHistory,
     Execution,
     FinishReason,
@@ -37,15 +41,29 @@ from dispatch.store.backend import (
     Page,
     Store,
     TurnState,
+    api_key_prefix,
     check_event_seqs,
+    check_lease_claim,
+    check_lease_release,
+    check_lease_renewal,
+    check_new_approval,
+    check_pending,
+    check_queued_message,
+    check_resolution,
     check_transition,
+    check_turn_metrics,
     decode_cursor,
     effective_page_size,
     encode_cursor,
+    hash_api_key,
     initial_state,
+    lease_ttl_ns,
+    new_api_key_secret,
+    normalized_step_metrics,
+    synthesize_missing_results,
     validate_append,
 )
-from dispatch.v1 import common_pb2
+from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +151,61 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "WHERE idempotency_key != ''",
         ),
     ),
+    (
+        2,
+        (
+            # Leases, metrics, the message queue, approvals and API keys.
+            "CREATE INDEX turns_by_lease_expiry ON turns (lease_expires_at) WHERE lease_owner != ''",
+            # body is the TurnMetrics without step_metrics, which live in step_metrics.
+            """CREATE TABLE turn_metrics (
+                turn_id TEXT PRIMARY KEY REFERENCES turns (id) ON DELETE CASCADE,
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                body BLOB NOT NULL
+            )""",
+            "CREATE INDEX turn_metrics_by_conversation ON turn_metrics (conversation_id)",
+            """CREATE TABLE step_metrics (
+                turn_id TEXT NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+                step_index INTEGER NOT NULL,
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                body BLOB NOT NULL,
+                PRIMARY KEY (turn_id, step_index)
+            )""",
+            "CREATE INDEX step_metrics_by_conversation ON step_metrics (conversation_id)",
+            # AUTOINCREMENT: an id is never handed out twice, even after the queue drains.
+            # A drained row stays (drained_at set) so its idempotency key keeps answering it.
+            """CREATE TABLE queue (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                idempotency_key TEXT NOT NULL DEFAULT '',
+                body BLOB NOT NULL,
+                created_at INTEGER NOT NULL,
+                drained_at INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX queue_pending ON queue (conversation_id, id) WHERE drained_at = 0",
+            "CREATE UNIQUE INDEX queue_idempotency ON queue (conversation_id, idempotency_key) "
+            "WHERE idempotency_key != ''",
+            # body is the whole Approval as it stands; decision is copied out for filtering.
+            """CREATE TABLE approvals (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL,
+                conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+                decision INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                body BLOB NOT NULL
+            )""",
+            "CREATE INDEX approvals_by_conversation ON approvals (conversation_id, created_at, id)",
+            """CREATE TABLE api_keys (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL,
+                name TEXT NOT NULL DEFAULT '',
+                prefix TEXT NOT NULL,
+                secret_sha256 TEXT NOT NULL UNIQUE,
+                revoked_at INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL
+            )""",
+            "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at, id)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -214,6 +287,25 @@ def _turn(row: sqlite3.Row) -> common_pb2.Turn:
     return turn
 
 
+def _api_key(row: sqlite3.Row) -> store_pb2.ApiKey:
+    return store_pb2.ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        revoked=bool(row["revoked_at"]),
+    )
+
+
+def _queued(row: sqlite3.Row) -> store_pb2.QueuedMessage:
+    return store_pb2.QueuedMessage(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        message=common_pb2.Message.FromString(row["body"]),
+        idempotency_key=row["idempotency_key"],
+    )
+
+
 def _page(rows: list[sqlite3.Row], size: int, convert: Callable[[sqlite3.Row], T]) -> Page[T]:
     # The query fetched one row more than the page holds, only to learn whether another page exists.
     more = len(rows) > size
@@ -235,9 +327,19 @@ class SQLiteStore(Store):
     """
 
     def __init__(
-        self, path: str, *, default_workspace_root: str, max_append_bytes: int = MAX_APPEND_BYTES
+        self,
+        path: str,
+        *,
+        default_workspace_root: str,
+        max_append_bytes: int = MAX_APPEND_BYTES,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.path = path
+        # Seconds since the epoch, like time.time; tests pass a clock they advance
+        # instead of sleeping until a lease expires.
+        self._clock_ns: Callable[[], int] = (
+            time.time_ns if clock is None else lambda: round(clock() * 1_000_000_000)
+        )
         self.default_workspace_root = default_workspace_root
         self.max_append_bytes = max_append_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatch-store-sqlite")
@@ -247,11 +349,22 @@ class SQLiteStore(Store):
 
     @classmethod
     async def open(
-        cls, url: str, *, default_workspace_root: str = ".", max_append_bytes: int = MAX_APPEND_BYTES
+        cls,
+        url: str,
+        *,
+        default_workspace_root: str = ".",
+        max_append_bytes: int = MAX_APPEND_BYTES,
+        clock: Callable[[], float] | None = None,
     ) -> SQLiteStore:
-        """Open (creating the file and its directory if needed) and migrate the database at ``url``."""
+        """Open (creating the file and its directory if needed) and migrate the database at ``url``.
+
+        ``clock`` (seconds since the epoch; default ``time.time``) stamps rows and times leases.
+        """
         store = cls(
-            sqlite_path(url), default_workspace_root=default_workspace_root, max_append_bytes=max_append_bytes
+            sqlite_path(url),
+            default_workspace_root=default_workspace_root,
+            max_append_bytes=max_append_bytes,
+            clock=clock,
         )
         try:
             await store._call(store._connect)
@@ -311,7 +424,7 @@ class SQLiteStore(Store):
     def _now_ns(self) -> int:
         # Strictly increasing within the process (only the worker thread calls it),
         # so rows created back to back sort by creation and page cursors never tie.
-        now = max(time.time_ns(), self._last_ns + 1)
+        now = max(self._clock_ns(), self._last_ns + 1)
         self._last_ns = now
         return now
 
@@ -614,7 +727,15 @@ class SQLiteStore(Store):
                 self._conversation_row(conn, tenant_id, conversation_id)
                 # Explicit rather than left to ON DELETE CASCADE, which only acts
                 # when foreign_keys is on for the connection doing the delete.
-                for table in ("messages", "events", "turns"):
+                for table in (
+                    "messages",
+                    "events",
+                    "step_metrics",
+                    "turn_metrics",
+                    "queue",
+                    "approvals",
+                    "turns",
+                ):
                     conn.execute(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation_id,))
                 conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
@@ -636,24 +757,8 @@ class SQLiteStore(Store):
                 conv = self._conversation_row(conn, tenant_id, conversation_id)
                 check_event_seqs(events, conv["last_event_seq"])
                 now = self._now_ns()
-                stored: list[common_pb2.Message] = []
-                seq = int(conv["last_seq"])
-                for msg in messages:
-                    seq += 1
-                    copy = common_pb2.Message()
-                    copy.CopyFrom(msg)
-                    copy.conversation_id = conversation_id
-                    copy.seq = seq
-                    copy.created_at.FromNanoseconds(now)
-                    stored.append(copy)
-                conn.executemany(
-                    "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (conversation_id, m.seq, m.role, m.turn_id, m.step_index, now, m.SerializeToString())
-                        for m in stored
-                    ],
-                )
+                stored = self._insert_messages(conn, conversation_id, int(conv["last_seq"]), messages, now)
+                seq = stored[-1].seq if stored else int(conv["last_seq"])
                 rows = []
                 for event in events:
                     copy_event = common_pb2.AgentEvent()
@@ -680,6 +785,35 @@ class SQLiteStore(Store):
             )
 
         return await self._call(run)
+
+    @staticmethod
+    def _insert_messages(
+        conn: sqlite3.Connection,
+        conversation_id: str,
+        last_seq: int,
+        messages: Sequence[common_pb2.Message],
+        now: int,
+    ) -> list[common_pb2.Message]:
+        # The caller updates conversations.last_seq in the same transaction.
+        stored: list[common_pb2.Message] = []
+        seq = last_seq
+        for msg in messages:
+            seq += 1
+            copy = common_pb2.Message()
+            copy.CopyFrom(msg)
+            copy.conversation_id = conversation_id
+            copy.seq = seq
+            copy.created_at.FromNanoseconds(now)
+            stored.append(copy)
+        conn.executemany(
+            "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (conversation_id, m.seq, m.role, m.turn_id, m.step_index, now, m.SerializeToString())
+                for m in stored
+            ],
+        )
+        return stored
 
     async def load_since(
         self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
@@ -859,5 +993,393 @@ class SQLiteStore(Store):
                 cwd=turn_cwd or conv["cwd"] or ws["root"],
                 workspace_root=ws["root"],
             )
+
+        return await self._call(run)
+
+    # ------------------------------------------------------------- reconcile
+
+    async def reconcile(self, tenant_id: str, conversation_id: str) -> list[common_pb2.Message]:
+        def run() -> list[common_pb2.Message]:
+            # One write transaction from read to insert: an append cannot land in between.
+            with self._tx(write=True) as conn:
+                conv = self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(
+                    "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
+                ).fetchall()
+                missing = synthesize_missing_results([common_pb2.Message.FromString(r["body"]) for r in rows])
+                if not missing:
+                    return []
+                now = self._now_ns()
+                stored = self._insert_messages(conn, conversation_id, int(conv["last_seq"]), missing, now)
+                conn.execute(
+                    "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
+                    (stored[-1].seq, now, conversation_id),
+                )
+            log.info(
+                "reconciled conversation %s: closed %d dangling tool call(s)",
+                conversation_id,
+                sum(len(m.chunks) for m in stored),
+            )
+            return stored
+
+        return await self._call(run)
+
+    # ---------------------------------------------------------------- leases
+
+    async def claim_lease(
+        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+    ) -> common_pb2.Turn:
+        ttl_ns = lease_ttl_ns(ttl)
+
+        def run() -> common_pb2.Turn:
+            with self._tx(write=True) as conn:
+                row = self._turn_row(conn, tenant_id, turn_id)
+                now = self._now_ns()
+                check_lease_claim(
+                    turn_id,
+                    row["state"],
+                    holder=row["lease_owner"],
+                    expires_at_ns=row["lease_expires_at"],
+                    owner=owner,
+                    now_ns=now,
+                )
+                self._update(conn, "turns", turn_id, {"lease_owner": owner, "lease_expires_at": now + ttl_ns})
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    async def renew_lease(
+        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+    ) -> common_pb2.Turn:
+        ttl_ns = lease_ttl_ns(ttl)
+
+        def run() -> common_pb2.Turn:
+            with self._tx(write=True) as conn:
+                row = self._turn_row(conn, tenant_id, turn_id)
+                now = self._now_ns()
+                check_lease_renewal(
+                    turn_id,
+                    holder=row["lease_owner"],
+                    expires_at_ns=row["lease_expires_at"],
+                    owner=owner,
+                    now_ns=now,
+                )
+                self._update(conn, "turns", turn_id, {"lease_expires_at": now + ttl_ns})
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    async def release_lease(self, tenant_id: str, turn_id: str, owner: str) -> common_pb2.Turn:
+        def run() -> common_pb2.Turn:
+            with self._tx(write=True) as conn:
+                row = self._turn_row(conn, tenant_id, turn_id)
+                check_lease_release(
+                    turn_id,
+                    holder=row["lease_owner"],
+                    expires_at_ns=row["lease_expires_at"],
+                    owner=owner,
+                    now_ns=self._now_ns(),
+                )
+                if row["lease_owner"] == owner:
+                    self._update(conn, "turns", turn_id, {"lease_owner": "", "lease_expires_at": 0})
+                return _turn(self._turn_row(conn, tenant_id, turn_id))
+
+        return await self._call(run)
+
+    async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
+        ended = sorted(TERMINAL_STATES)
+
+        def run() -> list[common_pb2.Turn]:
+            with self._tx(write=False) as conn:
+                rows = conn.execute(
+                    "SELECT * FROM turns WHERE lease_owner != '' AND lease_expires_at <= ?"
+                    f" AND state NOT IN ({', '.join('?' for _ in ended)})"
+                    " ORDER BY lease_expires_at, id LIMIT ?",
+                    (self._now_ns(), *ended, _sql_limit(limit)),
+                ).fetchall()
+            return [_turn(r) for r in rows]
+
+        return await self._call(run)
+
+    # --------------------------------------------------------------- metrics
+
+    def _turn_in_conversation(
+        self, conn: sqlite3.Connection, tenant_id: str, conversation_id: str, turn_id: str
+    ) -> sqlite3.Row:
+        self._conversation_row(conn, tenant_id, conversation_id)
+        row = self._turn_row(conn, tenant_id, turn_id)
+        if row["conversation_id"] != conversation_id:
+            raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
+        return row
+
+    async def record_turn_metrics(self, tenant_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        check_turn_metrics(metrics)
+
+        def run() -> None:
+            with self._tx(write=True) as conn:
+                if metrics.conversation_id:
+                    turn = self._turn_in_conversation(
+                        conn, tenant_id, metrics.conversation_id, metrics.turn_id
+                    )
+                else:
+                    turn = self._turn_row(conn, tenant_id, metrics.turn_id)
+                stored = common_pb2.TurnMetrics()
+                stored.CopyFrom(metrics)
+                stored.conversation_id = turn["conversation_id"]
+                conn.execute(
+                    "INSERT INTO turn_metrics (turn_id, conversation_id, body) VALUES (?, ?, ?)"
+                    " ON CONFLICT (turn_id) DO UPDATE SET body = excluded.body",
+                    (metrics.turn_id, turn["conversation_id"], stored.SerializeToString()),
+                )
+
+        await self._call(run)
+
+    async def record_step_metrics(
+        self, tenant_id: str, conversation_id: str, metrics: common_pb2.StepMetrics
+    ) -> None:
+        stored = normalized_step_metrics(metrics)
+
+        def run() -> None:
+            with self._tx(write=True) as conn:
+                self._turn_in_conversation(conn, tenant_id, conversation_id, stored.turn_id)
+                conn.execute(
+                    "INSERT INTO step_metrics (turn_id, step_index, conversation_id, body)"
+                    " VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (turn_id, step_index) DO UPDATE SET body = excluded.body",
+                    (stored.turn_id, stored.step_index, conversation_id, stored.SerializeToString()),
+                )
+
+        await self._call(run)
+
+    async def get_metrics(
+        self, tenant_id: str, conversation_id: str, turn_id: str = ""
+    ) -> list[common_pb2.TurnMetrics]:
+        def run() -> list[common_pb2.TurnMetrics]:
+            with self._tx(write=False) as conn:
+                if turn_id:
+                    self._turn_in_conversation(conn, tenant_id, conversation_id, turn_id)
+                else:
+                    self._conversation_row(conn, tenant_id, conversation_id)
+                where = "t.conversation_id = ?" + (" AND t.id = ?" if turn_id else "")
+                args = (conversation_id, turn_id) if turn_id else (conversation_id,)
+                turns = conn.execute(
+                    f"SELECT t.id, m.body FROM turns t LEFT JOIN turn_metrics m ON m.turn_id = t.id"
+                    f" WHERE {where} ORDER BY t.created_at, t.id",
+                    args,
+                ).fetchall()
+                steps = conn.execute(
+                    "SELECT s.turn_id, s.body FROM step_metrics s JOIN turns t ON t.id = s.turn_id"
+                    f" WHERE {where} ORDER BY s.turn_id, s.step_index",
+                    args,
+                ).fetchall()
+            by_turn: dict[str, list[common_pb2.StepMetrics]] = {}
+            for row in steps:
+                by_turn.setdefault(row["turn_id"], []).append(common_pb2.StepMetrics.FromString(row["body"]))
+            answer = []
+            for row in turns:
+                if row["body"] is None and row["id"] not in by_turn:
+                    continue  # a turn nothing was recorded for
+                if row["body"] is None:
+                    metrics = common_pb2.TurnMetrics(turn_id=row["id"], conversation_id=conversation_id)
+                else:
+                    metrics = common_pb2.TurnMetrics.FromString(row["body"])
+                metrics.step_metrics.extend(by_turn.get(row["id"], []))
+                answer.append(metrics)
+            return answer
+
+        return await self._call(run)
+
+    # ----------------------------------------------------------------- queue
+
+    async def enqueue(
+        self, tenant_id: str, conversation_id: str, message: common_pb2.Message, idempotency_key: str = ""
+    ) -> store_pb2.QueuedMessage:
+        check_queued_message(conversation_id, message)
+
+        def run() -> store_pb2.QueuedMessage:
+            with self._tx(write=True) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                if idempotency_key:
+                    existing = conn.execute(
+                        "SELECT * FROM queue WHERE conversation_id = ? AND idempotency_key = ?",
+                        (conversation_id, idempotency_key),
+                    ).fetchone()
+                    if existing is not None:
+                        return _queued(existing)
+                now = self._now_ns()
+                stored = common_pb2.Message()
+                stored.CopyFrom(message)
+                stored.conversation_id = conversation_id
+                stored.seq = 0  # a queued message has no place in history yet
+                cursor = conn.execute(
+                    "INSERT INTO queue (conversation_id, idempotency_key, body, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (conversation_id, idempotency_key, stored.SerializeToString(), now),
+                )
+                return store_pb2.QueuedMessage(
+                    id=int(cursor.lastrowid or 0),
+                    conversation_id=conversation_id,
+                    message=stored,
+                    idempotency_key=idempotency_key,
+                )
+
+        return await self._call(run)
+
+    async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:
+        def run() -> list[store_pb2.QueuedMessage]:
+            with self._tx(write=True) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(
+                    "SELECT * FROM queue WHERE conversation_id = ? AND drained_at = 0 ORDER BY id",
+                    (conversation_id,),
+                ).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE queue SET drained_at = ? WHERE conversation_id = ? AND drained_at = 0",
+                        (self._now_ns(), conversation_id),
+                    )
+            return [_queued(r) for r in rows]
+
+        return await self._call(run)
+
+    # ------------------------------------------------------------- approvals
+
+    def _approval_row(self, conn: sqlite3.Connection, tenant_id: str, approval_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM approvals WHERE id = ? AND tenant_id = ?", (approval_id, tenant_id)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"approval {approval_id} not found")
+        return row
+
+    async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
+        check_new_approval(approval)
+
+        def run() -> common_pb2.Approval:
+            with self._tx(write=True) as conn:
+                self._turn_in_conversation(conn, tenant_id, approval.conversation_id, approval.turn_id)
+                now = self._now_ns()
+                stored = common_pb2.Approval()
+                stored.CopyFrom(approval)
+                stored.id = new_id(APPROVAL_PREFIX)
+                stored.ClearField("resolved_at")
+                stored.edited_input_json = ""
+                stored.reason = ""
+                stored.created_at.FromNanoseconds(now)
+                conn.execute(
+                    "INSERT INTO approvals (id, tenant_id, conversation_id, decision, created_at, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.id,
+                        tenant_id,
+                        stored.conversation_id,
+                        stored.decision,
+                        now,
+                        stored.SerializeToString(),
+                    ),
+                )
+                return stored
+
+        return await self._call(run)
+
+    async def resolve_approval(
+        self,
+        tenant_id: str,
+        approval_id: str,
+        decision: ApprovalDecision,
+        *,
+        edited_input_json: str = "",
+        reason: str = "",
+    ) -> common_pb2.Approval:
+        check_resolution(decision, edited_input_json)
+
+        def run() -> common_pb2.Approval:
+            with self._tx(write=True) as conn:
+                approval = common_pb2.Approval.FromString(
+                    self._approval_row(conn, tenant_id, approval_id)["body"]
+                )
+                check_pending(approval)
+                approval.decision = decision
+                approval.edited_input_json = edited_input_json
+                approval.reason = reason
+                approval.resolved_at.FromNanoseconds(self._now_ns())
+                conn.execute(
+                    "UPDATE approvals SET decision = ?, body = ? WHERE id = ?",
+                    (decision, approval.SerializeToString(), approval_id),
+                )
+                return approval
+
+        return await self._call(run)
+
+    async def list_approvals(
+        self, tenant_id: str, conversation_id: str, *, pending_only: bool = False
+    ) -> list[common_pb2.Approval]:
+        def run() -> list[common_pb2.Approval]:
+            sql = "SELECT body FROM approvals WHERE conversation_id = ?"
+            if pending_only:
+                sql += " AND decision = 0"
+            with self._tx(write=False) as conn:
+                self._conversation_row(conn, tenant_id, conversation_id)
+                rows = conn.execute(sql + " ORDER BY created_at, id", (conversation_id,)).fetchall()
+            return [common_pb2.Approval.FromString(r["body"]) for r in rows]
+
+        return await self._call(run)
+
+    # -------------------------------------------------------------- api keys
+
+    async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
+        secret = new_api_key_secret()
+
+        def run() -> store_pb2.ApiKey:
+            with self._tx(write=True) as conn:
+                key_id = new_id(API_KEY_PREFIX)
+                conn.execute(
+                    "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (key_id, tenant_id, name, api_key_prefix(secret), hash_api_key(secret), self._now_ns()),
+                )
+                row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            return _api_key(row)
+
+        return await self._call(run), secret
+
+    async def list_api_keys(self, tenant_id: str = "") -> list[store_pb2.ApiKey]:
+        def run() -> list[store_pb2.ApiKey]:
+            sql = "SELECT * FROM api_keys"
+            args: tuple[str, ...] = ()
+            if tenant_id:
+                sql += " WHERE tenant_id = ?"
+                args = (tenant_id,)
+            with self._tx(write=False) as conn:
+                rows = conn.execute(sql + " ORDER BY created_at, id", args).fetchall()
+            return [_api_key(r) for r in rows]
+
+        return await self._call(run)
+
+    async def revoke_api_key(self, key_id: str) -> store_pb2.ApiKey:
+        def run() -> store_pb2.ApiKey:
+            with self._tx(write=True) as conn:
+                conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at = 0",
+                    (self._now_ns(), key_id),
+                )
+                row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"API key {key_id} not found")
+            return _api_key(row)
+
+        return await self._call(run)
+
+    async def authenticate(self, secret: str) -> store_pb2.ApiKey:
+        digest = hash_api_key(secret)
+
+        def run() -> store_pb2.ApiKey:
+            with self._tx(write=False) as conn:
+                row = conn.execute(
+                    "SELECT * FROM api_keys WHERE secret_sha256 = ? AND revoked_at = 0", (digest,)
+                ).fetchone()
+            if row is None:
+                raise NotFound("unknown or revoked API key")
+            return _api_key(row)
 
         return await self._call(run)
