@@ -1,10 +1,31 @@
-"""``python -m bench``: run every benchmark (today: the tool-dispatch scheduler)."""
+"""``python -m bench [dispatcher|store] [options]``: run one benchmark, or every one.
+
+Without a name, every benchmark runs with its defaults (options, as before, go
+to the tool-dispatch scheduler benchmark alone).
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 
-from bench import dispatcher
+from bench import dispatcher, store
+
+BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
+    "dispatcher": dispatcher.main,
+    "store": store.main,
+}
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in BENCHMARKS:
+        return BENCHMARKS[argv[0]](argv[1:])
+    status = dispatcher.main(argv)
+    if status == 0 and not argv:
+        print()
+        status = store.main(())
+    return status
+
 
 if __name__ == "__main__":
-    sys.exit(dispatcher.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
