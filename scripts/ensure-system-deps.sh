@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# System packages the test suite needs and pip cannot provide: a real
-# PostgreSQL server (Debian's package) for the store's conformance suite.
-# Idempotent: installs only what is missing.
+# System packages the test suite needs and pip cannot provide, from Debian:
+# a real PostgreSQL server (the store's conformance suite) and a real OpenSSH
+# server and client (the exec service's SSH backend). Idempotent: installs
+# only what is missing.
 set -euo pipefail
 
-if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" -eq 0 ]; then
@@ -12,9 +18,9 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1; then
   as_root=(sudo)
 else
-  echo "PostgreSQL is missing and this user cannot install it: apt-get install postgresql" >&2
+  echo "missing system packages and no way to install them: apt-get install ${missing[*]}" >&2
   exit 1
 fi
-echo "installing PostgreSQL (Debian package) for the test suite ..."
+echo "installing system packages for the test suite: ${missing[*]} ..."
 "${as_root[@]}" apt-get update -q
-DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -q --no-install-recommends postgresql
+DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"

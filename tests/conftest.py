@@ -10,6 +10,7 @@ import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.postgres import PostgresServer
+from tests.sshd import SshServer
 
 
 @pytest.fixture
@@ -38,3 +39,13 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     """The URL of a fresh, empty database on the session's server."""
     with postgres_server.database() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[SshServer]:
+    """A real OpenSSH server on loopback, reachable as the Host alias in ``sshd.config``."""
+    server = SshServer(Path(tempfile.mkdtemp(prefix="dispatch-sshd-"))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
