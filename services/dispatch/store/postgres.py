@@ -17,7 +17,6 @@ import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, pq
@@ -57,7 +56,6 @@ from dispatch.store.backend import (
     check_turn_metrics,
     decode_cursor,
     effective_page_size,
-    encode_cursor,
     hash_api_key,
     initial_state,
     lease_ttl_ns,
@@ -66,11 +64,27 @@ from dispatch.store.backend import (
     synthesize_missing_results,
     validate_append,
 )
+from dispatch.store.rows import (
+    api_key_from_row as _api_key,
+)
+from dispatch.store.rows import (
+    conversation_from_row as _conversation,
+)
+from dispatch.store.rows import (
+    page_from_rows as _page,
+)
+from dispatch.store.rows import (
+    queued_from_row as _queued,
+)
+from dispatch.store.rows import (
+    turn_from_row as _turn,
+)
+from dispatch.store.rows import (
+    workspace_from_row as _workspace,
+)
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SCHEMES = ("postgresql", "postgres")
 
@@ -262,90 +276,6 @@ def check_url(url: str) -> None:
             f"config key store.database_url: {redacted(url)!r} is not a valid PostgreSQL URL: "
             f"{_scrub(str(exc), url)}"
         ) from None
-
-
-def _set_ts(field: Any, ns: int) -> None:
-    # 0 is how the tables spell "not yet", which the proto spells as an unset field.
-    if ns:
-        field.FromNanoseconds(ns)
-
-
-def _workspace(row: DictRow) -> common_pb2.Workspace:
-    ws = common_pb2.Workspace(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        name=row["name"],
-        root=row["root"],
-        default_computer_id=row["default_computer_id"],
-        default_agent=row["default_agent"],
-    )
-    _set_ts(ws.created_at, row["created_at"])
-    return ws
-
-
-def _conversation(row: DictRow) -> common_pb2.Conversation:
-    conv = common_pb2.Conversation(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        workspace_id=row["workspace_id"],
-        title=row["title"],
-        cwd=row["cwd"],
-        computer_id=row["computer_id"],
-        agent=row["agent"],
-        last_seq=row["last_seq"],
-        last_event_seq=row["last_event_seq"],
-    )
-    _set_ts(conv.created_at, row["created_at"])
-    _set_ts(conv.updated_at, row["updated_at"])
-    return conv
-
-
-def _turn(row: DictRow) -> common_pb2.Turn:
-    turn = common_pb2.Turn(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        state=row["state"],
-        idempotency_key=row["idempotency_key"],
-        lease_owner=row["lease_owner"],
-        finish_reason=row["finish_reason"],
-        error_message=row["error_message"],
-        computer_id=row["computer_id"],
-        cwd=row["cwd"],
-        agent=row["agent"],
-        user_message_seq=row["user_message_seq"],
-    )
-    _set_ts(turn.lease_expires_at, row["lease_expires_at"])
-    _set_ts(turn.created_at, row["created_at"])
-    _set_ts(turn.started_at, row["started_at"])
-    _set_ts(turn.ended_at, row["ended_at"])
-    return turn
-
-
-def _api_key(row: DictRow) -> store_pb2.ApiKey:
-    return store_pb2.ApiKey(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        name=row["name"],
-        prefix=row["prefix"],
-        revoked=bool(row["revoked_at"]),
-    )
-
-
-def _queued(row: DictRow) -> store_pb2.QueuedMessage:
-    return store_pb2.QueuedMessage(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        message=common_pb2.Message.FromString(row["body"]),
-        idempotency_key=row["idempotency_key"],
-    )
-
-
-def _page(rows: list[DictRow], size: int, convert: Callable[[DictRow], T]) -> Page[T]:
-    # The query fetched one row more than the page holds, only to learn whether another page exists.
-    more = len(rows) > size
-    rows = rows[:size]
-    token = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else ""
-    return Page(items=[convert(r) for r in rows], next_page_token=token)
 
 
 def _sql_limit(limit: int) -> int | None:

@@ -1,0 +1,104 @@
+"""Rows to protobuf records, shared by every SQL backend: their schemas use
+the same column names, so one mapping serves SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from dispatch.store.backend import Page, encode_cursor
+from dispatch.v1 import common_pb2, store_pb2
+
+
+class Row(Protocol):
+    """A result row addressable by column name (sqlite3.Row, psycopg's dict rows)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+T = TypeVar("T")
+R = TypeVar("R", bound=Row)
+
+
+def set_timestamp(field: Any, ns: int) -> None:
+    # 0 is how the tables spell "not yet", which the proto spells as an unset field.
+    if ns:
+        field.FromNanoseconds(ns)
+
+
+def workspace_from_row(row: Row) -> common_pb2.Workspace:
+    ws = common_pb2.Workspace(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        root=row["root"],
+        default_computer_id=row["default_computer_id"],
+        default_agent=row["default_agent"],
+    )
+    set_timestamp(ws.created_at, row["created_at"])
+    return ws
+
+
+def conversation_from_row(row: Row) -> common_pb2.Conversation:
+    conv = common_pb2.Conversation(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        workspace_id=row["workspace_id"],
+        title=row["title"],
+        cwd=row["cwd"],
+        computer_id=row["computer_id"],
+        agent=row["agent"],
+        last_seq=row["last_seq"],
+        last_event_seq=row["last_event_seq"],
+    )
+    set_timestamp(conv.created_at, row["created_at"])
+    set_timestamp(conv.updated_at, row["updated_at"])
+    return conv
+
+
+def turn_from_row(row: Row) -> common_pb2.Turn:
+    turn = common_pb2.Turn(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        state=row["state"],
+        idempotency_key=row["idempotency_key"],
+        lease_owner=row["lease_owner"],
+        finish_reason=row["finish_reason"],
+        error_message=row["error_message"],
+        computer_id=row["computer_id"],
+        cwd=row["cwd"],
+        agent=row["agent"],
+        user_message_seq=row["user_message_seq"],
+    )
+    set_timestamp(turn.lease_expires_at, row["lease_expires_at"])
+    set_timestamp(turn.created_at, row["created_at"])
+    set_timestamp(turn.started_at, row["started_at"])
+    set_timestamp(turn.ended_at, row["ended_at"])
+    return turn
+
+
+def api_key_from_row(row: Row) -> store_pb2.ApiKey:
+    return store_pb2.ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        revoked=bool(row["revoked_at"]),
+    )
+
+
+def queued_from_row(row: Row) -> store_pb2.QueuedMessage:
+    return store_pb2.QueuedMessage(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        message=common_pb2.Message.FromString(row["body"]),
+        idempotency_key=row["idempotency_key"],
+    )
+
+
+def page_from_rows(rows: Sequence[R], size: int, convert: Callable[[R], T]) -> Page[T]:
+    # The query fetched one row more than the page holds, only to learn whether another page exists.
+    more = len(rows) > size
+    rows = rows[:size]
+    token = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else ""
+    return Page(items=[convert(r) for r in rows], next_page_token=token)
