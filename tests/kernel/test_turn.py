@@ -146,7 +146,8 @@ async def test_second_turn_sees_the_first_in_its_request_and_continues_event_seq
     [
         (
             {"name": "no_such_tool", "input": {}},
-            "unknown tool 'no_such_tool'; available tools: list_dir, read_file, shell",
+            "unknown tool 'no_such_tool'; available tools: "
+            "edit_file, glob, grep, list_dir, read_file, shell, write_file",
         ),
         ({"name": "read_file", "input": {}}, "invalid input for read_file: 'path' is a required property"),
         (
@@ -357,6 +358,10 @@ async def test_a_turn_through_a_real_openai_compatible_http_server(
     assert [t["function"]["name"] for t in fake_openai.requests[0]["tools"]] == [
         "list_dir",
         "read_file",
+        "write_file",
+        "edit_file",
+        "glob",
+        "grep",
         "shell",
     ]
     list_dir = fake_openai.requests[0]["tools"][0]["function"]

@@ -120,3 +120,20 @@ def test_dispatch_policy_from_the_config_file_and_environment() -> None:
 def test_bad_dispatch_policy_names_the_key(dispatch: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.dispatch_policy({}, {"kernel": {"dispatch": dispatch}})
+
+
+def test_confine_tools_is_off_by_default_and_set_from_file_or_environment(tmp_path: Path) -> None:
+    peers = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "e:1"}
+    assert config.kernel_config({}, peers, {}).confine_tools is False
+    file = tmp_path / "dispatch.toml"
+    file.write_text("[kernel]\nconfine_tools = true\n")
+    assert config.kernel_config({}, peers, config.load_file(str(file))).confine_tools is True
+    assert config.kernel_config({}, {**peers, "DISPATCH_CONFINE_TOOLS": "1"}, {}).confine_tools is True
+    on_in_file = {"kernel": {"confine_tools": True}}
+    assert (
+        config.kernel_config({}, {**peers, "DISPATCH_CONFINE_TOOLS": "0"}, on_in_file).confine_tools is False
+    )
+    with pytest.raises(ConfigError, match=r"kernel\.confine_tools"):
+        config.kernel_config({}, {**peers, "DISPATCH_CONFINE_TOOLS": "maybe"}, {})
+    with pytest.raises(ConfigError, match=r"kernel\.confine_tools"):
+        config.kernel_config({}, peers, {"kernel": {"confine_tools": "sometimes"}})

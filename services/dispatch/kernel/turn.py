@@ -54,6 +54,8 @@ class TurnDeps:
     max_steps: int = 0
     rpc_timeout: float = 30.0
     policy: DispatchPolicy = field(default_factory=DispatchPolicy)
+    # Confine tools to the workspace root (ResolveExecution's workspace_root).
+    confine_tools: bool = False
 
 
 @dataclass
@@ -141,6 +143,7 @@ class TurnRunner:
         # Where tools run; resolved from the store when the turn starts.
         self._computer_id = ""
         self._cwd = ""
+        self._root: str | None = None
         self._call_ids: set[str] = set()
 
     @property
@@ -278,6 +281,14 @@ class TurnRunner:
         except grpc.aio.AioRpcError as exc:
             raise StoreFailed(f"the store failed to load the conversation: {exc.details()}") from exc
         self._computer_id, self._cwd = where.computer_id, where.cwd
+        if self.deps.confine_tools:
+            # Without a root, confinement would silently mean none at all: refuse the turn.
+            if not (where.workspace_root or where.cwd):
+                raise StoreFailed(
+                    "tools are confined to the workspace root (kernel.confine_tools), "
+                    "but the store knows no root or cwd for this conversation"
+                )
+            self._root = where.workspace_root or where.cwd
         return list(resp.messages)
 
     async def _steps(self) -> tuple[common_pb2.FinishReason.ValueType, int, common_pb2.Usage]:
@@ -446,6 +457,7 @@ class TurnRunner:
             cwd=self._cwd,
             rpc_timeout=self.deps.rpc_timeout,
             on_output=on_output,
+            root=self._root,
         )
         return await tool.run(ctx, call.input_json)
 

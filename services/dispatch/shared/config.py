@@ -92,6 +92,9 @@ class KernelConfig:
     # Deadline on every unary call to the store and exec, in seconds.
     rpc_timeout: float = 30.0
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+    # Keep file tools inside the workspace root (and shells' cwd); off: tools
+    # may touch any path the exec service can.
+    confine_tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,17 @@ def _int(value: Any, key: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key} must be an integer, got {value!r}") from None
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"config key {key} must be true or false, got {value!r}")
 
 
 def provider_config(
@@ -261,6 +275,10 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         system_prompt=sec.get("system_prompt", KernelConfig.system_prompt),
         max_steps=_int(
             _pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"
+        ),
+        confine_tools=_bool(
+            _pick(None, env, ("DISPATCH_CONFINE_TOOLS",), sec.get("confine_tools"), False),
+            "kernel.confine_tools",
         ),
     )
     if not cfg.store_address:
