@@ -67,6 +67,8 @@ class SshServer:
                     f"AllowUsers {self.user}",
                     # The exec backend multiplexes many channels on one connection.
                     "MaxSessions 64",
+                    # As a stock sshd does; the backend falls back to running sftp-server itself.
+                    "Subsystem sftp internal-sftp",
                     "MaxStartups 64:30:128",
                     "LogLevel ERROR",
                     "",

@@ -137,3 +137,21 @@ def test_confine_tools_is_off_by_default_and_set_from_file_or_environment(tmp_pa
         config.kernel_config({}, {**peers, "DISPATCH_CONFINE_TOOLS": "maybe"}, {})
     with pytest.raises(ConfigError, match=r"kernel\.confine_tools"):
         config.kernel_config({}, peers, {"kernel": {"confine_tools": "sometimes"}})
+
+
+def test_exec_ssh_config_from_file_env_or_the_home_default(tmp_path: Path) -> None:
+    ssh_dir = tmp_path / ".ssh"
+    ssh_dir.mkdir()
+    (ssh_dir / "config").write_text("Host box\n")
+    other = tmp_path / "other_config"
+    other.write_text("Host other\n")
+    home = {"HOME": str(tmp_path)}
+    assert config.exec_config({}, {}, {}).ssh_config in ("", str(Path.home() / ".ssh" / "config"))
+    assert config.exec_config({}, {"HOME": str(tmp_path / "nowhere")}, {}).ssh_config == ""
+    assert config.exec_config({}, home, {}).ssh_config == str(ssh_dir / "config")
+    file = {"exec": {"ssh_config": str(other)}}
+    assert config.exec_config({}, home, file).ssh_config == str(other)
+    env = {**home, "DISPATCH_SSH_CONFIG": str(other)}
+    assert config.exec_config({}, env, {}).ssh_config == str(other)
+    with pytest.raises(ConfigError, match=r"exec\.ssh_config"):
+        config.exec_config({}, {"DISPATCH_SSH_CONFIG": str(tmp_path / "missing")}, {})

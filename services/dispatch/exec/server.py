@@ -14,7 +14,7 @@ from dispatch.v1 import exec_pb2_grpc
 
 async def start(cfg: ExecConfig) -> Hosted:
     """Start the exec service on ``cfg.listen``; stopping the server kills every running spawn."""
-    computers = Computers(local=LocalBackend(cfg))
+    computers = Computers(local=LocalBackend(cfg), cfg=cfg)
     servicer = ExecServicer(computers)
 
     def register(server: grpc.aio.Server) -> None:

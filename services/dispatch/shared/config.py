@@ -39,6 +39,8 @@ class ExecConfig:
     max_output_bytes: int = 1 << 20
     # ReadFile never returns more than this many bytes in one call.
     max_read_bytes: int = 8 << 20
+    # The ssh_config whose Host aliases are the remote computers; empty: none.
+    ssh_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,21 @@ def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[
             sec.get("max_output_bytes", ExecConfig.max_output_bytes), "exec.max_output_bytes"
         ),
         max_read_bytes=_int(sec.get("max_read_bytes", ExecConfig.max_read_bytes), "exec.max_read_bytes"),
+        ssh_config=_ssh_config(env, sec),
     )
+
+
+def _ssh_config(env: Mapping[str, str], sec: Mapping[str, Any]) -> str:
+    """``[exec] ssh_config`` or ``DISPATCH_SSH_CONFIG``; else ``~/.ssh/config`` if there is one."""
+    chosen = _pick(None, env, ("DISPATCH_SSH_CONFIG",), sec.get("ssh_config"), "")
+    if chosen:
+        path = Path(str(chosen)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config key exec.ssh_config: {str(chosen)!r} is not a file")
+        return str(path)
+    home = env.get("HOME", "")
+    default = Path(home, ".ssh", "config") if home else None
+    return str(default) if default is not None and default.is_file() else ""
 
 
 def dispatch_policy(env: Mapping[str, str], file: Mapping[str, Any]) -> DispatchPolicy:
