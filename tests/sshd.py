@@ -29,10 +29,12 @@ def _keygen(path: Path) -> None:
 class SshServer:
     """One sshd for the test session, reachable as the Host alias ``testbox``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, user: str = ""):
+        """``user``: who logs in (default: the current user). Another user needs sshd to run
+        as root, and must be able to read ``root`` (it is opened to everyone)."""
         self.root = root
         self.port = free_port()
-        self.user = getpass.getuser()
+        self.user = user or getpass.getuser()
         self.host_key = root / "ssh_host_ed25519_key"
         self.user_key = root / "id_ed25519"
         self.config = root / "ssh_config"
@@ -45,6 +47,10 @@ class SshServer:
         _keygen(self.user_key)
         authorized = self.root / "authorized_keys"
         shutil.copy(self.user_key.with_suffix(".pub"), authorized)
+        if self.user != getpass.getuser():
+            # sshd reads authorized_keys as the user who logs in.
+            self.root.chmod(0o755)
+            authorized.chmod(0o644)
         if os.geteuid() == 0:
             # sshd's privilege separation wants this directory to exist.
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
