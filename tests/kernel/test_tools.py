@@ -19,8 +19,8 @@ from dispatch.kernel.server import start as start_kernel
 from dispatch.kernel.tools import BUILTIN_TOOLS, ToolContext, ToolResult
 from dispatch.shared.config import ExecConfig, KernelConfig, StoreConfig
 from dispatch.store.server import start as start_store
-from dispatch.v1 import exec_pb2_grpc
-from tests.stack import Stack, run_turn, start_stack
+from dispatch.v1 import exec_pb2_grpc, store_pb2
+from tests.stack import TENANT, Stack, run_turn, start_stack
 
 MakeCtx = Callable[..., ToolContext]
 
@@ -450,3 +450,42 @@ async def test_confine_tools_keeps_a_turns_tools_in_the_workspace_and_is_off_by_
         )
     else:
         assert (result.is_error, result.content) == (False, "outside\n")
+
+
+async def test_a_workspace_created_with_confine_tools_confines_its_turns_and_no_others(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "outside.txt").write_text("outside\n")
+    confined_root, open_root = tmp_path / "confined", tmp_path / "open"
+    confined_root.mkdir()
+    open_root.mkdir()
+    provider = ScriptedProvider.from_data(
+        {
+            "steps": [
+                [{"type": "tool_call", "id": "c1", "name": "read_file", "input": {"path": "../outside.txt"}}],
+                [{"type": "text_delta", "text": "done"}],
+            ]
+        }
+    )
+    stack = await start_stack(tmp_path, provider)  # kernel.confine_tools off
+    results = {}
+    try:
+        for name, root, confine in (("confined", confined_root, True), ("open", open_root, False)):
+            ws = await stack.store.CreateWorkspace(
+                store_pb2.CreateWorkspaceRequest(
+                    tenant_id=TENANT, name=name, root=str(root), confine_tools=confine
+                )
+            )
+            assert ws.confine_tools is confine
+            conv = await stack.store.CreateConversation(
+                store_pb2.CreateConversationRequest(tenant_id=TENANT, workspace_id=ws.id)
+            )
+            _, events = await run_turn(stack, conv.id, "go")
+            results[name] = next(e.tool_result for e in events if e.HasField("tool_result"))
+    finally:
+        await stack.stop()
+    assert results["confined"].is_error
+    assert results["confined"].content == (
+        f"read_file: path {tmp_path}/outside.txt is outside the workspace root {confined_root}"
+    )
+    assert (results["open"].is_error, results["open"].content) == (False, "outside\n")

@@ -15,6 +15,7 @@ from dispatch.shared.config import ConfigError
 from dispatch.shared.errors import FailedPrecondition, Unavailable
 from dispatch.store import sqlite as sqlite_backend
 from dispatch.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, sqlite_path
+from dispatch.v1 import common_pb2
 from tests.store.harness import TENANT, text_message
 
 
@@ -163,15 +164,37 @@ async def test_a_version_1_database_upgrades_and_keeps_its_rows(
     monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS[:1])
     monkeypatch.setattr(sqlite_backend, "SCHEMA_VERSION", 1)
     old = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
-    conv = await old.create_conversation(TENANT, title="from v1")
-    turn = await old.create_turn(TENANT, conv.id)
     await old.close()
     assert schema_versions(path) == [1]
+    # Rows as version 1's code wrote them (today's code writes columns version 1 lacks).
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, created_at)"
+            " VALUES ('ws_v1', ?, 'default', '/w', 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO conversations (id, tenant_id, workspace_id, title, created_at, updated_at)"
+            " VALUES ('conv_v1', ?, 'ws_v1', 'from v1', 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, created_at)"
+            " VALUES ('turn_v1', ?, 'conv_v1', ?, 1)",
+            (TENANT, common_pb2.TURN_STATE_QUEUED),
+        )
+    db.close()
 
     monkeypatch.undo()
     store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
     try:
-        assert (await store.get_conversation(TENANT, conv.id)).title == "from v1"
+        conv = await store.get_conversation(TENANT, "conv_v1")
+        assert conv.title == "from v1"
+        turn = await store.get_turn(TENANT, "turn_v1")
+        # Migration 3: workspaces from before it are not confined.
+        assert (await store.get_workspace(TENANT, "ws_v1")).confine_tools is False
+        where = await store.resolve_execution(TENANT, conv.id)
+        assert (where.workspace_root, where.confine_tools) == ("/w", False)
         # The tables of the later migrations are there and usable.
         await store.enqueue(TENANT, conv.id, text_message("queued"))
         [queued] = await store.drain_queue(TENANT, conv.id)

@@ -595,6 +595,40 @@ async def test_resolve_execution_precedence(
     assert where.workspace_root == "/srv/ws"
 
 
+async def test_a_workspace_confines_tools_only_when_created_or_updated_to(store: RunningStore) -> None:
+    plain = await store.stub.CreateWorkspace(
+        store_pb2.CreateWorkspaceRequest(tenant_id=TENANT, name="plain", root="/srv/plain")
+    )
+    confined = await store.stub.CreateWorkspace(
+        store_pb2.CreateWorkspaceRequest(tenant_id=TENANT, name="c", root="/srv/c", confine_tools=True)
+    )
+    assert (plain.confine_tools, confined.confine_tools) == (False, True)
+
+    async def resolved(ws: common_pb2.Workspace) -> tuple[str, bool]:
+        conv = await new_conversation(store.stub, workspace_id=ws.id, cwd="/elsewhere")
+        where = await store.stub.ResolveExecution(
+            store_pb2.ResolveExecutionRequest(tenant_id=TENANT, conversation_id=conv.id)
+        )
+        return where.workspace_root, where.confine_tools
+
+    assert await resolved(plain) == ("/srv/plain", False)
+    assert await resolved(confined) == ("/srv/c", True)
+    # An update that leaves confine_tools out leaves it; one that sets it, sets it.
+    renamed = await store.stub.UpdateWorkspace(
+        store_pb2.UpdateWorkspaceRequest(tenant_id=TENANT, workspace_id=confined.id, name="renamed")
+    )
+    assert renamed.confine_tools is True
+    opened = await store.stub.UpdateWorkspace(
+        store_pb2.UpdateWorkspaceRequest(tenant_id=TENANT, workspace_id=confined.id, confine_tools=False)
+    )
+    assert opened.confine_tools is False
+    assert await resolved(opened) == ("/srv/c", False)
+    got = await store.stub.GetWorkspace(
+        store_pb2.GetWorkspaceRequest(tenant_id=TENANT, workspace_id=plain.id)
+    )
+    assert got.confine_tools is False
+
+
 async def test_clearing_the_conversation_override_falls_back_to_the_workspace(store: RunningStore) -> None:
     ws = await store.stub.CreateWorkspace(
         store_pb2.CreateWorkspaceRequest(

@@ -54,7 +54,8 @@ class TurnDeps:
     max_steps: int = 0
     rpc_timeout: float = 30.0
     policy: DispatchPolicy = field(default_factory=DispatchPolicy)
-    # Confine tools to the workspace root (ResolveExecution's workspace_root).
+    # Confine every turn's tools to its workspace root (ResolveExecution's workspace_root),
+    # whatever the workspace says; off: only workspaces with confine_tools are confined.
     confine_tools: bool = False
 
 
@@ -281,11 +282,12 @@ class TurnRunner:
         except grpc.aio.AioRpcError as exc:
             raise StoreFailed(f"the store failed to load the conversation: {exc.details()}") from exc
         self._computer_id, self._cwd = where.computer_id, where.cwd
-        if self.deps.confine_tools:
+        if where.confine_tools or self.deps.confine_tools:
             # Without a root, confinement would silently mean none at all: refuse the turn.
             if not (where.workspace_root or where.cwd):
+                why = "the workspace says so" if where.confine_tools else "kernel.confine_tools is set"
                 raise StoreFailed(
-                    "tools are confined to the workspace root (kernel.confine_tools), "
+                    f"tools are confined to the workspace root ({why}), "
                     "but the store knows no root or cwd for this conversation"
                 )
             self._root = where.workspace_root or where.cwd

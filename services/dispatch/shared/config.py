@@ -94,8 +94,9 @@ class KernelConfig:
     # Deadline on every unary call to the store and exec, in seconds.
     rpc_timeout: float = 30.0
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
-    # Keep file tools inside the workspace root (and shells' cwd); off: tools
-    # may touch any path the exec service can.
+    # Keep every workspace's file tools inside its root (and shells' cwd); off:
+    # only workspaces created with confine_tools are confined, and tools in the
+    # others may touch any path the exec service can.
     confine_tools: bool = False
 
 

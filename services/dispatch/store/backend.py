@@ -148,6 +148,7 @@ class Execution:
     computer_id: str
     cwd: str
     workspace_root: str
+    confine_tools: bool = False
 
 
 def state_name(state: int) -> str:
@@ -495,7 +496,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_workspace(
-        self, tenant_id: str, *, name: str, root: str, default_computer_id: str = "", default_agent: str = ""
+        self,
+        tenant_id: str,
+        *,
+        name: str,
+        root: str,
+        default_computer_id: str = "",
+        default_agent: str = "",
+        confine_tools: bool = False,
     ) -> common_pb2.Workspace:
         """Create a workspace rooted at ``root``."""
 
@@ -519,6 +527,7 @@ class Store(abc.ABC):
         root: str | None = None,
         default_computer_id: str | None = None,
         default_agent: str | None = None,
+        confine_tools: bool | None = None,
     ) -> common_pb2.Workspace:
         """Set the fields that are not ``None``; answer the workspace as updated."""
 

@@ -232,6 +232,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at, id)",
         ),
     ),
+    (
+        3,
+        ("ALTER TABLE workspaces ADD COLUMN confine_tools BOOLEAN NOT NULL DEFAULT FALSE",),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -502,12 +506,22 @@ class PostgresStore(Store):
         root: str,
         default_computer_id: str,
         default_agent: str,
+        confine_tools: bool,
     ) -> str:
         workspace_id = new_id(WORKSPACE_PREFIX)
         await cur.execute(
             "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
-            " is_default, created_at) VALUES (%s, %s, %s, %s, %s, %s, FALSE, %s)",
-            (workspace_id, tenant_id, name, root, default_computer_id, default_agent, self._now_ns()),
+            " confine_tools, is_default, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, FALSE, %s)",
+            (
+                workspace_id,
+                tenant_id,
+                name,
+                root,
+                default_computer_id,
+                default_agent,
+                confine_tools,
+                self._now_ns(),
+            ),
         )
         return workspace_id
 
@@ -523,7 +537,14 @@ class PostgresStore(Store):
     # ------------------------------------------------------------ workspaces
 
     async def create_workspace(
-        self, tenant_id: str, *, name: str, root: str, default_computer_id: str = "", default_agent: str = ""
+        self,
+        tenant_id: str,
+        *,
+        name: str,
+        root: str,
+        default_computer_id: str = "",
+        default_agent: str = "",
+        confine_tools: bool = False,
     ) -> common_pb2.Workspace:
         async with self._tx(write=True) as cur:
             workspace_id = await self._insert_workspace(
@@ -533,6 +554,7 @@ class PostgresStore(Store):
                 root=root,
                 default_computer_id=default_computer_id,
                 default_agent=default_agent,
+                confine_tools=confine_tools,
             )
             return _workspace(await self._workspace_row(cur, tenant_id, workspace_id))
 
@@ -564,12 +586,14 @@ class PostgresStore(Store):
         root: str | None = None,
         default_computer_id: str | None = None,
         default_agent: str | None = None,
+        confine_tools: bool | None = None,
     ) -> common_pb2.Workspace:
         given = {
             "name": name,
             "root": root,
             "default_computer_id": default_computer_id,
             "default_agent": default_agent,
+            "confine_tools": confine_tools,
         }
         fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
         async with self._tx(write=True) as cur:
@@ -918,6 +942,7 @@ class PostgresStore(Store):
             computer_id=turn_computer or conv["computer_id"] or ws["default_computer_id"] or "",
             cwd=turn_cwd or conv["cwd"] or ws["root"],
             workspace_root=ws["root"],
+            confine_tools=bool(ws["confine_tools"]),
         )
 
     # ------------------------------------------------------------- reconcile

@@ -94,6 +94,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             root=_required_text(request.root, "root"),
             default_computer_id=request.default_computer_id,
             default_agent=request.default_agent,
+            confine_tools=request.confine_tools,
         )
 
     @grpc_errors
@@ -129,6 +130,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             if request.HasField("default_computer_id")
             else None,
             default_agent=request.default_agent if request.HasField("default_agent") else None,
+            confine_tools=request.confine_tools if request.HasField("confine_tools") else None,
         )
 
     # --------------------------------------------------------- conversations
@@ -300,7 +302,10 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _optional_id(request.turn_id, "turn_id", TURN_PREFIX),
         )
         return store_pb2.ResolveExecutionResponse(
-            computer_id=where.computer_id, cwd=where.cwd, workspace_root=where.workspace_root
+            computer_id=where.computer_id,
+            cwd=where.cwd,
+            workspace_root=where.workspace_root,
+            confine_tools=where.confine_tools,
         )
 
     # ------------------------------------------------------------- reconcile

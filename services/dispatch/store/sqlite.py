@@ -223,6 +223,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at, id)",
         ),
     ),
+    (
+        3,
+        ("ALTER TABLE workspaces ADD COLUMN confine_tools INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -457,11 +461,12 @@ class SQLiteStore(Store):
         default_computer_id: str,
         default_agent: str,
         is_default: bool,
+        confine_tools: bool = False,
     ) -> str:
         workspace_id = new_id(WORKSPACE_PREFIX)
         conn.execute(
             "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
-            " is_default, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " confine_tools, is_default, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 workspace_id,
                 tenant_id,
@@ -469,6 +474,7 @@ class SQLiteStore(Store):
                 root,
                 default_computer_id,
                 default_agent,
+                int(confine_tools),
                 int(is_default),
                 self._now_ns(),
             ),
@@ -484,7 +490,14 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------ workspaces
 
     async def create_workspace(
-        self, tenant_id: str, *, name: str, root: str, default_computer_id: str = "", default_agent: str = ""
+        self,
+        tenant_id: str,
+        *,
+        name: str,
+        root: str,
+        default_computer_id: str = "",
+        default_agent: str = "",
+        confine_tools: bool = False,
     ) -> common_pb2.Workspace:
         def run() -> common_pb2.Workspace:
             with self._tx(write=True) as conn:
@@ -495,6 +508,7 @@ class SQLiteStore(Store):
                     root=root,
                     default_computer_id=default_computer_id,
                     default_agent=default_agent,
+                    confine_tools=confine_tools,
                     is_default=False,
                 )
                 return _workspace(self._workspace_row(conn, tenant_id, workspace_id))
@@ -536,12 +550,14 @@ class SQLiteStore(Store):
         root: str | None = None,
         default_computer_id: str | None = None,
         default_agent: str | None = None,
+        confine_tools: bool | None = None,
     ) -> common_pb2.Workspace:
         given = {
             "name": name,
             "root": root,
             "default_computer_id": default_computer_id,
             "default_agent": default_agent,
+            "confine_tools": confine_tools,
         }
         fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
 
@@ -925,6 +941,7 @@ class SQLiteStore(Store):
                 computer_id=turn_computer or conv["computer_id"] or ws["default_computer_id"] or "",
                 cwd=turn_cwd or conv["cwd"] or ws["root"],
                 workspace_root=ws["root"],
+                confine_tools=bool(ws["confine_tools"]),
             )
 
         return await self._call(run)

@@ -66,6 +66,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
                     root=request.root,
                     default_computer_id=request.default_computer_id,
                     default_agent=request.default_agent,
+                    confine_tools=request.confine_tools,
                 ),
                 timeout=self.timeout,
             ),

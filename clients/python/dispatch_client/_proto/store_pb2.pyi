@@ -33,11 +33,13 @@ class CreateWorkspaceRequest(_message.Message):
     ROOT_FIELD_NUMBER: _builtins.int
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
+    CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     name: _builtins.str
     root: _builtins.str
     default_computer_id: _builtins.str
     default_agent: _builtins.str
+    confine_tools: _builtins.bool
     def __init__(
         self,
         *,
@@ -46,10 +48,11 @@ class CreateWorkspaceRequest(_message.Message):
         root: _builtins.str = ...,
         default_computer_id: _builtins.str = ...,
         default_agent: _builtins.str = ...,
+        confine_tools: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -135,12 +138,14 @@ class UpdateWorkspaceRequest(_message.Message):
     ROOT_FIELD_NUMBER: _builtins.int
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
+    CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     workspace_id: _builtins.str
     name: _builtins.str
     root: _builtins.str
     default_computer_id: _builtins.str
     default_agent: _builtins.str
+    confine_tools: _builtins.bool
     def __init__(
         self,
         *,
@@ -150,11 +155,14 @@ class UpdateWorkspaceRequest(_message.Message):
         root: _builtins.str | None = ...,
         default_computer_id: _builtins.str | None = ...,
         default_agent: _builtins.str | None = ...,
+        confine_tools: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__confine_tools: _TypeAlias = _typing.Literal["confine_tools"]  # noqa: Y015
+    _WhichOneofArgType__confine_tools: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools"]  # noqa: Y015
     _WhichOneofReturnType__default_agent: _TypeAlias = _typing.Literal["default_agent"]  # noqa: Y015
     _WhichOneofArgType__default_agent: _TypeAlias = _typing.Literal["_default_agent", b"_default_agent"]  # noqa: Y015
     _WhichOneofReturnType__default_computer_id: _TypeAlias = _typing.Literal["default_computer_id"]  # noqa: Y015
@@ -163,6 +171,8 @@ class UpdateWorkspaceRequest(_message.Message):
     _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
     _WhichOneofReturnType__root: _TypeAlias = _typing.Literal["root"]  # noqa: Y015
     _WhichOneofArgType__root: _TypeAlias = _typing.Literal["_root", b"_root"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__confine_tools) -> _WhichOneofReturnType__confine_tools | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_agent) -> _WhichOneofReturnType__default_agent | None: ...
     @_typing.overload
@@ -1450,21 +1460,25 @@ class ResolveExecutionResponse(_message.Message):
     COMPUTER_ID_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     WORKSPACE_ROOT_FIELD_NUMBER: _builtins.int
+    CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
     computer_id: _builtins.str
     """Empty: local."""
     cwd: _builtins.str
     workspace_root: _builtins.str
     """The workspace root, for confinement."""
+    confine_tools: _builtins.bool
+    """The workspace confines tools to workspace_root."""
     def __init__(
         self,
         *,
         computer_id: _builtins.str = ...,
         cwd: _builtins.str = ...,
         workspace_root: _builtins.str = ...,
+        confine_tools: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer_id", b"computer_id", "cwd", b"cwd", "workspace_root", b"workspace_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer_id", b"computer_id", "confine_tools", b"confine_tools", "cwd", b"cwd", "workspace_root", b"workspace_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,10 +31,13 @@ class PublicCreateWorkspaceRequest(_message.Message):
     ROOT_FIELD_NUMBER: _builtins.int
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
+    CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     root: _builtins.str
     default_computer_id: _builtins.str
     default_agent: _builtins.str
+    confine_tools: _builtins.bool
+    """Confine tools to root (see Workspace.confine_tools)."""
     def __init__(
         self,
         *,
@@ -42,10 +45,11 @@ class PublicCreateWorkspaceRequest(_message.Message):
         root: _builtins.str = ...,
         default_computer_id: _builtins.str = ...,
         default_agent: _builtins.str = ...,
+        confine_tools: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
