@@ -29,10 +29,12 @@ def _keygen(path: Path) -> None:
 class SshServer:
     """One sshd for the test session, reachable as the Host alias ``testbox``."""
 
-    def __init__(self, root: Path, user: str = ""):
+    def __init__(self, root: Path, user: str = "", *, sftp_subsystem: bool = True):
         """``user``: who logs in (default: the current user). Another user needs sshd to run
-        as root, and must be able to read ``root`` (it is opened to everyone)."""
+        as root, and must be able to read ``root`` (it is opened to everyone).
+        ``sftp_subsystem=False``: no ``sftp`` subsystem, as on a host that disabled it."""
         self.root = root
+        self.sftp_subsystem = sftp_subsystem
         self.port = free_port()
         self.user = user or getpass.getuser()
         self.host_key = root / "ssh_host_ed25519_key"
@@ -73,8 +75,8 @@ class SshServer:
                     f"AllowUsers {self.user}",
                     # The exec backend multiplexes many channels on one connection.
                     "MaxSessions 64",
-                    # As a stock sshd does; the backend falls back to running sftp-server itself.
-                    "Subsystem sftp internal-sftp",
+                    # As a stock sshd does; without it the backend runs sftp-server itself.
+                    "Subsystem sftp internal-sftp" if self.sftp_subsystem else "",
                     "MaxStartups 64:30:128",
                     "LogLevel ERROR",
                     "",

@@ -66,3 +66,11 @@ async def still_alive(pids: Iterable[int], within: float = 5.0) -> list[int]:
         await asyncio.sleep(0.02)
         left = [pid for pid in left if alive(pid)]
     return left
+
+
+def written_bytes(pid: int) -> int:
+    """Bytes process ``pid`` (on this machine) has written so far."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar in /proc/{pid}/io")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncssh
 import grpc
 import pytest
 
@@ -23,7 +24,7 @@ from dispatch.exec.ssh import SSHBackend
 from dispatch.shared.config import ExecConfig
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import exec_pb2, exec_pb2_grpc
-from tests.exec.helpers import OUTPUT_CAP, READ_CAP, spawn
+from tests.exec.helpers import OUTPUT_CAP, READ_CAP, spawn, written_bytes
 from tests.sshd import ALIAS, SshServer
 
 
@@ -136,6 +137,23 @@ async def test_timeout_kills_the_process_group(target: Target) -> None:
     pids = [int(word) for word in ran.stdout.split()]
     assert len(pids) == 2
     assert await target.dead(pids)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "line",
+    [
+        # The background job inherits stdout and stderr: EOF never comes on its own.
+        "sleep 100 & echo $!",
+        # It lets go of the output, but must not outlive the call either.
+        "sleep 100 >/dev/null 2>&1 & echo $!",
+    ],
+    ids=["holding-output", "detached-from-output"],
+)
+async def test_a_normal_exit_answers_promptly_and_leaves_no_background_job(target: Target, line: str) -> None:
+    ran = await spawn(target.stub, target.sh(line))
+    assert ran.exit is not None and ran.exit.exit_code == 0 and not ran.exit.timed_out
+    assert await target.dead([int(ran.stdout)])
 
 
 @pytest.mark.timeout(20)
@@ -280,3 +298,48 @@ async def test_an_unreachable_host_is_unavailable(tmp_path: Path) -> None:
     finally:
         await channel.close()
         await hosted.stop(0)
+
+
+@pytest.mark.timeout(30)
+async def test_a_slow_ssh_consumer_slows_the_remote_process_and_loses_nothing(sshd: SshServer) -> None:
+    total = 40 << 20
+    backend = SSHBackend(ALIAS, ExecConfig(max_output_bytes=total + 100), str(sshd.config))
+    events = backend.spawn(["sh", "-c", f"echo $$; exec head -c {total} /dev/zero"])
+    try:
+        first = await anext(events)
+        assert isinstance(first, OutputBatch)
+        pid = int(first.chunks[0].data.split(b"\n")[0])
+        received = len(first.chunks[0].data)
+        await asyncio.sleep(0.5)  # take nothing: an unbounded reader would have it all by now
+        try:
+            paused_at = written_bytes(pid)  # the test sshd runs on this machine
+        except FileNotFoundError:
+            pytest.fail("the remote process wrote all its output while nobody read it")
+        # The queue's high-water mark, the SSH window and the pipes between; far from 40 MiB.
+        assert paused_at < 12 << 20
+        async for event in events:  # now read on: the process resumes and finishes
+            if isinstance(event, OutputBatch):
+                received += sum(len(c.data) for c in event.chunks)
+            else:
+                assert (event.exit_code, event.truncated) == (0, False)
+        assert received == len(first.chunks[0].data.split(b"\n")[0]) + 1 + total
+    finally:
+        await events.aclose()
+        await backend.aclose()
+
+
+async def test_files_work_on_a_host_without_the_sftp_subsystem(tmp_path: Path, real_tmp: Path) -> None:
+    server = SshServer(tmp_path / "sshd", sftp_subsystem=False).start()
+    backend = SSHBackend(ALIAS, ExecConfig(), str(server.config))
+    try:
+        conn = await backend.connection()
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.start_sftp_client()  # the subsystem really is refused
+        path = str(real_tmp / "sub" / "note.txt")
+        assert await backend.write_file(path, b"over sftp-server\n") == 17
+        assert (await backend.read_file(path)).data == b"over sftp-server\n"
+        assert (await backend.stat(path)).size == 17
+        assert [info.name for info in await backend.list_dir(str(real_tmp / "sub"))] == ["note.txt"]
+    finally:
+        await backend.aclose()
+        server.stop()

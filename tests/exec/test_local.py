@@ -23,7 +23,7 @@ from dispatch.exec.local import CHUNK_BYTES, LocalBackend
 from dispatch.shared.config import ExecConfig
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2
-from tests.exec.helpers import OUTPUT_CAP, READ_CAP, alive, spawn, still_alive
+from tests.exec.helpers import OUTPUT_CAP, READ_CAP, alive, spawn, still_alive, written_bytes
 
 if TYPE_CHECKING:
     from dispatch.v1.exec_pb2_grpc import ExecAsyncStub as Stub
@@ -132,22 +132,6 @@ async def test_cancelling_the_call_kills_the_whole_group(stub: Stub) -> None:
     assert all(alive(pid) for pid in pids)
     call.cancel()
     assert await still_alive(pids) == []
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        # The grandchild inherits stdout and stderr: EOF never comes on its own.
-        "sleep 100 & echo $!",
-        # The grandchild let go of the pipes, but must not outlive the call either.
-        "sleep 100 >/dev/null 2>&1 & echo $!",
-    ],
-    ids=["holding-pipes", "detached-from-pipes"],
-)
-async def test_normal_exit_returns_promptly_and_leaves_no_grandchild(stub: Stub, line: str) -> None:
-    ran = await spawn(stub, sh(line))  # the test's timeout guards against a stall
-    assert ran.exit is not None and ran.exit.exit_code == 0 and not ran.exit.timed_out
-    assert await still_alive(pids_of(ran.stdout)) == []
 
 
 async def test_output_written_just_before_exit_is_kept(stub: Stub) -> None:
@@ -435,13 +419,6 @@ async def test_cancelling_a_call_whose_output_is_not_read_kills_the_group(stub: 
 @pytest.fixture
 def backend() -> LocalBackend:
     return LocalBackend(ExecConfig(max_output_bytes=1 << 40))
-
-
-def written_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no wchar in /proc/{pid}/io")
 
 
 async def test_a_slow_consumer_slows_the_process_instead_of_buffering(backend: LocalBackend) -> None:

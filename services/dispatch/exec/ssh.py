@@ -17,7 +17,7 @@ import shlex
 import signal
 import stat
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
 
 import asyncssh
 
@@ -49,6 +49,11 @@ KILL_SECONDS = 5.0
 # How long to wait for the remote shell to report its process group.
 PGID_SECONDS = 5.0
 COALESCE_SECONDS = 0.002
+# Output queued for the caller past this many bytes pauses reading the channel (the
+# SSH window then fills and the remote process blocks on its pipe, as it would
+# locally); reading resumes once the caller has taken the queue below LOW_WATER.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
 # Where sftp-server lives on common systems, for a host without the sftp subsystem.
 SFTP_SERVER_COMMAND = (
     "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/libexec/sftp-server"
@@ -177,7 +182,8 @@ class SSHBackend(Backend):
                 while True:
                     wait_until = deadline
                     if session.exited_at is not None:
-                        drain = session.exited_at + DRAIN_SECONDS
+                        # Counted from the last output too: a paused channel may still hold some.
+                        drain = max(session.exited_at, session.last_output_at) + DRAIN_SECONDS
                         wait_until = drain if deadline is None else min(deadline, drain)
                     try:
                         async with asyncio.timeout_at(wait_until):
@@ -193,6 +199,7 @@ class SSHBackend(Backend):
                         await asyncio.sleep(COALESCE_SECONDS)
                     while not session.queue.empty():
                         items.append(session.queue.get_nowait())
+                    session.took(sum(len(it[1]) for it in items if it is not None))
                     chunks: list[OutputChunk] = []
                     done = False
                     for it in items:
@@ -235,13 +242,32 @@ class SSHBackend(Backend):
             finally:
                 if not killed and session.exited_at is None and not session.closed:
                     # The caller went away: the group dies, whatever happens to this task.
-                    task = asyncio.create_task(self._kill(conn, session, chan))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task = self._background(self._kill(conn, session, chan))
                     with contextlib.suppress(Exception, asyncio.CancelledError):
                         await asyncio.shield(task)
                 else:
                     chan.close()
+                    if not killed and session.pgid is not None:
+                        # Background jobs that let go of the output outlive the exit in the
+                        # group, as they would locally until the group is killed: kill it
+                        # too, without holding up the answer.
+                        self._background(self._kill_leftovers(conn, session.pgid))
+
+    def _background(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """Run ``coro`` to the end even if its caller goes away; ``aclose`` waits for it."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _kill_leftovers(self, conn: asyncssh.SSHClientConnection, pgid: int) -> None:
+        """SIGKILL what is left of an exited spawn's process group (usually nothing)."""
+        async with self.channels:
+            if conn.is_closed():
+                return
+            with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
+                async with asyncio.timeout(KILL_SECONDS):
+                    await conn.run(f"kill -9 -{pgid} 2>/dev/null", check=False)
 
     async def _kill(
         self, conn: asyncssh.SSHClientConnection, session: _Session, chan: asyncssh.SSHClientChannel[bytes]
@@ -389,7 +415,12 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
     def __init__(self, marker: str):
         self.marker = marker.encode()
+        # Unbounded, but reading pauses while it holds more than HIGH_WATER bytes.
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.queued_bytes = 0
+        self.paused = False
+        self.last_output_at = 0.0
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.pgid: int | None = None
         self.pgid_known = asyncio.Event()
         self.head = b""  # stderr before the marker line is complete
@@ -399,9 +430,28 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self.closed = False
         self.error: Exception | None = None
 
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self.chan = chan
+
+    def _put(self, stream: Stream, data: bytes) -> None:
+        self.queue.put_nowait((stream, data))
+        self.queued_bytes += len(data)
+        self.last_output_at = asyncio.get_running_loop().time()
+        if self.queued_bytes > HIGH_WATER and not self.paused and self.chan is not None:
+            self.paused = True
+            self.chan.pause_reading()
+
+    def took(self, n: int) -> None:
+        """The caller took ``n`` bytes off the queue."""
+        self.queued_bytes -= n
+        if self.paused and self.queued_bytes <= LOW_WATER and self.chan is not None:
+            self.paused = False
+            self.last_output_at = asyncio.get_running_loop().time()
+            self.chan.resume_reading()
+
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype != asyncssh.EXTENDED_DATA_STDERR:
-            self.queue.put_nowait((Stream.STDOUT, data))
+            self._put(Stream.STDOUT, data)
             return
         if not self.pgid_known.is_set():
             self.head += data
@@ -413,7 +463,7 @@ class _Session(asyncssh.SSHClientSession[bytes]):
             data = rest
             if not data:
                 return
-        self.queue.put_nowait((Stream.STDERR, data))
+        self._put(Stream.STDERR, data)
 
     def _marker_line(self, line: bytes) -> None:
         word, _, pgid = line.partition(b" ")
@@ -434,7 +484,7 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head:  # stderr that never completed a line: not the marker
-            self.queue.put_nowait((Stream.STDERR, self.head))
+            self._put(Stream.STDERR, self.head)
             self.head = b""
         self.pgid_known.set()
         self.closed = True
