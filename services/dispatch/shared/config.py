@@ -53,6 +53,8 @@ class ProviderConfig:
     script: str = ""
     # Per-attempt limit on waiting for response headers, in seconds.
     request_timeout: float = 120.0
+    # Cap on one response's output tokens (Anthropic requires one).
+    max_tokens: int = 8192
 
     @property
     def display(self) -> str:
