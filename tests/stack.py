@@ -12,7 +12,14 @@ from dispatch.exec.server import start as start_exec
 from dispatch.kernel.providers import Provider
 from dispatch.kernel.server import start as start_kernel
 from dispatch.kernel.tools import Tool
-from dispatch.shared.config import DispatchPolicy, ExecConfig, KernelConfig, StoreConfig, TransportConfig
+from dispatch.shared.config import (
+    DispatchPolicy,
+    ExecConfig,
+    KernelConfig,
+    RetryPolicy,
+    StoreConfig,
+    TransportConfig,
+)
 from dispatch.shared.server import Hosted
 from dispatch.store.server import start as start_store
 from dispatch.transport.server import start as start_transport
@@ -68,6 +75,7 @@ async def start_stack(
     transport: bool = False,
     tools: Mapping[str, Tool] | None = None,
     policy: DispatchPolicy | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Stack:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
@@ -82,6 +90,7 @@ async def start_stack(
             max_steps=max_steps,
             rpc_timeout=10.0,
             dispatch=policy or DispatchPolicy(),
+            retry=retry or RetryPolicy(),
         ),
         provider=provider,
         tools=tools,

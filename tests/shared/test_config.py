@@ -155,3 +155,32 @@ def test_exec_ssh_config_from_file_env_or_the_home_default(tmp_path: Path) -> No
     assert config.exec_config({}, env, {}).ssh_config == str(other)
     with pytest.raises(ConfigError, match=r"exec\.ssh_config"):
         config.exec_config({}, {"DISPATCH_SSH_CONFIG": str(tmp_path / "missing")}, {})
+
+
+def test_the_kernel_reads_its_retry_schedule_and_dispatch_policy_from_the_file(tmp_path: Path) -> None:
+    peers = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "e:1"}
+    default = config.kernel_config({}, peers, {})
+    assert default.retry.schedule == (5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+    assert default.retry.budget == 8 * 3600
+    file = tmp_path / "dispatch.toml"
+    file.write_text(
+        "[kernel.retry]\nschedule = [1, 2.5]\nbudget = 60\n[kernel.dispatch]\nmax_concurrent = 3\n"
+    )
+    cfg = config.kernel_config({}, peers, config.load_file(str(file)))
+    assert cfg.retry == config.RetryPolicy(schedule=(1.0, 2.5), budget=60.0)
+    assert cfg.dispatch.max_concurrent == 3
+
+
+@pytest.mark.parametrize(
+    ("retry", "key"),
+    [
+        ({"schedule": []}, "kernel.retry.schedule"),
+        ({"schedule": 5}, "kernel.retry.schedule"),
+        ({"schedule": [1, "soon"]}, r"kernel.retry.schedule\[1\]"),
+        ({"budget": "long"}, "kernel.retry.budget"),
+        ({"budget": -1}, "kernel.retry.budget"),
+    ],
+)
+def test_a_bad_retry_policy_names_the_key(retry: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        config.retry_policy({"kernel": {"retry": retry}})

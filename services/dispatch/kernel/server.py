@@ -32,6 +32,7 @@ async def start(
         max_steps=cfg.max_steps,
         rpc_timeout=cfg.rpc_timeout,
         policy=cfg.dispatch,
+        retry=cfg.retry,
         confine_tools=cfg.confine_tools,
     )
     kernel = Kernel(deps)

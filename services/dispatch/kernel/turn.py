@@ -9,9 +9,10 @@ transaction), and ``turn_sealed`` only after the final append succeeded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,14 +23,16 @@ from dispatch.kernel.providers.base import (
     Finish,
     Provider,
     ProviderError,
+    ProviderEvent,
     ProviderRequest,
     ReasoningDelta,
     TextDelta,
     ToolCall,
     Usage,
 )
+from dispatch.kernel.retry import Backoffs, RetryBudgetSpent, Retrying
 from dispatch.kernel.tools import Tool, ToolContext, ToolResult
-from dispatch.shared.config import DispatchPolicy
+from dispatch.shared.config import DispatchPolicy, RetryPolicy
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
@@ -54,6 +57,8 @@ class TurnDeps:
     max_steps: int = 0
     rpc_timeout: float = 30.0
     policy: DispatchPolicy = field(default_factory=DispatchPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    backoffs: Backoffs = field(default_factory=Backoffs)
     # Confine every turn's tools to its workspace root (ResolveExecution's workspace_root),
     # whatever the workspace says; off: only workspaces with confine_tools are confined.
     confine_tools: bool = False
@@ -68,6 +73,7 @@ class StepState:
     started: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
+    signature: str = ""  # of the thinking, for providers that must get it back
     calls: list[ToolCall] = field(default_factory=list)
     results: dict[str, ToolResult] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
@@ -78,7 +84,11 @@ class StepState:
     def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
         chunks: list[common_pb2.Chunk] = []
         if self.thinking:
-            chunks.append(common_pb2.Chunk(thinking=common_pb2.ThinkingChunk(text="".join(self.thinking))))
+            chunks.append(
+                common_pb2.Chunk(
+                    thinking=common_pb2.ThinkingChunk(text="".join(self.thinking), signature=self.signature)
+                )
+            )
         if self.text:
             chunks.append(common_pb2.Chunk(text=common_pb2.TextChunk(text="".join(self.text))))
         if with_calls:
@@ -210,6 +220,9 @@ class TurnRunner:
         except ProviderError as exc:
             error = str(exc)
             self._emit(error=common_pb2.ErrorEvent(message=error, code="provider", fatal=True))
+        except RetryBudgetSpent as exc:
+            error = str(exc)
+            self._emit(error=common_pb2.ErrorEvent(message=error, code="provider_retry_budget", fatal=True))
         except Exception as exc:
             log.exception("turn %s failed", self.turn.id)
             error = f"internal error: {type(exc).__name__}: {exc}"
@@ -310,7 +323,7 @@ class TurnRunner:
             except asyncio.CancelledError:
                 if self.abort_reason is None:
                     raise  # the kernel itself is being cancelled
-            except ProviderError:
+            except (ProviderError, RetryBudgetSpent):
                 # Keep what the step said before failing, without dangling tool calls.
                 await self._commit_partial(step)
                 raise
@@ -401,31 +414,9 @@ class TurnRunner:
         dispatcher = StepDispatcher(policy, self.deps.tools, run_call, on_result)
         try:
             try:
-                async for ev in self.deps.provider.stream(request):
-                    if step.first_token is None and not isinstance(ev, (Usage, Finish)):
-                        step.first_token = time.monotonic()
-                    if isinstance(ev, TextDelta):
-                        step.text.append(ev.text)
-                        self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
-                    elif isinstance(ev, ReasoningDelta):
-                        step.thinking.append(ev.text)
-                        self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
-                    elif isinstance(ev, ToolCall):
-                        call = self._unique(ev)
-                        step.calls.append(call)
-                        self._emit(
-                            sid,
-                            tool_call=common_pb2.ToolCallEvent(
-                                tool_call_id=call.id, name=call.name, input_json=call.input_json
-                            ),
-                        )
-                        if policy.eager:
-                            dispatcher.submit(call)
-                    elif isinstance(ev, Usage):
-                        step.usage = ev
-                        self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
-                    elif isinstance(ev, Finish):
-                        step.finish = ev.reason
+                async with contextlib.aclosing(self._stream_with_retries(step, request)) as events:
+                    async for ev in events:
+                        self._on_provider_event(step, ev, dispatcher)
             finally:
                 step.stream_end = time.monotonic()
                 self._add_usage(step.usage)
@@ -438,6 +429,90 @@ class TurnRunner:
             # keeps running, and every unresolved call reads "Aborted".
             await dispatcher.abort()
             raise
+
+    def _on_provider_event(self, step: StepState, ev: ProviderEvent, dispatcher: StepDispatcher) -> None:
+        sid = step.step_id
+        if step.first_token is None and not isinstance(ev, (Usage, Finish)):
+            step.first_token = time.monotonic()
+        if isinstance(ev, TextDelta):
+            step.text.append(ev.text)
+            self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
+        elif isinstance(ev, ReasoningDelta):
+            if ev.signature:
+                step.signature += ev.signature
+            if ev.text:
+                step.thinking.append(ev.text)
+                self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
+        elif isinstance(ev, ToolCall):
+            call = self._unique(ev)
+            step.calls.append(call)
+            self._emit(
+                sid,
+                tool_call=common_pb2.ToolCallEvent(
+                    tool_call_id=call.id, name=call.name, input_json=call.input_json
+                ),
+            )
+            if self.deps.policy.eager:
+                dispatcher.submit(call)
+        elif isinstance(ev, Usage):
+            step.usage = ev
+            self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
+        elif isinstance(ev, Finish):
+            step.finish = ev.reason
+
+    async def _stream_with_retries(
+        self, step: StepState, request: ProviderRequest
+    ) -> AsyncIterator[ProviderEvent]:
+        """The provider's events for this step. A retryable failure before the step has
+        emitted anything is retried after a ``provider_retry`` event and a wait; any other
+        failure, or one after output has reached subscribers, ends the step."""
+        provider = self.deps.provider
+        backoff = self.deps.backoffs(provider.endpoint)
+        retrying = Retrying(self.deps.retry)
+        while True:
+            held = backoff.remaining()
+            if held > 0:
+                # Another turn's 429 holds the endpoint: wait it out rather than add to the load.
+                self._emit(
+                    step.step_id,
+                    provider_retry=common_pb2.ProviderRetry(
+                        attempt=retrying.attempts,
+                        delay=duration(held),
+                        status=429,
+                        reason=f"{provider.endpoint} is rate limited; waiting out its back-off",
+                    ),
+                )
+                await asyncio.sleep(held)
+                continue
+            emitted = False
+            try:
+                # Closed at once when the step ends early (an abort): the HTTP response with it.
+                async with contextlib.aclosing(provider.stream(request)) as events:
+                    async for ev in events:
+                        emitted = True
+                        yield ev
+                return
+            except ProviderError as exc:
+                if not exc.retryable or emitted:
+                    raise
+                delay = retrying.next_delay(exc)
+                if exc.status == 429:
+                    backoff.hold(delay)
+                self._emit(
+                    step.step_id,
+                    provider_retry=common_pb2.ProviderRetry(
+                        attempt=retrying.attempts, delay=duration(delay), status=exc.status, reason=str(exc)
+                    ),
+                )
+                log.warning(
+                    "turn %s step %d: provider failed (%s); retry %d in %.1fs",
+                    self.turn.id,
+                    step.index,
+                    exc,
+                    retrying.attempts,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # an abort cancels the step, and this sleep with it
 
     async def _run_tool(self, step: StepState, call: ToolCall) -> ToolResult:
         tool = self.deps.tools.get(call.name)

@@ -83,6 +83,17 @@ class DispatchPolicy:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How long a step waits before retrying a retryable provider failure."""
+
+    # Delays in seconds, one per retry; the last one repeats. A Retry-After from
+    # the server replaces the delay it applies to.
+    schedule: tuple[float, ...] = (5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+    # Total waiting one step may do before it gives up, in seconds.
+    budget: float = 8 * 3600.0
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     listen: str = "127.0.0.1:0"
     store_address: str = ""
@@ -96,6 +107,7 @@ class KernelConfig:
     # Deadline on every unary call to the store and exec, in seconds.
     rpc_timeout: float = 30.0
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Keep every workspace's file tools inside its root (and shells' cwd); off:
     # only workspaces created with confine_tools are confined, and tools in the
     # others may touch any path the exec service can.
@@ -282,6 +294,18 @@ def dispatch_policy(env: Mapping[str, str], file: Mapping[str, Any]) -> Dispatch
     return policy
 
 
+def retry_policy(file: Mapping[str, Any]) -> RetryPolicy:
+    sec = _section(_section(file, "kernel"), "retry")
+    schedule = sec.get("schedule", list(RetryPolicy.schedule))
+    if not isinstance(schedule, list) or not schedule:
+        raise ConfigError("config key kernel.retry.schedule must be a non-empty list of seconds")
+    delays = tuple(_float(v, f"kernel.retry.schedule[{i}]") for i, v in enumerate(schedule))
+    budget = _float(sec.get("budget", RetryPolicy.budget), "kernel.retry.budget")
+    if any(d < 0 for d in delays) or budget < 0:
+        raise ConfigError("config keys kernel.retry.schedule and kernel.retry.budget must be 0 or more")
+    return RetryPolicy(schedule=delays, budget=budget)
+
+
 def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> KernelConfig:
     sec = _section(file, "kernel")
     cfg = KernelConfig(
@@ -299,6 +323,8 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
             _pick(None, env, ("DISPATCH_CONFINE_TOOLS",), sec.get("confine_tools"), False),
             "kernel.confine_tools",
         ),
+        dispatch=dispatch_policy(env, file),
+        retry=retry_policy(file),
     )
     if not cfg.store_address:
         raise ConfigError("kernel needs the store's address: --store or DISPATCH_STORE_ADDRESS")

@@ -91,6 +91,8 @@ class Provider(Protocol):
 
     name: str
     model: str
+    # Where requests go (a URL); turns calling the same endpoint share one back-off.
+    endpoint: str
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
 

@@ -54,6 +54,7 @@ def _words(text: str) -> AsyncIterator[ProviderEvent]:
 class DemoProvider:
     name = "demo"
     model = "demo"
+    endpoint = "demo"
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
         _, step = steps_since_last_user(request.messages)

@@ -149,6 +149,7 @@ class OpenAIProvider:
     def __init__(self, cfg: ProviderConfig, client: httpx.AsyncClient | None = None):
         self.model = cfg.model
         self._url = f"{cfg.base_url}/chat/completions"
+        self.endpoint = self._url
         self._api_key = cfg.api_key
         self._timeout = httpx.Timeout(cfg.request_timeout, connect=min(cfg.request_timeout, 30.0))
         self._client = client or httpx.AsyncClient(timeout=self._timeout)

@@ -17,8 +17,9 @@ number of user messages so far (the last turn repeats); the step is the number
 of assistant messages since the last user message. Event types: text_delta,
 reasoning_delta, tool_call (id optional), usage, finish (reason optional: it
 defaults to tool_calls when the step called a tool, else stop), sleep
-(seconds: to make streaming observable), error (status, message, retryable:
-a provider failure).
+(seconds: to make streaming observable), error (status, message, retryable,
+retry_after: a provider failure; with ``times`` only the step's first that many
+attempts fail, so a retry gets past it).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class ScriptedProvider:
         _validate(turns, where)
         self._turns = turns
         self.model = model
+        self.endpoint = f"scripted:{where}"
+        # Failed attempts so far per (turn, step, event index), for errors with "times".
+        self._failures: dict[tuple[int, int, int], int] = {}
 
     @classmethod
     def from_data(cls, data: Any, *, where: str = "<inline>") -> ScriptedProvider:
@@ -108,7 +112,7 @@ class ScriptedProvider:
             raise ProviderError(f"script has no step {step} for this turn (it has {len(steps)})")
         called = False
         finished = False
-        for event in steps[step]:
+        for index, event in enumerate(steps[step]):
             kind = event["type"]
             if kind == "text_delta":
                 yield TextDelta(str(event["text"]))
@@ -135,10 +139,16 @@ class ScriptedProvider:
             elif kind == "sleep":
                 await asyncio.sleep(float(event.get("seconds", 0)))
             elif kind == "error":
+                key = (users, step, index)
+                failed = self._failures.get(key, 0)
+                if "times" in event and failed >= int(event["times"]):
+                    continue  # failed its "times" attempts already: this attempt gets past it
+                self._failures[key] = failed + 1
                 raise ProviderError(
                     str(event.get("message", "scripted failure")),
                     status=int(event.get("status", 0)),
                     retryable=bool(event.get("retryable", False)),
+                    retry_after=float(event["retry_after"]) if "retry_after" in event else None,
                 )
         if not finished:
             yield Finish(common_pb2.FINISH_REASON_TOOL_CALLS if called else common_pb2.FINISH_REASON_STOP)
