@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -462,7 +462,7 @@ class TurnRunner:
 
     async def _stream_with_retries(
         self, step: StepState, request: ProviderRequest
-    ) -> AsyncIterator[ProviderEvent]:
+    ) -> AsyncGenerator[ProviderEvent, None]:
         """The provider's events for this step. A retryable failure before the step has
         emitted anything is retried after a ``provider_retry`` event and a wait; any other
         failure, or one after output has reached subscribers, ends the step."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,7 +94,7 @@ class Provider(Protocol):
     # Where requests go (a URL); turns calling the same endpoint share one back-off.
     endpoint: str
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]: ...
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]: ...
 
     async def aclose(self) -> None: ...
 

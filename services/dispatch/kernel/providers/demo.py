@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from dispatch.kernel.providers.base import (
     Finish,
@@ -56,7 +56,7 @@ class DemoProvider:
     model = "demo"
     endpoint = "demo"
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         _, step = steps_since_last_user(request.messages)
         if step == 0:
             async for ev in _words(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class ScriptedProvider:
             raise ConfigError(f"config key provider.script: {path!r} is not valid JSON: {exc}") from None
         return cls.from_data(data, where=path)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         users, step = steps_since_last_user(request.messages)
         steps = self._turns[min(max(users - 1, 0), len(self._turns) - 1)]
         if step >= len(steps):
