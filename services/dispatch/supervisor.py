@@ -245,6 +245,9 @@ def _banner(address: str, provider: config.ProviderConfig, database_url: str) ->
 
 def up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]) -> int:
     provider = config.provider_config(vars(args), env, file)  # fail early, naming the key
+    # The same for the providers and agents tables; the peers' addresses come later.
+    peers = {"DISPATCH_STORE_ADDRESS": "-", "DISPATCH_EXEC_ADDRESS": "-"}
+    config.kernel_config(vars(args), {**env, **peers}, file)
     data_dir: Path = (args.data_dir or Path(env.get("DISPATCH_DATA_DIR", ".dispatch"))).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     result = 1

@@ -335,7 +335,10 @@ async def test_max_steps_ends_the_turn_with_its_finish_reason(make_stack: Any) -
     conv = await stack.conversation()
     _, events = await run_turn(stack, conv, "go")
     done = next(e.turn_done for e in events if e.HasField("turn_done"))
-    assert (done.finish_reason, done.steps) == (common_pb2.FINISH_REASON_MAX_STEPS, 2)
+    # Two steps ran their tools; a third, the wrap-up, had tools disabled (its call was ignored).
+    assert (done.finish_reason, done.steps) == (common_pb2.FINISH_REASON_MAX_STEPS, 3)
+    assert kinds(events).count("tool_result") == 2
+    assert kinds(events).count("tool_call") == 2
 
 
 async def test_a_turn_through_a_real_openai_compatible_http_server(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from dispatch.kernel.agents import Agent
 from dispatch.kernel.events import ConversationLog, replay_and_follow
 from dispatch.kernel.turn import TurnDeps, TurnRunner
 from dispatch.shared.errors import (
@@ -106,6 +107,7 @@ class Kernel:
                         "queueing messages behind a running turn is not supported yet: "
                         "wait for turn_sealed, or send with policy interrupt"
                     )
+            agent = await self._agent_of(tenant_id, conversation_id)
             try:
                 turn = await self.deps.store.CreateTurn(
                     store_pb2.CreateTurnRequest(
@@ -113,6 +115,7 @@ class Kernel:
                         conversation_id=conversation_id,
                         idempotency_key=idempotency_key,
                         state=common_pb2.TURN_STATE_RUNNING,
+                        agent=agent.name,
                     ),
                     timeout=self.deps.rpc_timeout,
                 )
@@ -120,7 +123,12 @@ class Kernel:
                 raise from_rpc_error(exc, "the store could not create the turn") from None
             after = events.last_seq
             runner = TurnRunner(
-                self.deps, events, turn, chunks, on_sealed=lambda: self._finished(conversation_id, turn.id)
+                self.deps,
+                events,
+                turn,
+                chunks,
+                on_sealed=lambda: self._finished(conversation_id, turn.id),
+                agent=agent,
             )
             task = asyncio.create_task(runner.run(), name=f"turn {turn.id}")
             self._active[conversation_id] = ActiveTurn(runner, task)
@@ -131,6 +139,32 @@ class Kernel:
         return kernel_pb2.StartTurnResponse(
             turn_id=turn.id, state=common_pb2.TURN_STATE_RUNNING, after_event_seq=after
         )
+
+    async def _agent_of(self, tenant_id: str, conversation_id: str) -> Agent:
+        """The agent the conversation selects, else its workspace's default, else the kernel's."""
+        try:
+            conv = await self.deps.store.GetConversation(
+                store_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id),
+                timeout=self.deps.rpc_timeout,
+            )
+            name, chosen_by = conv.agent, f"conversation {conversation_id}"
+            if not name:
+                ws = await self.deps.store.GetWorkspace(
+                    store_pb2.GetWorkspaceRequest(tenant_id=tenant_id, workspace_id=conv.workspace_id),
+                    timeout=self.deps.rpc_timeout,
+                )
+                name, chosen_by = ws.default_agent, f"workspace {conv.workspace_id}"
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not load the conversation") from None
+        if not name:
+            return self.deps.agents[self.deps.default_agent]
+        agent = self.deps.agents.get(name)
+        if agent is None:
+            raise FailedPrecondition(
+                f"{chosen_by} selects agent {name!r}, which this kernel does not have; "
+                f"configured agents: {', '.join(sorted(self.deps.agents))}"
+            )
+        return agent
 
     def _finished(self, conversation_id: str, turn_id: str) -> None:
         active = self._active.get(conversation_id)

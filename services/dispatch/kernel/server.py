@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 import grpc
 
+from dispatch.kernel.agents import build_agents
 from dispatch.kernel.kernel import Kernel
-from dispatch.kernel.providers import Provider, build_provider
+from dispatch.kernel.providers import Provider
 from dispatch.kernel.service import KernelServicer
 from dispatch.kernel.tools import BUILTIN_TOOLS, Tool
 from dispatch.kernel.turn import TurnDeps
@@ -22,16 +23,14 @@ async def start(
     """Start the kernel on ``cfg.listen``; ``provider`` and ``tools`` override the configured ones (tests)."""
     store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
     exec_channel = grpc.aio.insecure_channel(cfg.exec_address, options=GRPC_OPTIONS)
-    provider = provider or build_provider(cfg.provider)
+    agents, providers = build_agents(cfg, BUILTIN_TOOLS if tools is None else tools, provider)
     deps = TurnDeps(
         store=store_pb2_grpc.ConversationStoreStub(store_channel),
         exec=exec_pb2_grpc.ExecStub(exec_channel),
-        provider=provider,
-        tools=BUILTIN_TOOLS if tools is None else tools,
-        system_prompt=cfg.system_prompt,
+        agents=agents,
+        default_agent=cfg.default_agent,
         max_steps=cfg.max_steps,
         rpc_timeout=cfg.rpc_timeout,
-        policy=cfg.dispatch,
         retry=cfg.retry,
         confine_tools=cfg.confine_tools,
     )
@@ -49,7 +48,8 @@ async def start(
     )
 
     async def close() -> None:
-        await provider.aclose()
+        for p in providers:
+            await p.aclose()
         await store_channel.close()
         await exec_channel.close()
 

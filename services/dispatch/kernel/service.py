@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from dispatch.kernel.agents import model_infos
 from dispatch.kernel.kernel import Kernel
 from dispatch.shared.errors import Context, Unimplemented, from_rpc_error, grpc_errors
 from dispatch.v1 import common_pb2, exec_pb2, kernel_pb2, kernel_pb2_grpc
@@ -47,10 +48,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def ListModels(
         self, request: kernel_pb2.KernelListModelsRequest, context: Context
     ) -> kernel_pb2.KernelListModelsResponse:
-        provider = self.kernel.deps.provider
-        return kernel_pb2.KernelListModelsResponse(
-            models=[common_pb2.ModelInfo(provider=provider.name, model=provider.model, agents=["default"])]
-        )
+        return kernel_pb2.KernelListModelsResponse(models=model_infos(self.kernel.deps.agents))
 
     @grpc_errors
     async def ListComputers(

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from dispatch.dispatcher import canonical_key
+from dispatch.kernel.agents import Agent
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.providers.base import (
     Finish,
-    Provider,
     ProviderError,
     ProviderEvent,
     ProviderRequest,
@@ -31,8 +32,8 @@ from dispatch.kernel.providers.base import (
     Usage,
 )
 from dispatch.kernel.retry import Backoffs, RetryBudgetSpent, Retrying
-from dispatch.kernel.tools import Tool, ToolContext, ToolResult
-from dispatch.shared.config import DispatchPolicy, RetryPolicy
+from dispatch.kernel.tools import ToolContext, ToolResult
+from dispatch.shared.config import RetryPolicy
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
@@ -51,12 +52,10 @@ class TurnDeps:
 
     store: store_pb2_grpc.ConversationStoreAsyncStub
     exec: exec_pb2_grpc.ExecAsyncStub
-    provider: Provider
-    tools: Mapping[str, Tool]
-    system_prompt: str
+    agents: Mapping[str, Agent]
+    default_agent: str = "default"
     max_steps: int = 0
     rpc_timeout: float = 30.0
-    policy: DispatchPolicy = field(default_factory=DispatchPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     backoffs: Backoffs = field(default_factory=Backoffs)
     # Confine every turn's tools to its workspace root (ResolveExecution's workspace_root),
@@ -72,8 +71,9 @@ class StepState:
     step_id: str
     started: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
-    thinking: list[str] = field(default_factory=list)
-    signature: str = ""  # of the thinking, for providers that must get it back
+    # Thinking blocks as (text pieces, signature); a signature closes its block (providers
+    # that sign thinking must get each block back with its own signature).
+    thinking: list[tuple[list[str], str]] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     results: dict[str, ToolResult] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
@@ -83,12 +83,11 @@ class StepState:
 
     def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
         chunks: list[common_pb2.Chunk] = []
-        if self.thinking:
-            chunks.append(
-                common_pb2.Chunk(
-                    thinking=common_pb2.ThinkingChunk(text="".join(self.thinking), signature=self.signature)
-                )
-            )
+        chunks.extend(
+            common_pb2.Chunk(thinking=common_pb2.ThinkingChunk(text="".join(pieces), signature=signature))
+            for pieces, signature in self.thinking
+            if pieces or signature
+        )
         if self.text:
             chunks.append(common_pb2.Chunk(text=common_pb2.TextChunk(text="".join(self.text))))
         if with_calls:
@@ -126,6 +125,27 @@ class StepState:
         )
 
 
+_WRAP_UP = {
+    common_pb2.FINISH_REASON_MAX_STEPS: "This turn has reached its limit of {steps} steps.",
+    common_pb2.FINISH_REASON_TOOL_BUDGET: "This turn has spent its budget of {budget} tool calls.",
+    common_pb2.FINISH_REASON_DOOM_LOOP: "This turn kept repeating the same tool call, so it is stopping.",
+}
+
+
+def _wrap_up_instruction(
+    reason: common_pb2.FinishReason.ValueType, steps: int, budget: int
+) -> common_pb2.Message:
+    """The note that asks for the wrap-up reply; sent with the wrap-up step only, never stored."""
+    why = _WRAP_UP[reason].format(steps=steps, budget=budget)
+    text = (
+        f"{why} Tools are no longer available. In a few sentences, tell the user what you did, "
+        "what you found, and what is left to do."
+    )
+    return common_pb2.Message(
+        role=common_pb2.ROLE_SYSTEM, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
+    )
+
+
 class StoreFailed(Exception):
     """The store refused or failed a write the turn depends on."""
 
@@ -140,8 +160,11 @@ class TurnRunner:
         turn: common_pb2.Turn,
         user_chunks: Sequence[common_pb2.Chunk],
         on_sealed: Callable[[], None] = lambda: None,
+        *,
+        agent: Agent | None = None,
     ):
         self.deps = deps
+        self.agent = agent or deps.agents[turn.agent or deps.default_agent]
         # Frees the conversation for its next turn; called just before turn_sealed.
         self._on_sealed = on_sealed
         self.events = events
@@ -156,6 +179,12 @@ class TurnRunner:
         self._cwd = ""
         self._root: str | None = None
         self._call_ids: set[str] = set()
+        # Limits: calls let through so far, the last call's key and how many times in a row.
+        self._calls_used = 0
+        self._last_call: tuple[str, bytes] | None = None
+        self._repeats = 0
+        self._limit: common_pb2.FinishReason.ValueType | None = None
+        self._step_metrics: list[common_pb2.StepMetrics] = []
 
     @property
     def tenant_id(self) -> str:
@@ -202,7 +231,7 @@ class TurnRunner:
 
     async def run(self) -> None:
         started = time.monotonic()
-        self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.deps.provider.model))
+        self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.agent.model))
         finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
         error = ""
         steps = 0
@@ -238,8 +267,41 @@ class TurnRunner:
                 steps=steps,
             )
         )
+        await self._record_metrics(
+            turn=common_pb2.TurnMetrics(
+                turn_id=self.turn.id,
+                conversation_id=self.turn.conversation_id,
+                duration=duration(time.monotonic() - started),
+                usage=self._usage,
+                steps=steps,
+                tool_calls=sum(m.tool_calls for m in self._step_metrics),
+                context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
+                finish_reason=finish,
+            )
+        )
         state = self.abort_reason or TERMINAL_STATE.get(finish, common_pb2.TURN_STATE_COMPLETED)
         await self._seal(state, finish, error, user_seq)
+
+    async def _record_metrics(
+        self, *, step: common_pb2.StepMetrics | None = None, turn: common_pb2.TurnMetrics | None = None
+    ) -> None:
+        """Persist a step's or the turn's metrics. A failure is logged, not fatal: metrics
+        never cost a turn its answer."""
+        try:
+            if step is not None:
+                await self.deps.store.RecordStepMetrics(
+                    store_pb2.RecordStepMetricsRequest(
+                        tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id, metrics=step
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            if turn is not None:
+                await self.deps.store.RecordTurnMetrics(
+                    store_pb2.RecordTurnMetricsRequest(tenant_id=self.tenant_id, metrics=turn),
+                    timeout=self.deps.rpc_timeout,
+                )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("turn %s: metrics not recorded: %s: %s", self.turn.id, exc.code().name, exc.details())
 
     async def _seal(
         self,
@@ -306,18 +368,26 @@ class TurnRunner:
             self._root = where.workspace_root or where.cwd
         return list(resp.messages)
 
+    def _step_cap(self) -> int:
+        """Steps this turn may take before it must wrap up; 0: no cap."""
+        caps = [c for c in (self.deps.max_steps, self.agent.steps or 0) if c > 0]
+        return min(caps) if caps else 0
+
     async def _steps(self) -> tuple[common_pb2.FinishReason.ValueType, int, common_pb2.Usage]:
-        """The step loop. Returns the turn's finish reason, its step count and the last step's usage."""
+        """The step loop. Returns the turn's finish reason, its step count and the last step's usage.
+
+        A step cap, a spent tool budget or a doom loop does not cut the turn off: one more
+        step runs with tools disabled, so the model can say where it got to (the wrap-up).
+        """
         history = await self._load_history()
         last_usage = common_pb2.Usage()
         step_index = 0
         while True:
             if self.abort_reason is not None:
                 return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
-            if self.deps.max_steps and step_index >= self.deps.max_steps:
-                return common_pb2.FINISH_REASON_MAX_STEPS, step_index, last_usage
+            wrap_up = self._limit
             step = StepState(step_index, make_step_id(self.turn.id, step_index))
-            self._step_task = asyncio.create_task(self._run_step(step, history))
+            self._step_task = asyncio.create_task(self._run_step(step, history, wrap_up))
             try:
                 await self._step_task
             except asyncio.CancelledError:
@@ -343,30 +413,74 @@ class TurnRunner:
             committed = await self._append(messages)
             history.extend(committed.messages)
             last_usage = step.usage.to_proto()
-            self._complete_step(step, last_usage)
+            await self._record_metrics(step=self._complete_step(step, last_usage))
             step_index += 1
+            if wrap_up is not None:
+                return wrap_up, step_index, last_usage
             if not step.calls:
                 return step.finish, step_index, last_usage
+            cap = self._step_cap()
+            if self._limit is None and cap and step_index >= cap:
+                self._limit = common_pb2.FINISH_REASON_MAX_STEPS
+
+    def _gate(self, call: ToolCall) -> str:
+        """Why ``call`` must not run (the turn's tool budget is spent, or it repeats the
+        previous call once too often), or "" to let it through. Counts it either way."""
+        try:
+            key = (call.name, canonical_key(call.input_json))
+        except Exception:  # not JSON: compared as written
+            key = (call.name, call.input_json.encode())
+        self._repeats = self._repeats + 1 if key == self._last_call else 1
+        self._last_call = key
+        agent = self.agent
+        if agent.doom_loop and self._repeats >= agent.doom_loop:
+            self._limit = self._limit or common_pb2.FINISH_REASON_DOOM_LOOP
+            return (
+                f"not run: this is the same {call.name} call {self._repeats} times in a row; "
+                "the turn is ending (doom loop). Do not repeat it."
+            )
+        if agent.tool_budget and self._calls_used >= agent.tool_budget:
+            self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
+            return f"not run: the turn's tool budget ({agent.tool_budget} calls) is spent"
+        self._calls_used += 1
+        if agent.tool_budget and self._calls_used >= agent.tool_budget:
+            self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
+        return ""
 
     async def _commit_partial(self, step: StepState) -> None:
         message = step.assistant_message(self.turn.id, with_calls=False)
         await self._append([message] if message is not None else [])
 
-    def _complete_step(self, step: StepState, usage: common_pb2.Usage) -> None:
+    def _complete_step(self, step: StepState, usage: common_pb2.Usage) -> common_pb2.StepMetrics:
         end = step.stream_end or time.monotonic()
         first = step.first_token or end
+        ttft, decode, generation = first - step.started, end - first, end - step.started
         self._emit(
             step.step_id,
             step_completed=common_pb2.StepCompleted(
                 step_index=step.index,
                 finish_reason=step.finish,
-                ttft=duration(first - step.started),
-                decode=duration(end - first),
-                generation=duration(end - step.started),
+                ttft=duration(ttft),
+                decode=duration(decode),
+                generation=duration(generation),
                 usage=usage,
                 tool_calls=len(step.calls),
             ),
         )
+        self._step_metrics.append(
+            metrics := common_pb2.StepMetrics(
+                turn_id=self.turn.id,
+                step_index=step.index,
+                step_id=step.step_id,
+                ttft=duration(ttft),
+                decode=duration(decode),
+                generation=duration(generation),
+                usage=usage,
+                tool_calls=len(step.calls),
+                finish_reason=step.finish,
+            )
+        )
+        return metrics
 
     def _unique(self, call: ToolCall) -> ToolCall:
         """The call with an id no earlier call of this turn has: a provider that
@@ -381,14 +495,23 @@ class TurnRunner:
         self._call_ids.add(renamed.id)
         return renamed
 
-    async def _run_step(self, step: StepState, history: Sequence[common_pb2.Message]) -> None:
+    async def _run_step(
+        self,
+        step: StepState,
+        history: Sequence[common_pb2.Message],
+        wrap_up: common_pb2.FinishReason.ValueType | None = None,
+    ) -> None:
+        agent = self.agent
+        messages = list(history)
+        if wrap_up is not None:
+            messages.append(_wrap_up_instruction(wrap_up, self._step_cap(), agent.tool_budget))
         request = ProviderRequest(
-            model=self.deps.provider.model,
-            system=self.deps.system_prompt,
-            messages=history,
-            tools=[t.spec for t in self.deps.tools.values()],
+            model=agent.model,
+            system=agent.system_prompt,
+            messages=messages,
+            tools=[t.spec for t in agent.tools.values()],
+            tools_disabled=wrap_up is not None,
         )
-        sid = step.step_id
         started: dict[str, float] = {}
 
         async def run_call(call: ToolCall) -> ToolResult:
@@ -396,33 +519,21 @@ class TurnRunner:
             return await self._run_tool(step, call)
 
         def on_result(call: ToolCall, result: ToolResult, duplicate_of: str) -> None:
-            step.results[call.id] = result
             elapsed = time.monotonic() - started[call.id] if call.id in started else 0.0
-            self._emit(
-                sid,
-                tool_result=common_pb2.ToolResultEvent(
-                    tool_call_id=call.id,
-                    name=call.name,
-                    content=result.content,
-                    is_error=result.is_error,
-                    duration=duration(elapsed),
-                    duplicate_of=duplicate_of,
-                ),
-            )
+            self._record_result(step, call, result, elapsed, duplicate_of)
 
-        policy = self.deps.policy
-        dispatcher = StepDispatcher(policy, self.deps.tools, run_call, on_result)
+        dispatcher = StepDispatcher(agent.policy, agent.tools, run_call, on_result)
         try:
             try:
                 async with contextlib.aclosing(self._stream_with_retries(step, request)) as events:
                     async for ev in events:
-                        self._on_provider_event(step, ev, dispatcher)
+                        self._on_provider_event(step, ev, dispatcher, tools_allowed=wrap_up is None)
             finally:
                 step.stream_end = time.monotonic()
                 self._add_usage(step.usage)
-            if not policy.eager:
+            if not agent.policy.eager:
                 for call in step.calls:
-                    dispatcher.submit(call)
+                    self._submit(step, call, dispatcher)
             await dispatcher.wait()
         except BaseException:
             # Aborted, or the provider failed while eager calls ran: nothing
@@ -430,7 +541,33 @@ class TurnRunner:
             await dispatcher.abort()
             raise
 
-    def _on_provider_event(self, step: StepState, ev: ProviderEvent, dispatcher: StepDispatcher) -> None:
+    def _record_result(
+        self, step: StepState, call: ToolCall, result: ToolResult, elapsed: float, duplicate_of: str = ""
+    ) -> None:
+        step.results[call.id] = result
+        self._emit(
+            step.step_id,
+            tool_result=common_pb2.ToolResultEvent(
+                tool_call_id=call.id,
+                name=call.name,
+                content=result.content,
+                is_error=result.is_error,
+                duration=duration(elapsed),
+                duplicate_of=duplicate_of,
+            ),
+        )
+
+    def _submit(self, step: StepState, call: ToolCall, dispatcher: StepDispatcher) -> None:
+        """Hand ``call`` to the dispatcher, or answer it with an error if a limit refuses it."""
+        refused = self._gate(call)
+        if refused:
+            self._record_result(step, call, ToolResult(refused, is_error=True), 0.0)
+        else:
+            dispatcher.submit(call)
+
+    def _on_provider_event(
+        self, step: StepState, ev: ProviderEvent, dispatcher: StepDispatcher, *, tools_allowed: bool = True
+    ) -> None:
         sid = step.step_id
         if step.first_token is None and not isinstance(ev, (Usage, Finish)):
             step.first_token = time.monotonic()
@@ -438,12 +575,24 @@ class TurnRunner:
             step.text.append(ev.text)
             self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
         elif isinstance(ev, ReasoningDelta):
-            if ev.signature:
-                step.signature += ev.signature
+            if not step.thinking or step.thinking[-1][1]:  # none yet, or the last one is signed
+                step.thinking.append(([], ""))
+            pieces, _ = step.thinking[-1]
             if ev.text:
-                step.thinking.append(ev.text)
+                pieces.append(ev.text)
                 self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
+            if ev.signature:
+                step.thinking[-1] = (pieces, ev.signature)
         elif isinstance(ev, ToolCall):
+            if not tools_allowed or self.agent.text_only:
+                # No tools were offered: a call now has no tool to run and no place in history.
+                log.warning(
+                    "turn %s step %d: ignored a call to %r (tools are disabled for this step)",
+                    self.turn.id,
+                    step.index,
+                    ev.name,
+                )
+                return
             call = self._unique(ev)
             step.calls.append(call)
             self._emit(
@@ -452,8 +601,8 @@ class TurnRunner:
                     tool_call_id=call.id, name=call.name, input_json=call.input_json
                 ),
             )
-            if self.deps.policy.eager:
-                dispatcher.submit(call)
+            if self.agent.policy.eager:
+                self._submit(step, call, dispatcher)
         elif isinstance(ev, Usage):
             step.usage = ev
             self._emit(sid, usage=common_pb2.UsageEvent(usage=ev.to_proto()))
@@ -466,7 +615,7 @@ class TurnRunner:
         """The provider's events for this step. A retryable failure before the step has
         emitted anything is retried after a ``provider_retry`` event and a wait; any other
         failure, or one after output has reached subscribers, ends the step."""
-        provider = self.deps.provider
+        provider = self.agent.provider
         backoff = self.deps.backoffs(provider.endpoint)
         retrying = Retrying(self.deps.retry)
         while True:
@@ -515,10 +664,10 @@ class TurnRunner:
                 await asyncio.sleep(delay)  # an abort cancels the step, and this sleep with it
 
     async def _run_tool(self, step: StepState, call: ToolCall) -> ToolResult:
-        tool = self.deps.tools.get(call.name)
+        tool = self.agent.tools.get(call.name)
         if tool is None:
             return ToolResult(
-                f"unknown tool {call.name!r}; available tools: {', '.join(sorted(self.deps.tools))}",
+                f"unknown tool {call.name!r}; available tools: {', '.join(sorted(self.agent.tools))}",
                 is_error=True,
             )
 

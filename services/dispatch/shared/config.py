@@ -93,16 +93,49 @@ class RetryPolicy:
     budget: float = 8 * 3600.0
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Dispatch, a careful agent. Use the tools to inspect the workspace before answering."
+)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A named way of running turns: which model, what it is told, which tools, which limits."""
+
+    name: str = "default"
+    # A key of KernelConfig.providers.
+    provider: str = "default"
+    # Empty: the provider's model.
+    model: str = ""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Built-in tool names offered; None: all of them.
+    tools: tuple[str, ...] | None = None
+    # Steps per turn; None: no cap of the agent's own; 0: text only (no tools offered).
+    steps: int | None = None
+    # Tool calls per turn; 0: no budget.
+    tool_budget: int = 0
+    # The same call (tool and canonical input) this many times in a row ends the turn; 0: off.
+    doom_loop: int = 3
+    dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     listen: str = "127.0.0.1:0"
     store_address: str = ""
     exec_address: str = ""
+    # The provider named "default", and the default agent's prompt and dispatch
+    # policy, when `providers` / `agents` do not say otherwise.
     provider: ProviderConfig = field(default_factory=ProviderConfig)
-    system_prompt: str = (
-        "You are Dispatch, a careful agent. Use the tools to inspect the workspace before answering."
-    )
-    # 0 = unlimited.
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Named providers and agents; empty: one of each, named "default", from the fields above.
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    # The agent of a conversation that selects none (nor does its workspace).
+    default_agent: str = "default"
+    # Turns running at once across the kernel; more wait, in order, in state queued. 0 = unlimited.
+    max_concurrent_turns: int = 0
+    # Steps per turn, for every agent; 0 = unlimited.
     max_steps: int = 0
     # Deadline on every unary call to the store and exec, in seconds.
     rpc_timeout: float = 30.0
@@ -112,6 +145,23 @@ class KernelConfig:
     # only workspaces created with confine_tools are confined, and tools in the
     # others may touch any path the exec service can.
     confine_tools: bool = False
+
+    def all_providers(self) -> Mapping[str, ProviderConfig]:
+        """``providers``, or ``provider`` as the one named ``default``."""
+        return self.providers or {"default": self.provider}
+
+    def all_agents(self) -> Mapping[str, AgentConfig]:
+        """``agents``, or one named ``default`` from ``system_prompt`` and ``dispatch`` on the
+        first provider."""
+        if self.agents:
+            return self.agents
+        providers = self.all_providers()
+        provider = "default" if "default" in providers else next(iter(providers))
+        return {
+            "default": AgentConfig(
+                provider=provider, system_prompt=self.system_prompt, dispatch=self.dispatch
+            )
+        }
 
 
 @dataclass(frozen=True)
@@ -180,33 +230,55 @@ def _bool(value: Any, key: str) -> bool:
     raise ConfigError(f"config key {key} must be true or false, got {value!r}")
 
 
+PROVIDER_KINDS = ("demo", "scripted", "openai", "anthropic")
+_DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+_DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
 def provider_config(
     flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]
 ) -> ProviderConfig:
-    sec = _section(file, "provider")
-    model = _pick(flags.get("model"), env, ("DISPATCH_MODEL",), sec.get("model"), "")
-    script = _pick(flags.get("script"), env, ("DISPATCH_SCRIPT",), sec.get("script"), "")
+    """The ``[provider]`` table (the provider named ``default``), with flags and environment over it."""
+    return _provider(_section(file, "provider"), "provider", env, flags)
+
+
+def _provider(
+    sec: Mapping[str, Any], key: str, env: Mapping[str, str], flags: Mapping[str, Any] | None = None
+) -> ProviderConfig:
+    """One provider table; ``key`` is its name in messages. Flags and the DISPATCH_* environment
+    apply only to the default provider (``flags`` given)."""
+    default = flags is not None
+    flags = flags or {}
+    env_for_default = env if default else {}
+
+    def pick(flag: str, names: tuple[str, ...], name: str, fallback: Any) -> Any:
+        return _pick(flags.get(flag), env_for_default, names, sec.get(name), fallback)
+
+    model = pick("model", ("DISPATCH_MODEL",), "model", "")
+    script = pick("script", ("DISPATCH_SCRIPT",), "script", "")
     kind_default = "openai" if model else ("scripted" if script else "demo")
-    kind = _pick(flags.get("provider"), env, ("DISPATCH_PROVIDER",), sec.get("kind"), kind_default)
-    if kind not in ("demo", "scripted", "openai"):
-        raise ConfigError(f"config key provider.kind must be demo, scripted or openai, got {kind!r}")
-    key_env = sec.get("api_key_env", "OPENAI_API_KEY")
-    api_key = env.get("DISPATCH_PROVIDER_API_KEY") or env.get(str(key_env), "")
-    base_url = _pick(
-        flags.get("base_url"),
-        env,
-        ("DISPATCH_BASE_URL", "OPENAI_BASE_URL"),
-        sec.get("base_url"),
-        ProviderConfig.base_url,
+    kind = pick("provider", ("DISPATCH_PROVIDER",), "kind", kind_default)
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(f"config key {key}.kind must be one of {', '.join(PROVIDER_KINDS)}, got {kind!r}")
+    key_env = sec.get("api_key_env", _DEFAULT_KEY_ENV.get(kind, "OPENAI_API_KEY"))
+    api_key = (
+        (env_for_default.get("DISPATCH_PROVIDER_API_KEY") or env.get(str(key_env), "")) if key_env else ""
     )
+    url_env = ("DISPATCH_BASE_URL", "ANTHROPIC_BASE_URL" if kind == "anthropic" else "OPENAI_BASE_URL")
+    base_url = pick("base_url", url_env, "base_url", _DEFAULT_BASE_URL.get(kind, ProviderConfig.base_url))
     timeout = _float(
-        _pick(None, env, ("DISPATCH_REQUEST_TIMEOUT",), sec.get("request_timeout"), 120.0),
-        "provider.request_timeout",
+        _pick(None, env_for_default, ("DISPATCH_REQUEST_TIMEOUT",), sec.get("request_timeout"), 120.0),
+        f"{key}.request_timeout",
     )
-    if kind == "openai" and not model:
-        raise ConfigError("config key provider.model (or DISPATCH_MODEL) is required for provider openai")
+    max_tokens = _int(sec.get("max_tokens", ProviderConfig.max_tokens), f"{key}.max_tokens")
+    if timeout <= 0 or max_tokens <= 0:
+        raise ConfigError(f"config keys {key}.request_timeout and {key}.max_tokens must be more than 0")
+    if kind in ("openai", "anthropic") and not model:
+        hint = " (or DISPATCH_MODEL)" if default else ""
+        raise ConfigError(f"config key {key}.model{hint} is required for provider kind {kind}")
     if kind == "scripted" and not script:
-        raise ConfigError("config key provider.script (or DISPATCH_SCRIPT) is required for provider scripted")
+        hint = " (or DISPATCH_SCRIPT)" if default else ""
+        raise ConfigError(f"config key {key}.script{hint} is required for provider kind scripted")
     return ProviderConfig(
         kind=kind,
         model=model,
@@ -214,7 +286,63 @@ def provider_config(
         api_key=api_key,
         script=script,
         request_timeout=timeout,
+        max_tokens=max_tokens,
     )
+
+
+def providers_config(
+    flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]
+) -> dict[str, ProviderConfig]:
+    """Every configured provider by name: the ``[providers.NAME]`` tables, and ``[provider]``
+    (or, without any table, the flags and environment) as ``default``."""
+    tables = _section(file, "providers")
+    providers: dict[str, ProviderConfig] = {}
+    for name, sec in tables.items():
+        if not isinstance(sec, Mapping):
+            raise ConfigError(f"config key [providers.{name}] must be a table")
+        providers[str(name)] = _provider(sec, f"providers.{name}", env)
+    if "default" not in providers and ("provider" in file or not providers):
+        providers["default"] = provider_config(flags, env, file)
+    return providers
+
+
+def _tool_names(value: Any, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"config key {key} must be a list of tool names")
+    return tuple(value)
+
+
+def agent_config(
+    name: str, sec: Mapping[str, Any], env: Mapping[str, str], providers: Mapping[str, ProviderConfig]
+) -> AgentConfig:
+    key = f"agents.{name}"
+    provider = str(sec.get("provider", "default" if "default" in providers else next(iter(providers), "")))
+    if provider not in providers:
+        known = ", ".join(sorted(providers)) or "none"
+        raise ConfigError(
+            f"config key {key}.provider: no provider {provider!r} is configured (have: {known})"
+        )
+    steps = sec.get("steps")
+    agent = AgentConfig(
+        name=name,
+        provider=provider,
+        model=str(sec.get("model", "")),
+        system_prompt=str(sec.get("system_prompt", DEFAULT_SYSTEM_PROMPT)),
+        tools=_tool_names(sec.get("tools"), f"{key}.tools"),
+        steps=None if steps is None else _int(steps, f"{key}.steps"),
+        tool_budget=_int(sec.get("tool_budget", 0), f"{key}.tool_budget"),
+        doom_loop=_int(sec.get("doom_loop", AgentConfig.doom_loop), f"{key}.doom_loop"),
+        dispatch=dispatch_policy(
+            env, {"kernel": {"dispatch": sec.get("dispatch", {})}}, key=f"{key}.dispatch"
+        ),
+    )
+    for field_name in ("steps", "tool_budget", "doom_loop"):
+        value = getattr(agent, field_name)
+        if value is not None and value < 0:
+            raise ConfigError(f"config key {key}.{field_name} must be 0 or more, got {value}")
+    return agent
 
 
 def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> StoreConfig:
@@ -265,32 +393,33 @@ def _ssh_config(env: Mapping[str, str], sec: Mapping[str, Any]) -> str:
     return str(default) if default is not None and default.is_file() else ""
 
 
-def dispatch_policy(env: Mapping[str, str], file: Mapping[str, Any]) -> DispatchPolicy:
+def dispatch_policy(
+    env: Mapping[str, str], file: Mapping[str, Any], key: str = "kernel.dispatch"
+) -> DispatchPolicy:
+    """``[kernel.dispatch]`` of ``file``; ``key`` names it in messages (an agent's own policy)."""
     sec = _section(_section(file, "kernel"), "dispatch")
     limits = sec.get("tool_limits", {})
     if not isinstance(limits, Mapping):
-        raise ConfigError("config key kernel.dispatch.tool_limits must be a table of tool name = limit")
-    tool_limits = {str(k): _int(v, f"kernel.dispatch.tool_limits.{k}") for k, v in limits.items()}
+        raise ConfigError(f"config key {key}.tool_limits must be a table of tool name = limit")
+    tool_limits = {str(k): _int(v, f"{key}.tool_limits.{k}") for k, v in limits.items()}
     exempt = sec.get("dedup_exempt", [])
     if not isinstance(exempt, list) or not all(isinstance(x, str) for x in exempt):
-        raise ConfigError("config key kernel.dispatch.dedup_exempt must be a list of tool names")
+        raise ConfigError(f"config key {key}.dedup_exempt must be a list of tool names")
     eager = sec.get("eager", True)
     if not isinstance(eager, bool):
-        raise ConfigError(f"config key kernel.dispatch.eager must be true or false, got {eager!r}")
+        raise ConfigError(f"config key {key}.eager must be true or false, got {eager!r}")
     scheduler = _pick(None, env, ("DISPATCH_SCHEDULER",), sec.get("scheduler"), "rust")
     if scheduler not in ("rust", "reference"):
-        raise ConfigError(
-            f"config key kernel.dispatch.scheduler must be rust or reference, got {scheduler!r}"
-        )
+        raise ConfigError(f"config key {key}.scheduler must be rust or reference, got {scheduler!r}")
     policy = DispatchPolicy(
-        max_concurrent=_int(sec.get("max_concurrent", 0), "kernel.dispatch.max_concurrent"),
+        max_concurrent=_int(sec.get("max_concurrent", 0), f"{key}.max_concurrent"),
         tool_limits=tool_limits,
         eager=eager,
         dedup_exempt=frozenset(exempt),
         scheduler=scheduler,
     )
     if policy.max_concurrent < 0 or any(v < 0 for v in tool_limits.values()):
-        raise ConfigError("config keys kernel.dispatch.max_concurrent and tool_limits must be 0 or more")
+        raise ConfigError(f"config keys {key}.max_concurrent and tool_limits must be 0 or more")
     return policy
 
 
@@ -308,14 +437,28 @@ def retry_policy(file: Mapping[str, Any]) -> RetryPolicy:
 
 def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> KernelConfig:
     sec = _section(file, "kernel")
+    providers = providers_config(flags, env, file)
+    agents = _section(file, "agents")
+    for name, table in agents.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config key [agents.{name}] must be a table")
     cfg = KernelConfig(
         listen=_pick(
             flags.get("listen"), env, ("DISPATCH_KERNEL_LISTEN",), sec.get("listen"), KernelConfig.listen
         ),
         store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),
         exec_address=_pick(flags.get("exec"), env, ("DISPATCH_EXEC_ADDRESS",), sec.get("exec"), ""),
-        provider=provider_config(flags, env, file),
+        provider=providers.get("default", ProviderConfig()),
         system_prompt=sec.get("system_prompt", KernelConfig.system_prompt),
+        providers=providers,
+        agents={str(name): agent_config(str(name), table, env, providers) for name, table in agents.items()},
+        default_agent=str(
+            _pick(None, env, ("DISPATCH_AGENT",), sec.get("default_agent"), KernelConfig.default_agent)
+        ),
+        max_concurrent_turns=_int(
+            _pick(None, env, ("DISPATCH_MAX_CONCURRENT_TURNS",), sec.get("max_concurrent_turns"), 0),
+            "kernel.max_concurrent_turns",
+        ),
         max_steps=_int(
             _pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"
         ),
@@ -330,6 +473,13 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         raise ConfigError("kernel needs the store's address: --store or DISPATCH_STORE_ADDRESS")
     if not cfg.exec_address:
         raise ConfigError("kernel needs the exec service's address: --exec or DISPATCH_EXEC_ADDRESS")
+    if cfg.max_steps < 0 or cfg.max_concurrent_turns < 0:
+        raise ConfigError("config keys kernel.max_steps and kernel.max_concurrent_turns must be 0 or more")
+    if cfg.default_agent not in cfg.all_agents():
+        known = ", ".join(sorted(cfg.all_agents()))
+        raise ConfigError(
+            f"config key kernel.default_agent: no agent {cfg.default_agent!r} is configured (have: {known})"
+        )
     return cfg
 
 

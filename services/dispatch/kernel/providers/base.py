@@ -25,6 +25,9 @@ class ProviderRequest:
     # The conversation so far, in seq order, plus this turn's uncommitted steps.
     messages: Sequence[common_pb2.Message]
     tools: Sequence[ToolSpec] = ()
+    # The tools stay declared (history may hold calls to them) but the model must not call
+    # any: the wrap-up step of a turn that hit a limit.
+    tools_disabled: bool = False
 
 
 @dataclass(frozen=True)

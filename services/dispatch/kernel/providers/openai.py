@@ -163,6 +163,8 @@ class OpenAIProvider:
         }
         if request.tools:
             body["tools"] = to_openai_tools(request.tools)
+            if request.tools_disabled:
+                body["tool_choice"] = "none"
         return body
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:

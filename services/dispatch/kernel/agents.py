@@ -1,0 +1,91 @@
+"""Agents as a turn uses them: the configured ``AgentConfig`` with its provider built and
+its tools looked up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from dispatch.kernel.providers import Provider, build_provider
+from dispatch.kernel.tools import Tool
+from dispatch.shared.config import AgentConfig, ConfigError, DispatchPolicy, KernelConfig
+from dispatch.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    provider: Provider
+    # What the provider is asked for: the agent's model, else the provider's.
+    model: str
+    system_prompt: str
+    # Offered to the model; empty for a text-only agent.
+    tools: Mapping[str, Tool]
+    # None: no cap of its own; 0: text only.
+    steps: int | None
+    tool_budget: int
+    doom_loop: int
+    policy: DispatchPolicy
+
+    @property
+    def text_only(self) -> bool:
+        return self.steps == 0
+
+
+def build_agents(
+    cfg: KernelConfig, tools: Mapping[str, Tool], provider: Provider | None = None
+) -> tuple[dict[str, Agent], list[Provider]]:
+    """Every configured agent by name, and the providers they use (each built once).
+
+    ``provider`` replaces every configured provider (tests). A bad agent fails here
+    with a ``ConfigError`` naming its key.
+    """
+    built: dict[str, Provider] = {}
+
+    def provider_named(name: str) -> Provider:
+        if provider is not None:
+            return provider
+        if name not in built:
+            built[name] = build_provider(cfg.all_providers()[name])
+        return built[name]
+
+    agents = {name: _agent(name, a, tools, provider_named) for name, a in cfg.all_agents().items()}
+    return agents, ([provider] if provider is not None else list(built.values()))
+
+
+def _agent(
+    name: str, a: AgentConfig, tools: Mapping[str, Tool], provider_named: Callable[[str], Provider]
+) -> Agent:
+    if a.tools is None:
+        offered = dict(tools)
+    else:
+        unknown = sorted(set(a.tools) - set(tools))
+        if unknown:
+            raise ConfigError(
+                f"config key agents.{name}.tools: unknown tool(s) {', '.join(unknown)}; "
+                f"the tools are {', '.join(sorted(tools))}"
+            )
+        offered = {t: tools[t] for t in a.tools}
+    provider = provider_named(a.provider)
+    return Agent(
+        name=name,
+        provider=provider,
+        model=a.model or provider.model,
+        system_prompt=a.system_prompt,
+        tools={} if a.steps == 0 else offered,
+        steps=a.steps,
+        tool_budget=a.tool_budget,
+        doom_loop=a.doom_loop,
+        policy=a.dispatch,
+    )
+
+
+def model_infos(agents: Mapping[str, Agent]) -> list[common_pb2.ModelInfo]:
+    """One entry per (provider, model) in use, naming the agents that use it."""
+    by_model: dict[tuple[str, str], list[str]] = {}
+    for agent in agents.values():
+        by_model.setdefault((agent.provider.name, agent.model), []).append(agent.name)
+    return [
+        common_pb2.ModelInfo(provider=provider, model=model, agents=sorted(names))
+        for (provider, model), names in sorted(by_model.items())
+    ]

@@ -1,0 +1,235 @@
+"""A fake Anthropic Messages API: real HTTP on loopback, scripted replies and faults.
+
+Each request to ``POST /v1/messages`` takes the next queued reply. The requests
+it received (parsed bodies, lower-cased headers, paths) are kept for assertions.
+Streams are named SSE events: ``event: <type>\\ndata: <json>\\n\\n``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# A payload dict (its "type" names the event), or (event name, payload); a str
+# payload is sent as is, to script malformed data.
+Event = dict[str, Any] | tuple[str, dict[str, Any] | str]
+
+
+@dataclass
+class Stream:
+    """A 200 streaming these events."""
+
+    events: Sequence[Event]
+    # Abort the connection after this many events.
+    drop_after: int | None = None
+    # Chunked transfer encoding, as real servers stream; False: the body ends
+    # when the connection closes.
+    chunked: bool = True
+    # Before sending event number ``hold_at``, wait until ``release`` is set.
+    hold_at: int | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    # How many events have been written so far.
+    sent: int = 0
+
+
+@dataclass
+class Status:
+    """A non-2xx answer."""
+
+    status: int
+    body: str = '{"type": "error", "error": {"type": "api_error", "message": "fault"}}'
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Hang:
+    """Accept the request and never send headers."""
+
+
+Reply = Stream | Status | Hang
+
+
+# ------------------------------------------------------------ event builders
+
+
+def message_start(
+    input_tokens: int = 10, output_tokens: int = 1, cache_read: int = 0, cache_creation: int = 0
+) -> dict[str, Any]:
+    return {
+        "type": "message_start",
+        "message": {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-fake",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cache_read_input_tokens": cache_read,
+                "cache_creation_input_tokens": cache_creation,
+            },
+        },
+    }
+
+
+def block_start(index: int, block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def block_delta(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def block_stop(index: int) -> dict[str, Any]:
+    return {"type": "content_block_stop", "index": index}
+
+
+def text_block(index: int, *pieces: str) -> list[dict[str, Any]]:
+    return [
+        block_start(index, {"type": "text", "text": ""}),
+        *(block_delta(index, {"type": "text_delta", "text": p}) for p in pieces),
+        block_stop(index),
+    ]
+
+
+def thinking_block(index: int, *pieces: str, signature: str) -> list[dict[str, Any]]:
+    return [
+        block_start(index, {"type": "thinking", "thinking": ""}),
+        *(block_delta(index, {"type": "thinking_delta", "thinking": p}) for p in pieces),
+        block_delta(index, {"type": "signature_delta", "signature": signature}),
+        block_stop(index),
+    ]
+
+
+def tool_block(index: int, call_id: str, name: str, *partial_json: str) -> list[dict[str, Any]]:
+    return [
+        block_start(index, {"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+        *(block_delta(index, {"type": "input_json_delta", "partial_json": p}) for p in partial_json),
+        block_stop(index),
+    ]
+
+
+def message_end(stop_reason: str = "end_turn", output_tokens: int = 5) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+def text_reply(*pieces: str, stop_reason: str = "end_turn") -> list[dict[str, Any]]:
+    """The events of a plain text answer."""
+    return [message_start(), *text_block(0, *pieces), *message_end(stop_reason)]
+
+
+# -------------------------------------------------------------------- server
+
+
+class FakeAnthropic:
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self._server: asyncio.Server | None = None
+        self._hung: list[asyncio.StreamWriter] = []
+        self._streams: list[Stream] = []
+
+    @property
+    def base_url(self) -> str:
+        """Like ``https://api.anthropic.com``: no ``/v1``."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> FakeAnthropic:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        for writer in self._hung:
+            writer.close()
+        for stream in self._streams:
+            stream.release.set()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            self.paths.append(path)
+            self.headers.append(headers)
+            self.requests.append(json.loads(body))
+            if method != "POST" or path != "/v1/messages":
+                reply: Reply = Status(
+                    404, '{"type": "error", "error": {"type": "not_found_error", "message": "no such path"}}'
+                )
+            elif self.replies:
+                reply = self.replies.pop(0)
+            else:
+                reply = Status(
+                    500, '{"type": "error", "error": {"type": "api_error", "message": "no reply"}}'
+                )
+            await self._answer(reply, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    async def _answer(self, reply: Reply, writer: asyncio.StreamWriter) -> None:
+        if isinstance(reply, Hang):
+            self._hung.append(writer)
+            return
+        if isinstance(reply, Status):
+            extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+            body = reply.body.encode()
+            writer.write(
+                f"HTTP/1.1 {reply.status} Fault\r\nContent-Type: application/json\r\n{extra}"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            writer.close()
+            return
+        self._streams.append(reply)
+        encoding = "Transfer-Encoding: chunked\r\n" if reply.chunked else ""
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{encoding}Connection: close\r\n\r\n"
+        writer.write(head.encode())
+        await writer.drain()
+
+        def send(data: bytes) -> None:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data) if reply.chunked else data)
+
+        for i, event in enumerate(reply.events):
+            if reply.drop_after is not None and i >= reply.drop_after:
+                # Abort the connection: the client sees a broken stream, not a clean end.
+                writer.transport.abort()
+                return
+            if reply.hold_at == i:
+                await reply.release.wait()
+            name, payload = (str(event.get("type", "")), event) if isinstance(event, dict) else event
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            send(f"event: {name}\ndata: {data}\n\n".encode())
+            await writer.drain()
+            reply.sent += 1
+        if reply.chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            writer.close()
