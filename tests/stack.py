@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -76,7 +77,10 @@ async def start_stack(
     tools: Mapping[str, Tool] | None = None,
     policy: DispatchPolicy | None = None,
     retry: RetryPolicy | None = None,
+    **kernel_options: Any,
 ) -> Stack:
+    """A store, exec and kernel (and with ``transport``, a transport) on free ports;
+    ``kernel_options`` are more KernelConfig fields (agents, max_concurrent_turns, ...)."""
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
     store = await start_store(
@@ -91,6 +95,7 @@ async def start_stack(
             rpc_timeout=10.0,
             dispatch=policy or DispatchPolicy(),
             retry=retry or RetryPolicy(),
+            **kernel_options,
         ),
         provider=provider,
         tools=tools,
