@@ -12,8 +12,10 @@ import grpc
 
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.events import ConversationLog, replay_and_follow
+from dispatch.kernel.slots import RunSlots
 from dispatch.kernel.turn import TurnDeps, TurnRunner
 from dispatch.shared.errors import (
+    DispatchError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -36,7 +38,7 @@ class ActiveTurn:
 class Kernel:
     """Runs turns; the gRPC servicer is a thin layer over this."""
 
-    def __init__(self, deps: TurnDeps):
+    def __init__(self, deps: TurnDeps, max_concurrent_turns: int = 0):
         self.deps = deps
         self._logs: dict[str, ConversationLog] = {}
         self._active: dict[str, ActiveTurn] = {}
@@ -45,6 +47,7 @@ class Kernel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining = False
+        self.slots = RunSlots(max_concurrent_turns)
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         return self._locks.setdefault(conversation_id, asyncio.Lock())
@@ -99,46 +102,121 @@ class Kernel:
                 elif policy == common_pb2.SEND_POLICY_REJECT:
                     raise FailedPrecondition(
                         f"conversation {conversation_id} has a running turn {running.runner.turn.id}; "
-                        "send with policy interrupt to replace it, or wait for turn_sealed"
+                        "send with policy interrupt to replace it, or enqueue to have it taken in turn"
                     )
                 else:
-                    raise FailedPrecondition(
-                        f"conversation {conversation_id} has a running turn {running.runner.turn.id}; "
-                        "queueing messages behind a running turn is not supported yet: "
-                        "wait for turn_sealed, or send with policy interrupt"
+                    # Enqueue (the default): the running turn takes it at its next tool-result
+                    # boundary, or the next turn starts with it right after the seal.
+                    await self._enqueue(tenant_id, conversation_id, chunks, idempotency_key)
+                    return kernel_pb2.StartTurnResponse(
+                        turn_id=running.runner.turn.id,
+                        state=running.runner.turn.state,
+                        queued=True,
+                        after_event_seq=events.last_seq,
                     )
-            agent = await self._agent_of(tenant_id, conversation_id)
+            return await self._launch(tenant_id, conversation_id, [list(chunks)], idempotency_key)
+
+    async def _enqueue(
+        self, tenant_id: str, conversation_id: str, chunks: Sequence[common_pb2.Chunk], idempotency_key: str
+    ) -> None:
+        message = common_pb2.Message(role=common_pb2.ROLE_USER, chunks=chunks)
+        try:
+            await self.deps.store.Enqueue(
+                store_pb2.EnqueueRequest(
+                    tenant_id=tenant_id,
+                    conversation_id=conversation_id,
+                    message=message,
+                    idempotency_key=idempotency_key,
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not queue the message") from None
+
+    async def _launch(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        user_messages: Sequence[Sequence[common_pb2.Chunk]],
+        idempotency_key: str = "",
+    ) -> kernel_pb2.StartTurnResponse:
+        """Create and start a turn for ``user_messages``; the conversation's lock is held.
+        Without a free run slot the turn is created queued and waits for one."""
+        events = await self._log(tenant_id, conversation_id)
+        agent = await self._agent_of(tenant_id, conversation_id)
+        has_slot = self.slots.try_acquire()
+        state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
+        try:
+            turn = await self.deps.store.CreateTurn(
+                store_pb2.CreateTurnRequest(
+                    tenant_id=tenant_id,
+                    conversation_id=conversation_id,
+                    idempotency_key=idempotency_key,
+                    state=state,
+                    agent=agent.name,
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if has_slot:
+                self.slots.release()
+            raise from_rpc_error(exc, "the store could not create the turn") from None
+        after = events.last_seq
+        runner = TurnRunner(
+            self.deps,
+            events,
+            turn,
+            user_messages[0],
+            on_sealed=lambda: self._finished(conversation_id, turn.id),
+            agent=agent,
+            more_user=user_messages[1:],
+            slots=None if has_slot else self.slots,
+        )
+
+        async def run() -> None:
             try:
-                turn = await self.deps.store.CreateTurn(
-                    store_pb2.CreateTurnRequest(
-                        tenant_id=tenant_id,
-                        conversation_id=conversation_id,
-                        idempotency_key=idempotency_key,
-                        state=common_pb2.TURN_STATE_RUNNING,
-                        agent=agent.name,
-                    ),
+                await runner.run()
+            finally:
+                if has_slot or runner.has_slot:
+                    self.slots.release()
+
+        task = asyncio.create_task(run(), name=f"turn {turn.id}")
+        self._active[conversation_id] = ActiveTurn(runner, task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Also on a turn that ends unsealed (the store failed) or crashes.
+        task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
+        task.add_done_callback(lambda _t: self._after_turn(tenant_id, conversation_id))
+        return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
+
+    def _after_turn(self, tenant_id: str, conversation_id: str) -> None:
+        """A turn ended: messages queued behind it (and not taken as steering) start the next."""
+        if self._draining:
+            return
+        task = asyncio.create_task(self._start_queued(tenant_id, conversation_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_queued(self, tenant_id: str, conversation_id: str) -> None:
+        async with self._lock(conversation_id):
+            if conversation_id in self._active or self._draining:
+                return  # a turn runs again: it takes the queue at its boundaries, or after it
+            try:
+                drained = await self.deps.store.DrainQueue(
+                    store_pb2.DrainQueueRequest(tenant_id=tenant_id, conversation_id=conversation_id),
                     timeout=self.deps.rpc_timeout,
                 )
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc, "the store could not create the turn") from None
-            after = events.last_seq
-            runner = TurnRunner(
-                self.deps,
-                events,
-                turn,
-                chunks,
-                on_sealed=lambda: self._finished(conversation_id, turn.id),
-                agent=agent,
-            )
-            task = asyncio.create_task(runner.run(), name=f"turn {turn.id}")
-            self._active[conversation_id] = ActiveTurn(runner, task)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            # Also on a turn that ends unsealed (the store failed) or crashes.
-            task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
-        return kernel_pb2.StartTurnResponse(
-            turn_id=turn.id, state=common_pb2.TURN_STATE_RUNNING, after_event_seq=after
-        )
+                if drained.messages:
+                    await self._launch(
+                        tenant_id, conversation_id, [list(q.message.chunks) for q in drained.messages]
+                    )
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, DispatchError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.error(  # noqa: TRY400 - the cause is in detail
+                    "conversation %s: could not start the turn for its queued messages: %s",
+                    conversation_id,
+                    detail,
+                )
 
     async def _agent_of(self, tenant_id: str, conversation_id: str) -> Agent:
         """The agent the conversation selects, else its workspace's default, else the kernel's."""

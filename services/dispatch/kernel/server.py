@@ -34,7 +34,7 @@ async def start(
         retry=cfg.retry,
         confine_tools=cfg.confine_tools,
     )
-    kernel = Kernel(deps)
+    kernel = Kernel(deps, cfg.max_concurrent_turns)
     servicer = KernelServicer(kernel)
     hosted = await start_server(
         [

@@ -32,6 +32,7 @@ from dispatch.kernel.providers.base import (
     Usage,
 )
 from dispatch.kernel.retry import Backoffs, RetryBudgetSpent, Retrying
+from dispatch.kernel.slots import RunSlots
 from dispatch.kernel.tools import ToolContext, ToolResult
 from dispatch.shared.config import RetryPolicy
 from dispatch.shared.ids import step_id as make_step_id
@@ -162,6 +163,8 @@ class TurnRunner:
         on_sealed: Callable[[], None] = lambda: None,
         *,
         agent: Agent | None = None,
+        more_user: Sequence[Sequence[common_pb2.Chunk]] = (),
+        slots: RunSlots | None = None,
     ):
         self.deps = deps
         self.agent = agent or deps.agents[turn.agent or deps.default_agent]
@@ -170,6 +173,12 @@ class TurnRunner:
         self.events = events
         self.turn = turn
         self.user_chunks = list(user_chunks)
+        # Further user messages that start the turn with the first (queued behind another turn).
+        self.more_user = [list(m) for m in more_user]
+        # Where to wait for a run slot; None: the turn has one (or needs none).
+        self._slots = slots
+        self._slot_wait: asyncio.Task[None] | None = None
+        self.has_slot = False
         self.abort_reason: common_pb2.TurnState.ValueType | None = None
         self._step_task: asyncio.Task[None] | None = None
         self._usage = common_pb2.Usage()
@@ -194,6 +203,8 @@ class TurnRunner:
         """Abort the turn: the running step is cancelled, and the turn seals as aborted."""
         if self.abort_reason is None:
             self.abort_reason = state
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()
         if self._step_task is not None:
             self._step_task.cancel()
 
@@ -229,7 +240,32 @@ class TurnRunner:
             )
         return resp
 
+    async def _wait_for_slot(self) -> None:
+        """A queued turn waits here for a run slot (an abort ends the wait), then is running."""
+        if self._slots is None:
+            return
+        self._slot_wait = asyncio.create_task(self._slots.acquire())
+        try:
+            await self._slot_wait
+            self.has_slot = True
+        except asyncio.CancelledError:
+            if self.abort_reason is None:
+                raise  # the kernel itself is being cancelled
+            return  # aborted while queued: the turn seals at once, without a step
+        finally:
+            self._slot_wait = None
+        try:
+            self.turn = await self.deps.store.TransitionTurn(
+                store_pb2.TransitionTurnRequest(
+                    tenant_id=self.tenant_id, turn_id=self.turn.id, to=common_pb2.TURN_STATE_RUNNING
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("turn %s: could not record it as running: %s", self.turn.id, exc.details())
+
     async def run(self) -> None:
+        await self._wait_for_slot()
         started = time.monotonic()
         self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.agent.model))
         finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
@@ -238,10 +274,11 @@ class TurnRunner:
         last_step_usage = common_pb2.Usage()
         user_seq = 0
         try:
-            user = common_pb2.Message(
-                role=common_pb2.ROLE_USER, chunks=self.user_chunks, turn_id=self.turn.id
-            )
-            user_seq = (await self._append([user])).first_seq
+            users = [
+                common_pb2.Message(role=common_pb2.ROLE_USER, chunks=chunks, turn_id=self.turn.id)
+                for chunks in (self.user_chunks, *self.more_user)
+            ]
+            user_seq = (await self._append(users)).first_seq
             finish, steps, last_step_usage = await self._steps()
         except StoreFailed as exc:
             error = str(exc)
@@ -422,6 +459,35 @@ class TurnRunner:
             cap = self._step_cap()
             if self._limit is None and cap and step_index >= cap:
                 self._limit = common_pb2.FINISH_REASON_MAX_STEPS
+            if self._limit is None and self.abort_reason is None:
+                history.extend(await self._inject_steering(step_index))
+
+    async def _inject_steering(self, step_index: int) -> list[common_pb2.Message]:
+        """At a tool-result boundary: messages queued while the turn ran join its history as
+        user messages, committed now, for step ``step_index`` to take."""
+        try:
+            drained = await self.deps.store.DrainQueue(
+                store_pb2.DrainQueueRequest(
+                    tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreFailed(f"the store failed to hand over queued messages: {exc.details()}") from exc
+        if not drained.messages:
+            return []
+        users = [
+            common_pb2.Message(role=common_pb2.ROLE_USER, chunks=q.message.chunks, turn_id=self.turn.id)
+            for q in drained.messages
+        ]
+        committed = await self._append(users)
+        self._emit(
+            make_step_id(self.turn.id, step_index),
+            steering_injected=common_pb2.SteeringInjected(
+                step_index=step_index, message_seqs=[m.seq for m in committed.messages]
+            ),
+        )
+        return list(committed.messages)
 
     def _gate(self, call: ToolCall) -> str:
         """Why ``call`` must not run (the turn's tool budget is spent, or it repeats the
