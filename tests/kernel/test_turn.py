@@ -12,8 +12,9 @@ import pytest
 
 from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
-from dispatch.shared.config import ProviderConfig
-from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
+from dispatch.shared.config import ProviderConfig, StoreConfig
+from dispatch.store.server import start as start_store
+from dispatch.v1 import common_pb2, kernel_pb2, store_pb2, store_pb2_grpc
 from tests.fakes.openai_server import FakeOpenAI, Stream, text_chunks
 from tests.stack import TENANT, Stack, collect, kinds, run_turn, start_stack
 from tests.stack import text_chunks as user_text
@@ -370,3 +371,54 @@ async def test_a_turn_through_a_real_openai_compatible_http_server(
     ]
     list_dir = fake_openai.requests[0]["tools"][0]["function"]
     assert list_dir["parameters"]["properties"]["path"]["type"] == "string"
+
+
+async def test_a_store_failure_mid_turn_ends_it_with_a_clear_error_and_keeps_what_was_committed(
+    tmp_path: Path,
+) -> None:
+    stack = await start_stack(
+        tmp_path,
+        scripted(
+            [{"type": "tool_call", "id": "c1", "name": "list_dir", "input": {}}],
+            [{"type": "sleep", "seconds": 0.5}, {"type": "text_delta", "text": "too late to store"}],
+        ),
+    )
+    try:
+        conv = await stack.conversation()
+        started = await stack.kernel.StartTurn(
+            kernel_pb2.StartTurnRequest(tenant_id=TENANT, conversation_id=conv, chunks=user_text("go"))
+        )
+        events: list[common_pb2.AgentEvent] = []
+        watcher = asyncio.create_task(
+            collect(stack, conv, started.after_event_seq, until_turn=started.turn_id, sink=events)
+        )
+        # The user message and step 0 are committed; then the store goes away.
+        while kinds(events).count("messages_committed") < 2:
+            await asyncio.sleep(0.01)
+        await stack.hosted["store"].stop(0)
+        await asyncio.wait_for(watcher, 30)
+    finally:
+        await stack.stop()
+    errors = [e.error for e in events if e.HasField("error")]
+    assert errors[0].code == "store" and errors[0].fatal
+    assert errors[0].message.startswith("the store failed")
+    assert errors[-1].message.startswith("turn not sealed")
+    done = next(e.turn_done for e in events if e.HasField("turn_done"))
+    assert done.finish_reason == common_pb2.FINISH_REASON_ERROR
+    # What was committed before the failure is all there.
+    store = await start_store(
+        StoreConfig(database_url=f"sqlite:///{tmp_path / 'store.db'}", default_workspace_root=str(tmp_path))
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{store.port}") as channel:
+            loaded = await store_pb2_grpc.ConversationStoreStub(channel).Load(
+                store_pb2.LoadRequest(tenant_id=TENANT, conversation_id=conv)
+            )
+    finally:
+        await store.stop(0)
+    assert [m.role for m in loaded.messages] == [
+        common_pb2.ROLE_USER,
+        common_pb2.ROLE_ASSISTANT,
+        common_pb2.ROLE_TOOL,
+    ]
+    assert loaded.messages[2].chunks[0].tool_result.tool_call_id == "c1"

@@ -473,7 +473,9 @@ class TurnRunner:
                 timeout=self.deps.rpc_timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            raise StoreFailed(f"the store failed to hand over queued messages: {exc.details()}") from exc
+            raise StoreFailed(
+                f"the store failed to hand over queued messages: {exc.code().name}: {exc.details()}"
+            ) from exc
         if not drained.messages:
             return []
         users = [
