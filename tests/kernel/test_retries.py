@@ -199,12 +199,12 @@ async def test_cancel_ends_a_retry_wait_at_once(tmp_path: Path) -> None:
         )
         while "provider_retry" not in kinds(seen):
             await asyncio.sleep(0.01)
-        t0 = time.monotonic()
+        # Cancel answers once the turn has ended: with the hour-long wait still running, it would not.
         await stack.kernel.Cancel(
-            kernel_pb2.KernelCancelRequest(tenant_id=TENANT, conversation_id=conv, turn_id=started.turn_id)
+            kernel_pb2.KernelCancelRequest(tenant_id=TENANT, conversation_id=conv, turn_id=started.turn_id),
+            timeout=30,
         )
         events = await collecting
-        assert time.monotonic() - t0 < 5  # an hour-long wait did not hold the cancel
     finally:
         await stack.stop()
     assert done(events).finish_reason == common_pb2.FINISH_REASON_ABORTED
