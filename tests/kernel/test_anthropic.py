@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ from dispatch.kernel.providers.base import (
     ToolSpec,
     Usage,
 )
-from dispatch.shared.config import ProviderConfig
+from dispatch.shared.config import AgentConfig, ProviderConfig
 from dispatch.v1 import common_pb2
 from tests.fakes.anthropic_server import (
     FakeAnthropic,
@@ -42,6 +43,7 @@ from tests.fakes.anthropic_server import (
     thinking_block,
     tool_block,
 )
+from tests.stack import run_turn, start_stack
 
 API_KEY = "sk-ant-secret-key"
 
@@ -564,3 +566,50 @@ async def test_history_is_sent_converted(fake_anthropic: FakeAnthropic) -> None:
     await provider.aclose()
     assert fake_anthropic.requests[0]["messages"] == to_anthropic_messages(history)
     assert [m["role"] for m in fake_anthropic.requests[0]["messages"]] == ["user", "assistant", "user"]
+
+
+# ------------------------------------------------------- through a kernel turn
+
+
+async def test_a_turn_keeps_each_signed_thinking_block_and_sends_it_back(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    """Two signed thinking blocks and a tool call in step 0: step 1's request carries both
+    blocks with their own signatures, the tool_use, and its tool_result; the wrap-up of a
+    one-step agent disables tools with tool_choice none."""
+    fake_anthropic.replies += [
+        Stream(
+            [
+                message_start(),
+                *thinking_block(0, "First, ", "look.", signature="sig-one"),
+                *thinking_block(1, "Then list.", signature="sig-two"),
+                *tool_block(2, "toolu_1", "list_dir", '{"path":', ' "."}'),
+                *message_end("tool_use"),
+            ]
+        ),
+        Stream(text_reply("Empty.")),
+    ]
+    stack = await start_stack(tmp_path, anthropic(fake_anthropic), agents={"default": AgentConfig(steps=1)})
+    try:
+        _, events = await run_turn(stack, await stack.conversation(), "what is here?")
+    finally:
+        await stack.stop()
+    assert [e.reasoning_delta.text for e in events if e.HasField("reasoning_delta")] == [
+        "First, ",
+        "look.",
+        "Then list.",
+    ]
+    second = fake_anthropic.requests[1]
+    assistant = second["messages"][1]
+    assert assistant["role"] == "assistant"
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "thinking", "tool_use"]
+    assert [(b["thinking"], b["signature"]) for b in assistant["content"][:2]] == [
+        ("First, look.", "sig-one"),
+        ("Then list.", "sig-two"),
+    ]
+    assert assistant["content"][2]["input"] == {"path": "."}
+    results = second["messages"][2]["content"]
+    assert results[0]["type"] == "tool_result" and results[0]["tool_use_id"] == "toolu_1"
+    assert second["tool_choice"] == {"type": "none"}  # the wrap-up step of a 1-step agent
+    done = next(e.turn_done for e in events if e.HasField("turn_done"))
+    assert done.finish_reason == common_pb2.FINISH_REASON_MAX_STEPS

@@ -422,3 +422,40 @@ async def test_a_store_failure_mid_turn_ends_it_with_a_clear_error_and_keeps_wha
         common_pb2.ROLE_TOOL,
     ]
     assert loaded.messages[2].chunks[0].tool_result.tool_call_id == "c1"
+
+
+async def test_after_an_abort_the_next_request_to_the_model_has_no_dangling_call(
+    make_stack: Any, fake_openai: FakeOpenAI
+) -> None:
+    call = {"index": 0, "id": "c1", "function": {"name": "shell", "arguments": '{"command": "sleep 60"}'}}
+    fake_openai.replies += [
+        Stream(
+            [
+                {"choices": [{"index": 0, "delta": {"content": "Sleeping."}}]},
+                {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]},
+            ]
+        ),
+        Stream(text_chunks("Awake.")),
+    ]
+    stack = await make_stack(
+        OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
+    )
+    conv = await stack.conversation()
+    started = await stack.kernel.StartTurn(
+        kernel_pb2.StartTurnRequest(tenant_id=TENANT, conversation_id=conv, chunks=user_text("sleep"))
+    )
+    events: list[common_pb2.AgentEvent] = []
+    watcher = asyncio.create_task(
+        collect(stack, conv, started.after_event_seq, until_turn=started.turn_id, sink=events)
+    )
+    while not any(e.HasField("tool_output") or e.HasField("tool_call") for e in events):
+        await asyncio.sleep(0.01)
+    await stack.kernel.Cancel(
+        kernel_pb2.KernelCancelRequest(tenant_id=TENANT, conversation_id=conv), timeout=10
+    )
+    await asyncio.wait_for(watcher, 10)
+    assert next(e.tool_result for e in events if e.HasField("tool_result")).content == "Aborted"
+    await run_turn(stack, conv, "wake up")
+    messages = fake_openai.requests[1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2] == {"role": "assistant", "content": "Sleeping."}  # text kept, call dropped
