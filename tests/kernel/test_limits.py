@@ -122,7 +122,7 @@ async def test_a_text_only_agent_is_offered_no_tools_and_its_stray_calls_are_ign
     events = await turn(stack)
     assert "tools" not in fake_openai.requests[0]
     assert "tool_call" not in kinds(events) and results(events) == []
-    assert done(events).steps == 1
+    assert (done(events).steps, done(events).finish_reason) == (1, common_pb2.FINISH_REASON_STOP)
     history = await stack.store.Load(
         store_pb2.LoadRequest(tenant_id=TENANT, conversation_id=events[0].conversation_id)
     )

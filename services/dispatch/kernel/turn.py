@@ -455,7 +455,11 @@ class TurnRunner:
             if wrap_up is not None:
                 return wrap_up, step_index, last_usage
             if not step.calls:
-                return step.finish, step_index, last_usage
+                # A model that asked for tools it was not offered (their calls were ignored) is done.
+                finish = step.finish
+                if finish == common_pb2.FINISH_REASON_TOOL_CALLS:
+                    finish = common_pb2.FINISH_REASON_STOP
+                return finish, step_index, last_usage
             cap = self._step_cap()
             if self._limit is None and cap and step_index >= cap:
                 self._limit = common_pb2.FINISH_REASON_MAX_STEPS
