@@ -30,11 +30,39 @@ from dispatch.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, store_pb2, stor
 TENANT = LOCAL_TENANT
 
 
+def _with_key(details: Any, key: str) -> Any:
+    return details._replace(metadata=(*(details.metadata or ()), ("authorization", f"Bearer {key}")))
+
+
+# Two classes: grpc.aio files an interceptor under one kind of call only.
+class _UnaryAuth(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, key: str):
+        self.key = key
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_key(details, self.key), request)
+
+
+class _StreamAuth(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: str):
+        self.key = key
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_key(details, self.key), request)
+
+
+def bearer_auth(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add ``authorization: Bearer <key>`` to every call on a channel."""
+    return [_UnaryAuth(key), _StreamAuth(key)]
+
+
 @dataclass
 class Stack:
     workspace: Path
     hosted: dict[str, Hosted]
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    # A key of TENANT's, made when the stack has a transport; `transport` sends it.
+    api_key: str = ""
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.hosted[name].port}"
@@ -54,7 +82,19 @@ class Stack:
 
     @property
     def transport(self) -> transport_pb2_grpc.DispatchAsyncStub:
-        return transport_pb2_grpc.DispatchStub(self.channel("transport"))
+        """The public API, authenticated as TENANT."""
+        return self.transport_as(self.api_key)
+
+    def transport_as(self, key: str) -> transport_pb2_grpc.DispatchAsyncStub:
+        """The public API with ``key`` (empty: no authorization header)."""
+        interceptors = bearer_auth(key) if key else []
+        channel = grpc.aio.insecure_channel(self.address("transport"), interceptors=interceptors)
+        self.channels.append(channel)
+        return transport_pb2_grpc.DispatchStub(channel)
+
+    async def new_key(self, tenant: str = TENANT) -> str:
+        created = await self.store.CreateApiKey(store_pb2.CreateApiKeyRequest(tenant_id=tenant, name="test"))
+        return str(created.secret)
 
     async def conversation(self) -> str:
         conv = await self.store.CreateConversation(store_pb2.CreateConversationRequest(tenant_id=TENANT))
@@ -109,7 +149,10 @@ async def start_stack(
                 store_address=f"127.0.0.1:{store.port}",
             )
         )
-    return Stack(workspace, hosted)
+    stack = Stack(workspace, hosted)
+    if transport:
+        stack.api_key = await stack.new_key()
+    return stack
 
 
 def text_chunks(text: str) -> list[common_pb2.Chunk]:

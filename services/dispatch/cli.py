@@ -1,5 +1,5 @@
-"""``dispatchd``: run one service (``store``, ``exec``, ``kernel``, ``transport``)
-or all four as separate processes (``up``)."""
+"""``dispatchd``: run one service (``store``, ``exec``, ``kernel``, ``transport``),
+all four as separate processes (``up``), or manage API keys (``keys``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from dispatch import keys
 from dispatch.shared import config
 from dispatch.shared.server import Hosted, run, serve_until_signalled
 
@@ -27,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _provider_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", choices=["demo", "scripted", "openai"], help="env: DISPATCH_PROVIDER")
+    p.add_argument("--provider", choices=list(config.PROVIDER_KINDS), help="env: DISPATCH_PROVIDER")
     p.add_argument("--model", help="model name; implies --provider openai (env: DISPATCH_MODEL)")
     p.add_argument("--base-url", help="OpenAI-compatible base URL (env: DISPATCH_BASE_URL, OPENAI_BASE_URL)")
     p.add_argument("--script", help="script file for --provider scripted (env: DISPATCH_SCRIPT)")
@@ -64,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE)
     p.add_argument("--log-level", default="INFO")
     _provider_flags(p)
+
+    keys.add_parser(sub)
     return top
 
 
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     flags: dict[str, Any] = vars(args)
     try:
         file = config.load_file(args.config or env.get("DISPATCH_CONFIG"))
+        if args.command == "keys":
+            return keys.main(args, env)
         if args.command == "up":
             from dispatch.supervisor import up
 

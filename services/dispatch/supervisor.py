@@ -15,6 +15,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dispatch.shared import config
 from dispatch.shared.server import run
+from dispatch.v1 import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("dispatchd.up")
 
@@ -167,6 +169,7 @@ async def _up(
             for c in children:
                 await c.start()
             await asyncio.gather(*(c.wait_ready(deadline) for c in children))
+            key_file = await ensure_local_key(store.address, data_dir)
             kernel = child(
                 "kernel",
                 [
@@ -187,7 +190,7 @@ async def _up(
             await transport.start()
             await transport.wait_ready(deadline)
             await asyncio.gather(*(wait_serving(c.address, deadline) for c in children))
-            _banner(transport.address, provider, database_url)
+            _banner(transport.address, provider, database_url, key_file)
             exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc is not None]
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
@@ -221,12 +224,36 @@ def _client_command() -> str:
         return str(beside)
 
 
-def _banner(address: str, provider: config.ProviderConfig, database_url: str) -> None:
+LOCAL_TENANT = "local"
+KEY_FILE = "api_key"
+
+
+async def ensure_local_key(store_address: str, data_dir: Path) -> Path:
+    """The data directory's API key file, made on first start: a key of the local tenant,
+    readable by this user only. The dispatch CLI finds it there."""
+    path = data_dir / KEY_FILE
+    if path.exists():
+        return path
+    async with grpc.aio.insecure_channel(store_address) as channel:
+        created = await store_pb2_grpc.ConversationStoreStub(channel).CreateApiKey(
+            store_pb2.CreateApiKeyRequest(tenant_id=LOCAL_TENANT, name=f"dispatchd up ({data_dir})"),
+            timeout=30,
+        )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(created.secret + "\n")
+    print(f"created an API key for tenant {LOCAL_TENANT!r} in {path} (only you can read it)", flush=True)
+    return path
+
+
+def _banner(address: str, provider: config.ProviderConfig, database_url: str, key_file: Path) -> None:
     lines = [
         "",
         f"Dispatch is up. Transport (gRPC): {address}",
         f"  model:    {provider.display}",
         f"  history:  {database_url}",
+        f"  API key:  {key_file} (the dispatch CLI reads it; other clients send",
+        "            `authorization: Bearer <key>`, e.g. DISPATCH_API_KEY=$(cat that file))",
         "",
         "Chat with it from another terminal:",
         f'  {_client_command()} chat --address {address} "what is in this workspace?"',

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
-from dispatch_client import DispatchClient, types
+from dispatch_client import DispatchClient, DispatchError, types
 from tests.e2e.procs import ServiceProcess, alive, children_of, cmdline, free_port
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +62,9 @@ class Up:
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    def api_key(self) -> str:
+        return (self.data / "api_key").read_text().strip()
 
     def wait_for(self, text: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -111,8 +115,8 @@ def script(tmp_path: Path) -> Path:
     return path
 
 
-async def run_turn(address: str, text: str) -> tuple[str, list[types.AgentEvent]]:
-    async with DispatchClient(address) as client:
+async def run_turn(address: str, text: str, api_key: str) -> tuple[str, list[types.AgentEvent]]:
+    async with DispatchClient(address, api_key=api_key) as client:
         conversation = await client.create_conversation()
         sent = await client.send(conversation.id, text)
         events = []
@@ -132,7 +136,14 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         services = up.services()
         assert sorted(services) == ["exec", "kernel", "store", "transport"], up.output()
 
-        conversation_id, events = asyncio.run(run_turn(up.address, "what is here?"))
+        # First start: a key of the local tenant, readable by this user only; calls need it.
+        key_file = up.data / "api_key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert str(key_file) in up.output() and up.api_key() not in up.output()
+        with pytest.raises(DispatchError) as refused:
+            asyncio.run(run_turn(up.address, "who am I?", "not-a-key"))
+        assert refused.value.code.name == "UNAUTHENTICATED"
+        conversation_id, events = asyncio.run(run_turn(up.address, "what is here?", up.api_key()))
 
         kinds = [e.WhichOneof("kind") for e in events]
         assert [k for k in kinds if k in ORDER] == [
@@ -167,6 +178,7 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         # The CLI renders the same kind of turn as it streams.
         chat = subprocess.run(
             [sys.executable, "-m", "dispatch_client.cli", "--address", up.address, "chat", "and now?"],
+            env={**os.environ, "DISPATCH_DATA_DIR": str(up.data)},  # where the CLI finds the key
             capture_output=True,
             text=True,
             timeout=60,
@@ -231,7 +243,7 @@ def test_up_without_a_model_says_so_and_the_demo_makes_real_tool_calls(
     try:
         up.wait_for("Dispatch is up")
         assert "No model is configured" in up.output()
-        _, events = asyncio.run(run_turn(up.address, "hello"))
+        _, events = asyncio.run(run_turn(up.address, "hello", up.api_key()))
     finally:
         assert up.stop() == 0
     calls = [

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,12 +30,28 @@ class DispatchError(Exception):
         return cls(exc.code(), exc.details() or "")
 
 
+def find_api_key(given: str | None = None) -> str:
+    """The API key: ``given``, else ``DISPATCH_API_KEY``, else the ``api_key`` file that
+    ``dispatchd up`` writes to its data directory (``DISPATCH_DATA_DIR``, default ``.dispatch``)."""
+    if given:
+        return given
+    if os.environ.get("DISPATCH_API_KEY"):
+        return os.environ["DISPATCH_API_KEY"].strip()
+    path = Path(os.environ.get("DISPATCH_DATA_DIR") or ".dispatch") / "api_key"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 class DispatchClient:
     """An async client. Use as an async context manager, or call ``close()``."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 30.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None, timeout: float = 30.0):
         self.address = address
         self.timeout = timeout
+        key = find_api_key(api_key)
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = transport_pb2_grpc.DispatchStub(self._channel)
 
@@ -48,7 +66,7 @@ class DispatchClient:
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise DispatchError.wrap(exc) from None
 
@@ -108,7 +126,8 @@ class DispatchClient:
         delay = 0.1
         while True:
             call = self._stub.Subscribe(
-                transport_pb2.SubscribeRequest(conversation_id=conversation_id, after_event_seq=cursor)
+                transport_pb2.SubscribeRequest(conversation_id=conversation_id, after_event_seq=cursor),
+                metadata=self._metadata,
             )
             try:
                 async for response in call:

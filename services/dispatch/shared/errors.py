@@ -50,6 +50,14 @@ class Unimplemented(DispatchError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(DispatchError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DeadlineExceeded(DispatchError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 # Servicer methods take this context; its type parameters do not matter to us.
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -1,7 +1,7 @@
 """The public ``dispatch.v1.Dispatch`` servicer.
 
-Until API keys land every caller is the single local tenant, which is why the
-transport only listens on loopback by default.
+Every call carries an API key (``authorization: Bearer <key>``); the key's
+tenant scopes everything the call touches.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TypeVar
 import grpc
 
 from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
+from dispatch.transport.auth import Authenticator, bearer
 from dispatch.v1 import (
     common_pb2,
     kernel_pb2,
@@ -37,9 +38,10 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self.kernel = kernel
         self.store = store
         self.timeout = rpc_timeout
+        self.auth = Authenticator(store, rpc_timeout)
 
-    def _tenant(self, context: Context) -> str:
-        return LOCAL_TENANT
+    async def _tenant(self, context: Context) -> str:
+        return await self.auth.tenant(bearer(context.invocation_metadata()))
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
@@ -57,11 +59,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def CreateWorkspace(
         self, request: transport_pb2.PublicCreateWorkspaceRequest, context: Context
     ) -> common_pb2.Workspace:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not create the workspace",
             self.store.CreateWorkspace(
                 store_pb2.CreateWorkspaceRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     name=request.name,
                     root=request.root,
                     default_computer_id=request.default_computer_id,
@@ -76,11 +79,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def ListWorkspaces(
         self, request: transport_pb2.PublicListWorkspacesRequest, context: Context
     ) -> store_pb2.ListWorkspacesResponse:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not list workspaces",
             self.store.ListWorkspaces(
                 store_pb2.ListWorkspacesRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     page_size=request.page_size,
                     page_token=request.page_token,
                 ),
@@ -92,11 +96,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def CreateConversation(
         self, request: transport_pb2.PublicCreateConversationRequest, context: Context
     ) -> common_pb2.Conversation:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not create the conversation",
             self.store.CreateConversation(
                 store_pb2.CreateConversationRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     workspace_id=request.workspace_id,
                     title=request.title,
                     cwd=request.cwd,
@@ -111,11 +116,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def ListConversations(
         self, request: transport_pb2.PublicListConversationsRequest, context: Context
     ) -> store_pb2.ListConversationsResponse:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not list conversations",
             self.store.ListConversations(
                 store_pb2.ListConversationsRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     workspace_id=request.workspace_id,
                     page_size=request.page_size,
                     page_token=request.page_token,
@@ -128,11 +134,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def GetConversation(
         self, request: transport_pb2.PublicGetConversationRequest, context: Context
     ) -> common_pb2.Conversation:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not get the conversation",
             self.store.GetConversation(
                 store_pb2.GetConversationRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                 ),
                 timeout=self.timeout,
@@ -143,11 +150,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def DeleteConversation(
         self, request: transport_pb2.PublicDeleteConversationRequest, context: Context
     ) -> store_pb2.DeleteConversationResponse:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not delete the conversation",
             self.store.DeleteConversation(
                 store_pb2.DeleteConversationRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                 ),
                 timeout=self.timeout,
@@ -158,8 +166,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def UpdateConversation(
         self, request: transport_pb2.PublicUpdateConversationRequest, context: Context
     ) -> common_pb2.Conversation:
+        tenant = await self._tenant(context)
         update = store_pb2.UpdateConversationRequest(
-            tenant_id=self._tenant(context),
+            tenant_id=tenant,
             conversation_id=self._need(request.conversation_id, "conversation_id"),
         )
         for name in ("title", "cwd", "computer_id", "agent"):
@@ -171,6 +180,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
 
     @grpc_errors
     async def Send(self, request: transport_pb2.SendRequest, context: Context) -> transport_pb2.SendResponse:
+        tenant = await self._tenant(context)
         chunks = list(request.chunks)
         if not chunks:
             if not request.text:
@@ -180,7 +190,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             "could not start the turn",
             self.kernel.StartTurn(
                 kernel_pb2.StartTurnRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                     chunks=chunks,
                     policy=request.policy,
@@ -197,9 +207,10 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Subscribe(
         self, request: transport_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
+        tenant = await self._tenant(context)
         stream = self.kernel.Subscribe(
             kernel_pb2.KernelSubscribeRequest(
-                tenant_id=self._tenant(context),
+                tenant_id=tenant,
                 conversation_id=self._need(request.conversation_id, "conversation_id"),
                 after_event_seq=request.after_event_seq,
             )
@@ -216,11 +227,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Cancel(
         self, request: transport_pb2.CancelRequest, context: Context
     ) -> transport_pb2.CancelResponse:
+        tenant = await self._tenant(context)
         resp = await self._call(
             "could not cancel the turn",
             self.kernel.Cancel(
                 kernel_pb2.KernelCancelRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                     turn_id=request.turn_id,
                 ),
@@ -233,19 +245,21 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def ResolveApproval(
         self, request: transport_pb2.PublicResolveApprovalRequest, context: Context
     ) -> common_pb2.Approval:
+        await self._tenant(context)  # authenticated, though not tenant-scoped
         raise Unimplemented("Dispatch.ResolveApproval: approvals are not implemented yet")
 
     @grpc_errors
     async def History(
         self, request: transport_pb2.HistoryRequest, context: Context
     ) -> transport_pb2.HistoryResponse:
+        tenant = await self._tenant(context)
         if request.after_seq < 0 or request.limit < 0:
             raise InvalidArgument("after_seq and limit must be 0 or more")
         resp = await self._call(
             "could not load the history",
             self.store.LoadSince(
                 store_pb2.LoadSinceRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                     after_seq=request.after_seq,
                     limit=request.limit,
@@ -259,11 +273,12 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Metrics(
         self, request: transport_pb2.MetricsRequest, context: Context
     ) -> store_pb2.GetMetricsResponse:
+        tenant = await self._tenant(context)
         return await self._call(
             "could not load metrics",
             self.store.GetMetrics(
                 store_pb2.GetMetricsRequest(
-                    tenant_id=self._tenant(context),
+                    tenant_id=tenant,
                     conversation_id=self._need(request.conversation_id, "conversation_id"),
                     turn_id=request.turn_id,
                 ),
@@ -275,6 +290,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Models(
         self, request: transport_pb2.ModelsRequest, context: Context
     ) -> transport_pb2.ModelsResponse:
+        await self._tenant(context)  # authenticated, though not tenant-scoped
         resp = await self._call(
             "could not list models",
             self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
@@ -285,6 +301,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Computers(
         self, request: transport_pb2.ComputersRequest, context: Context
     ) -> transport_pb2.ComputersResponse:
+        await self._tenant(context)  # authenticated, though not tenant-scoped
         resp = await self._call(
             "could not list computers",
             self.kernel.ListComputers(kernel_pb2.KernelListComputersRequest(), timeout=self.timeout),

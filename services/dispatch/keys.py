@@ -1,0 +1,78 @@
+"""``dispatchd keys create|list|revoke``: API keys, straight in the store's database.
+
+Works whether or not the services run (SQLite in WAL mode and PostgreSQL both
+take a second writer). The secret of a new key is printed once, to stdout, and
+never again: only its SHA-256 is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from dispatch.shared.errors import DispatchError
+from dispatch.store.server import open_store
+from dispatch.v1 import store_pb2
+
+DEFAULT_TENANT = "local"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    p.add_argument("--database-url", help="the store's database (env: DISPATCH_DATABASE_URL)")
+    p.add_argument("--data-dir", type=Path, help="where `up` keeps SQLite (default ./.dispatch)")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--config", help="TOML config file (env: DISPATCH_CONFIG)")
+    keys = p.add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="make a key; its secret is printed once")
+    create.add_argument(
+        "--tenant", default=DEFAULT_TENANT, help=f"the key's tenant (default {DEFAULT_TENANT})"
+    )
+    create.add_argument("--name", default="", help="a label to tell keys apart")
+    listing = keys.add_parser("list", help="keys (never their secrets)")
+    listing.add_argument("--tenant", default="", help="only this tenant's keys")
+    revoke = keys.add_parser("revoke", help="revoke a key by id; it stops working within seconds")
+    revoke.add_argument("key_id")
+
+
+def database_url(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    if args.database_url:
+        return str(args.database_url)
+    if env.get("DISPATCH_DATABASE_URL"):
+        return env["DISPATCH_DATABASE_URL"]
+    data_dir = args.data_dir or Path(env.get("DISPATCH_DATA_DIR") or ".dispatch")
+    return f"sqlite:///{Path(data_dir).resolve() / 'dispatch.db'}"
+
+
+def _describe(key: store_pb2.ApiKey) -> str:
+    state = "revoked" if key.revoked else "active"
+    return f"{key.id}  tenant={key.tenant_id}  prefix={key.prefix}  {state}  {key.name}"
+
+
+async def _run(args: argparse.Namespace, url: str) -> int:
+    store = await open_store(url, default_workspace_root=".")
+    try:
+        if args.action == "create":
+            key, secret = await store.create_api_key(args.tenant, args.name)
+            print(secret)
+            print(f"created {_describe(key)}; the secret above is shown only once", file=sys.stderr)
+        elif args.action == "list":
+            for key in await store.list_api_keys(args.tenant):
+                print(_describe(key))
+        else:
+            print(_describe(await store.revoke_api_key(args.key_id)))
+    finally:
+        await store.close()
+    return 0
+
+
+def main(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    url = database_url(args, env)
+    try:
+        return asyncio.run(_run(args, url))
+    except DispatchError as exc:
+        print(f"dispatchd keys {args.action}: {exc}", file=sys.stderr)
+        return 1
