@@ -29,6 +29,7 @@ async def start(cfg: TransportConfig) -> Hosted:
     )
 
     async def close() -> None:
+        await servicer.fanout.close()
         await kernel_channel.close()
         await store_channel.close()
 

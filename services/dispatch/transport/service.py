@@ -13,6 +13,7 @@ import grpc
 
 from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
 from dispatch.transport.auth import Authenticator, bearer
+from dispatch.transport.fanout import Fanout
 from dispatch.v1 import (
     common_pb2,
     kernel_pb2,
@@ -39,6 +40,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self.store = store
         self.timeout = rpc_timeout
         self.auth = Authenticator(store, rpc_timeout)
+        self.fanout = Fanout(kernel)
 
     async def _tenant(self, context: Context) -> str:
         return await self.auth.tenant(bearer(context.invocation_metadata()))
@@ -208,20 +210,16 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self, request: transport_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
         tenant = await self._tenant(context)
-        stream = self.kernel.Subscribe(
-            kernel_pb2.KernelSubscribeRequest(
-                tenant_id=tenant,
-                conversation_id=self._need(request.conversation_id, "conversation_id"),
-                after_event_seq=request.after_event_seq,
-            )
-        )
-        try:
-            async for batch in stream:
+        conversation_id = self._need(request.conversation_id, "conversation_id")
+        if request.after_event_seq < 0:
+            raise InvalidArgument("after_event_seq must be 0 or more")
+        async for batch in self.fanout.subscribe(tenant, conversation_id, request.after_event_seq):
+            if batch.resync_after is not None:
+                yield transport_pb2.SubscribeResponse(
+                    resync=transport_pb2.Resync(after_event_seq=batch.resync_after)
+                )
+            else:
                 yield transport_pb2.SubscribeResponse(events=batch.events)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "the event stream broke") from None
-        finally:
-            stream.cancel()
 
     @grpc_errors
     async def Cancel(

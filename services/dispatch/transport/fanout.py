@@ -1,0 +1,274 @@
+"""Fan-out of a conversation's events to any number of subscribers.
+
+One upstream kernel subscription per conversation (a ``Hub``) serves every
+client subscribed to it. The hub keeps the most recent events, so a client
+resuming from a recent ``event_seq`` joins it directly; one resuming from
+further back first catches up on a stream of its own (the kernel replays the
+store), then joins the hub at the point it reached, so the joined stream has
+no gap and no repeat.
+
+Each subscriber has a bounded queue. Events are batched for the wire: what a
+subscriber's queue holds when it is ready to send, plus what arrives within
+``BATCH_WINDOW`` seconds, up to ``BATCH_MAX`` events per message. A subscriber
+whose queue overflows is dropped from the hub and told to resubscribe from
+the last ``event_seq`` it was sent (a ``Resync``); the turn and the other
+subscribers never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from dispatch.shared.errors import DispatchError, from_rpc_error
+from dispatch.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Events the hub keeps for subscribers that join or resume behind the live edge.
+RECENT_EVENTS = 4096
+# Events one subscriber may have queued before it is told to resync.
+SUBSCRIBER_QUEUE = 4096
+BATCH_MAX = 64
+BATCH_WINDOW = 0.001
+# How long a hub outlives its last subscriber (a reconnect within it resumes from memory).
+LINGER_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Events for the wire, or (``resync_after`` set) the request to resubscribe from there."""
+
+    events: list[common_pb2.AgentEvent]
+    resync_after: int | None = None
+
+
+class Subscriber:
+    """One client's place in a hub: a bounded queue and the last event_seq it was given."""
+
+    def __init__(self, cursor: int, limit: int = SUBSCRIBER_QUEUE):
+        self.cursor = cursor
+        self.limit = limit
+        self.queue: collections.deque[common_pb2.AgentEvent] = collections.deque()
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.error: DispatchError | None = None
+        self.closed = False
+
+    def push(self, event: common_pb2.AgentEvent) -> None:
+        if self.overflowed or event.event_seq <= self.cursor:
+            return
+        if len(self.queue) >= self.limit:
+            self.overflowed = True
+            self.queue.clear()
+        else:
+            self.queue.append(event)
+        self.wake.set()
+
+    def end(self, error: DispatchError | None = None) -> None:
+        self.error = error
+        self.closed = True
+        self.wake.set()
+
+    async def next(self, window: float = BATCH_WINDOW, batch_max: int = BATCH_MAX) -> Batch | None:
+        """The next batch: at least one event, or a resync; None when the stream is over.
+        Raises the hub's error, if it failed."""
+        while not self.queue:
+            if self.overflowed:
+                return Batch([], resync_after=self.cursor)
+            if self.closed:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        if len(self.queue) < batch_max and window > 0:
+            await asyncio.sleep(window)  # let a burst gather into one message
+        if self.overflowed:
+            return Batch([], resync_after=self.cursor)
+        events = [self.queue.popleft() for _ in range(min(batch_max, len(self.queue)))]
+        self.cursor = events[-1].event_seq
+        return Batch(events)
+
+
+class Hub:
+    """One upstream subscription to a conversation's events and the subscribers it feeds."""
+
+    def __init__(
+        self,
+        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        tenant_id: str,
+        conversation_id: str,
+        after_event_seq: int,
+        on_idle: Callable[[Hub], None],
+    ):
+        self.kernel = kernel
+        self.tenant_id = tenant_id
+        self.conversation_id = conversation_id
+        # Invariant: the hub has every event after `base` (in `recent`, then live).
+        self.base = after_event_seq
+        self.recent: collections.deque[common_pb2.AgentEvent] = collections.deque()
+        self.subscribers: set[Subscriber] = set()
+        self.done = False
+        self._on_idle = on_idle
+        self._linger: asyncio.TimerHandle | None = None
+        self._task = asyncio.create_task(self._pump(), name=f"fan-out {conversation_id}")
+
+    def can_serve(self, after_event_seq: int) -> bool:
+        return not self.done and after_event_seq >= self.base
+
+    def attach(self, after_event_seq: int, limit: int = SUBSCRIBER_QUEUE) -> Subscriber:
+        """A subscriber fed from ``after_event_seq`` on; ``can_serve`` must hold. No await
+        separates reading ``recent`` from joining, so nothing can slip between them."""
+        backlog = [e for e in self.recent if e.event_seq > after_event_seq]
+        # The backlog is owed in full; the limit bounds how far it may fall behind from here.
+        sub = Subscriber(after_event_seq, limit + len(backlog))
+        sub.queue.extend(backlog)
+        self.subscribers.add(sub)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+        if not self.subscribers and not self.done and self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
+
+    def close(self, error: DispatchError | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._task is not asyncio.current_task():
+            self._task.cancel()
+        for sub in list(self.subscribers):
+            sub.end(error)
+        self._on_idle(self)
+
+    async def _pump(self) -> None:
+        last = self.base
+        error: DispatchError | None = None
+        while True:
+            call = self.kernel.Subscribe(
+                kernel_pb2.KernelSubscribeRequest(
+                    tenant_id=self.tenant_id, conversation_id=self.conversation_id, after_event_seq=last
+                )
+            )
+            try:
+                async for batch in call:
+                    for event in batch.events:
+                        if event.event_seq > last:
+                            last = event.event_seq
+                            self._publish(event)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    continue  # the hub fell behind the kernel: pick up where it was
+                error = from_rpc_error(exc, "the conversation's event stream broke")
+            finally:
+                call.cancel()
+            break
+        # The kernel ended the stream (it is shutting down) or failed: subscribers resume elsewhere.
+        self.close(error)
+
+    def _publish(self, event: common_pb2.AgentEvent) -> None:
+        self.recent.append(event)
+        if len(self.recent) > RECENT_EVENTS:
+            self.base = self.recent.popleft().event_seq
+        overflowed = []
+        for sub in self.subscribers:
+            sub.push(event)
+            if sub.overflowed:
+                overflowed.append(sub)
+        for sub in overflowed:
+            self.subscribers.discard(sub)  # it resyncs; the hub stops feeding it
+
+
+class Fanout:
+    """The transport's hubs, one per (tenant, conversation)."""
+
+    def __init__(
+        self,
+        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        *,
+        subscriber_queue: int | None = None,
+        batch_window: float = BATCH_WINDOW,
+        batch_max: int = BATCH_MAX,
+    ):
+        self.kernel = kernel
+        self.subscriber_queue = SUBSCRIBER_QUEUE if subscriber_queue is None else subscriber_queue
+        self.batch_window = batch_window
+        self.batch_max = batch_max
+        self.hubs: dict[tuple[str, str], Hub] = {}
+
+    def _hub(self, tenant_id: str, conversation_id: str, after_event_seq: int) -> Hub:
+        key = (tenant_id, conversation_id)
+        hub = self.hubs.get(key)
+        if hub is None or hub.done:
+            hub = Hub(self.kernel, tenant_id, conversation_id, after_event_seq, self._forget)
+            self.hubs[key] = hub
+        return hub
+
+    def _forget(self, hub: Hub) -> None:
+        key = (hub.tenant_id, hub.conversation_id)
+        if self.hubs.get(key) is hub:
+            del self.hubs[key]
+
+    async def subscribe(
+        self, tenant_id: str, conversation_id: str, after_event_seq: int
+    ) -> AsyncIterator[Batch]:
+        """Every event after ``after_event_seq``, in batches, ending with a resync batch if
+        the subscriber falls behind. Raises ``DispatchError`` if the conversation's stream fails."""
+        cursor = after_event_seq
+        hub = self._hub(tenant_id, conversation_id, cursor)
+        if not hub.can_serve(cursor):
+            # Behind the hub's memory: catch up on a stream of our own, then join.
+            async for caught in self._catch_up(tenant_id, conversation_id, cursor):
+                cursor = caught.events[-1].event_seq
+                yield caught
+                hub = self._hub(tenant_id, conversation_id, cursor)
+                if hub.can_serve(cursor):
+                    break
+            else:
+                return  # the kernel ended the stream (it is shutting down)
+        sub = hub.attach(cursor, self.subscriber_queue)
+        try:
+            while True:
+                live = await sub.next(self.batch_window, self.batch_max)
+                if live is None:
+                    return
+                yield live
+                if live.resync_after is not None:
+                    return
+        finally:
+            hub.detach(sub)
+
+    async def _catch_up(
+        self, tenant_id: str, conversation_id: str, after_event_seq: int
+    ) -> AsyncIterator[Batch]:
+        call = self.kernel.Subscribe(
+            kernel_pb2.KernelSubscribeRequest(
+                tenant_id=tenant_id, conversation_id=conversation_id, after_event_seq=after_event_seq
+            )
+        )
+        try:
+            async for batch in call:
+                for i in range(0, len(batch.events), self.batch_max):
+                    yield Batch(list(batch.events[i : i + self.batch_max]))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the conversation's event stream broke") from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        for hub in list(self.hubs.values()):
+            hub.close()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)
