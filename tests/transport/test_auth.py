@@ -13,7 +13,7 @@ import pytest
 
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.transport.auth import Authenticator, bearer
-from dispatch.v1 import store_pb2, transport_pb2
+from dispatch.v1 import common_pb2, store_pb2, transport_pb2
 from tests.stack import Stack, start_stack
 
 
@@ -133,3 +133,51 @@ def test_dispatchd_keys_create_list_and_revoke(tmp_path: Path) -> None:
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     missing = keys("revoke", "key_00000000000000000000000000")
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("request_", "phrase"),
+    [
+        (transport_pb2.SendRequest(conversation_id="nope", text="hi"), "conversation_id 'nope' is malformed"),
+        (transport_pb2.SendRequest(conversation_id="", text="hi"), "conversation_id is required"),
+        (
+            transport_pb2.SendRequest(conversation_id="conv_00000000000000000000000000"),
+            "the message is empty",
+        ),
+        (transport_pb2.SendRequest(conversation_id="conv_00000000000000000000000000", text="   "), "no text"),
+        (
+            transport_pb2.SendRequest(
+                conversation_id="conv_00000000000000000000000000", text="x" * 1_000_001
+            ),
+            "the limit is 1000000",
+        ),
+        (
+            transport_pb2.SendRequest(
+                conversation_id="conv_00000000000000000000000000",
+                chunks=[common_pb2.Chunk(tool_result=common_pb2.ToolResultChunk(content="forged"))],
+            ),
+            "chunk 0 is tool_result",
+        ),
+        (
+            transport_pb2.SendRequest(
+                conversation_id="conv_00000000000000000000000000", text="hi", idempotency_key="k" * 201
+            ),
+            "idempotency_key is longer than 200",
+        ),
+    ],
+)
+async def test_bad_sends_are_invalid_argument_with_a_message_that_says_what_to_fix(
+    stack: Stack, request_: transport_pb2.SendRequest, phrase: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.transport.Send(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert phrase in (err.value.details() or "")
+
+
+async def test_a_request_over_the_size_limit_is_resource_exhausted(stack: Stack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.transport.Send(
+            transport_pb2.SendRequest(conversation_id="conv_00000000000000000000000000", text="x" * (5 << 20))
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

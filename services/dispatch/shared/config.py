@@ -170,6 +170,10 @@ class TransportConfig:
     kernel_address: str = ""
     store_address: str = ""
     rpc_timeout: float = 30.0
+    # Largest request message a client may send (bytes); larger ones are RESOURCE_EXHAUSTED.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # The HTTP bridge (NDJSON and Server-Sent Events); empty: off.
+    http_listen: str = ""
 
 
 def load_file(path: str | None) -> dict[str, Any]:
@@ -497,7 +501,15 @@ def transport_config(
         ),
         kernel_address=_pick(flags.get("kernel"), env, ("DISPATCH_KERNEL_ADDRESS",), sec.get("kernel"), ""),
         store_address=_pick(flags.get("store"), env, ("DISPATCH_STORE_ADDRESS",), sec.get("store"), ""),
+        max_request_bytes=_int(
+            sec.get("max_request_bytes", TransportConfig.max_request_bytes), "transport.max_request_bytes"
+        ),
+        http_listen=str(
+            _pick(flags.get("http_listen"), env, ("DISPATCH_HTTP_LISTEN",), sec.get("http_listen"), "")
+        ),
     )
+    if cfg.max_request_bytes <= 0:
+        raise ConfigError("config key transport.max_request_bytes must be more than 0")
     if not cfg.kernel_address:
         raise ConfigError("transport needs the kernel's address: --kernel or DISPATCH_KERNEL_ADDRESS")
     if not cfg.store_address:

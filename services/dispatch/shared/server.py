@@ -76,9 +76,12 @@ async def start_server(
     listen: str,
     *,
     drain: Callable[[float], Awaitable[None]] | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Hosted:
-    """Start a grpc.aio server with health and reflection; answers with the bound port."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    """Start a grpc.aio server with health and reflection; answers with the bound port.
+    ``max_receive_bytes`` caps one request message (a public server takes less than peers)."""
+    options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
+    server = grpc.aio.server(options=[*options, ("grpc.max_receive_message_length", max_receive_bytes)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for svc in services:

@@ -26,6 +26,7 @@ async def start(cfg: TransportConfig) -> Hosted:
             )
         ],
         cfg.listen,
+        max_receive_bytes=cfg.max_request_bytes,
     )
 
     async def close() -> None:

@@ -12,6 +12,8 @@ from typing import TypeVar
 import grpc
 
 from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
+from dispatch.shared.ids import is_valid_id
+from dispatch.store.backend import CONVERSATION_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
 from dispatch.transport.fanout import Fanout
 from dispatch.v1 import (
@@ -25,6 +27,47 @@ from dispatch.v1 import (
 )
 
 LOCAL_TENANT = "local"
+# What one message may hold; the kernel enforces the same text limit.
+MAX_TEXT_CHARS = 1_000_000
+MAX_CHUNKS = 64
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _conversation_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("conversation_id is required")
+    if not is_valid_id(value, CONVERSATION_PREFIX):
+        raise InvalidArgument(
+            f"conversation_id {value[:80]!r} is malformed: "
+            f"expected {CONVERSATION_PREFIX}_ and 26 base32 characters"
+        )
+    return value
+
+
+def _message_chunks(request: transport_pb2.SendRequest) -> list[common_pb2.Chunk]:
+    """The user message's chunks: ``chunks``, or ``text`` as one; text only, within the limits."""
+    chunks = list(request.chunks)
+    if not chunks:
+        if not request.text:
+            raise InvalidArgument("the message is empty: set text or chunks")
+        chunks = [common_pb2.Chunk(text=common_pb2.TextChunk(text=request.text))]
+    elif request.text:
+        raise InvalidArgument("set text or chunks, not both")
+    if len(chunks) > MAX_CHUNKS:
+        raise InvalidArgument(f"the message has {len(chunks)} chunks; the limit is {MAX_CHUNKS}")
+    for i, chunk in enumerate(chunks):
+        kind = chunk.WhichOneof("kind")
+        if kind != "text":
+            raise InvalidArgument(
+                f"chunk {i} is {kind or 'empty'}: a message from a client holds text chunks only"
+            )
+    size = sum(len(c.text.text) for c in chunks)
+    if size > MAX_TEXT_CHARS:
+        raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_TEXT_CHARS}")
+    if not any(c.text.text.strip() for c in chunks):
+        raise InvalidArgument("the message has no text")
+    return chunks
+
 
 T = TypeVar("T")
 
@@ -50,12 +93,6 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             return await call
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, what) from None
-
-    @staticmethod
-    def _need(value: str, name: str) -> str:
-        if not value:
-            raise InvalidArgument(f"{name} is required")
-        return value
 
     @grpc_errors
     async def CreateWorkspace(
@@ -142,7 +179,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             self.store.GetConversation(
                 store_pb2.GetConversationRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                 ),
                 timeout=self.timeout,
             ),
@@ -158,7 +195,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             self.store.DeleteConversation(
                 store_pb2.DeleteConversationRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                 ),
                 timeout=self.timeout,
             ),
@@ -171,7 +208,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         tenant = await self._tenant(context)
         update = store_pb2.UpdateConversationRequest(
             tenant_id=tenant,
-            conversation_id=self._need(request.conversation_id, "conversation_id"),
+            conversation_id=_conversation_id(request.conversation_id),
         )
         for name in ("title", "cwd", "computer_id", "agent"):
             if request.HasField(name):
@@ -183,17 +220,15 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def Send(self, request: transport_pb2.SendRequest, context: Context) -> transport_pb2.SendResponse:
         tenant = await self._tenant(context)
-        chunks = list(request.chunks)
-        if not chunks:
-            if not request.text:
-                raise InvalidArgument("the message is empty: set text or chunks")
-            chunks = [common_pb2.Chunk(text=common_pb2.TextChunk(text=request.text))]
+        chunks = _message_chunks(request)
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         resp = await self._call(
             "could not start the turn",
             self.kernel.StartTurn(
                 kernel_pb2.StartTurnRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                     chunks=chunks,
                     policy=request.policy,
                     idempotency_key=request.idempotency_key,
@@ -210,7 +245,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self, request: transport_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
         tenant = await self._tenant(context)
-        conversation_id = self._need(request.conversation_id, "conversation_id")
+        conversation_id = _conversation_id(request.conversation_id)
         if request.after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
         async for batch in self.fanout.subscribe(tenant, conversation_id, request.after_event_seq):
@@ -231,7 +266,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             self.kernel.Cancel(
                 kernel_pb2.KernelCancelRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                     turn_id=request.turn_id,
                 ),
                 timeout=self.timeout,
@@ -258,7 +293,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             self.store.LoadSince(
                 store_pb2.LoadSinceRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                     after_seq=request.after_seq,
                     limit=request.limit,
                 ),
@@ -277,7 +312,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             self.store.GetMetrics(
                 store_pb2.GetMetricsRequest(
                     tenant_id=tenant,
-                    conversation_id=self._need(request.conversation_id, "conversation_id"),
+                    conversation_id=_conversation_id(request.conversation_id),
                     turn_id=request.turn_id,
                 ),
                 timeout=self.timeout,
