@@ -197,3 +197,30 @@ async def test_cancelling_a_queued_turn_seals_it_aborted_without_running_it(stac
     row = await stack.store.GetTurn(store_pb2.GetTurnRequest(tenant_id=TENANT, turn_id=running.turn_id))
     assert row.state == common_pb2.TURN_STATE_RUNNING
     await stack.kernel.Cancel(kernel_pb2.KernelCancelRequest(tenant_id=TENANT, conversation_id=busy))
+
+
+async def test_a_send_repeated_with_its_idempotency_key_joins_the_turn_it_started(
+    stack_of: Any, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.replies += [Stream(text_chunks("warm")), Stream(text_chunks("only", " once"))]
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
+    stack = await stack_of(provider)
+    conv = await stack.conversation()
+    warm = await send(stack, conv, "warm up")  # an earlier turn, so the second starts mid-log
+    await watch(stack, conv, warm.after_event_seq, [], until_turn=warm.turn_id)
+    first = await send(stack, conv, "do it", key="k-1")
+    assert not first.queued
+    events: list[common_pb2.AgentEvent] = []
+    await watch(stack, conv, first.after_event_seq, events, until_turn=first.turn_id)
+    again = await send(stack, conv, "do it", key="k-1")
+    assert (again.turn_id, again.queued) == (first.turn_id, False)
+    assert again.state == common_pb2.TURN_STATE_COMPLETED
+    # Subscribing from its after_event_seq replays exactly that turn, from turn_started.
+    replay: list[common_pb2.AgentEvent] = []
+    await watch(stack, conv, again.after_event_seq, replay, until_turn=first.turn_id)
+    assert replay[0].HasField("turn_started") and replay[0].turn_id == first.turn_id
+    assert [e.event_seq for e in replay] == [e.event_seq for e in events]
+    # The model answered the turn once; the repeat started nothing.
+    assert len(fake_openai.requests) == 2
+    turns = await stack.store.ListTurns(store_pb2.ListTurnsRequest(tenant_id=TENANT, conversation_id=conv))
+    assert len(turns.turns) == 2

@@ -423,6 +423,15 @@ async def test_idempotency_key_is_unique_per_conversation(store: RunningStore) -
     await create(conv.id, "")
     listed = await store.stub.ListTurns(store_pb2.ListTurnsRequest(tenant_id=TENANT, conversation_id=conv.id))
     assert len(listed.turns) == 3
+    # The key finds the turn it started, and only that one.
+    keyed = await store.stub.ListTurns(
+        store_pb2.ListTurnsRequest(tenant_id=TENANT, conversation_id=conv.id, idempotency_key="send-1")
+    )
+    assert [t.id for t in keyed.turns] == [first.id]
+    none = await store.stub.ListTurns(
+        store_pb2.ListTurnsRequest(tenant_id=TENANT, conversation_id=conv.id, idempotency_key="send-2")
+    )
+    assert list(none.turns) == []
 
 
 # How to reach each state from queued.

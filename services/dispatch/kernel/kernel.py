@@ -94,6 +94,15 @@ class Kernel:
             raise Unavailable("the kernel is shutting down; retry on another kernel")
         events = await self._log(tenant_id, conversation_id)
         async with self._lock(conversation_id):
+            if idempotency_key:
+                repeated = await self._turn_with_key(tenant_id, conversation_id, idempotency_key)
+                if repeated is not None:
+                    # A retried send: join the turn it started (running or done), start nothing.
+                    return kernel_pb2.StartTurnResponse(
+                        turn_id=repeated.id,
+                        state=repeated.state,
+                        after_event_seq=await self._seq_before(events, repeated.id),
+                    )
             running = self._active.get(conversation_id)
             if running is not None:
                 if policy == common_pb2.SEND_POLICY_INTERRUPT:
@@ -115,6 +124,47 @@ class Kernel:
                         after_event_seq=events.last_seq,
                     )
             return await self._launch(tenant_id, conversation_id, [list(chunks)], idempotency_key)
+
+    async def _turn_with_key(self, tenant_id: str, conversation_id: str, key: str) -> common_pb2.Turn | None:
+        try:
+            found = await self.deps.store.ListTurns(
+                store_pb2.ListTurnsRequest(
+                    tenant_id=tenant_id, conversation_id=conversation_id, idempotency_key=key, page_size=1
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not look up the idempotency key") from None
+        return found.turns[0] if found.turns else None
+
+    async def _seq_before(self, events: ConversationLog, turn_id: str) -> int:
+        """The event_seq just before ``turn_id``'s turn_started, so a subscriber from there sees
+        the whole turn; the live edge if it has not started. For a turn long past this scans the
+        conversation's persisted events from the start: the path of a retried send only."""
+        for event in events.unpersisted:
+            if event.turn_id == turn_id and event.HasField("turn_started"):
+                return event.event_seq - 1
+        cursor = 0
+        while cursor < events.persisted_seq:
+            try:
+                page = await self.deps.store.LoadEvents(
+                    store_pb2.LoadEventsRequest(
+                        tenant_id=events.tenant_id,
+                        conversation_id=events.conversation_id,
+                        after_event_seq=cursor,
+                        limit=1000,
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, "the store could not load the conversation's events") from None
+            if not page.events:
+                break
+            for event in page.events:
+                if event.turn_id == turn_id and event.HasField("turn_started"):
+                    return event.event_seq - 1
+            cursor = page.events[-1].event_seq
+        return events.last_seq
 
     async def _enqueue(
         self, tenant_id: str, conversation_id: str, chunks: Sequence[common_pb2.Chunk], idempotency_key: str

@@ -633,8 +633,10 @@ class Store(abc.ABC):
         states: Collection[TurnState] = (),
         page_size: int = 0,
         page_token: str = "",
+        idempotency_key: str = "",
     ) -> Page[common_pb2.Turn]:
-        """The conversation's turns, oldest first, only those in ``states`` when given."""
+        """The conversation's turns, oldest first, only those in ``states`` (and with
+        ``idempotency_key``) when given."""
 
     @abc.abstractmethod
     async def transition_turn(

@@ -875,6 +875,7 @@ class PostgresStore(Store):
         states: Collection[TurnState] = (),
         page_size: int = 0,
         page_token: str = "",
+        idempotency_key: str = "",
     ) -> Page[common_pb2.Turn]:
         size = effective_page_size(page_size)
         cursor = decode_cursor(page_token)
@@ -884,6 +885,9 @@ class PostgresStore(Store):
         if wanted:
             sql += " AND state = ANY(%s::integer[])"
             args.append([int(s) for s in wanted])
+        if idempotency_key:
+            sql += " AND idempotency_key = %s"
+            args.append(idempotency_key)
         if cursor is not None:
             sql += " AND (created_at, id) > (%s, %s)"
             args += cursor

@@ -273,6 +273,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             states=[_state(s, "states") for s in request.states],
             page_size=_not_negative(request.page_size, "page_size"),
             page_token=request.page_token,
+            idempotency_key=request.idempotency_key,
         )
         return store_pb2.ListTurnsResponse(turns=page.items, next_page_token=page.next_page_token)
 

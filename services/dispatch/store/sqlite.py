@@ -864,6 +864,7 @@ class SQLiteStore(Store):
         states: Collection[TurnState] = (),
         page_size: int = 0,
         page_token: str = "",
+        idempotency_key: str = "",
     ) -> Page[common_pb2.Turn]:
         size = effective_page_size(page_size)
         cursor = decode_cursor(page_token)
@@ -875,6 +876,9 @@ class SQLiteStore(Store):
             if wanted:
                 sql += f" AND state IN ({', '.join('?' for _ in wanted)})"
                 args += wanted
+            if idempotency_key:
+                sql += " AND idempotency_key = ?"
+                args.append(idempotency_key)
             if cursor is not None:
                 sql += " AND (created_at, id) > (?, ?)"
                 args += cursor
