@@ -56,11 +56,18 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--kernel", help="kernel address (env: DISPATCH_KERNEL_ADDRESS)")
     p.add_argument("--store", help="store address (env: DISPATCH_STORE_ADDRESS)")
+    p.add_argument(
+        "--http-listen", help="HTTP bridge address, host:port (env: DISPATCH_HTTP_LISTEN; default off)"
+    )
 
     p = sub.add_parser("up", help="start all four services on loopback and stop them together")
     p.add_argument("--config", help="TOML config file (env: DISPATCH_CONFIG)")
     p.add_argument("--listen", help=f"transport address (default {config.DEFAULT_TRANSPORT_LISTEN})")
     p.add_argument("--data-dir", type=Path, help="where the SQLite database lives (default ./.dispatch)")
+    p.add_argument(
+        "--http-listen",
+        help=f"HTTP bridge address (default {config.DEFAULT_HTTP_LISTEN}; `off` turns it off)",
+    )
     p.add_argument("--workspace", help="root of the default workspace (default: the current directory)")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE)
     p.add_argument("--log-level", default="INFO")

@@ -145,6 +145,9 @@ async def _up(
 ) -> int:
     database_url = env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{data_dir / 'dispatch.db'}"
     transport_listen = args.listen or env.get("DISPATCH_TRANSPORT_LISTEN") or config.DEFAULT_TRANSPORT_LISTEN
+    http_listen = args.http_listen or env.get("DISPATCH_HTTP_LISTEN") or config.DEFAULT_HTTP_LISTEN
+    if http_listen == "off":
+        http_listen = ""
     py = [sys.executable, "-m", "dispatch.cli"]
     common = ["--grace", str(args.grace), "--log-level", args.log_level, *_flag_args(args, ["config"])]
 
@@ -183,14 +186,15 @@ async def _up(
             children.append(kernel)
             await kernel.start()
             await kernel.wait_ready(deadline)
+            http = ["--http-listen", http_listen] if http_listen else []
             transport = child(
-                "transport", ["--kernel", kernel.address, "--store", store.address], transport_listen
+                "transport", ["--kernel", kernel.address, "--store", store.address, *http], transport_listen
             )
             children.append(transport)
             await transport.start()
             await transport.wait_ready(deadline)
             await asyncio.gather(*(wait_serving(c.address, deadline) for c in children))
-            _banner(transport.address, provider, database_url, key_file)
+            _banner(transport.address, provider, database_url, key_file, http_listen)
             exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc is not None]
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
@@ -246,10 +250,15 @@ async def ensure_local_key(store_address: str, data_dir: Path) -> Path:
     return path
 
 
-def _banner(address: str, provider: config.ProviderConfig, database_url: str, key_file: Path) -> None:
+def _banner(
+    address: str, provider: config.ProviderConfig, database_url: str, key_file: Path, http_listen: str
+) -> None:
     lines = [
         "",
         f"Dispatch is up. Transport (gRPC): {address}",
+        f"  HTTP:     http://{http_listen} (NDJSON and Server-Sent Events)"
+        if http_listen
+        else "  HTTP:     off",
         f"  model:    {provider.display}",
         f"  history:  {database_url}",
         f"  API key:  {key_file} (the dispatch CLI reads it; other clients send",

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
@@ -47,9 +48,19 @@ class Up:
     def __init__(self, tmp: Path, *extra: str):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http = f"127.0.0.1:{free_port()}"
         self.data = tmp / "data"
         self.lines: list[str] = []
-        argv = [sys.executable, "-m", "dispatch.cli", "up", "--listen", self.address]
+        argv = [
+            sys.executable,
+            "-m",
+            "dispatch.cli",
+            "up",
+            "--listen",
+            self.address,
+            "--http-listen",
+            self.http,
+        ]
         argv += ["--data-dir", str(self.data), "--grace", "5", *extra]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -133,6 +144,11 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         up.wait_for("Dispatch is up")
         assert f"Transport (gRPC): {up.address}" in up.output()
         assert "dispatch chat" in up.output()
+        assert f"HTTP:     http://{up.http}" in up.output()
+        # The HTTP bridge answers with the same key, and refuses without it.
+        models = httpx.get(f"http://{up.http}/v1/models", headers={"authorization": f"Bearer {up.api_key()}"})
+        assert models.status_code == 200 and models.json()["models"][0]["provider"] == "scripted"
+        assert httpx.get(f"http://{up.http}/v1/models").status_code == 401
         services = up.services()
         assert sorted(services) == ["exec", "kernel", "store", "transport"], up.output()
 

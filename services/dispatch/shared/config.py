@@ -17,6 +17,8 @@ from typing import Any
 from dispatch.shared.errors import InvalidArgument
 
 DEFAULT_TRANSPORT_LISTEN = "127.0.0.1:7600"
+# Where `dispatchd up` serves the HTTP bridge unless told otherwise.
+DEFAULT_HTTP_LISTEN = "127.0.0.1:7610"
 
 
 class ConfigError(InvalidArgument):

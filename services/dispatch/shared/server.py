@@ -54,6 +54,8 @@ class Hosted:
     names: list[str]
     drain: Callable[[float], Awaitable[None]] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The transport's HTTP bridge, when it runs one.
+    http_port: int = 0
 
     async def stop(self, grace: float) -> None:
         """Turn NOT_SERVING, drain in-flight work, then stop the server within ``grace``."""
@@ -117,6 +119,8 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, stop.set)
     address = bound_address(listen, hosted.port)
     log.info("%s serving on %s", label, address)
+    if hosted.http_port:
+        log.info("%s HTTP bridge on port %d", label, hosted.http_port)
     if ready_file is not None:
         # Written atomically so a reader never sees half an address.
         tmp = ready_file.with_suffix(".tmp")

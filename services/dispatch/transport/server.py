@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 
 from dispatch.shared.config import TransportConfig
-from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, start_server
+from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, bound_address, start_server
+from dispatch.transport.http import HttpBridge, start_http
 from dispatch.transport.service import DispatchServicer
 from dispatch.v1 import kernel_pb2_grpc, store_pb2_grpc, transport_pb2_grpc
 
@@ -29,7 +30,24 @@ async def start(cfg: TransportConfig) -> Hosted:
         max_receive_bytes=cfg.max_request_bytes,
     )
 
+    bridge: HttpBridge | None = None
+    if cfg.http_listen:
+        try:
+            bridge = await start_http(
+                cfg.http_listen, bound_address(cfg.listen, hosted.port), rpc_timeout=cfg.rpc_timeout
+            )
+        except BaseException:
+            await hosted.stop(0)
+            await kernel_channel.close()
+            await store_channel.close()
+            raise
+        hosted.http_port = bridge.port
+        # Streams end cleanly while the gRPC side still serves them; closing again is a no-op.
+        hosted.drain = lambda grace: bridge.stop()
+
     async def close() -> None:
+        if bridge is not None:
+            await bridge.stop()
         await servicer.fanout.close()
         await kernel_channel.close()
         await store_channel.close()

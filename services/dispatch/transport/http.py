@@ -1,0 +1,532 @@
+"""An HTTP/JSON bridge to the public API, for clients without gRPC (curl, browsers).
+
+The bridge is a thin front over the transport's own ``dispatch.v1.Dispatch``
+service: every HTTP request becomes a call on a grpc.aio channel to it, with the
+caller's ``Authorization`` header passed on as the ``authorization`` metadata,
+so authentication, validation, tenant scoping and error messages are the gRPC
+ones. The header is never logged or echoed.
+
+Bodies and answers are proto3 JSON (``json_format`` with the proto's field
+names): int64 fields are strings, enums their names (``TURN_STATE_RUNNING``),
+bytes base64, timestamps RFC 3339, and fields at their default are left out.
+
+Routes::
+
+    GET    /v1/workspaces                       ListWorkspaces       ?page_size=&page_token=
+    POST   /v1/workspaces                       CreateWorkspace
+    POST   /v1/conversations                    CreateConversation
+    GET    /v1/conversations                    ListConversations    ?workspace_id=&page_size=&page_token=
+    GET    /v1/conversations/{id}               GetConversation
+    PATCH  /v1/conversations/{id}               UpdateConversation
+    DELETE /v1/conversations/{id}               DeleteConversation
+    POST   /v1/conversations/{id}/messages      Send                 {"text", "policy", "idempotency_key"}
+    GET    /v1/conversations/{id}/events        Subscribe            ?after_event_seq=
+    POST   /v1/conversations/{id}/cancel        Cancel               {"turn_id"} (optional)
+    GET    /v1/conversations/{id}/history       History              ?after_seq=&limit=
+    GET    /v1/conversations/{id}/metrics       Metrics              ?turn_id=
+    POST   /v1/approvals/{id}/resolve           ResolveApproval      {"decision", "reason", ...}
+    GET    /v1/models                           Models
+    GET    /v1/computers                        Computers
+
+Enum fields of a body (``policy``, ``decision``) also take the short lower-case
+name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``.
+
+The event stream is Server-Sent Events when ``Accept`` names
+``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
+
+A failure answers ``{"error": {"code": <gRPC status name>, "message": ...}}``
+with the HTTP status of ``HTTP_STATUS``; the bridge's own refusals use
+INVALID_ARGUMENT (400), NOT_FOUND (404), METHOD_NOT_ALLOWED (405) and
+RESOURCE_EXHAUSTED (413, a body over ``max_body`` bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from dispatch.shared.server import GRPC_OPTIONS
+from dispatch.transport.auth import INVALID
+from dispatch.v1 import common_pb2, transport_pb2, transport_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT = 30.0
+KEEPALIVE_SECONDS = 15.0
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# How long stop() lets requests in flight finish.
+STOP_GRACE = 5.0
+_MAX_INT64 = 2**63 - 1
+
+# Any other status is a 500.
+HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", **_STREAM_HEADERS}
+_NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", **_STREAM_HEADERS}
+_KEEPALIVE = b": keep-alive\n\n"
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+class HttpError(Exception):
+    """A request the bridge refuses itself, before any gRPC call."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _bad_request(message: str) -> HttpError:
+    return HttpError(400, grpc.StatusCode.INVALID_ARGUMENT.name, message)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The JSON error answer; a 401 also says which scheme to authenticate with."""
+    all_headers = dict(headers or {})
+    if status == 401:
+        all_headers["WWW-Authenticate"] = "Bearer"
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=all_headers
+    )
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _line(value: Any) -> str:
+    """``value`` as JSON on one line, ASCII only: no U+2028 or U+0085 for a reader's splitlines()."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _parse(data: dict[str, Any], message: Req, **path: str) -> Req:
+    """``data`` parsed into ``message``; ``path`` fields come from the URL and may not disagree."""
+    for name, value in path.items():
+        if name in data and data[name] != value:
+            raise _bad_request(f"{name} in the body differs from the one in the path")
+        data[name] = value
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as exc:
+        raise _bad_request(str(exc)) from None
+    return message
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; an empty body is ``{}``."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise _bad_request(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _bad_request(f"the body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _query(request: web.Request, names: Sequence[str]) -> dict[str, Any]:
+    return {name: request.query[name] for name in names if name in request.query}
+
+
+def _enum_field(data: dict[str, Any], name: str, prefix: str, choices: Sequence[str]) -> None:
+    """Expand the short name of enum field ``name`` (``"reject"``) to the enum's (``SEND_POLICY_REJECT``)."""
+    value = data.get(name)
+    if value is None:
+        return
+    if isinstance(value, str):
+        short = value.removeprefix(prefix).lower()
+        if short in (*choices, "unspecified"):
+            data[name] = prefix + short.upper()
+            return
+    raise _bad_request(f"{name} must be one of {', '.join(choices)}")
+
+
+def _seq(value: str, name: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or not text.isascii() or int(text) > _MAX_INT64:
+        raise _bad_request(f"{name} must be an event_seq: a whole number, 0 or more")
+    return int(text)
+
+
+def _cursor(request: web.Request) -> int:
+    """Where the event stream resumes: after_event_seq, or Last-Event-ID when that is larger."""
+    after = _seq(request.query.get("after_event_seq", "0"), "after_event_seq")
+    last = request.headers.get("Last-Event-ID", "")
+    if last.strip():
+        after = max(after, _seq(last, "Last-Event-ID"))
+    return after
+
+
+def _host_port(listen: str) -> tuple[str | None, int]:
+    """``listen``'s host (None: every interface) and port."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen must be host:port, got {listen!r}")
+    return host.strip("[]") or None, int(port)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _Frames:
+    """The event stream's wire format: Server-Sent Events or NDJSON."""
+
+    def __init__(self, sse: bool):
+        self.sse = sse
+
+    def events(self, events: Sequence[common_pb2.AgentEvent]) -> bytes:
+        if not self.sse:
+            return "".join(_line(to_dict(e)) + "\n" for e in events).encode()
+        parts = []
+        for e in events:
+            kind = e.WhichOneof("kind")
+            head = f"id: {e.event_seq}\nevent: {kind}\n" if kind else f"id: {e.event_seq}\n"
+            parts.append(f"{head}data: {_line(to_dict(e))}\n\n")
+        return "".join(parts).encode()
+
+    def resync(self, after_event_seq: int) -> bytes:
+        if self.sse:
+            data = _line({"after_event_seq": after_event_seq})
+            return f"id: {after_event_seq}\nevent: resync\ndata: {data}\n\n".encode()
+        return (_line({"resync": {"after_event_seq": str(after_event_seq)}}) + "\n").encode()
+
+    def error(self, exc: grpc.aio.AioRpcError) -> bytes:
+        data = _line({"error": {"code": exc.code().name, "message": exc.details() or ""}})
+        return f"event: stream_error\ndata: {data}\n\n".encode() if self.sse else (data + "\n").encode()
+
+
+class HttpBridge:
+    """The running bridge: an aiohttp server in front, one grpc.aio channel behind."""
+
+    def __init__(
+        self,
+        grpc_target: str,
+        *,
+        batch_events: int = 64,
+        rpc_timeout: float = RPC_TIMEOUT,
+        keepalive: float = KEEPALIVE_SECONDS,
+        max_body: int = MAX_BODY_BYTES,
+    ):
+        if batch_events < 1:
+            raise ValueError("batch_events must be 1 or more")
+        self.port = 0
+        self.batch_events = batch_events
+        self.rpc_timeout = rpc_timeout
+        self.keepalive = keepalive
+        self._channel = grpc.aio.insecure_channel(grpc_target, options=GRPC_OPTIONS)
+        self._stub: transport_pb2_grpc.DispatchAsyncStub = transport_pb2_grpc.DispatchStub(self._channel)
+        self._streams: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
+        self._closing = asyncio.Event()
+        self._stopped = False
+        app = web.Application(client_max_size=max_body, middlewares=[self._errors])
+        app.add_routes(self._routes())
+        # handler_cancellation: a client that hangs up cancels its handler, and so its gRPC call.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=STOP_GRACE)
+
+    @property
+    def active_streams(self) -> int:
+        """Subscribe calls open upstream: one per connected event-stream client."""
+        return len(self._streams)
+
+    async def start(self, listen: str) -> None:
+        """Serve on ``listen``; on failure nothing is left open."""
+        try:
+            host, port = _host_port(listen)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, host, port).start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """End the event streams, let other requests finish within STOP_GRACE, close the channel."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._closing.set()
+        await self._runner.cleanup()
+        await self._channel.close()
+
+    def _routes(self) -> list[web.RouteDef]:
+        conv = "/v1/conversations/{id}"
+        return [
+            web.get("/v1/workspaces", self._list_workspaces, allow_head=False),
+            web.post("/v1/workspaces", self._create_workspace),
+            web.post("/v1/conversations", self._create_conversation),
+            web.get("/v1/conversations", self._list_conversations, allow_head=False),
+            web.get(conv, self._get_conversation, allow_head=False),
+            web.patch(conv, self._update_conversation),
+            web.delete(conv, self._delete_conversation),
+            web.post(conv + "/messages", self._send),
+            web.get(conv + "/events", self._events, allow_head=False),
+            web.post(conv + "/cancel", self._cancel),
+            web.get(conv + "/history", self._history, allow_head=False),
+            web.get(conv + "/metrics", self._metrics, allow_head=False),
+            web.post("/v1/approvals/{id}/resolve", self._resolve_approval),
+            web.get("/v1/models", self._models, allow_head=False),
+            web.get("/v1/computers", self._computers, allow_head=False),
+        ]
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except grpc.aio.AioRpcError as exc:
+            return error_response(HTTP_STATUS.get(exc.code(), 500), exc.code().name, exc.details() or "")
+        except web.HTTPNotFound:
+            return error_response(404, "NOT_FOUND", f"no route for {request.method} {request.path}")
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return error_response(
+                405,
+                "METHOD_NOT_ALLOWED",
+                f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
+                {"Allow": allowed},
+            )
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413,
+                "RESOURCE_EXHAUSTED",
+                f"the body is larger than the limit of {request.client_max_size} bytes",
+            )
+        except web.HTTPException as exc:
+            return error_response(exc.status, exc.reason.upper().replace(" ", "_"), exc.text or exc.reason)
+        except Exception:
+            log.exception("HTTP bridge: %s %s failed", request.method, request.path)
+            return error_response(500, "INTERNAL", "internal error in the HTTP bridge")
+
+    def _metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        value = request.headers.get("Authorization")
+        if value is None:
+            return ()
+        if not (value.isascii() and value.isprintable()):
+            raise HttpError(401, grpc.StatusCode.UNAUTHENTICATED.name, INVALID)
+        return (("authorization", value),)
+
+    async def _unary(
+        self, request: web.Request, rpc: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], message: Req
+    ) -> web.Response:
+        reply = await rpc(message, metadata=self._metadata(request), timeout=self.rpc_timeout)
+        return web.json_response(to_dict(reply))
+
+    async def _list_workspaces(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            _query(request, ("page_size", "page_token")), transport_pb2.PublicListWorkspacesRequest()
+        )
+        return await self._unary(request, self._stub.ListWorkspaces, message)
+
+    async def _create_workspace(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(await _body(request), transport_pb2.PublicCreateWorkspaceRequest())
+        return await self._unary(request, self._stub.CreateWorkspace, message)
+
+    async def _create_conversation(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(await _body(request), transport_pb2.PublicCreateConversationRequest())
+        return await self._unary(request, self._stub.CreateConversation, message)
+
+    async def _list_conversations(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            _query(request, ("workspace_id", "page_size", "page_token")),
+            transport_pb2.PublicListConversationsRequest(),
+        )
+        return await self._unary(request, self._stub.ListConversations, message)
+
+    async def _get_conversation(self, request: web.Request) -> web.StreamResponse:
+        message = transport_pb2.PublicGetConversationRequest(conversation_id=request.match_info["id"])
+        return await self._unary(request, self._stub.GetConversation, message)
+
+    async def _update_conversation(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            await _body(request),
+            transport_pb2.PublicUpdateConversationRequest(),
+            conversation_id=request.match_info["id"],
+        )
+        return await self._unary(request, self._stub.UpdateConversation, message)
+
+    async def _delete_conversation(self, request: web.Request) -> web.StreamResponse:
+        message = transport_pb2.PublicDeleteConversationRequest(conversation_id=request.match_info["id"])
+        return await self._unary(request, self._stub.DeleteConversation, message)
+
+    async def _send(self, request: web.Request) -> web.StreamResponse:
+        body = await _body(request)
+        _enum_field(body, "policy", "SEND_POLICY_", ("enqueue", "interrupt", "reject"))
+        message = _parse(body, transport_pb2.SendRequest(), conversation_id=request.match_info["id"])
+        return await self._unary(request, self._stub.Send, message)
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            await _body(request), transport_pb2.CancelRequest(), conversation_id=request.match_info["id"]
+        )
+        return await self._unary(request, self._stub.Cancel, message)
+
+    async def _history(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            _query(request, ("after_seq", "limit")),
+            transport_pb2.HistoryRequest(),
+            conversation_id=request.match_info["id"],
+        )
+        return await self._unary(request, self._stub.History, message)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            _query(request, ("turn_id",)),
+            transport_pb2.MetricsRequest(),
+            conversation_id=request.match_info["id"],
+        )
+        return await self._unary(request, self._stub.Metrics, message)
+
+    async def _resolve_approval(self, request: web.Request) -> web.StreamResponse:
+        body = await _body(request)
+        _enum_field(body, "decision", "APPROVAL_DECISION_", ("approve", "reject", "edit"))
+        message = _parse(
+            body, transport_pb2.PublicResolveApprovalRequest(), approval_id=request.match_info["id"]
+        )
+        return await self._unary(request, self._stub.ResolveApproval, message)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        return await self._unary(request, self._stub.Models, transport_pb2.ModelsRequest())
+
+    async def _computers(self, request: web.Request) -> web.StreamResponse:
+        return await self._unary(request, self._stub.Computers, transport_pb2.ComputersRequest())
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """The conversation's events after the cursor (see ``_cursor``), following the live tail.
+
+        Server-Sent Events: one SSE event per AgentEvent (``id:`` its event_seq,
+        ``event:`` its kind, ``data:`` its JSON on one line), so an EventSource
+        reconnects with Last-Event-ID and resumes without gap or repeat; a
+        ``: keep-alive`` comment after ``keepalive`` seconds of silence.
+        NDJSON: one AgentEvent per line, and nothing while idle.
+
+        When the subscriber fell behind (a Resync, or RESOURCE_EXHAUSTED from
+        the stream) the answer ends with ``event: resync`` / ``data:
+        {"after_event_seq": N}`` (NDJSON: ``{"resync": {"after_event_seq":
+        "N"}}``); resume after N. Any other failure once streaming ends it with
+        ``event: stream_error`` (NDJSON: a line) carrying the error body.
+        """
+        conversation_id = request.match_info["id"]
+        frames = _Frames("text/event-stream" in request.headers.get("Accept", ""))
+        cursor = _cursor(request)
+        metadata = self._metadata(request)
+        # Subscribe reports a bad key or conversation only once the HTTP status is
+        # sent; asking GetConversation first gives those failures their status.
+        await self._stub.GetConversation(
+            transport_pb2.PublicGetConversationRequest(conversation_id=conversation_id),
+            metadata=metadata,
+            timeout=self.rpc_timeout,
+        )
+        response = web.StreamResponse(headers=_SSE_HEADERS if frames.sse else _NDJSON_HEADERS)
+        call = self._stub.Subscribe(
+            transport_pb2.SubscribeRequest(conversation_id=conversation_id, after_event_seq=cursor),
+            metadata=metadata,
+        )
+        self._streams.add(call)
+        closing = asyncio.ensure_future(self._closing.wait())
+        read: asyncio.Future[object] | None = None
+        try:
+            await response.prepare(request)
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(call.read())
+                waiting: set[asyncio.Future[Any]] = {read, closing}
+                done, _ = await asyncio.wait(
+                    waiting,
+                    timeout=self.keepalive if frames.sse else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if closing in done:
+                    break
+                if not done:
+                    await response.write(_KEEPALIVE)
+                    continue
+                item, read = read.result(), None
+                if not isinstance(item, transport_pb2.SubscribeResponse):
+                    break
+                events = item.events
+                for i in range(0, len(events), self.batch_events):
+                    await response.write(frames.events(events[i : i + self.batch_events]))
+                    cursor = events[min(i + self.batch_events, len(events)) - 1].event_seq
+                if item.HasField("resync"):
+                    await response.write(frames.resync(item.resync.after_event_seq))
+                    break
+        except grpc.aio.AioRpcError as exc:
+            tail = (
+                frames.resync(cursor)
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                else frames.error(exc)
+            )
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(tail)
+        except ConnectionResetError:
+            return response
+        finally:
+            closing.cancel()
+            call.cancel()
+            if read is not None:
+                read.cancel()
+                read.add_done_callback(_consume)
+            self._streams.discard(call)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+
+async def start_http(
+    listen: str,
+    grpc_target: str,
+    *,
+    batch_events: int = 64,
+    rpc_timeout: float = RPC_TIMEOUT,
+    keepalive: float = KEEPALIVE_SECONDS,
+    max_body: int = MAX_BODY_BYTES,
+) -> HttpBridge:
+    """Serve the bridge on ``listen`` ("host:port"; port 0 picks a free one) in front of the
+    Dispatch service at ``grpc_target``.
+
+    ``batch_events``: most events per HTTP write; ``rpc_timeout``: deadline of each unary
+    call; ``keepalive``: seconds of silence before an SSE keep-alive comment; ``max_body``:
+    largest request body, in bytes.
+    """
+    bridge = HttpBridge(
+        grpc_target,
+        batch_events=batch_events,
+        rpc_timeout=rpc_timeout,
+        keepalive=keepalive,
+        max_body=max_body,
+    )
+    await bridge.start(listen)
+    return bridge
