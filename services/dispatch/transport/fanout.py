@@ -8,8 +8,9 @@ store), then joins the hub at the point it reached, so the joined stream has
 no gap and no repeat.
 
 Each subscriber has a bounded queue. Events are batched for the wire: what a
-subscriber's queue holds when it is ready to send, plus what arrives within
-``BATCH_WINDOW`` seconds, up to ``BATCH_MAX`` events per message. A subscriber
+subscriber's queue holds when it is ready to send, plus, when that is already
+more than one event (a burst), what arrives within ``BATCH_WINDOW`` seconds, up
+to ``BATCH_MAX`` events per message. A subscriber
 whose queue overflows is dropped from the hub and told to resubscribe from
 the last ``event_seq`` it was sent (a ``Resync``); the turn and the other
 subscribers never wait for it.
@@ -88,8 +89,10 @@ class Subscriber:
                 return None
             self.wake.clear()
             await self.wake.wait()
-        if len(self.queue) < batch_max and window > 0:
-            await asyncio.sleep(window)  # let a burst gather into one message
+        if 1 < len(self.queue) < batch_max and window > 0:
+            # A burst is under way: let it gather into one message. A lone event (a token
+            # from a model streaming at human pace) leaves at once.
+            await asyncio.sleep(window)
         if self.overflowed:
             return Batch([], resync_after=self.cursor)
         events = [self.queue.popleft() for _ in range(min(batch_max, len(self.queue)))]
