@@ -2,12 +2,61 @@
 
 async with DispatchClient("127.0.0.1:7600") as client:
     conv = await client.create_conversation()
-    sent = await client.send(conv.id, "what is in this workspace?")
-    async for event in client.subscribe(conv.id, after_event_seq=sent.after_event_seq):
+    async for event in client.run_turn(conv.id, "what is in this workspace?"):
         ...
+
+``SyncDispatchClient`` (also ``Client``) has the same methods, blocking. Calls
+fail with a ``DispatchError`` subclass (``NotFound``, ``Unauthenticated``, ...)
+that carries the gRPC status. ``types`` holds the message types
+(``types.AgentEvent``, ``types.Conversation``, ...).
 """
 
+from dispatch_client._calls import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, POLICY_NAMES, find_address, find_api_key
 from dispatch_client._proto import common_pb2 as types
-from dispatch_client.client import DEFAULT_ADDRESS, DispatchClient, DispatchError
+from dispatch_client._proto import store_pb2, transport_pb2
+from dispatch_client.client import DispatchClient
+from dispatch_client.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    DispatchError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    error_for,
+)
+from dispatch_client.sync import Client, SyncDispatchClient
 
-__all__ = ["DEFAULT_ADDRESS", "DispatchClient", "DispatchError", "types"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_TIMEOUT",
+    "POLICY_NAMES",
+    "AlreadyExists",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "DispatchClient",
+    "DispatchError",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "SyncDispatchClient",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "error_for",
+    "find_address",
+    "find_api_key",
+    "store_pb2",
+    "transport_pb2",
+    "types",
+]

@@ -1,0 +1,316 @@
+"""What the async and the sync client share: each public call as a request to send.
+
+Every builder here returns a ``Call`` (the RPC's name, its request and an
+optional per-call timeout) or ``Pages`` (how to walk a paged listing). ``_api``
+makes them the clients' methods; the two clients only say how a ``Call``
+travels (awaited or blocking), so a method is written once, here, for both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeAlias, TypeVar
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.message import Message
+
+from dispatch_client._proto import common_pb2, store_pb2, transport_pb2
+
+DEFAULT_ADDRESS = "127.0.0.1:7600"
+# Unary calls fail after this many seconds unless the client or the call says otherwise.
+DEFAULT_TIMEOUT = 30.0
+
+R = TypeVar("R", bound=Message)
+I = TypeVar("I")  # noqa: E741 - an item of a page
+
+SendPolicyLike: TypeAlias = "str | common_pb2.SendPolicy.ValueType"
+DecisionLike: TypeAlias = "str | common_pb2.ApprovalDecision.ValueType"
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One unary RPC to make: ``method`` of the Dispatch service, answered with an ``R``."""
+
+    method: str
+    request: Message
+    # None: the client's default.
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Pages(Generic[R, I]):
+    """A paged listing: the first page's call, a page's items, and the next page's call (None: done)."""
+
+    first: Call[R]
+    items: Callable[[R], Iterable[I]]
+    next: Callable[[R], Call[R] | None]
+
+
+# ------------------------------------------------------------------ settings
+
+
+def find_api_key(given: str | None = None) -> str:
+    """The API key: ``given``, else ``DISPATCH_API_KEY``, else the ``api_key`` file that
+    ``dispatchd up`` writes to its data directory (``DISPATCH_DATA_DIR``, default ``.dispatch``)."""
+    if given:
+        return given
+    if os.environ.get("DISPATCH_API_KEY", "").strip():
+        return os.environ["DISPATCH_API_KEY"].strip()
+    path = Path(os.environ.get("DISPATCH_DATA_DIR") or ".dispatch") / "api_key"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def find_address(given: str | None = None) -> str:
+    """The server's address: ``given``, else ``DISPATCH_ADDRESS``, else ``DEFAULT_ADDRESS``."""
+    return given or os.environ.get("DISPATCH_ADDRESS", "").strip() or DEFAULT_ADDRESS
+
+
+def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _enum_value(value: str | int, enum: EnumDescriptor, prefix: str, what: str) -> int:
+    """``value`` as a number of ``enum``: a name with or without ``prefix``, any case, or a number."""
+    numbers = {v.name.removeprefix(prefix).lower(): v.number for v in enum.values if v.number != 0}
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in numbers.values():
+            return value
+    elif isinstance(value, str) and value.strip().lower().removeprefix(prefix.lower()) in numbers:
+        return numbers[value.strip().lower().removeprefix(prefix.lower())]
+    raise ValueError(f"unknown {what} {value!r}: expected one of {'|'.join(numbers)}")
+
+
+POLICY_NAMES = [
+    v.name.removeprefix("SEND_POLICY_").lower() for v in common_pb2.SendPolicy.DESCRIPTOR.values if v.number
+]
+
+
+def send_policy(value: SendPolicyLike) -> common_pb2.SendPolicy.ValueType:
+    """A send policy from ``"enqueue"|"interrupt"|"reject"`` (any case) or a ``SendPolicy`` value."""
+    return common_pb2.SendPolicy.ValueType(
+        _enum_value(value, common_pb2.SendPolicy.DESCRIPTOR, "SEND_POLICY_", "send policy")
+    )
+
+
+def approval_decision(value: DecisionLike) -> common_pb2.ApprovalDecision.ValueType:
+    """A decision from ``"approve"|"reject"|"edit"`` or an ``ApprovalDecision`` value."""
+    return common_pb2.ApprovalDecision.ValueType(
+        _enum_value(value, common_pb2.ApprovalDecision.DESCRIPTOR, "APPROVAL_DECISION_", "approval decision")
+    )
+
+
+# ------------------------------------------------------------- the public API
+
+
+def create_workspace(
+    *,
+    name: str = "",
+    root: str = "",
+    default_computer_id: str = "",
+    default_agent: str = "",
+    confine_tools: bool = False,
+    timeout: float | None = None,
+) -> Call[common_pb2.Workspace]:
+    """Create a workspace: a ``root`` directory tools resolve paths against (confined to it
+    with ``confine_tools``), and the computer and agent its conversations default to."""
+    request = transport_pb2.PublicCreateWorkspaceRequest(
+        name=name,
+        root=root,
+        default_computer_id=default_computer_id,
+        default_agent=default_agent,
+        confine_tools=confine_tools,
+    )
+    return Call("CreateWorkspace", request, timeout)
+
+
+def list_workspaces(
+    *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+) -> Call[store_pb2.ListWorkspacesResponse]:
+    """One page of the tenant's workspaces; see ``iter_workspaces`` for all of them."""
+    request = transport_pb2.PublicListWorkspacesRequest(page_size=page_size, page_token=page_token)
+    return Call("ListWorkspaces", request, timeout)
+
+
+def iter_workspaces(
+    *, page_size: int = 0, timeout: float | None = None
+) -> Pages[store_pb2.ListWorkspacesResponse, common_pb2.Workspace]:
+    """Every workspace of the tenant, page by page."""
+
+    def page(token: str) -> Call[store_pb2.ListWorkspacesResponse]:
+        return list_workspaces(page_size=page_size, page_token=token, timeout=timeout)
+
+    return Pages(
+        page(""), lambda r: r.workspaces, lambda r: page(r.next_page_token) if r.next_page_token else None
+    )
+
+
+def create_conversation(
+    *,
+    workspace_id: str = "",
+    title: str = "",
+    cwd: str = "",
+    computer_id: str = "",
+    agent: str = "",
+    timeout: float | None = None,
+) -> Call[common_pb2.Conversation]:
+    """Create a conversation (in the default workspace unless ``workspace_id`` is given);
+    ``cwd``, ``computer_id`` and ``agent`` override the workspace's."""
+    request = transport_pb2.PublicCreateConversationRequest(
+        workspace_id=workspace_id, title=title, cwd=cwd, computer_id=computer_id, agent=agent
+    )
+    return Call("CreateConversation", request, timeout)
+
+
+def list_conversations(
+    *, workspace_id: str = "", page_size: int = 0, page_token: str = "", timeout: float | None = None
+) -> Call[store_pb2.ListConversationsResponse]:
+    """One page of conversations (of ``workspace_id`` if given); see ``iter_conversations``."""
+    request = transport_pb2.PublicListConversationsRequest(
+        workspace_id=workspace_id, page_size=page_size, page_token=page_token
+    )
+    return Call("ListConversations", request, timeout)
+
+
+def iter_conversations(
+    *, workspace_id: str = "", page_size: int = 0, timeout: float | None = None
+) -> Pages[store_pb2.ListConversationsResponse, common_pb2.Conversation]:
+    """Every conversation (of ``workspace_id`` if given), page by page."""
+
+    def page(token: str) -> Call[store_pb2.ListConversationsResponse]:
+        return list_conversations(
+            workspace_id=workspace_id, page_size=page_size, page_token=token, timeout=timeout
+        )
+
+    return Pages(
+        page(""), lambda r: r.conversations, lambda r: page(r.next_page_token) if r.next_page_token else None
+    )
+
+
+def get_conversation(conversation_id: str, *, timeout: float | None = None) -> Call[common_pb2.Conversation]:
+    """The conversation; ``NotFound`` if it does not exist (or is another tenant's)."""
+    request = transport_pb2.PublicGetConversationRequest(conversation_id=conversation_id)
+    return Call("GetConversation", request, timeout)
+
+
+def update_conversation(
+    conversation_id: str,
+    *,
+    title: str | None = None,
+    cwd: str | None = None,
+    computer_id: str | None = None,
+    agent: str | None = None,
+    timeout: float | None = None,
+) -> Call[common_pb2.Conversation]:
+    """Set the fields given; None leaves a field alone, ``""`` clears an override."""
+    request = transport_pb2.PublicUpdateConversationRequest(
+        conversation_id=conversation_id, title=title, cwd=cwd, computer_id=computer_id, agent=agent
+    )
+    return Call("UpdateConversation", request, timeout)
+
+
+def delete_conversation(
+    conversation_id: str, *, timeout: float | None = None
+) -> Call[store_pb2.DeleteConversationResponse]:
+    """Delete the conversation with its messages and events."""
+    request = transport_pb2.PublicDeleteConversationRequest(conversation_id=conversation_id)
+    return Call("DeleteConversation", request, timeout)
+
+
+def send(
+    conversation_id: str,
+    text: str = "",
+    *,
+    chunks: Sequence[common_pb2.Chunk] = (),
+    policy: SendPolicyLike = "enqueue",
+    idempotency_key: str = "",
+    timeout: float | None = None,
+) -> Call[transport_pb2.SendResponse]:
+    """Send a user message (``text``, or ``chunks``). With a turn running, ``policy`` says what
+    happens: ``enqueue`` (the default: the answer has ``queued`` and the running turn's id),
+    ``interrupt`` or ``reject`` (``FailedPrecondition``). Subscribe with the answer's
+    ``after_event_seq`` to follow the turn, or use ``run_turn``."""
+    request = transport_pb2.SendRequest(
+        conversation_id=conversation_id,
+        text=text,
+        chunks=chunks,
+        policy=send_policy(policy),
+        idempotency_key=idempotency_key,
+    )
+    return Call("Send", request, timeout)
+
+
+def cancel(
+    conversation_id: str, turn_id: str = "", *, timeout: float | None = None
+) -> Call[transport_pb2.CancelResponse]:
+    """Abort the running turn (only if it is ``turn_id``, when given). The answer's ``turn_id``
+    is the turn aborted, empty when none was."""
+    request = transport_pb2.CancelRequest(conversation_id=conversation_id, turn_id=turn_id)
+    return Call("Cancel", request, timeout)
+
+
+def resolve_approval(
+    approval_id: str,
+    decision: DecisionLike,
+    *,
+    edited_input_json: str = "",
+    reason: str = "",
+    timeout: float | None = None,
+) -> Call[common_pb2.Approval]:
+    """Answer a tool call's approval request: ``approve``, ``reject`` or ``edit`` (with
+    ``edited_input_json``)."""
+    request = transport_pb2.PublicResolveApprovalRequest(
+        approval_id=approval_id,
+        decision=approval_decision(decision),
+        edited_input_json=edited_input_json,
+        reason=reason,
+    )
+    return Call("ResolveApproval", request, timeout)
+
+
+def history(
+    conversation_id: str, *, after_seq: int = 0, limit: int = 0, timeout: float | None = None
+) -> Call[transport_pb2.HistoryResponse]:
+    """Committed messages with seq > ``after_seq``, at most ``limit`` (0: all); the answer's
+    ``last_seq`` is the conversation's highest seq."""
+    request = transport_pb2.HistoryRequest(conversation_id=conversation_id, after_seq=after_seq, limit=limit)
+    return Call("History", request, timeout)
+
+
+def iter_history(
+    conversation_id: str, *, after_seq: int = 0, page_size: int = 500, timeout: float | None = None
+) -> Pages[transport_pb2.HistoryResponse, common_pb2.Message]:
+    """Every committed message with seq > ``after_seq``, ``page_size`` per call."""
+
+    def page(after: int) -> Call[transport_pb2.HistoryResponse]:
+        return history(conversation_id, after_seq=after, limit=page_size, timeout=timeout)
+
+    def next_page(r: transport_pb2.HistoryResponse) -> Call[transport_pb2.HistoryResponse] | None:
+        if not r.messages or r.messages[-1].seq >= r.last_seq:
+            return None
+        return page(r.messages[-1].seq)
+
+    return Pages(page(after_seq), lambda r: r.messages, next_page)
+
+
+def metrics(
+    conversation_id: str, turn_id: str = "", *, timeout: float | None = None
+) -> Call[store_pb2.GetMetricsResponse]:
+    """Per-turn (and per-step) metrics of the conversation, of one turn when ``turn_id`` is given."""
+    request = transport_pb2.MetricsRequest(conversation_id=conversation_id, turn_id=turn_id)
+    return Call("Metrics", request, timeout)
+
+
+def models(*, timeout: float | None = None) -> Call[transport_pb2.ModelsResponse]:
+    """The models the server's agents use."""
+    return Call("Models", transport_pb2.ModelsRequest(), timeout)
+
+
+def computers(*, timeout: float | None = None) -> Call[transport_pb2.ComputersResponse]:
+    """The computers tools can run on: this machine and the SSH config's hosts."""
+    return Call("Computers", transport_pb2.ComputersRequest(), timeout)
