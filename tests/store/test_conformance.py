@@ -525,6 +525,40 @@ def texts(items: list[store_pb2.QueuedMessage]) -> list[str]:
     return ["".join(c.text.text for c in q.message.chunks) for q in items]
 
 
+async def test_append_can_take_the_queue_in_the_same_transaction(store_stub: Stub) -> None:
+    conv = await new_conversation(store_stub)
+    turn = await store_stub.CreateTurn(store_pb2.CreateTurnRequest(tenant_id=TENANT, conversation_id=conv.id))
+    for text in ("steer one", "steer two"):
+        await enqueue(store_stub, conv.id, text)
+    resp = await store_stub.Append(
+        store_pb2.AppendRequest(
+            tenant_id=TENANT,
+            conversation_id=conv.id,
+            messages=[text_message("the step so far", role=common_pb2.ROLE_ASSISTANT)],
+            take_queue_for_turn=turn.id,
+        )
+    )
+    assert resp.dequeued == 2
+    assert [m.seq for m in resp.messages] == [1, 2, 3]
+    taken = resp.messages[-2:]
+    assert ["".join(c.text.text for c in m.chunks) for m in taken] == ["steer one", "steer two"]
+    assert all(m.role == common_pb2.ROLE_USER and m.turn_id == turn.id for m in taken)
+    # Taken means gone from the queue, and in history.
+    assert await drain(store_stub, conv.id) == []
+    assert (await load(store_stub, conv.id)).last_seq == 3
+    # An empty queue takes nothing; a take with nothing else to append appends nothing.
+    empty = await store_stub.Append(
+        store_pb2.AppendRequest(tenant_id=TENANT, conversation_id=conv.id, take_queue_for_turn=turn.id)
+    )
+    assert (empty.dequeued, list(empty.messages), empty.last_seq) == (0, [], 0)
+    err = await rpc_error(
+        store_stub.Append(
+            store_pb2.AppendRequest(tenant_id=TENANT, conversation_id=conv.id, take_queue_for_turn="nope")
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_drain_answers_the_queue_in_order_and_empties_it(store_stub: Stub) -> None:
     conv = await new_conversation(store_stub)
     other = await new_conversation(store_stub)

@@ -211,11 +211,14 @@ class TurnRunner:
     def _emit(self, step_id: str = "", **kind: object) -> None:
         self.events.emit(self.turn.id, step_id, **kind)
 
-    async def _append(self, messages: Sequence[common_pb2.Message]) -> store_pb2.AppendResponse:
-        """Commit messages together with every event not yet persisted, in one transaction."""
+    async def _append(
+        self, messages: Sequence[common_pb2.Message], *, take_queue: bool = False
+    ) -> store_pb2.AppendResponse:
+        """Commit messages together with every event not yet persisted, in one transaction;
+        with ``take_queue``, the queued messages too (appended last, as this turn's)."""
         async with self.events.commit_lock:
             pending = list(self.events.unpersisted)
-            if not messages and not pending:
+            if not messages and not pending and not take_queue:
                 return store_pb2.AppendResponse()
             try:
                 resp: store_pb2.AppendResponse = await self.deps.store.Append(
@@ -224,6 +227,7 @@ class TurnRunner:
                         conversation_id=self.turn.conversation_id,
                         messages=messages,
                         events=pending,
+                        take_queue_for_turn=self.turn.id if take_queue else "",
                     ),
                     timeout=self.deps.rpc_timeout,
                 )
@@ -468,32 +472,19 @@ class TurnRunner:
 
     async def _inject_steering(self, step_index: int) -> list[common_pb2.Message]:
         """At a tool-result boundary: messages queued while the turn ran join its history as
-        user messages, committed now, for step ``step_index`` to take."""
-        try:
-            drained = await self.deps.store.DrainQueue(
-                store_pb2.DrainQueueRequest(
-                    tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise StoreFailed(
-                f"the store failed to hand over queued messages: {exc.code().name}: {exc.details()}"
-            ) from exc
-        if not drained.messages:
+        user messages, for step ``step_index`` to take. The store drains the queue and
+        commits them in one transaction, so none is lost or taken twice."""
+        committed = await self._append([], take_queue=True)
+        if not committed.dequeued:
             return []
-        users = [
-            common_pb2.Message(role=common_pb2.ROLE_USER, chunks=q.message.chunks, turn_id=self.turn.id)
-            for q in drained.messages
-        ]
-        committed = await self._append(users)
+        injected = list(committed.messages[-committed.dequeued :])
         self._emit(
             make_step_id(self.turn.id, step_index),
             steering_injected=common_pb2.SteeringInjected(
-                step_index=step_index, message_seqs=[m.seq for m in committed.messages]
+                step_index=step_index, message_seqs=[m.seq for m in injected]
             ),
         )
-        return list(committed.messages)
+        return injected
 
     def _gate(self, call: ToolCall) -> str:
         """Why ``call`` must not run (the turn's tool budget is spent, or it repeats the

@@ -123,6 +123,8 @@ class Appended:
     last_seq: int
     # The conversation's, whether or not this call carried events.
     last_event_seq: int
+    # How many of ``messages`` (the last ones) were taken from the queue.
+    dequeued: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,14 @@ class Execution:
     cwd: str
     workspace_root: str
     confine_tools: bool = False
+
+
+def steering_messages(queued: Sequence[store_pb2.QueuedMessage], turn_id: str) -> list[common_pb2.Message]:
+    """Queued messages as the user messages of ``turn_id`` that they become when taken."""
+    return [
+        common_pb2.Message(role=common_pb2.ROLE_USER, chunks=q.message.chunks, turn_id=turn_id)
+        for q in queued
+    ]
 
 
 def state_name(state: int) -> str:
@@ -216,14 +226,16 @@ def validate_append(
     messages: Sequence[common_pb2.Message],
     events: Sequence[common_pb2.AgentEvent],
     max_bytes: int = MAX_APPEND_BYTES,
+    *,
+    takes_queue: bool = False,
 ) -> None:
     """Check an append's content before it touches the database.
 
-    Raises ``InvalidArgument`` for an empty append, a message without a role or
-    chunks, an event without a kind, or anything addressed to another
-    conversation; ``ResourceExhausted`` past ``max_bytes``.
+    Raises ``InvalidArgument`` for an empty append (unless it takes the queue),
+    a message without a role or chunks, an event without a kind, or anything
+    addressed to another conversation; ``ResourceExhausted`` past ``max_bytes``.
     """
-    if not messages and not events:
+    if not messages and not events and not takes_queue:
         raise InvalidArgument("append needs at least one message or event")
     for i, msg in enumerate(messages):
         if msg.role not in ROLES:
@@ -583,12 +595,15 @@ class Store(abc.ABC):
         conversation_id: str,
         messages: Sequence[common_pb2.Message],
         events: Sequence[common_pb2.AgentEvent] = (),
+        take_queue_for_turn: str = "",
     ) -> Appended:
         """Commit messages and events in one transaction.
 
         Messages get the next gap-free seqs, the conversation id and the commit
         time; events keep their event_seq, which must rise strictly above the
-        conversation's ``last_event_seq``.
+        conversation's ``last_event_seq``. With ``take_queue_for_turn``, the
+        queued messages are drained in the same transaction and appended last,
+        as user messages of that turn.
         """
 
     @abc.abstractmethod

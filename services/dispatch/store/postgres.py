@@ -61,6 +61,7 @@ from dispatch.store.backend import (
     lease_ttl_ns,
     new_api_key_secret,
     normalized_step_metrics,
+    steering_messages,
     synthesize_missing_results,
     validate_append,
 )
@@ -708,14 +709,21 @@ class PostgresStore(Store):
         conversation_id: str,
         messages: Sequence[common_pb2.Message],
         events: Sequence[common_pb2.AgentEvent] = (),
+        take_queue_for_turn: str = "",
     ) -> Appended:
-        validate_append(conversation_id, messages, events, self.max_append_bytes)
+        validate_append(
+            conversation_id, messages, events, self.max_append_bytes, takes_queue=bool(take_queue_for_turn)
+        )
         async with self._tx(write=True) as cur:
             # The row lock queues concurrent appenders to this conversation, in any process.
             conv = await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
             check_event_seqs(events, conv["last_event_seq"])
             now = self._now_ns()
-            stored = await self._insert_messages(cur, conversation_id, int(conv["last_seq"]), messages, now)
+            taken = await self._take_queue(cur, conversation_id, now) if take_queue_for_turn else []
+            all_messages = [*messages, *steering_messages(taken, take_queue_for_turn)]
+            stored = await self._insert_messages(
+                cur, conversation_id, int(conv["last_seq"]), all_messages, now
+            )
             seq = stored[-1].seq if stored else int(conv["last_seq"])
             if events:
                 bodies = []
@@ -741,6 +749,7 @@ class PostgresStore(Store):
             first_seq=stored[0].seq if stored else 0,
             last_seq=seq if stored else 0,
             last_event_seq=last_event_seq,
+            dequeued=len(taken),
         )
 
     @staticmethod
@@ -1143,11 +1152,15 @@ class PostgresStore(Store):
     async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:
         async with self._tx(write=True) as cur:
             await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            rows = await self._all(
-                cur,
-                "UPDATE queue SET drained_at = %s WHERE conversation_id = %s AND drained_at = 0 RETURNING *",
-                (self._now_ns(), conversation_id),
-            )
+            return await self._take_queue(cur, conversation_id, self._now_ns())
+
+    async def _take_queue(self, cur: Cursor, conversation_id: str, now: int) -> list[store_pb2.QueuedMessage]:
+        """Drain the queue; the caller holds the conversation's row lock."""
+        rows = await self._all(
+            cur,
+            "UPDATE queue SET drained_at = %s WHERE conversation_id = %s AND drained_at = 0 RETURNING *",
+            (now, conversation_id),
+        )
         return [_queued(r) for r in sorted(rows, key=lambda r: int(r["id"]))]
 
     # ------------------------------------------------------------- approvals

@@ -201,12 +201,14 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
             request.messages,
             request.events,
+            take_queue_for_turn=_optional_id(request.take_queue_for_turn, "take_queue_for_turn", TURN_PREFIX),
         )
         return store_pb2.AppendResponse(
             messages=done.messages,
             first_seq=done.first_seq,
             last_seq=done.last_seq,
             last_event_seq=done.last_event_seq,
+            dequeued=done.dequeued,
         )
 
     @grpc_errors

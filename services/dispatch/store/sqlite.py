@@ -59,6 +59,7 @@ from dispatch.store.backend import (
     lease_ttl_ns,
     new_api_key_secret,
     normalized_step_metrics,
+    steering_messages,
     synthesize_missing_results,
     validate_append,
 )
@@ -698,15 +699,22 @@ class SQLiteStore(Store):
         conversation_id: str,
         messages: Sequence[common_pb2.Message],
         events: Sequence[common_pb2.AgentEvent] = (),
+        take_queue_for_turn: str = "",
     ) -> Appended:
-        validate_append(conversation_id, messages, events, self.max_append_bytes)
+        validate_append(
+            conversation_id, messages, events, self.max_append_bytes, takes_queue=bool(take_queue_for_turn)
+        )
 
         def run() -> Appended:
             with self._tx(write=True) as conn:
                 conv = self._conversation_row(conn, tenant_id, conversation_id)
                 check_event_seqs(events, conv["last_event_seq"])
                 now = self._now_ns()
-                stored = self._insert_messages(conn, conversation_id, int(conv["last_seq"]), messages, now)
+                taken = self._take_queue(conn, conversation_id, now) if take_queue_for_turn else []
+                all_messages = [*messages, *steering_messages(taken, take_queue_for_turn)]
+                stored = self._insert_messages(
+                    conn, conversation_id, int(conv["last_seq"]), all_messages, now
+                )
                 seq = stored[-1].seq if stored else int(conv["last_seq"])
                 rows = []
                 for event in events:
@@ -731,6 +739,7 @@ class SQLiteStore(Store):
                 first_seq=stored[0].seq if stored else 0,
                 last_seq=seq if stored else 0,
                 last_event_seq=last_event_seq,
+                dequeued=len(taken),
             )
 
         return await self._call(run)
@@ -1183,18 +1192,23 @@ class SQLiteStore(Store):
         def run() -> list[store_pb2.QueuedMessage]:
             with self._tx(write=True) as conn:
                 self._conversation_row(conn, tenant_id, conversation_id)
-                rows = conn.execute(
-                    "SELECT * FROM queue WHERE conversation_id = ? AND drained_at = 0 ORDER BY id",
-                    (conversation_id,),
-                ).fetchall()
-                if rows:
-                    conn.execute(
-                        "UPDATE queue SET drained_at = ? WHERE conversation_id = ? AND drained_at = 0",
-                        (self._now_ns(), conversation_id),
-                    )
-            return [_queued(r) for r in rows]
+                return self._take_queue(conn, conversation_id, self._now_ns())
 
         return await self._call(run)
+
+    @staticmethod
+    def _take_queue(
+        conn: sqlite3.Connection, conversation_id: str, now: int
+    ) -> list[store_pb2.QueuedMessage]:
+        rows = conn.execute(
+            "SELECT * FROM queue WHERE conversation_id = ? AND drained_at = 0 ORDER BY id", (conversation_id,)
+        ).fetchall()
+        if rows:
+            conn.execute(
+                "UPDATE queue SET drained_at = ? WHERE conversation_id = ? AND drained_at = 0",
+                (now, conversation_id),
+            )
+        return [_queued(r) for r in rows]
 
     # ------------------------------------------------------------- approvals
 

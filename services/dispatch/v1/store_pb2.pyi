@@ -389,8 +389,14 @@ class AppendRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    TAKE_QUEUE_FOR_TURN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
+    take_queue_for_turn: _builtins.str
+    """Non-empty: also take every message waiting in the conversation's queue,
+    in order, and append each after `messages` as a user message of this
+    turn, in the same transaction (steering: none is lost or taken twice).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
         """seq is assigned by the store; any value set here is ignored."""
@@ -408,10 +414,11 @@ class AppendRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         messages: _abc.Iterable[_common_pb2.Message] | None = ...,
         events: _abc.Iterable[_common_pb2.AgentEvent] | None = ...,
+        take_queue_for_turn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "events", b"events", "messages", b"messages", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "events", b"events", "messages", b"messages", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +432,7 @@ class AppendResponse(_message.Message):
     FIRST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    DEQUEUED_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The seq range of the appended messages; both 0 when the call carried
     only events.
@@ -432,6 +440,8 @@ class AppendResponse(_message.Message):
     last_seq: _builtins.int
     last_event_seq: _builtins.int
     """The conversation's highest persisted event_seq after the call."""
+    dequeued: _builtins.int
+    """How many of `messages` (the last ones) came from the queue."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
         """The appended messages with seq and created_at filled in."""
@@ -443,10 +453,11 @@ class AppendResponse(_message.Message):
         first_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         last_event_seq: _builtins.int = ...,
+        dequeued: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dequeued", b"dequeued", "first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
