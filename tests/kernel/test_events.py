@@ -4,12 +4,19 @@ persisted + in-memory + live events exactly once."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from dispatch.kernel.agents import build_agents
 from dispatch.kernel.events import ConversationLog, Subscription, replay_and_follow
+from dispatch.kernel.kernel import Kernel
+from dispatch.kernel.providers.scripted import ScriptedProvider
+from dispatch.kernel.turn import TurnDeps
+from dispatch.shared.config import KernelConfig
 from dispatch.shared.errors import ResourceExhausted
-from dispatch.v1 import common_pb2
+from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2
+from tests.stack import TENANT, start_stack
 
 
 class FakeStore:
@@ -120,3 +127,41 @@ async def test_closing_ends_live_streams() -> None:
     await asyncio.sleep(0)
     log.close_subscribers()
     assert await asyncio.wait_for(task, 5) == []
+
+
+async def test_the_kernel_forgets_an_idle_conversation_and_picks_its_event_seq_up_again(
+    tmp_path: Path,
+) -> None:
+    provider = ScriptedProvider.from_data({"steps": [[{"type": "text_delta", "text": "x"}]]})
+    stack = await start_stack(tmp_path, provider)
+    # A kernel of the test's own, on the stack's store, to look at what it keeps.
+    kernel = Kernel(
+        TurnDeps(
+            store=stack.store,
+            exec=exec_pb2_grpc.ExecStub(stack.channel("exec")),
+            agents=build_agents(KernelConfig(), {}, provider)[0],
+        )
+    )
+    try:
+        conv = await stack.conversation()
+        chunks = [common_pb2.Chunk(text=common_pb2.TextChunk(text="hi"))]
+        for _ in range(2):
+            started = await kernel.start_turn(TENANT, conv, chunks, common_pb2.SEND_POLICY_UNSPECIFIED, "")
+            seen = []
+            async for batch in kernel.subscribe(TENANT, conv, started.after_event_seq):
+                seen += batch
+                if any(e.HasField("turn_sealed") for e in batch):
+                    break
+            while kernel._tasks:  # the turn persists its last events, then lets go
+                await asyncio.sleep(0.01)
+            assert conv not in kernel._logs  # nothing holds it: forgotten
+            assert seen[0].event_seq == started.after_event_seq + 1
+        # The second turn's events continued the first's: no event_seq was reused.
+        events = await stack.store.LoadEvents(
+            store_pb2.LoadEventsRequest(tenant_id=TENANT, conversation_id=conv)
+        )
+        seqs = [e.event_seq for e in events.events]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert len({e.turn_id for e in events.events}) == 2
+    finally:
+        await stack.stop()

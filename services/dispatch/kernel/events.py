@@ -81,6 +81,14 @@ class ConversationLog:
         # same events twice.
         self.commit_lock = asyncio.Lock()
         self._subscribers: set[Subscription] = set()
+        # Users holding this log (a call in progress, a turn's task); the kernel forgets an
+        # idle log, and a later caller reads the conversation's last_event_seq afresh.
+        self.pins = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nobody uses it and the store has every event: it can be dropped and rebuilt."""
+        return self.pins == 0 and not self._subscribers and not self.unpersisted
 
     def emit(self, turn_id: str, step_id: str = "", **kind: object) -> common_pb2.AgentEvent:
         """Stamp an event with the envelope and the next event_seq, and fan it out."""

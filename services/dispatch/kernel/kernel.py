@@ -4,6 +4,7 @@ and starting, cancelling and draining turns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,27 @@ class Kernel:
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         return self._locks.setdefault(conversation_id, asyncio.Lock())
 
+    @contextlib.asynccontextmanager
+    async def _pinned(self, tenant_id: str, conversation_id: str) -> AsyncIterator[ConversationLog]:
+        """The conversation's log, kept (not forgotten as idle) while the block runs."""
+        events = await self._log(tenant_id, conversation_id)
+        events.pins += 1
+        try:
+            yield events
+        finally:
+            self._unpin(events)
+
+    def _unpin(self, events: ConversationLog) -> None:
+        """Release a pin; an idle log is forgotten, so the kernel's memory follows the
+        conversations in use, not every one it has ever served."""
+        events.pins -= 1
+        conversation_id = events.conversation_id
+        if events.idle and self._logs.get(conversation_id) is events and conversation_id not in self._active:
+            del self._logs[conversation_id]
+            lock = self._locks.get(conversation_id)
+            if lock is not None and not lock.locked():
+                del self._locks[conversation_id]
+
     async def _log(self, tenant_id: str, conversation_id: str) -> ConversationLog:
         """The conversation's event log, loaded from the store on first use (NOT_FOUND if absent)."""
         if not tenant_id:
@@ -92,8 +114,7 @@ class Kernel:
             raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_MESSAGE_CHARS}")
         if self._draining:
             raise Unavailable("the kernel is shutting down; retry on another kernel")
-        events = await self._log(tenant_id, conversation_id)
-        async with self._lock(conversation_id):
+        async with self._pinned(tenant_id, conversation_id) as events, self._lock(conversation_id):
             if idempotency_key:
                 repeated = await self._turn_with_key(tenant_id, conversation_id, idempotency_key)
                 if repeated is not None:
@@ -192,52 +213,54 @@ class Kernel:
     ) -> kernel_pb2.StartTurnResponse:
         """Create and start a turn for ``user_messages``; the conversation's lock is held.
         Without a free run slot the turn is created queued and waits for one."""
-        events = await self._log(tenant_id, conversation_id)
-        agent = await self._agent_of(tenant_id, conversation_id)
-        has_slot = self.slots.try_acquire()
-        state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
-        try:
-            turn = await self.deps.store.CreateTurn(
-                store_pb2.CreateTurnRequest(
-                    tenant_id=tenant_id,
-                    conversation_id=conversation_id,
-                    idempotency_key=idempotency_key,
-                    state=state,
-                    agent=agent.name,
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if has_slot:
-                self.slots.release()
-            raise from_rpc_error(exc, "the store could not create the turn") from None
-        after = events.last_seq
-        runner = TurnRunner(
-            self.deps,
-            events,
-            turn,
-            user_messages[0],
-            on_sealed=lambda: self._finished(conversation_id, turn.id),
-            agent=agent,
-            more_user=user_messages[1:],
-            slots=None if has_slot else self.slots,
-        )
-
-        async def run() -> None:
+        async with self._pinned(tenant_id, conversation_id) as events:
+            agent = await self._agent_of(tenant_id, conversation_id)
+            has_slot = self.slots.try_acquire()
+            state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
             try:
-                await runner.run()
-            finally:
-                if has_slot or runner.has_slot:
+                turn = await self.deps.store.CreateTurn(
+                    store_pb2.CreateTurnRequest(
+                        tenant_id=tenant_id,
+                        conversation_id=conversation_id,
+                        idempotency_key=idempotency_key,
+                        state=state,
+                        agent=agent.name,
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if has_slot:
                     self.slots.release()
+                raise from_rpc_error(exc, "the store could not create the turn") from None
+            after = events.last_seq
+            runner = TurnRunner(
+                self.deps,
+                events,
+                turn,
+                user_messages[0],
+                on_sealed=lambda: self._finished(conversation_id, turn.id),
+                agent=agent,
+                more_user=user_messages[1:],
+                slots=None if has_slot else self.slots,
+            )
 
-        task = asyncio.create_task(run(), name=f"turn {turn.id}")
-        self._active[conversation_id] = ActiveTurn(runner, task)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        # Also on a turn that ends unsealed (the store failed) or crashes.
-        task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
-        task.add_done_callback(lambda _t: self._after_turn(tenant_id, conversation_id))
-        return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
+            async def run() -> None:
+                try:
+                    await runner.run()
+                finally:
+                    if has_slot or runner.has_slot:
+                        self.slots.release()
+
+            task = asyncio.create_task(run(), name=f"turn {turn.id}")
+            events.pins += 1  # until the turn's task has ended (it persists its last events)
+            self._active[conversation_id] = ActiveTurn(runner, task)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # Also on a turn that ends unsealed (the store failed) or crashes.
+            task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
+            task.add_done_callback(lambda _t: self._unpin(events))
+            task.add_done_callback(lambda _t: self._after_turn(tenant_id, conversation_id))
+            return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
 
     def _after_turn(self, tenant_id: str, conversation_id: str) -> None:
         """A turn ended: messages queued behind it (and not taken as steering) start the next."""
@@ -248,7 +271,7 @@ class Kernel:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_queued(self, tenant_id: str, conversation_id: str) -> None:
-        async with self._lock(conversation_id):
+        async with self._pinned(tenant_id, conversation_id), self._lock(conversation_id):
             if conversation_id in self._active or self._draining:
                 return  # a turn runs again: it takes the queue at its boundaries, or after it
             try:
@@ -304,7 +327,6 @@ class Kernel:
     ) -> AsyncIterator[list[common_pb2.AgentEvent]]:
         if after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
-        events = await self._log(tenant_id, conversation_id)
 
         async def load(after: int, limit: int) -> list[common_pb2.AgentEvent]:
             resp = await self.deps.store.LoadEvents(
@@ -315,11 +337,13 @@ class Kernel:
             )
             return list(resp.events)
 
-        async for batch in replay_and_follow(events, after_event_seq, load):
-            yield batch
+        async with self._pinned(tenant_id, conversation_id) as events:
+            async for batch in replay_and_follow(events, after_event_seq, load):
+                yield batch
 
     async def cancel(self, tenant_id: str, conversation_id: str, turn_id: str) -> str:
-        await self._log(tenant_id, conversation_id)
+        async with self._pinned(tenant_id, conversation_id):
+            pass  # NOT_FOUND for another tenant's conversation
         running = self._active.get(conversation_id)
         if running is None or (turn_id and running.runner.turn.id != turn_id):
             return ""
