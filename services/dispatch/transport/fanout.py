@@ -144,6 +144,10 @@ class Hub:
         if not self.subscribers and not self.done and self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
 
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
     def close(self, error: DispatchError | None = None) -> None:
         if self.done:
             return
@@ -271,7 +275,8 @@ class Fanout:
             call.cancel()
 
     async def close(self) -> None:
-        for hub in list(self.hubs.values()):
+        """End every hub and its subscribers, and wait for the upstream calls to end."""
+        hubs = list(self.hubs.values())
+        for hub in hubs:
             hub.close()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)
+        await asyncio.gather(*(hub.wait_closed() for hub in hubs), return_exceptions=True)
