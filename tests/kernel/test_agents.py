@@ -179,6 +179,7 @@ PEERS = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "e:1"}
         ({"agents": {"a": {"provider": "nowhere"}}}, "agents.a.provider"),
         ({"agents": {"a": {"steps": -1}}}, "agents.a.steps"),
         ({"agents": {"a": {"tool_budget": "lots"}}}, "agents.a.tool_budget"),
+        ({"agents": {"a": {"doom_loop": 1}}}, "agents.a.doom_loop must be 0"),
         ({"agents": {"a": {"tools": "shell"}}}, "agents.a.tools"),
         ({"agents": {"a": {"dispatch": {"max_concurrent": -2}}}}, "agents.a.dispatch.max_concurrent"),
         ({"agents": {"a": "coder"}}, r"\[agents.a\]"),

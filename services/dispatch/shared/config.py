@@ -348,6 +348,8 @@ def agent_config(
         value = getattr(agent, field_name)
         if value is not None and value < 0:
             raise ConfigError(f"config key {key}.{field_name} must be 0 or more, got {value}")
+    if agent.doom_loop == 1:
+        raise ConfigError(f"config key {key}.doom_loop must be 0 (off) or 2 or more: 1 refuses every call")
     return agent
 
 
