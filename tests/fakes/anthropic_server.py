@@ -8,11 +8,15 @@ Streams are named SSE events: ``event: <type>\\ndata: <json>\\n\\n``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.fakes import http
+from tests.fakes.http import FakeServer, Hang, SseWriter
+
+__all__ = ["FakeAnthropic", "Hang", "Status", "Stream"]
 
 # A payload dict (its "type" names the event), or (event name, payload); a str
 # payload is sent as is, to script malformed data.
@@ -37,17 +41,10 @@ class Stream:
 
 
 @dataclass
-class Status:
-    """A non-2xx answer."""
+class Status(http.Status):
+    """A non-2xx answer, its body shaped like Anthropic's errors."""
 
-    status: int
     body: str = '{"type": "error", "error": {"type": "api_error", "message": "fault"}}'
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Hang:
-    """Accept the request and never send headers."""
 
 
 Reply = Stream | Status | Hang
@@ -135,101 +132,43 @@ def text_reply(*pieces: str, stop_reason: str = "end_turn") -> list[dict[str, An
 # -------------------------------------------------------------------- server
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeServer[Stream]):
+    path = "/v1/messages"
+    no_reply = Status(500, '{"type": "error", "error": {"type": "api_error", "message": "no reply"}}')
+    not_found = Status(
+        404, '{"type": "error", "error": {"type": "not_found_error", "message": "no such path"}}'
+    )
+
     def __init__(self) -> None:
-        self.replies: list[Reply] = []
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.paths: list[str] = []
-        self._server: asyncio.Server | None = None
-        self._hung: list[asyncio.StreamWriter] = []
+        super().__init__()
         self._streams: list[Stream] = []
 
     @property
     def base_url(self) -> str:
         """Like ``https://api.anthropic.com``: no ``/v1``."""
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return self.root
 
     async def start(self) -> FakeAnthropic:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        await self._listen()
         return self
 
     async def stop(self) -> None:
-        for writer in self._hung:
-            writer.close()
         for stream in self._streams:
             stream.release.set()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await super().stop()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode().split("\r\n")
-            method, path, _ = lines[0].split(" ", 2)
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in lines[1:] if line)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            self.paths.append(path)
-            self.headers.append(headers)
-            self.requests.append(json.loads(body))
-            if method != "POST" or path != "/v1/messages":
-                reply: Reply = Status(
-                    404, '{"type": "error", "error": {"type": "not_found_error", "message": "no such path"}}'
-                )
-            elif self.replies:
-                reply = self.replies.pop(0)
-            else:
-                reply = Status(
-                    500, '{"type": "error", "error": {"type": "api_error", "message": "no reply"}}'
-                )
-            await self._answer(reply, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-
-    async def _answer(self, reply: Reply, writer: asyncio.StreamWriter) -> None:
-        if isinstance(reply, Hang):
-            self._hung.append(writer)
-            return
-        if isinstance(reply, Status):
-            extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
-            body = reply.body.encode()
-            writer.write(
-                f"HTTP/1.1 {reply.status} Fault\r\nContent-Type: application/json\r\n{extra}"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-            writer.close()
-            return
+    async def stream(self, reply: Stream, writer: asyncio.StreamWriter) -> None:
         self._streams.append(reply)
-        encoding = "Transfer-Encoding: chunked\r\n" if reply.chunked else ""
-        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{encoding}Connection: close\r\n\r\n"
-        writer.write(head.encode())
-        await writer.drain()
-
-        def send(data: bytes) -> None:
-            writer.write(b"%x\r\n%s\r\n" % (len(data), data) if reply.chunked else data)
-
+        out = SseWriter(writer, chunked=reply.chunked)
+        await out.start()
         for i, event in enumerate(reply.events):
             if reply.drop_after is not None and i >= reply.drop_after:
-                # Abort the connection: the client sees a broken stream, not a clean end.
-                writer.transport.abort()
+                out.drop()
                 return
             if reply.hold_at == i:
                 await reply.release.wait()
             name, payload = (str(event.get("type", "")), event) if isinstance(event, dict) else event
             data = payload if isinstance(payload, str) else json.dumps(payload)
-            send(f"event: {name}\ndata: {data}\n\n".encode())
-            await writer.drain()
+            await out.send(f"event: {name}\ndata: {data}\n\n".encode())
             reply.sent += 1
-        if reply.chunked:
-            writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        with contextlib.suppress(ConnectionError):
-            writer.close()
+        await out.end()

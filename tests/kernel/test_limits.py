@@ -5,8 +5,6 @@ metrics a turn leaves in the store."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,7 @@ from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import AgentConfig, ProviderConfig
 from dispatch.v1 import common_pb2, store_pb2
 from tests.fakes.openai_server import FakeOpenAI, Stream, text_chunks
-from tests.stack import TENANT, Stack, kinds, run_turn, start_stack
+from tests.stack import TENANT, Stack, kinds, run_turn
 
 
 def tool_call(path: str, call_id: str = "") -> dict[str, Any]:
@@ -29,22 +27,6 @@ def scripted(*steps: list[dict[str, Any]]) -> ScriptedProvider:
 
 def agent(**kw: Any) -> dict[str, AgentConfig]:
     return {"default": AgentConfig(**kw)}
-
-
-@pytest.fixture
-async def make_stack(tmp_path: Path) -> AsyncIterator[Any]:
-    stacks: list[Stack] = []
-
-    async def make(provider: Any, **kw: Any) -> Stack:
-        root = tmp_path / str(len(stacks))
-        root.mkdir()
-        stack = await start_stack(root, provider, **kw)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        await stack.stop()
 
 
 async def turn(stack: Stack, text: str = "go") -> list[common_pb2.AgentEvent]:

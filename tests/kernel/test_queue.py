@@ -6,35 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import ProviderConfig
 from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 from tests.fakes.openai_server import FakeOpenAI, Stream, text_chunks
-from tests.stack import TENANT, Stack, collect, kinds, start_stack
+from tests.stack import TENANT, Stack, collect, kinds
 from tests.stack import text_chunks as user_text
-
-
-@pytest.fixture
-async def stack_of(tmp_path: Path) -> AsyncIterator[Any]:
-    stacks: list[Stack] = []
-
-    async def make(provider: Any, **kw: Any) -> Stack:
-        root = tmp_path / str(len(stacks))
-        root.mkdir()
-        stack = await start_stack(root, provider, **kw)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        await stack.stop()
 
 
 async def send(stack: Stack, conv: str, text: str, key: str = "") -> kernel_pb2.StartTurnResponse:
@@ -66,7 +46,7 @@ async def until(events: list[common_pb2.AgentEvent], kind: str, count: int = 1) 
 
 
 async def test_a_message_sent_during_a_tool_is_injected_as_steering_at_the_boundary(
-    stack_of: Any, fake_openai: FakeOpenAI
+    make_stack: Any, fake_openai: FakeOpenAI
 ) -> None:
     call = {"index": 0, "id": "c1", "function": {"name": "shell", "arguments": '{"command": "sleep 0.5"}'}}
     fake_openai.replies += [
@@ -74,7 +54,7 @@ async def test_a_message_sent_during_a_tool_is_injected_as_steering_at_the_bound
         Stream(text_chunks("Checked both.")),
     ]
     provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
-    stack = await stack_of(provider)
+    stack = await make_stack(provider)
     conv = await stack.conversation()
     first = await send(stack, conv, "run it")
     events: list[common_pb2.AgentEvent] = []
@@ -105,7 +85,7 @@ async def test_a_message_sent_during_a_tool_is_injected_as_steering_at_the_bound
 
 
 async def test_a_message_queued_behind_a_turn_without_tool_calls_starts_the_next_turn_after_the_seal(
-    stack_of: Any,
+    make_stack: Any,
 ) -> None:
     provider = ScriptedProvider.from_data(
         {
@@ -119,7 +99,7 @@ async def test_a_message_queued_behind_a_turn_without_tool_calls_starts_the_next
             ]
         }
     )
-    stack = await stack_of(provider)
+    stack = await make_stack(provider)
     conv = await stack.conversation()
     first = await send(stack, conv, "one")
     events: list[common_pb2.AgentEvent] = []
@@ -147,11 +127,11 @@ async def test_a_message_queued_behind_a_turn_without_tool_calls_starts_the_next
     assert texts == "second answer"
 
 
-async def test_turns_beyond_the_run_slots_wait_queued_in_fifo_order(stack_of: Any) -> None:
+async def test_turns_beyond_the_run_slots_wait_queued_in_fifo_order(make_stack: Any) -> None:
     provider = ScriptedProvider.from_data(
         {"steps": [[{"type": "sleep", "seconds": 0.3}, {"type": "text_delta", "text": "done"}]]}
     )
-    stack = await stack_of(provider, max_concurrent_turns=1)
+    stack = await make_stack(provider, max_concurrent_turns=1)
     convs = [await stack.conversation() for _ in range(3)]
     started = [await send(stack, c, "go") for c in convs]
     assert [s.state for s in started] == [
@@ -177,11 +157,11 @@ async def test_turns_beyond_the_run_slots_wait_queued_in_fifo_order(stack_of: An
         assert after.started_at.ToNanoseconds() >= before.ended_at.ToNanoseconds()
 
 
-async def test_cancelling_a_queued_turn_seals_it_aborted_without_running_it(stack_of: Any) -> None:
+async def test_cancelling_a_queued_turn_seals_it_aborted_without_running_it(make_stack: Any) -> None:
     provider = ScriptedProvider.from_data(
         {"steps": [[{"type": "sleep", "seconds": 30}, {"type": "text_delta", "text": "late"}]]}
     )
-    stack = await stack_of(provider, max_concurrent_turns=1)
+    stack = await make_stack(provider, max_concurrent_turns=1)
     busy, waiting = await stack.conversation(), await stack.conversation()
     running = await send(stack, busy, "hog the slot")
     queued = await send(stack, waiting, "wait")
@@ -200,11 +180,11 @@ async def test_cancelling_a_queued_turn_seals_it_aborted_without_running_it(stac
 
 
 async def test_a_send_repeated_with_its_idempotency_key_joins_the_turn_it_started(
-    stack_of: Any, fake_openai: FakeOpenAI
+    make_stack: Any, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.replies += [Stream(text_chunks("warm")), Stream(text_chunks("only", " once"))]
     provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
-    stack = await stack_of(provider)
+    stack = await make_stack(provider)
     conv = await stack.conversation()
     warm = await send(stack, conv, "warm up")  # an earlier turn, so the second starts mid-log
     await watch(stack, conv, warm.after_event_seq, [], until_turn=warm.turn_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,6 @@ from tests.stack import text_chunks as user_text
 
 def scripted(*steps: list[dict[str, Any]]) -> ScriptedProvider:
     return ScriptedProvider.from_data({"steps": list(steps)})
-
-
-@pytest.fixture
-async def make_stack(tmp_path: Path) -> AsyncIterator[Any]:
-    stacks: list[Stack] = []
-
-    async def make(provider: Any, **kw: Any) -> Stack:
-        stack = await start_stack(tmp_path, provider, **kw)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        await stack.stop()
 
 
 async def history(stack: Stack, conversation_id: str) -> list[common_pb2.Message]:
