@@ -451,11 +451,26 @@ class TurnRunner:
                 )
                 if m is not None
             ]
-            committed = await self._append(messages)
+            cap = self._step_cap()
+            if step.calls and wrap_up is None and self._limit is None and cap and step_index + 1 >= cap:
+                self._limit = common_pb2.FINISH_REASON_MAX_STEPS
+            # A tool-result boundary with another step to come: messages queued while the turn
+            # ran join it as user messages (steering), taken by the store in this same commit,
+            # so none is lost or taken twice.
+            steer = bool(step.calls) and wrap_up is None and self._limit is None
+            committed = await self._append(messages, take_queue=steer)
             history.extend(committed.messages)
             last_usage = step.usage.to_proto()
             await self._record_metrics(step=self._complete_step(step, last_usage))
             step_index += 1
+            if committed.dequeued:
+                self._emit(
+                    make_step_id(self.turn.id, step_index),
+                    steering_injected=common_pb2.SteeringInjected(
+                        step_index=step_index,
+                        message_seqs=[m.seq for m in committed.messages[-committed.dequeued :]],
+                    ),
+                )
             if wrap_up is not None:
                 return wrap_up, step_index, last_usage
             if not step.calls:
@@ -464,27 +479,6 @@ class TurnRunner:
                 if finish == common_pb2.FINISH_REASON_TOOL_CALLS:
                     finish = common_pb2.FINISH_REASON_STOP
                 return finish, step_index, last_usage
-            cap = self._step_cap()
-            if self._limit is None and cap and step_index >= cap:
-                self._limit = common_pb2.FINISH_REASON_MAX_STEPS
-            if self._limit is None and self.abort_reason is None:
-                history.extend(await self._inject_steering(step_index))
-
-    async def _inject_steering(self, step_index: int) -> list[common_pb2.Message]:
-        """At a tool-result boundary: messages queued while the turn ran join its history as
-        user messages, for step ``step_index`` to take. The store drains the queue and
-        commits them in one transaction, so none is lost or taken twice."""
-        committed = await self._append([], take_queue=True)
-        if not committed.dequeued:
-            return []
-        injected = list(committed.messages[-committed.dequeued :])
-        self._emit(
-            make_step_id(self.turn.id, step_index),
-            steering_injected=common_pb2.SteeringInjected(
-                step_index=step_index, message_seqs=[m.seq for m in injected]
-            ),
-        )
-        return injected
 
     def _gate(self, call: ToolCall) -> str:
         """Why ``call`` must not run (the turn's tool budget is spent, or it repeats the
