@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from dispatch.shared import config
 from dispatch.shared.errors import DispatchError
 from dispatch.store.server import open_store
 from dispatch.v1 import store_pb2
@@ -41,10 +42,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def database_url(args: argparse.Namespace, env: Mapping[str, str]) -> str:
     if args.database_url:
         return str(args.database_url)
-    if env.get("DISPATCH_DATABASE_URL"):
-        return env["DISPATCH_DATABASE_URL"]
-    data_dir = args.data_dir or Path(env.get("DISPATCH_DATA_DIR") or ".dispatch")
-    return f"sqlite:///{Path(data_dir).resolve() / 'dispatch.db'}"
+    return config.local_database_url(config.data_dir(args.data_dir, env), env)
 
 
 def _describe(key: store_pb2.ApiKey) -> str:

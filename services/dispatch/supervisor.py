@@ -143,7 +143,7 @@ def _flag_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
 async def _up(
     args: argparse.Namespace, env: Mapping[str, str], provider: config.ProviderConfig, data_dir: Path
 ) -> int:
-    database_url = env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{data_dir / 'dispatch.db'}"
+    database_url = config.local_database_url(data_dir, env)
     transport_listen = args.listen or env.get("DISPATCH_TRANSPORT_LISTEN") or config.DEFAULT_TRANSPORT_LISTEN
     http_listen = args.http_listen or env.get("DISPATCH_HTTP_LISTEN") or config.DEFAULT_HTTP_LISTEN
     if http_listen == "off":
@@ -284,7 +284,7 @@ def up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]
     # The same for the providers and agents tables; the peers' addresses come later.
     peers = {"DISPATCH_STORE_ADDRESS": "-", "DISPATCH_EXEC_ADDRESS": "-"}
     config.kernel_config(vars(args), {**env, **peers}, file)
-    data_dir: Path = (args.data_dir or Path(env.get("DISPATCH_DATA_DIR", ".dispatch"))).resolve()
+    data_dir = config.data_dir(args.data_dir, env)
     data_dir.mkdir(parents=True, exist_ok=True)
     result = 1
 

@@ -23,11 +23,10 @@ from dispatch.shared.errors import (
     Unavailable,
     from_rpc_error,
 )
+from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_CHARS = 1_000_000
 
 
 @dataclass

@@ -178,6 +178,17 @@ class TransportConfig:
     http_listen: str = ""
 
 
+def data_dir(flag: Path | None, env: Mapping[str, str]) -> Path:
+    """Where `dispatchd up` keeps SQLite and its API key: ``--data-dir``, else
+    ``DISPATCH_DATA_DIR``, else ``./.dispatch``."""
+    return (flag or Path(env.get("DISPATCH_DATA_DIR") or ".dispatch")).resolve()
+
+
+def local_database_url(data: Path, env: Mapping[str, str]) -> str:
+    """``DISPATCH_DATABASE_URL``, else the SQLite file in the data directory ``data``."""
+    return env.get("DISPATCH_DATABASE_URL") or f"sqlite:///{data / 'dispatch.db'}"
+
+
 def load_file(path: str | None) -> dict[str, Any]:
     """Read the TOML config file, or nothing when none is given."""
     if not path:

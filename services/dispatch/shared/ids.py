@@ -6,6 +6,8 @@ import os
 import re
 import time
 
+from dispatch.shared.errors import InvalidArgument
+
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _ID_RE = re.compile(r"^[a-z]{2,5}_[0-9a-hjkmnp-tv-z]{26}$")
 
@@ -25,6 +27,17 @@ def new_id(prefix: str) -> str:
 
 def is_valid_id(value: str, prefix: str) -> bool:
     return value.startswith(prefix + "_") and _ID_RE.match(value) is not None
+
+
+def require_id(value: str, field: str, prefix: str) -> str:
+    """``value`` if it is an id with ``prefix``; else ``InvalidArgument`` naming ``field``."""
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not is_valid_id(value, prefix):
+        raise InvalidArgument(
+            f"{field} {value[:80]!r} is malformed: expected {prefix}_ and 26 base32 characters"
+        )
+    return value
 
 
 def step_id(turn_id: str, step_index: int) -> str:

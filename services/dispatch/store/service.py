@@ -12,7 +12,7 @@ import datetime
 from google.protobuf import duration_pb2
 
 from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
-from dispatch.shared.ids import is_valid_id
+from dispatch.shared.ids import require_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
     APPROVAL_PREFIX,
@@ -35,12 +35,7 @@ def _tenant(tenant_id: str) -> str:
     return tenant_id
 
 
-def _id(value: str, field: str, prefix: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    if not is_valid_id(value, prefix):
-        raise InvalidArgument(f"{field} {value!r} is malformed: expected {prefix}_ and 26 base32 characters")
-    return value
+_id = require_id
 
 
 def _optional_id(value: str, field: str, prefix: str) -> str:

@@ -12,7 +12,8 @@ from typing import TypeVar
 import grpc
 
 from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
-from dispatch.shared.ids import is_valid_id
+from dispatch.shared.ids import require_id
+from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.store.backend import CONVERSATION_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
 from dispatch.transport.fanout import Fanout
@@ -27,21 +28,13 @@ from dispatch.v1 import (
 )
 
 LOCAL_TENANT = "local"
-# What one message may hold; the kernel enforces the same text limit.
-MAX_TEXT_CHARS = 1_000_000
+# What one message may hold, besides MAX_MESSAGE_CHARS of text.
 MAX_CHUNKS = 64
 MAX_IDEMPOTENCY_KEY = 200
 
 
 def _conversation_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument("conversation_id is required")
-    if not is_valid_id(value, CONVERSATION_PREFIX):
-        raise InvalidArgument(
-            f"conversation_id {value[:80]!r} is malformed: "
-            f"expected {CONVERSATION_PREFIX}_ and 26 base32 characters"
-        )
-    return value
+    return require_id(value, "conversation_id", CONVERSATION_PREFIX)
 
 
 def _message_chunks(request: transport_pb2.SendRequest) -> list[common_pb2.Chunk]:
@@ -62,8 +55,8 @@ def _message_chunks(request: transport_pb2.SendRequest) -> list[common_pb2.Chunk
                 f"chunk {i} is {kind or 'empty'}: a message from a client holds text chunks only"
             )
     size = sum(len(c.text.text) for c in chunks)
-    if size > MAX_TEXT_CHARS:
-        raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_TEXT_CHARS}")
+    if size > MAX_MESSAGE_CHARS:
+        raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_MESSAGE_CHARS}")
     if not any(c.text.text.strip() for c in chunks):
         raise InvalidArgument("the message has no text")
     return chunks
