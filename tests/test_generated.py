@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -22,9 +23,13 @@ def _gen() -> ModuleType:
 
 
 def test_committed_generated_code_matches_the_protos() -> None:
+    # A fresh shell's environment: the venv's bin (where the mypy plugins live) is not on PATH,
+    # as in CI and on a new machine, so the generator must find its plugins by itself.
+    clean = {"HOME": os.environ.get("HOME", "/"), "PATH": "/usr/local/bin:/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "scripts/gen_protos.py", "--check"],
         cwd=ROOT,
+        env=clean,
         capture_output=True,
         text=True,
         check=False,
