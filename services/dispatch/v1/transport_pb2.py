@@ -27,7 +27,7 @@ from dispatch.v1 import common_pb2 as dispatch_dot_v1_dot_common__pb2
 from dispatch.v1 import store_pb2 as dispatch_dot_v1_dot_store__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ispatch/v1/transport.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x17\x64ispatch/v1/store.proto\"\x85\x01\n\x1cPublicCreateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_computer_id\x18\x03 \x01(\t\x12\x15\n\rdefault_agent\x18\x04 \x01(\t\x12\x15\n\rconfine_tools\x18\x05 \x01(\x08\"D\n\x1bPublicListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fPublicCreateConversationRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x13\n\x0b\x63omputer_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"]\n\x1ePublicListConversationsRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"7\n\x1cPublicGetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\":\n\x1fPublicDeleteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xba\x01\n\x1fPublicUpdateConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0b\x63omputer_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x12\n\x05\x61gent\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_titleB\x06\n\x04_cwdB\x0e\n\x0c_computer_idB\x08\n\x06_agent\"\x9a\x01\n\x0bSendRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"o\n\x0cSendResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"D\n\x10SubscribeRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x02 \x01(\x03\"!\n\x06Resync\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x01 \x01(\x03\"a\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.AgentEvent\x12#\n\x06resync\x18\x02 \x01(\x0b\x32\x13.dispatch.v1.Resync\"9\n\rCancelRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"!\n\x0e\x43\x61ncelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x8f\x01\n\x1cPublicResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"K\n\x0eHistoryRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"K\n\x0fHistoryResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dispatch.v1.Message\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\":\n\x0eMetricsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x0f\n\rModelsRequest\"8\n\x0eModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x12\n\x10\x43omputersRequest\"=\n\x11\x43omputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer2\xf0\t\n\x08\x44ispatch\x12T\n\x0f\x43reateWorkspace\x12).dispatch.v1.PublicCreateWorkspaceRequest\x1a\x16.dispatch.v1.Workspace\x12_\n\x0eListWorkspaces\x12(.dispatch.v1.PublicListWorkspacesRequest\x1a#.dispatch.v1.ListWorkspacesResponse\x12]\n\x12\x43reateConversation\x12,.dispatch.v1.PublicCreateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12h\n\x11ListConversations\x12+.dispatch.v1.PublicListConversationsRequest\x1a&.dispatch.v1.ListConversationsResponse\x12W\n\x0fGetConversation\x12).dispatch.v1.PublicGetConversationRequest\x1a\x19.dispatch.v1.Conversation\x12k\n\x12\x44\x65leteConversation\x12,.dispatch.v1.PublicDeleteConversationRequest\x1a\'.dispatch.v1.DeleteConversationResponse\x12]\n\x12UpdateConversation\x12,.dispatch.v1.PublicUpdateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12;\n\x04Send\x12\x18.dispatch.v1.SendRequest\x1a\x19.dispatch.v1.SendResponse\x12L\n\tSubscribe\x12\x1d.dispatch.v1.SubscribeRequest\x1a\x1e.dispatch.v1.SubscribeResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.dispatch.v1.CancelRequest\x1a\x1b.dispatch.v1.CancelResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.PublicResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12\x44\n\x07History\x12\x1b.dispatch.v1.HistoryRequest\x1a\x1c.dispatch.v1.HistoryResponse\x12G\n\x07Metrics\x12\x1b.dispatch.v1.MetricsRequest\x1a\x1f.dispatch.v1.GetMetricsResponse\x12\x41\n\x06Models\x12\x1a.dispatch.v1.ModelsRequest\x1a\x1b.dispatch.v1.ModelsResponse\x12J\n\tComputers\x12\x1d.dispatch.v1.ComputersRequest\x1a\x1e.dispatch.v1.ComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ispatch/v1/transport.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x17\x64ispatch/v1/store.proto\"\x85\x01\n\x1cPublicCreateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_computer_id\x18\x03 \x01(\t\x12\x15\n\rdefault_agent\x18\x04 \x01(\t\x12\x15\n\rconfine_tools\x18\x05 \x01(\x08\"D\n\x1bPublicListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fPublicCreateConversationRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x13\n\x0b\x63omputer_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"]\n\x1ePublicListConversationsRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"7\n\x1cPublicGetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\":\n\x1fPublicDeleteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xba\x01\n\x1fPublicUpdateConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0b\x63omputer_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x12\n\x05\x61gent\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_titleB\x06\n\x04_cwdB\x0e\n\x0c_computer_idB\x08\n\x06_agent\"\x9a\x01\n\x0bSendRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"o\n\x0cSendResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"p\n\x10SubscribeRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x02 \x01(\x03\x12*\n\x05until\x18\x03 \x01(\x0e\x32\x1b.dispatch.v1.SubscribeUntil\"!\n\x06Resync\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x01 \x01(\x03\"a\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.AgentEvent\x12#\n\x06resync\x18\x02 \x01(\x0b\x32\x13.dispatch.v1.Resync\"9\n\rCancelRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"!\n\x0e\x43\x61ncelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x8f\x01\n\x1cPublicResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"K\n\x0eHistoryRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"K\n\x0fHistoryResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dispatch.v1.Message\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\":\n\x0eMetricsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x0f\n\rModelsRequest\"8\n\x0eModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x12\n\x10\x43omputersRequest\"=\n\x11\x43omputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer2\xf0\t\n\x08\x44ispatch\x12T\n\x0f\x43reateWorkspace\x12).dispatch.v1.PublicCreateWorkspaceRequest\x1a\x16.dispatch.v1.Workspace\x12_\n\x0eListWorkspaces\x12(.dispatch.v1.PublicListWorkspacesRequest\x1a#.dispatch.v1.ListWorkspacesResponse\x12]\n\x12\x43reateConversation\x12,.dispatch.v1.PublicCreateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12h\n\x11ListConversations\x12+.dispatch.v1.PublicListConversationsRequest\x1a&.dispatch.v1.ListConversationsResponse\x12W\n\x0fGetConversation\x12).dispatch.v1.PublicGetConversationRequest\x1a\x19.dispatch.v1.Conversation\x12k\n\x12\x44\x65leteConversation\x12,.dispatch.v1.PublicDeleteConversationRequest\x1a\'.dispatch.v1.DeleteConversationResponse\x12]\n\x12UpdateConversation\x12,.dispatch.v1.PublicUpdateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12;\n\x04Send\x12\x18.dispatch.v1.SendRequest\x1a\x19.dispatch.v1.SendResponse\x12L\n\tSubscribe\x12\x1d.dispatch.v1.SubscribeRequest\x1a\x1e.dispatch.v1.SubscribeResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.dispatch.v1.CancelRequest\x1a\x1b.dispatch.v1.CancelResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.PublicResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12\x44\n\x07History\x12\x1b.dispatch.v1.HistoryRequest\x1a\x1c.dispatch.v1.HistoryResponse\x12G\n\x07Metrics\x12\x1b.dispatch.v1.MetricsRequest\x1a\x1f.dispatch.v1.GetMetricsResponse\x12\x41\n\x06Models\x12\x1a.dispatch.v1.ModelsRequest\x1a\x1b.dispatch.v1.ModelsResponse\x12J\n\tComputers\x12\x1d.dispatch.v1.ComputersRequest\x1a\x1e.dispatch.v1.ComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,31 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDRESPONSE']._serialized_start=980
   _globals['_SENDRESPONSE']._serialized_end=1091
   _globals['_SUBSCRIBEREQUEST']._serialized_start=1093
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1161
-  _globals['_RESYNC']._serialized_start=1163
-  _globals['_RESYNC']._serialized_end=1196
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1198
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1295
-  _globals['_CANCELREQUEST']._serialized_start=1297
-  _globals['_CANCELREQUEST']._serialized_end=1354
-  _globals['_CANCELRESPONSE']._serialized_start=1356
-  _globals['_CANCELRESPONSE']._serialized_end=1389
-  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_start=1392
-  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_end=1535
-  _globals['_HISTORYREQUEST']._serialized_start=1537
-  _globals['_HISTORYREQUEST']._serialized_end=1612
-  _globals['_HISTORYRESPONSE']._serialized_start=1614
-  _globals['_HISTORYRESPONSE']._serialized_end=1689
-  _globals['_METRICSREQUEST']._serialized_start=1691
-  _globals['_METRICSREQUEST']._serialized_end=1749
-  _globals['_MODELSREQUEST']._serialized_start=1751
-  _globals['_MODELSREQUEST']._serialized_end=1766
-  _globals['_MODELSRESPONSE']._serialized_start=1768
-  _globals['_MODELSRESPONSE']._serialized_end=1824
-  _globals['_COMPUTERSREQUEST']._serialized_start=1826
-  _globals['_COMPUTERSREQUEST']._serialized_end=1844
-  _globals['_COMPUTERSRESPONSE']._serialized_start=1846
-  _globals['_COMPUTERSRESPONSE']._serialized_end=1907
-  _globals['_DISPATCH']._serialized_start=1910
-  _globals['_DISPATCH']._serialized_end=3174
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1205
+  _globals['_RESYNC']._serialized_start=1207
+  _globals['_RESYNC']._serialized_end=1240
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1242
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1339
+  _globals['_CANCELREQUEST']._serialized_start=1341
+  _globals['_CANCELREQUEST']._serialized_end=1398
+  _globals['_CANCELRESPONSE']._serialized_start=1400
+  _globals['_CANCELRESPONSE']._serialized_end=1433
+  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_start=1436
+  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_end=1579
+  _globals['_HISTORYREQUEST']._serialized_start=1581
+  _globals['_HISTORYREQUEST']._serialized_end=1656
+  _globals['_HISTORYRESPONSE']._serialized_start=1658
+  _globals['_HISTORYRESPONSE']._serialized_end=1733
+  _globals['_METRICSREQUEST']._serialized_start=1735
+  _globals['_METRICSREQUEST']._serialized_end=1793
+  _globals['_MODELSREQUEST']._serialized_start=1795
+  _globals['_MODELSREQUEST']._serialized_end=1810
+  _globals['_MODELSRESPONSE']._serialized_start=1812
+  _globals['_MODELSRESPONSE']._serialized_end=1868
+  _globals['_COMPUTERSREQUEST']._serialized_start=1870
+  _globals['_COMPUTERSREQUEST']._serialized_end=1888
+  _globals['_COMPUTERSRESPONSE']._serialized_start=1890
+  _globals['_COMPUTERSRESPONSE']._serialized_end=1951
+  _globals['_DISPATCH']._serialized_start=1954
+  _globals['_DISPATCH']._serialized_end=3218
 # @@protoc_insertion_point(module_scope)

@@ -118,6 +118,45 @@ FINISH_REASON_ABORTED: FinishReason.ValueType  # 8
 FINISH_REASON_ERROR: FinishReason.ValueType  # 9
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _SubscribeUntil:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SubscribeUntilEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubscribeUntil.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUBSCRIBE_UNTIL_UNSPECIFIED: _SubscribeUntil.ValueType  # 0
+    """Never: follow the live tail until the client hangs up."""
+    SUBSCRIBE_UNTIL_FOLLOW: _SubscribeUntil.ValueType  # 1
+    SUBSCRIBE_UNTIL_CAUGHT_UP: _SubscribeUntil.ValueType  # 2
+    """After the events up to the live edge at the moment of subscribing:
+    history up to now, then the stream ends with OK.
+    """
+    SUBSCRIBE_UNTIL_TURN_SEALED: _SubscribeUntil.ValueType  # 3
+    """After the turn_sealed of the turn running (or queued) at the moment of
+    subscribing, or the fatal error that ends it unsealed; with no turn
+    running, as CAUGHT_UP.
+    """
+
+class SubscribeUntil(_SubscribeUntil, metaclass=_SubscribeUntilEnumTypeWrapper):
+    """What Send does when the conversation already has a running turn.
+    When a Subscribe stream ends by itself (it always ends, with UNAVAILABLE,
+    when the server shuts down: subscribe again from the last event_seq).
+    """
+
+SUBSCRIBE_UNTIL_UNSPECIFIED: SubscribeUntil.ValueType  # 0
+"""Never: follow the live tail until the client hangs up."""
+SUBSCRIBE_UNTIL_FOLLOW: SubscribeUntil.ValueType  # 1
+SUBSCRIBE_UNTIL_CAUGHT_UP: SubscribeUntil.ValueType  # 2
+"""After the events up to the live edge at the moment of subscribing:
+history up to now, then the stream ends with OK.
+"""
+SUBSCRIBE_UNTIL_TURN_SEALED: SubscribeUntil.ValueType  # 3
+"""After the turn_sealed of the turn running (or queued) at the moment of
+subscribing, or the fatal error that ends it unsealed; with no turn
+running, as CAUGHT_UP.
+"""
+Global___SubscribeUntil: _TypeAlias = SubscribeUntil  # noqa: Y015
+
 class _SendPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -134,8 +173,7 @@ class _SendPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SendPolicy
     SEND_POLICY_REJECT: _SendPolicy.ValueType  # 3
     """Refuse with FAILED_PRECONDITION."""
 
-class SendPolicy(_SendPolicy, metaclass=_SendPolicyEnumTypeWrapper):
-    """What Send does when the conversation already has a running turn."""
+class SendPolicy(_SendPolicy, metaclass=_SendPolicyEnumTypeWrapper): ...
 
 SEND_POLICY_UNSPECIFIED: SendPolicy.ValueType  # 0
 """Queue the message durably; it is injected as steering at the next

@@ -95,19 +95,23 @@ class KernelSubscribeRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     after_event_seq: _builtins.int
+    until: _common_pb2.SubscribeUntil.ValueType
+    """When the stream ends by itself; unspecified: never."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
         after_event_seq: _builtins.int = ...,
+        until: _common_pb2.SubscribeUntil.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id", "tenant_id", b"tenant_id", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

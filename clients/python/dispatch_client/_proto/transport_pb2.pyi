@@ -289,18 +289,24 @@ class SubscribeRequest(_message.Message):
 
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     after_event_seq: _builtins.int
     """0: from the conversation's first event."""
+    until: _common_pb2.SubscribeUntil.ValueType
+    """When the stream ends by itself (with OK); unspecified: never, it follows
+    the live tail.
+    """
     def __init__(
         self,
         *,
         conversation_id: _builtins.str = ...,
         after_event_seq: _builtins.int = ...,
+        until: _common_pb2.SubscribeUntil.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
