@@ -14,7 +14,7 @@ from dispatch.kernel.kernel import Kernel
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.kernel.turn import TurnDeps
 from dispatch.shared.config import KernelConfig
-from dispatch.shared.errors import ResourceExhausted
+from dispatch.shared.errors import ResourceExhausted, Unavailable
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2
 from tests.stack import TENANT, start_stack
 
@@ -127,6 +127,69 @@ async def test_closing_ends_live_streams() -> None:
     await asyncio.sleep(0)
     log.close_subscribers()
     assert await asyncio.wait_for(task, 5) == []
+
+
+async def test_shutting_down_tells_live_streams_where_to_resume() -> None:
+    log = ConversationLog("t", "c", 0)
+    stream = replay_and_follow(log, 0, FakeStore().load)
+    emit_text(log, 2)
+    assert [e.event_seq for e in await anext(stream)] == [1, 2]
+    log.close_subscribers(shutting_down=True)
+    with pytest.raises(Unavailable, match="after_event_seq=2"):
+        await anext(stream)
+
+
+async def _drain(stream: object) -> list[int]:
+    return await asyncio.wait_for(take(stream, 10**9), 5)
+
+
+@pytest.mark.parametrize("persisted", [0, 3, 6])
+async def test_caught_up_ends_at_the_live_edge_of_the_moment(persisted: int) -> None:
+    store = FakeStore()
+    log = ConversationLog("t", "c", 0)
+    emit_text(log, 6)
+    if persisted:
+        store.events.extend(log.unpersisted[:persisted])
+        log.mark_persisted(persisted)
+    stream = replay_and_follow(log, 1, store.load, page=2, until=common_pb2.SUBSCRIBE_UNTIL_CAUGHT_UP)
+    first = await anext(stream)
+    emit_text(log, 3)  # after the subscription began: not part of it
+    rest = await _drain(stream)
+    assert [e.event_seq for e in first] + rest == [2, 3, 4, 5, 6]
+
+
+def _seal(log: ConversationLog, turn_id: str) -> None:
+    log.emit(turn_id, turn_sealed=common_pb2.TurnSealed(state=common_pb2.TURN_STATE_COMPLETED))
+
+
+async def test_turn_sealed_ends_after_the_running_turns_seal() -> None:
+    log = ConversationLog("t", "c", 0)
+    log.emit("turn_0", text_delta=common_pb2.TextDelta(text="old"))
+    _seal(log, "turn_0")
+    stream = replay_and_follow(
+        log, 0, FakeStore().load, until=common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED, running_turn="turn_1"
+    )
+    task = asyncio.create_task(_drain(stream))
+    while not log._subscribers:
+        await asyncio.sleep(0)
+    log.emit("turn_1", text_delta=common_pb2.TextDelta(text="new"))
+    _seal(log, "turn_1")
+    log.emit("turn_2", turn_started=common_pb2.TurnStarted())  # the next turn: not wanted
+    assert await task == [1, 2, 3, 4]
+
+
+async def test_turn_sealed_ends_when_its_turn_is_over_without_a_seal() -> None:
+    log = ConversationLog("t", "c", 0)
+    stream = replay_and_follow(
+        log, 0, FakeStore().load, until=common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED, running_turn="turn_1"
+    )
+    task = asyncio.create_task(_drain(stream))
+    while not log._subscribers:
+        await asyncio.sleep(0)
+    log.emit("turn_1", error=common_pb2.ErrorEvent(message="turn not sealed", fatal=True))
+    log.turn_over("turn_1")
+    log.emit("turn_2", turn_started=common_pb2.TurnStarted())
+    assert await task == [1]
 
 
 async def test_the_kernel_forgets_an_idle_conversation_and_picks_its_event_seq_up_again(

@@ -240,7 +240,16 @@ async def test_stop_ends_open_streams(stack: Stack) -> None:
         async with client.stream("GET", f"/v1/conversations/{conv}/events") as response:
             await eventually(lambda: bridge.active_streams == 1)
             await asyncio.wait_for(bridge.stop(), timeout=2.0)
-            assert [line async for line in response.aiter_lines()] == []
+            lines = [json.loads(line) async for line in response.aiter_lines()]
+    # The stream ends with a status that tells the client to reconnect, and from where.
+    assert lines == [
+        {
+            "error": {
+                "code": "UNAVAILABLE",
+                "message": "the server is shutting down; reconnect with after_event_seq=0",
+            }
+        }
+    ]
     assert bridge.active_streams == 0
 
 

@@ -257,6 +257,7 @@ class Kernel:
             task.add_done_callback(self._tasks.discard)
             # Also on a turn that ends unsealed (the store failed) or crashes.
             task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
+            task.add_done_callback(lambda _t: events.turn_over(turn.id))
             task.add_done_callback(lambda _t: self._unpin(events))
             task.add_done_callback(lambda _t: self._after_turn(tenant_id, conversation_id))
             return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
@@ -322,10 +323,18 @@ class Kernel:
             del self._active[conversation_id]
 
     async def subscribe(
-        self, tenant_id: str, conversation_id: str, after_event_seq: int
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        after_event_seq: int,
+        until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
     ) -> AsyncIterator[list[common_pb2.AgentEvent]]:
+        """The conversation's events after ``after_event_seq``, following the live tail, or up
+        to where ``until`` ends them."""
         if after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
+        if until not in common_pb2.SubscribeUntil.values():
+            raise InvalidArgument(f"until must be one of {', '.join(common_pb2.SubscribeUntil.keys())}")
 
         async def load(after: int, limit: int) -> list[common_pb2.AgentEvent]:
             resp = await self.deps.store.LoadEvents(
@@ -337,7 +346,17 @@ class Kernel:
             return list(resp.events)
 
         async with self._pinned(tenant_id, conversation_id) as events:
-            async for batch in replay_and_follow(events, after_event_seq, load):
+            # Read with no await before the subscription registers, so the turn named is the
+            # one running at that instant.
+            running = self._active.get(conversation_id)
+            stream = replay_and_follow(
+                events,
+                after_event_seq,
+                load,
+                until=until,
+                running_turn=running.runner.turn.id if running is not None else "",
+            )
+            async for batch in stream:
                 yield batch
 
     async def cancel(self, tenant_id: str, conversation_id: str, turn_id: str) -> str:
@@ -363,4 +382,4 @@ class Kernel:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
         for events in self._logs.values():
-            events.close_subscribers()
+            events.close_subscribers(shutting_down=True)

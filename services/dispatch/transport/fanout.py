@@ -24,10 +24,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from dispatch.shared.errors import DispatchError, from_rpc_error
+from dispatch.shared.errors import DispatchError, Unavailable, from_rpc_error
 from dispatch.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ BATCH_MAX = 64
 BATCH_WINDOW = 0.001
 # How long a hub outlives its last subscriber (a reconnect within it resumes from memory).
 LINGER_SECONDS = 10.0
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def resume_elsewhere(why: str, cursor: int) -> Unavailable:
+    """The status that tells a subscriber to subscribe again (to this server or another)."""
+    return Unavailable(f"{why}; subscribe again with after_event_seq={cursor}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class Subscriber:
         self.overflowed = False
         self.error: DispatchError | None = None
         self.closed = False
+        # Set when the stream must end now, whatever is queued (the transport shuts down, the
+        # kernel went away): why, for the UNAVAILABLE that says where to resume.
+        self.interrupted = ""
 
     def push(self, event: common_pb2.AgentEvent) -> None:
         if self.overflowed or event.event_seq <= self.cursor:
@@ -77,10 +87,16 @@ class Subscriber:
         self.closed = True
         self.wake.set()
 
+    def interrupt(self, why: str) -> None:
+        self.interrupted = why
+        self.end()
+
     async def next(self, window: float = BATCH_WINDOW, batch_max: int = BATCH_MAX) -> Batch | None:
         """The next batch: at least one event, or a resync; None when the stream is over.
-        Raises the hub's error, if it failed."""
-        while not self.queue:
+        Raises the hub's error, if it failed, and ``Unavailable`` when the transport shuts down."""
+        while not self.queue or self.interrupted:
+            if self.interrupted:
+                raise resume_elsewhere(self.interrupted, self.cursor)
             if self.overflowed:
                 return Batch([], resync_after=self.cursor)
             if self.closed:
@@ -93,6 +109,8 @@ class Subscriber:
             # A burst is under way: let it gather into one message. A lone event (a token
             # from a model streaming at human pace) leaves at once.
             await asyncio.sleep(window)
+        if self.interrupted:
+            raise resume_elsewhere(self.interrupted, self.cursor)
         if self.overflowed:
             return Batch([], resync_after=self.cursor)
         events = [self.queue.popleft() for _ in range(min(batch_max, len(self.queue)))]
@@ -148,7 +166,9 @@ class Hub:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    def close(self, error: DispatchError | None = None) -> None:
+    def close(self, error: DispatchError | None = None, *, interrupted: str = "") -> None:
+        """End the hub: its subscribers end with ``error`` (None: cleanly), or at once, with
+        UNAVAILABLE saying ``interrupted`` and where each resumes."""
         if self.done:
             return
         self.done = True
@@ -157,12 +177,16 @@ class Hub:
         if self._task is not asyncio.current_task():
             self._task.cancel()
         for sub in list(self.subscribers):
-            sub.end(error)
+            if interrupted:
+                sub.interrupt(interrupted)
+            else:
+                sub.end(error)
         self._on_idle(self)
 
     async def _pump(self) -> None:
         last = self.base
         error: DispatchError | None = None
+        interrupted = ""
         while True:
             call = self.kernel.Subscribe(
                 kernel_pb2.KernelSubscribeRequest(
@@ -178,12 +202,16 @@ class Hub:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue  # the hub fell behind the kernel: pick up where it was
-                error = from_rpc_error(exc, "the conversation's event stream broke")
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The kernel shuts down or went away: each subscriber resumes, later or
+                    # elsewhere, from its own place.
+                    interrupted = "the conversation's event stream was interrupted (kernel unavailable)"
+                else:
+                    error = from_rpc_error(exc, "the conversation's event stream broke")
             finally:
                 call.cancel()
             break
-        # The kernel ended the stream (it is shutting down) or failed: subscribers resume elsewhere.
-        self.close(error)
+        self.close(error, interrupted=interrupted)
 
     def _publish(self, event: common_pb2.AgentEvent) -> None:
         self.recent.append(event)
@@ -214,6 +242,9 @@ class Fanout:
         self.batch_window = batch_window
         self.batch_max = batch_max
         self.hubs: dict[tuple[str, str], Hub] = {}
+        # Streams of one subscriber's own (catch-up, bounded), cancelled on close.
+        self._own: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
+        self.closing = False
 
     def _hub(self, tenant_id: str, conversation_id: str, after_event_seq: int) -> Hub:
         key = (tenant_id, conversation_id)
@@ -229,10 +260,23 @@ class Fanout:
             del self.hubs[key]
 
     async def subscribe(
-        self, tenant_id: str, conversation_id: str, after_event_seq: int
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        after_event_seq: int,
+        until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
     ) -> AsyncIterator[Batch]:
         """Every event after ``after_event_seq``, in batches, ending with a resync batch if
-        the subscriber falls behind. Raises ``DispatchError`` if the conversation's stream fails."""
+        the subscriber falls behind, or where ``until`` says. Raises ``DispatchError`` if the
+        conversation's stream fails, ``Unavailable`` when the transport shuts down."""
+        if self.closing:
+            raise resume_elsewhere(SHUTTING_DOWN, after_event_seq)
+        if until not in (common_pb2.SUBSCRIBE_UNTIL_UNSPECIFIED, common_pb2.SUBSCRIBE_UNTIL_FOLLOW):
+            # A bounded stream is short and ends on its own: the kernel, which knows which
+            # turn runs and where the live edge is, ends it; no hub is shared for it.
+            async for caught in self._catch_up(tenant_id, conversation_id, after_event_seq, until):
+                yield caught
+            return
         cursor = after_event_seq
         hub = self._hub(tenant_id, conversation_id, cursor)
         if not hub.can_serve(cursor):
@@ -258,25 +302,48 @@ class Fanout:
             hub.detach(sub)
 
     async def _catch_up(
-        self, tenant_id: str, conversation_id: str, after_event_seq: int
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        after_event_seq: int,
+        until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
     ) -> AsyncIterator[Batch]:
+        """A stream of the subscriber's own, straight from the kernel."""
+        cursor = after_event_seq
         call = self.kernel.Subscribe(
             kernel_pb2.KernelSubscribeRequest(
-                tenant_id=tenant_id, conversation_id=conversation_id, after_event_seq=after_event_seq
+                tenant_id=tenant_id,
+                conversation_id=conversation_id,
+                after_event_seq=after_event_seq,
+                until=until,
             )
         )
+        self._own.add(call)
         try:
             async for batch in call:
                 for i in range(0, len(batch.events), self.batch_max):
                     yield Batch(list(batch.events[i : i + self.batch_max]))
+                if batch.events:
+                    cursor = batch.events[-1].event_seq
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "the conversation's event stream broke") from None
+        except asyncio.CancelledError:
+            if self.closing and call.cancelled():
+                raise resume_elsewhere(SHUTTING_DOWN, cursor) from None
+            raise
         finally:
+            self._own.discard(call)
             call.cancel()
+        if self.closing:
+            raise resume_elsewhere(SHUTTING_DOWN, cursor)
 
     async def close(self) -> None:
-        """End every hub and its subscribers, and wait for the upstream calls to end."""
+        """End every subscription at once with UNAVAILABLE (subscribe again, to another
+        transport) and wait for the upstream calls to end."""
+        self.closing = True
         hubs = list(self.hubs.values())
         for hub in hubs:
-            hub.close()
+            hub.close(interrupted=SHUTTING_DOWN)
+        for call in list(self._own):
+            call.cancel()
         await asyncio.gather(*(hub.wait_closed() for hub in hubs), return_exceptions=True)

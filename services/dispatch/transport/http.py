@@ -20,7 +20,7 @@ Routes::
     PATCH  /v1/conversations/{id}               UpdateConversation
     DELETE /v1/conversations/{id}               DeleteConversation
     POST   /v1/conversations/{id}/messages      Send                 {"text", "policy", "idempotency_key"}
-    GET    /v1/conversations/{id}/events        Subscribe            ?after_event_seq=
+    GET    /v1/conversations/{id}/events        Subscribe            ?after_event_seq=&until=
     POST   /v1/conversations/{id}/cancel        Cancel               {"turn_id"} (optional)
     GET    /v1/conversations/{id}/history       History              ?after_seq=&limit=
     GET    /v1/conversations/{id}/metrics       Metrics              ?turn_id=
@@ -29,7 +29,8 @@ Routes::
     GET    /v1/computers                        Computers
 
 Enum fields of a body (``policy``, ``decision``) also take the short lower-case
-name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``.
+name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``. A query parameter a route
+does not take is a 400 naming it.
 
 The event stream is Server-Sent Events when ``Accept`` names
 ``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
@@ -156,6 +157,26 @@ def _query(request: web.Request, names: Sequence[str]) -> dict[str, Any]:
     return {name: request.query[name] for name in names if name in request.query}
 
 
+_LIST = ("page_size", "page_token")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _only_query(handler: Handler, *allowed: str) -> Handler:
+    """``handler``, refusing a query parameter it does not take (400, naming it): a typo such
+    as ``?after=5`` must not be silently ignored."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        unknown = sorted(set(request.query) - set(allowed))
+        if unknown:
+            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+            raise _bad_request(
+                f"unknown query parameter {', '.join(unknown)} for {request.method} {request.path}; {takes}"
+            )
+        return await handler(request)
+
+    return checked
+
+
 def _enum_field(data: dict[str, Any], name: str, prefix: str, choices: Sequence[str]) -> None:
     """Expand the short name of enum field ``name`` (``"reject"``) to the enum's (``SEND_POLICY_REJECT``)."""
     value = data.get(name)
@@ -174,6 +195,22 @@ def _seq(value: str, name: str) -> int:
     if not text.isdigit() or not text.isascii() or int(text) > _MAX_INT64:
         raise _bad_request(f"{name} must be an event_seq: a whole number, 0 or more")
     return int(text)
+
+
+_UNTIL = {
+    "follow": common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
+    "caught_up": common_pb2.SUBSCRIBE_UNTIL_CAUGHT_UP,
+    "turn_sealed": common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED,
+}
+
+
+def _until(request: web.Request) -> common_pb2.SubscribeUntil.ValueType:
+    """Where the event stream ends by itself: ``?until=`` follow (the default), caught_up or
+    turn_sealed."""
+    value = request.query.get("until", "follow").strip().lower().removeprefix("subscribe_until_")
+    if value not in _UNTIL:
+        raise _bad_request(f"until must be one of {', '.join(_UNTIL)}, got {value!r}")
+    return _UNTIL[value]
 
 
 def _cursor(request: web.Request) -> int:
@@ -220,8 +257,8 @@ class _Frames:
             return f"id: {after_event_seq}\nevent: resync\ndata: {data}\n\n".encode()
         return (_line({"resync": {"after_event_seq": str(after_event_seq)}}) + "\n").encode()
 
-    def error(self, exc: grpc.aio.AioRpcError) -> bytes:
-        data = _line({"error": {"code": exc.code().name, "message": exc.details() or ""}})
+    def error(self, code: grpc.StatusCode, message: str) -> bytes:
+        data = _line({"error": {"code": code.name, "message": message}})
         return f"event: stream_error\ndata: {data}\n\n".encode() if self.sse else (data + "\n").encode()
 
 
@@ -280,22 +317,25 @@ class HttpBridge:
 
     def _routes(self) -> list[web.RouteDef]:
         conv = "/v1/conversations/{id}"
+        q = _only_query
         return [
-            web.get("/v1/workspaces", self._list_workspaces, allow_head=False),
-            web.post("/v1/workspaces", self._create_workspace),
-            web.post("/v1/conversations", self._create_conversation),
-            web.get("/v1/conversations", self._list_conversations, allow_head=False),
-            web.get(conv, self._get_conversation, allow_head=False),
-            web.patch(conv, self._update_conversation),
-            web.delete(conv, self._delete_conversation),
-            web.post(conv + "/messages", self._send),
-            web.get(conv + "/events", self._events, allow_head=False),
-            web.post(conv + "/cancel", self._cancel),
-            web.get(conv + "/history", self._history, allow_head=False),
-            web.get(conv + "/metrics", self._metrics, allow_head=False),
-            web.post("/v1/approvals/{id}/resolve", self._resolve_approval),
-            web.get("/v1/models", self._models, allow_head=False),
-            web.get("/v1/computers", self._computers, allow_head=False),
+            web.get("/v1/workspaces", q(self._list_workspaces, *_LIST), allow_head=False),
+            web.post("/v1/workspaces", q(self._create_workspace)),
+            web.post("/v1/conversations", q(self._create_conversation)),
+            web.get(
+                "/v1/conversations", q(self._list_conversations, "workspace_id", *_LIST), allow_head=False
+            ),
+            web.get(conv, q(self._get_conversation), allow_head=False),
+            web.patch(conv, q(self._update_conversation)),
+            web.delete(conv, q(self._delete_conversation)),
+            web.post(conv + "/messages", q(self._send)),
+            web.get(conv + "/events", q(self._events, "after_event_seq", "until"), allow_head=False),
+            web.post(conv + "/cancel", q(self._cancel)),
+            web.get(conv + "/history", q(self._history, "after_seq", "limit"), allow_head=False),
+            web.get(conv + "/metrics", q(self._metrics, "turn_id"), allow_head=False),
+            web.post("/v1/approvals/{id}/resolve", q(self._resolve_approval)),
+            web.get("/v1/models", q(self._models), allow_head=False),
+            web.get("/v1/computers", q(self._computers), allow_head=False),
         ]
 
     @web.middleware
@@ -441,6 +481,7 @@ class HttpBridge:
         conversation_id = request.match_info["id"]
         frames = _Frames("text/event-stream" in request.headers.get("Accept", ""))
         cursor = _cursor(request)
+        until = _until(request)
         metadata = self._metadata(request)
         # Subscribe reports a bad key or conversation only once the HTTP status is
         # sent; asking GetConversation first gives those failures their status.
@@ -451,7 +492,9 @@ class HttpBridge:
         )
         response = web.StreamResponse(headers=_SSE_HEADERS if frames.sse else _NDJSON_HEADERS)
         call = self._stub.Subscribe(
-            transport_pb2.SubscribeRequest(conversation_id=conversation_id, after_event_seq=cursor),
+            transport_pb2.SubscribeRequest(
+                conversation_id=conversation_id, after_event_seq=cursor, until=until
+            ),
             metadata=metadata,
         )
         self._streams.add(call)
@@ -469,6 +512,12 @@ class HttpBridge:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if closing in done:
+                    await response.write(
+                        frames.error(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"the server is shutting down; reconnect with after_event_seq={cursor}",
+                        )
+                    )
                     break
                 if not done:
                     await response.write(_KEEPALIVE)
@@ -487,7 +536,7 @@ class HttpBridge:
             tail = (
                 frames.resync(cursor)
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                else frames.error(exc)
+                else frames.error(exc.code(), exc.details() or "")
             )
             with contextlib.suppress(ConnectionResetError):
                 await response.write(tail)

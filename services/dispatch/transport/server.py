@@ -42,8 +42,15 @@ async def start(cfg: TransportConfig) -> Hosted:
             await store_channel.close()
             raise
         hosted.http_port = bridge.port
-        # Streams end cleanly while the gRPC side still serves them; closing again is a no-op.
-        hosted.drain = lambda grace: bridge.stop()
+
+    async def drain(grace: float) -> None:
+        # Every event stream ends at once, telling its client to subscribe again (to
+        # another transport); unary calls in flight finish within the grace.
+        await servicer.fanout.close()
+        if bridge is not None:
+            await bridge.stop()
+
+    hosted.drain = drain
 
     async def close() -> None:
         if bridge is not None:

@@ -241,7 +241,11 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         conversation_id = _conversation_id(request.conversation_id)
         if request.after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
-        async for batch in self.fanout.subscribe(tenant, conversation_id, request.after_event_seq):
+        if request.until not in common_pb2.SubscribeUntil.values():
+            raise InvalidArgument(f"until must be one of {', '.join(common_pb2.SubscribeUntil.keys())}")
+        async for batch in self.fanout.subscribe(
+            tenant, conversation_id, request.after_event_seq, request.until
+        ):
             if batch.resync_after is not None:
                 yield transport_pb2.SubscribeResponse(
                     resync=transport_pb2.Resync(after_event_seq=batch.resync_after)
