@@ -216,3 +216,28 @@ async def test_subscribe_replays_then_follows_live_and_stops_when_asked(stack: S
                 if event.HasField("turn_sealed"):
                     break
         assert tail == seen[len(first) :]
+
+
+async def test_subscribe_ends_where_until_says(make_stack: MakeStack) -> None:
+    stack = await make_stack(SLOW)
+    async with client_of(stack) as client:
+        conv = await client.create_conversation()
+        first = [e async for e in client.run_turn(conv.id, "one")]
+        # Caught up: the history so far, then the stream ends; follow=False says the same.
+        assert [e async for e in client.subscribe(conv.id, until="caught_up")] == first
+        assert [e async for e in client.subscribe(conv.id, follow=False)] == first
+        tail = client.subscribe(conv.id, after_event_seq=2, until=types.SUBSCRIBE_UNTIL_CAUGHT_UP)
+        assert [e async for e in tail] == first[2:]
+
+        # Until sealed, from 0: past the first turn's seal, up to the seal of the turn running now.
+        second = await client.send(conv.id, "two")
+        events = [e async for e in client.subscribe(conv.id, until="turn_sealed")]
+        assert events[: len(first)] == first
+        assert [e.turn_id for e in events if e.HasField("turn_sealed")] == [first[0].turn_id, second.turn_id]
+        assert events[-1].HasField("turn_sealed") and events[-1].turn_id == second.turn_id
+        assert [e.event_seq for e in events] == list(range(1, len(events) + 1))
+        # With no turn running it ends caught up.
+        assert [e async for e in client.subscribe(conv.id, until="turn_sealed")] == events
+
+        with pytest.raises(ValueError, match="contradicts"):
+            client.subscribe(conv.id, until="caught_up", follow=True)

@@ -66,12 +66,15 @@ class FakeDispatch(transport_pb2_grpc.DispatchServicer):
 
     plans: Sequence[Sequence[Step]]
     requests: list[int] = field(default_factory=list)
+    # The ``until`` of each Subscribe call.
+    untils: list[int] = field(default_factory=list)
     authorization: list[str] = field(default_factory=list)
 
     async def Subscribe(
         self, request: transport_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
         self.requests.append(request.after_event_seq)
+        self.untils.append(request.until)
         self.authorization.extend(
             str(v) for k, v in context.invocation_metadata() or () if k == "authorization"
         )
@@ -228,6 +231,53 @@ async def test_without_follow_an_ended_stream_ends_the_iteration(
 
     assert await asyncio.to_thread(sync) == [2]
     assert server.servicer.requests == [0, 1]
+    # follow=False is how a caller asks the server to end the stream once caught up.
+    assert server.servicer.untils == [types.SUBSCRIBE_UNTIL_CAUGHT_UP] * 2
+
+
+# The server shuts down mid-stream (UNAVAILABLE), the next server ends the bounded stream with OK.
+BOUNDED: list[list[Step]] = [[batch(1, 2), grpc.StatusCode.UNAVAILABLE], [batch(2, ev(3, "turn_sealed"))]]
+
+
+@pytest.mark.parametrize(
+    ("until", "sent"),
+    [
+        ("turn_sealed", types.SUBSCRIBE_UNTIL_TURN_SEALED),
+        ("caught_up", types.SUBSCRIBE_UNTIL_CAUGHT_UP),
+        (types.SUBSCRIBE_UNTIL_CAUGHT_UP, types.SUBSCRIBE_UNTIL_CAUGHT_UP),
+    ],
+)
+async def test_a_bounded_stream_resumes_with_its_until_and_an_ok_end_is_the_end(
+    fake: MakeFake, until: str | types.SubscribeUntil.ValueType, sent: int
+) -> None:
+    server = await fake(BOUNDED)
+    async with DispatchClient(server.address, api_key="k") as client:
+        # The stream ends by itself: a client that resubscribed after the OK end would
+        # replay the last plan forever (and the per-test timeout would fail it).
+        assert [e.event_seq async for e in client.subscribe("conv_a", until=until)] == [1, 2, 3]
+    assert server.servicer.requests == [0, 2] and server.servicer.untils == [sent, sent]
+
+    def sync() -> list[int]:
+        with SyncDispatchClient(server.address, api_key="k") as client:
+            return [e.event_seq for e in client.subscribe("conv_a", until=until)]
+
+    assert await asyncio.to_thread(sync) == [2, 3]  # its first call meets the last plan
+    assert server.servicer.requests == [0, 2, 0] and server.servicer.untils == [sent] * 3
+
+
+async def test_a_follow_stream_asks_for_no_end_and_is_resumed_when_it_ends(fake: MakeFake) -> None:
+    server = await fake([[batch(1)], [batch(2), HANG]])
+    async with DispatchClient(server.address, api_key="k") as client:
+        for follow in ({"until": "follow"}, {"follow": True}, {}):
+            seqs = []
+            async with contextlib.aclosing(client.subscribe("conv_a", **follow)) as events:
+                async for event in events:
+                    seqs.append(event.event_seq)
+                    if len(seqs) == 2:
+                        break
+            assert seqs == [1, 2]
+            server.servicer.requests.clear()
+    assert set(server.servicer.untils) == {types.SUBSCRIBE_UNTIL_FOLLOW}
 
 
 async def test_the_per_call_timeout_and_the_default_one(
@@ -330,6 +380,8 @@ def test_resume_drops_what_it_yielded_and_resubscribes_from_there() -> None:
 
 def test_resume_without_follow_or_reconnect() -> None:
     assert Resume("c", follow=False).ended() is None
+    assert Resume("c", until="turn_sealed").ended() is None
+    assert Resume("c", until="follow").ended() == 0.1
     assert Resume("c", reconnect=False).ended() is None
     with pytest.raises(Unavailable):
         Resume("c", reconnect=False).broke(rpc_error(grpc.StatusCode.UNAVAILABLE))
@@ -342,6 +394,35 @@ def test_resume_without_follow_or_reconnect() -> None:
     stuck.request()
     stuck.accept(resync(5))
     assert stuck.ended() == 0.1
+
+
+@pytest.mark.parametrize(
+    ("options", "until"),
+    [
+        ({}, types.SUBSCRIBE_UNTIL_FOLLOW),
+        ({"follow": True}, types.SUBSCRIBE_UNTIL_FOLLOW),
+        ({"follow": False}, types.SUBSCRIBE_UNTIL_CAUGHT_UP),
+        ({"until": "Caught_Up"}, types.SUBSCRIBE_UNTIL_CAUGHT_UP),
+        ({"until": "SUBSCRIBE_UNTIL_TURN_SEALED", "follow": False}, types.SUBSCRIBE_UNTIL_TURN_SEALED),
+        ({"until": types.SUBSCRIBE_UNTIL_FOLLOW, "follow": True}, types.SUBSCRIBE_UNTIL_FOLLOW),
+    ],
+)
+def test_resume_until_from_until_or_follow(options: dict[str, Any], until: int) -> None:
+    assert Resume("c", **options).request().until == until
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"until": "caught_up", "follow": True}, "follow=True contradicts until='caught_up'"),
+        ({"until": "follow", "follow": False}, "follow=False contradicts until='follow'"),
+        ({"until": "later"}, "unknown until 'later': expected one of follow|caught_up|turn_sealed"),
+        ({"until": 0}, "unknown until 0"),
+    ],
+)
+def test_resume_refuses_an_until_it_cannot_send(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+        Resume("c", **options)
 
 
 def test_turn_follower() -> None:

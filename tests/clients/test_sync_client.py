@@ -20,7 +20,7 @@ from dispatch_client import (
     Unauthenticated,
     types,
 )
-from tests.clients.conftest import ENDLESS, MakeStack
+from tests.clients.conftest import ENDLESS, SLOW, MakeStack
 from tests.stack import Stack
 
 
@@ -112,3 +112,22 @@ async def test_the_key_and_address_come_from_the_environment(
             return client.create_conversation(title="from env").title
 
     assert await asyncio.to_thread(scenario) == "from env"
+
+
+async def test_subscribe_ends_where_until_says(make_stack: MakeStack) -> None:
+    stack = await make_stack(SLOW)
+    address, key = stack.address("transport"), stack.api_key
+
+    def scenario() -> None:
+        with SyncDispatchClient(address, api_key=key) as client:
+            conv = client.create_conversation()
+            first = list(client.run_turn(conv.id, "one"))
+            # Without following, the stream ends after the history so far.
+            assert list(client.subscribe(conv.id, follow=False)) == first
+            assert list(client.subscribe(conv.id, after_event_seq=1, until="caught_up")) == first[1:]
+            second = client.send(conv.id, "two")
+            events = list(client.subscribe(conv.id, until=types.SUBSCRIBE_UNTIL_TURN_SEALED))
+            assert events[: len(first)] == first
+            assert events[-1].HasField("turn_sealed") and events[-1].turn_id == second.turn_id
+
+    await asyncio.to_thread(scenario)

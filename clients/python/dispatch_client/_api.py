@@ -118,16 +118,33 @@ class Events(_Bound[P, X], Generic[P, X]):
 
 
 SUBSCRIBE_DOC = """Every event of the conversation after ``after_event_seq``, one by one:
-history, then live.
+history, then live, until ``until`` says it is over:
 
-When the server asks for a resync, the stream breaks (UNAVAILABLE, a dropped
-connection) or, with ``follow``, just ends, it subscribes again from the last
-``event_seq`` it yielded, backing off exponentially between failed attempts
+- ``"follow"`` (the default): never; follow the live tail until you stop.
+- ``"caught_up"``: after the events up to the live edge at the moment of
+  subscribing (history up to now).
+- ``"turn_sealed"``: after the ``turn_sealed`` of the turn running (or queued)
+  at the moment of subscribing, or once that turn is over unsealed; with no
+  turn running, as ``"caught_up"``. Replaying from 0, earlier turns' seals
+  pass by.
+
+``until`` also takes a ``types.SubscribeUntil`` value. ``follow=False`` (the
+older spelling) means ``"caught_up"`` and ``follow=True`` ``"follow"``; given
+with ``until``, the two must agree (else ``ValueError``).
+
+When the server asks for a resync, the stream breaks (UNAVAILABLE, as when
+the server shuts down or a connection drops) or a follow stream just ends, it
+subscribes again from the last ``event_seq`` it yielded, with the same
+``until``, backing off exponentially between failed attempts
 (``initial_backoff`` doubling up to ``max_backoff`` seconds; ``max_reconnects``:
-give up after that many; ``reconnect=False``: raise instead). No event is missed
-or yielded twice. Other failures (UNAUTHENTICATED, NOT_FOUND, ...) raise at once.
-Break out of the loop to stop; ``contextlib.aclosing`` (async) or
-``contextlib.closing`` (sync) ends the stream at once."""
+give up after that many; ``reconnect=False``: raise instead). A bounded stream
+that ends with OK is over; a resumed one ends where the server says when it
+resubscribes (so a ``"turn_sealed"`` stream that broke and comes back after its
+turn is over ends caught up, or with the turn running then). No event is
+missed or yielded twice. Other failures
+(UNAUTHENTICATED, NOT_FOUND, ...) raise at once. Break out of the loop to
+stop; ``contextlib.aclosing`` (async) or ``contextlib.closing`` (sync) ends
+the stream at once."""
 
 FOLLOW_TURN_DOC = """The events of the turn ``sent`` (what ``send`` answered) started or was
 queued into, up to its ``turn_sealed``; see ``run_turn``."""

@@ -27,6 +27,7 @@ R = TypeVar("R", bound=Message)
 I = TypeVar("I")  # noqa: E741 - an item of a page
 
 SendPolicyLike: TypeAlias = "str | common_pb2.SendPolicy.ValueType"
+UntilLike: TypeAlias = "str | common_pb2.SubscribeUntil.ValueType"
 DecisionLike: TypeAlias = "str | common_pb2.ApprovalDecision.ValueType"
 
 
@@ -95,6 +96,21 @@ def send_policy(value: SendPolicyLike) -> common_pb2.SendPolicy.ValueType:
     """A send policy from ``"enqueue"|"interrupt"|"reject"`` (any case) or a ``SendPolicy`` value."""
     return common_pb2.SendPolicy.ValueType(
         _enum_value(value, common_pb2.SendPolicy.DESCRIPTOR, "SEND_POLICY_", "send policy")
+    )
+
+
+UNTIL_NAMES = [
+    v.name.removeprefix("SUBSCRIBE_UNTIL_").lower()
+    for v in common_pb2.SubscribeUntil.DESCRIPTOR.values
+    if v.number
+]
+
+
+def subscribe_until(value: UntilLike) -> common_pb2.SubscribeUntil.ValueType:
+    """Where a subscription ends, from ``"follow"|"caught_up"|"turn_sealed"`` (any case) or a
+    ``SubscribeUntil`` value."""
+    return common_pb2.SubscribeUntil.ValueType(
+        _enum_value(value, common_pb2.SubscribeUntil.DESCRIPTOR, "SUBSCRIBE_UNTIL_", "until")
     )
 
 

@@ -13,6 +13,7 @@ import logging
 
 import grpc
 
+from dispatch_client._calls import UntilLike, subscribe_until
 from dispatch_client._proto import common_pb2, transport_pb2
 from dispatch_client.errors import DispatchError, error_for, error_from_rpc
 
@@ -33,6 +34,18 @@ RESUMABLE = frozenset(
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
+
+
+def _until(until: UntilLike | None, follow: bool | None) -> common_pb2.SubscribeUntil.ValueType:
+    """The ``until`` of a subscription from the two ways of saying it: ``until`` itself, or the
+    older ``follow`` (True: follow, False: until caught up). Both given must agree."""
+    if until is None:
+        return common_pb2.SUBSCRIBE_UNTIL_CAUGHT_UP if follow is False else common_pb2.SUBSCRIBE_UNTIL_FOLLOW
+    value = subscribe_until(until)
+    if follow is not None and follow != (value == common_pb2.SUBSCRIBE_UNTIL_FOLLOW):
+        name = common_pb2.SubscribeUntil.Name(value).removeprefix("SUBSCRIBE_UNTIL_").lower()
+        raise ValueError(f"follow={follow} contradicts until={name!r}; give one of them")
+    return value
 
 
 class Resume:
@@ -61,7 +74,8 @@ class Resume:
         conversation_id: str,
         *,
         after_event_seq: int = 0,
-        follow: bool = True,
+        until: UntilLike | None = None,
+        follow: bool | None = None,
         reconnect: bool = True,
         max_reconnects: int | None = None,
         initial_backoff: float = INITIAL_BACKOFF,
@@ -70,7 +84,10 @@ class Resume:
         self.conversation_id = conversation_id
         # The last event_seq yielded (or the caller's starting point).
         self.cursor = after_event_seq
-        self.follow = follow
+        self.until = _until(until, follow)
+        # A follow stream never ends by design: one that does is resumed. A bounded one that
+        # ends with OK is over; one that breaks is resumed with the same ``until``.
+        self.follow = self.until == common_pb2.SUBSCRIBE_UNTIL_FOLLOW
         self.reconnect = reconnect
         self.max_reconnects = max_reconnects
         self.initial_backoff = initial_backoff
@@ -93,7 +110,7 @@ class Resume:
         self.resync = False
         self._progress = False
         return transport_pb2.SubscribeRequest(
-            conversation_id=self.conversation_id, after_event_seq=self.cursor
+            conversation_id=self.conversation_id, after_event_seq=self.cursor, until=self.until
         )
 
     def accept(self, response: transport_pb2.SubscribeResponse) -> list[common_pb2.AgentEvent]:
@@ -118,7 +135,8 @@ class Resume:
 
     def ended(self) -> float | None:
         """The stream ended without an error (or after a resync): the delay before
-        subscribing again, or None to stop."""
+        subscribing again, or None to stop. A bounded stream that ends with OK has reached
+        its end; only a follow stream, which should never end, is resumed."""
         if self.resync:
             self._next = self._backoff(None, immediate=self._progress)
         elif self.follow and self.reconnect:
