@@ -370,6 +370,26 @@ async def test_http_errors(
         assert "invalid_request_error: max_tokens: too big" in str(err)
 
 
+async def test_a_404_names_the_url_that_was_called(fake_anthropic: FakeAnthropic) -> None:
+    cfg = ProviderConfig(
+        kind="anthropic", model="m", base_url=fake_anthropic.base_url + "/api", api_key=API_KEY
+    )
+    err, _ = await failure(AnthropicProvider(cfg), REQUEST)
+    assert fake_anthropic.paths == ["/api/v1/messages"]
+    assert (err.status, err.retryable) == (404, False)
+    assert str(err) == (
+        f"provider answered 404 to POST {fake_anthropic.base_url}/api/v1/messages: "
+        "not_found_error: no such path; check the provider's base_url and model (HTTP 404)"
+    )
+
+
+async def test_a_400_names_the_url_and_keeps_the_servers_message(fake_anthropic: FakeAnthropic) -> None:
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": "tools: bad schema"}}
+    fake_anthropic.replies.append(Status(400, json.dumps(body)))
+    err, _ = await failure(anthropic(fake_anthropic), REQUEST)
+    assert f"POST {fake_anthropic.base_url}/v1/messages: invalid_request_error: tools: bad schema" in str(err)
+
+
 async def test_http_error_body_is_truncated(fake_anthropic: FakeAnthropic) -> None:
     message = "x" * 5000
     body = json.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})

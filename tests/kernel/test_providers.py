@@ -180,6 +180,53 @@ async def test_openai_http_errors(
     await provider.aclose()
     assert (err.value.retryable, err.value.status, err.value.retry_after) == (retryable, status, retry_after)
     assert "sk-secret" not in str(err.value)
+    # The error names what was called, so a wrong base_url shows at once.
+    assert f"POST {fake_openai.base_url}/chat/completions" in str(err.value)
+
+
+async def test_openai_http_error_shows_the_servers_message_and_the_url(fake_openai: FakeOpenAI) -> None:
+    body = {"error": {"message": "The model `m9` does not exist", "type": "invalid_request_error"}}
+    fake_openai.replies.append(Status(404, json.dumps(body)))
+    provider = openai(fake_openai)
+    with pytest.raises(ProviderError) as err:
+        await collect(provider, REQUEST)
+    await provider.aclose()
+    assert str(err.value) == (
+        f"provider answered 404 to POST {fake_openai.base_url}/chat/completions: "
+        "invalid_request_error: The model `m9` does not exist; "
+        "check the provider's base_url and model (HTTP 404)"
+    )
+
+
+async def test_openai_a_base_url_without_v1_fails_naming_the_url(fake_openai: FakeOpenAI) -> None:
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.root))
+    with pytest.raises(ProviderError) as err:
+        await collect(provider, REQUEST)
+    await provider.aclose()
+    assert fake_openai.paths == ["/chat/completions"]
+    assert err.value.status == 404 and not err.value.retryable
+    assert f"POST {fake_openai.root}/chat/completions" in str(err.value)
+    assert "base_url" in str(err.value)
+
+
+async def test_openai_errors_keep_credentials_out(fake_openai: FakeOpenAI) -> None:
+    """A key the server echoes back, or one in the base URL's user info or query, never
+    reaches the error."""
+    echoed = {"error": {"message": "Incorrect API key provided: sk-secret"}}
+    fake_openai.replies += [Status(401, json.dumps(echoed)), Status(400)]
+    provider = openai(fake_openai)
+    with pytest.raises(ProviderError) as err:
+        await collect(provider, REQUEST)
+    await provider.aclose()
+    assert "sk-secret" not in str(err.value) and "[redacted]" in str(err.value)
+    port = fake_openai.root.rsplit(":", 1)[1]
+    cfg = ProviderConfig(kind="openai", model="m", base_url=f"http://user:pw-in-url@127.0.0.1:{port}/v1")
+    provider = OpenAIProvider(cfg)
+    with pytest.raises(ProviderError) as err:
+        await collect(provider, REQUEST)
+    await provider.aclose()
+    assert "pw-in-url" not in str(err.value) and "pw-in-url" not in provider.endpoint
+    assert f"POST http://127.0.0.1:{port}/v1/chat/completions" in str(err.value)
 
 
 async def test_openai_malformed_sse_is_a_clear_error(fake_openai: FakeOpenAI) -> None:

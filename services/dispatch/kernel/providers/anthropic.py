@@ -32,6 +32,8 @@ from typing import Any
 import httpx
 
 from dispatch.kernel.providers.base import (
+    MAX_DETAIL,
+    RETRYABLE_STATUS,
     Finish,
     ProviderError,
     ProviderEvent,
@@ -41,8 +43,11 @@ from dispatch.kernel.providers.base import (
     ToolCall,
     ToolSpec,
     Usage,
+    display_url,
+    http_error,
+    redact,
 )
-from dispatch.kernel.providers.openai import RETRYABLE_STATUS, parse_retry_after
+from dispatch.kernel.providers.openai import parse_retry_after
 from dispatch.shared.config import ProviderConfig
 from dispatch.v1 import common_pb2
 
@@ -70,8 +75,6 @@ _FINISH: Mapping[str, common_pb2.FinishReason.ValueType] = {
     "model_context_window_exceeded": common_pb2.FINISH_REASON_LENGTH,
     "refusal": common_pb2.FINISH_REASON_CONTENT_FILTER,
 }
-
-_MAX_DETAIL = 500
 
 
 # ------------------------------------------------------------------ requests
@@ -349,7 +352,7 @@ async def _events(stream: AsyncIterator[SSEEvent]) -> AsyncIterator[ProviderEven
         elif kind == "error":
             error_type, message = _error_detail(data.get("error"))
             raise ProviderError(
-                f"provider reported an error mid-stream: {error_type or 'error'}: {message[:_MAX_DETAIL]}",
+                f"provider reported an error mid-stream: {error_type or 'error'}: {message[:MAX_DETAIL]}",
                 retryable=error_type in _RETRYABLE_ERROR_TYPES,
             )
         # "ping" and event types added after this was written are ignored.
@@ -371,28 +374,15 @@ async def _events(stream: AsyncIterator[SSEEvent]) -> AsyncIterator[ProviderEven
     yield Finish(finish)
 
 
-def _http_error_detail(body: bytes, reason: str) -> str:
-    """The useful part of an error response body: the API's type and message if it has them."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, Mapping) and "error" in parsed:
-        error_type, message = _error_detail(parsed["error"])
-        if message:
-            text = f"{error_type}: {message}" if error_type else message
-    return text[:_MAX_DETAIL] or reason
-
-
-async def _check_response(response: httpx.Response) -> None:
+async def _check_response(response: httpx.Response, url: str) -> None:
     """Raise for an error status, or for a 2xx that is not an event stream."""
     status = response.status_code
     if status >= 400:
-        detail = _http_error_detail(await response.aread(), response.reason_phrase)
-        raise ProviderError(
-            f"provider answered {status}: {detail}",
-            status=status,
+        raise http_error(
+            status,
+            url,
+            await response.aread(),
+            response.reason_phrase,
             retryable=status in _RETRYABLE_HTTP,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
@@ -400,8 +390,8 @@ async def _check_response(response: httpx.Response) -> None:
     if not content_type.startswith("text/event-stream"):
         body = (await response.aread())[:200].decode("utf-8", "replace")
         raise ProviderError(
-            f"provider answered {status} with {content_type or 'no content type'}, "
-            f"not an event stream: {body!r}",
+            f"provider answered {status} to POST {display_url(url)} with "
+            f"{content_type or 'no content type'}, not an event stream: {body!r}",
             status=status,
         )
 
@@ -412,15 +402,17 @@ async def _check_response(response: httpx.Response) -> None:
 class AnthropicProvider:
     """The Anthropic Messages API, streaming.
 
-    ``endpoint`` is the messages URL; the kernel keys its per-endpoint back-off
-    on it, so providers sharing a URL share the back-off.
+    ``endpoint`` is the messages URL (without any credential the base URL may
+    carry); the kernel keys its per-endpoint back-off on it, so providers sharing
+    a URL share the back-off.
     """
 
     name = "anthropic"
 
     def __init__(self, cfg: ProviderConfig, client: httpx.AsyncClient | None = None):
         self.model = cfg.model
-        self.endpoint = cfg.base_url.rstrip("/") + "/v1/messages"
+        self._url = cfg.base_url.rstrip("/") + "/v1/messages"
+        self.endpoint = display_url(self._url)
         self._api_key = cfg.api_key
         self._max_tokens = cfg.max_tokens
         # request_timeout bounds waiting for the headers and each read after them.
@@ -453,9 +445,6 @@ class AnthropicProvider:
             headers["x-api-key"] = self._api_key
         return headers
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
-
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         try:
             async with contextlib.aclosing(self._attempt(request)) as events:
@@ -463,27 +452,30 @@ class AnthropicProvider:
                     yield event
         except ProviderError as exc:
             # Anything the server echoed back is untrusted: keep the key out of it.
-            exc.message = self._redact(exc.message)
+            exc.message = redact(exc.message, self._api_key)
             raise
 
     async def _attempt(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         try:
             async with self._client.stream(
                 "POST",
-                self.endpoint,
+                self._url,
                 json=self._body(request),
                 headers=self._headers(),
                 timeout=self._timeout,
             ) as response:
-                await _check_response(response)
+                await _check_response(response, self._url)
                 async for event in _events(sse_events(response.aiter_lines())):
                     yield event
         except httpx.TimeoutException as exc:
-            raise ProviderError(f"provider timed out: {type(exc).__name__}", retryable=True) from exc
+            raise ProviderError(
+                f"provider timed out ({type(exc).__name__}) on POST {self.endpoint}", retryable=True
+            ) from exc
         except httpx.TransportError as exc:
             # Connection refused, reset, or dropped mid-stream.
             raise ProviderError(
-                f"provider connection failed: {exc or type(exc).__name__}", retryable=True
+                f"provider connection failed on POST {self.endpoint}: {exc or type(exc).__name__}",
+                retryable=True,
             ) from exc
 
     async def aclose(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+import json
+import urllib.parse
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,6 +89,105 @@ class ProviderError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (HTTP {self.status})" if self.status else self.message
+
+
+# HTTP statuses (and status codes in a stream's error) that a later attempt may not hit.
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+# How much of a server's error message an error keeps.
+MAX_DETAIL = 500
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """What a server's error object says."""
+
+    type: str = ""
+    message: str = ""
+    # An HTTP status the object carries in ``code`` (LiteLLM: "429", vLLM: 400); 0 if none.
+    status: int = 0
+    # A ``code`` that is a word instead (OpenAI: "rate_limit_exceeded").
+    code: str = ""
+
+    def text(self) -> str:
+        text = f"{self.type}: {self.message}" if self.type and self.message else self.type or self.message
+        return text[:MAX_DETAIL]
+
+
+def _status_code(code: Any) -> int:
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599:
+        return code
+    return 0
+
+
+def error_detail(error: Any) -> ErrorDetail:
+    """An error object in any of the shapes servers send: OpenAI's ``{message, type, param,
+    code}`` (``code`` a word, or null), LiteLLM's (the same, ``code`` the status as a string,
+    ``type`` sometimes the string "None"), vLLM's (``code`` the status as a number),
+    Anthropic's ``{type, message}``, or a bare string."""
+    if not isinstance(error, Mapping):
+        return ErrorDetail(message=str(error or ""))
+    kind = str(error.get("type") or "")
+    if kind == "None":  # LiteLLM's ProxyException spells a missing type so
+        kind = ""
+    message = "" if error.get("message") is None else str(error["message"])
+    code = error.get("code")
+    status = _status_code(code)
+    word = code if isinstance(code, str) and not status else ""
+    return ErrorDetail(kind, message, status, word)
+
+
+def http_error_detail(body: bytes, reason: str) -> str:
+    """The useful part of an HTTP error body: the server's error type and message when it is
+    JSON that has them, else the body itself (truncated), else the reason phrase."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, Mapping):
+        if "error" in parsed:
+            detail = error_detail(parsed["error"])
+        elif "message" in parsed:  # vLLM before 0.7: the error object itself, unwrapped
+            detail = error_detail(parsed)
+        else:  # FastAPI's {"detail": ...}
+            detail = ErrorDetail(message=str(parsed.get("detail") or ""))
+        if detail.text():
+            return detail.text()
+    return text[:MAX_DETAIL] or reason
+
+
+def display_url(url: str) -> str:
+    """``url`` as an error message may show it: without user info or query, where a
+    credential could be."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def http_error(
+    status: int, url: str, body: bytes, reason: str, *, retryable: bool, retry_after: float | None
+) -> ProviderError:
+    """A non-2xx answer to ``POST url``, naming the URL (a wrong base_url shows at once)."""
+    detail = http_error_detail(body, reason)
+    hint = "; check the provider's base_url and model" if status == 404 else ""
+    return ProviderError(
+        f"provider answered {status} to POST {display_url(url)}: {detail}{hint}",
+        status=status,
+        retryable=retryable,
+        retry_after=retry_after,
+    )
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` without ``secret``: what a server echoes back is untrusted."""
+    return text.replace(secret, "[redacted]") if secret else text
 
 
 class Provider(Protocol):

@@ -8,6 +8,7 @@ become reasoning; usage comes from ``stream_options.include_usage``.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 
 from dispatch.kernel.providers.base import (
+    RETRYABLE_STATUS,
     Finish,
     ProviderError,
     ProviderEvent,
@@ -28,13 +30,14 @@ from dispatch.kernel.providers.base import (
     ToolCall,
     ToolSpec,
     Usage,
+    display_url,
+    http_error,
+    redact,
 )
 from dispatch.shared.config import ProviderConfig
 from dispatch.v1 import common_pb2
 
 log = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 _FINISH: Mapping[str, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -148,8 +151,9 @@ class OpenAIProvider:
 
     def __init__(self, cfg: ProviderConfig, client: httpx.AsyncClient | None = None):
         self.model = cfg.model
-        self._url = f"{cfg.base_url}/chat/completions"
-        self.endpoint = self._url
+        self._url = f"{cfg.base_url.rstrip('/')}/chat/completions"
+        # Shown in provider_retry events: without any credential the base URL may carry.
+        self.endpoint = display_url(self._url)
         self._api_key = cfg.api_key
         self._timeout = httpx.Timeout(cfg.request_timeout, connect=min(cfg.request_timeout, 30.0))
         self._client = client or httpx.AsyncClient(timeout=self._timeout)
@@ -168,6 +172,15 @@ class OpenAIProvider:
         return body
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        try:
+            async with contextlib.aclosing(self._attempt(request)) as events:
+                async for event in events:
+                    yield event
+        except ProviderError as exc:
+            exc.message = redact(exc.message, self._api_key)
+            raise
+
+    async def _attempt(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         headers = {"Accept": "text/event-stream"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -175,22 +188,27 @@ class OpenAIProvider:
             async with self._client.stream(
                 "POST", self._url, json=self._body(request), headers=headers, timeout=self._timeout
             ) as response:
-                if response.status_code >= 400:
-                    detail = (await response.aread())[:500].decode("utf-8", "replace").strip()
-                    raise ProviderError(
-                        f"provider answered {response.status_code}: {detail or response.reason_phrase}",
-                        status=response.status_code,
-                        retryable=response.status_code in RETRYABLE_STATUS,
+                status = response.status_code
+                if status >= 400:
+                    raise http_error(
+                        status,
+                        self._url,
+                        await response.aread(),
+                        response.reason_phrase,
+                        retryable=status in RETRYABLE_STATUS,
                         retry_after=parse_retry_after(response.headers.get("retry-after")),
                     )
                 async for event in self._events(_sse_data(response.aiter_lines())):
                     yield event
         except httpx.TimeoutException as exc:
-            raise ProviderError(f"provider timed out: {type(exc).__name__}", retryable=True) from exc
+            raise ProviderError(
+                f"provider timed out ({type(exc).__name__}) on POST {self.endpoint}", retryable=True
+            ) from exc
         except httpx.TransportError as exc:
             # Connection refused, reset, or dropped mid-stream.
             raise ProviderError(
-                f"provider connection failed: {exc or type(exc).__name__}", retryable=True
+                f"provider connection failed on POST {self.endpoint}: {exc or type(exc).__name__}",
+                retryable=True,
             ) from exc
 
     async def _events(self, payloads: AsyncIterator[str]) -> AsyncIterator[ProviderEvent]:
