@@ -2,7 +2,9 @@
 
 Each request to ``POST /v1/messages`` takes the next queued reply. The requests
 it received (parsed bodies, lower-cased headers, paths) are kept for assertions.
-Streams are named SSE events: ``event: <type>\\ndata: <json>\\n\\n``.
+Streams are named SSE events: ``event: <type>\\ndata: <json>\\n\\n``; an event
+with no name (a payload without "type", or the name "") is sent as its ``data``
+line alone, as proxies send their error frames.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tests.fakes.http import FakeServer, Hang, SseWriter
 __all__ = ["FakeAnthropic", "Hang", "Status", "Stream"]
 
 # A payload dict (its "type" names the event), or (event name, payload); a str
-# payload is sent as is, to script malformed data.
+# payload is sent as is, to script malformed data. No name: no ``event:`` line.
 Event = dict[str, Any] | tuple[str, dict[str, Any] | str]
 
 
@@ -129,6 +131,13 @@ def text_reply(*pieces: str, stop_reason: str = "end_turn") -> list[dict[str, An
     return [message_start(), *text_block(0, *pieces), *message_end(stop_reason)]
 
 
+def proxy_error(message: str, code: str) -> dict[str, Any]:
+    """The error frame LiteLLM's Anthropic route (``/v1/messages``) sends when its upstream
+    fails after the headers: no ``event:`` line, no "type", only its ProxyException as
+    ``{"error": {...}}``, the status a string in ``code``, a missing type spelled "None"."""
+    return {"error": {"message": message, "type": "None", "param": "None", "code": code}}
+
+
 # -------------------------------------------------------------------- server
 
 
@@ -169,6 +178,7 @@ class FakeAnthropic(FakeServer[Stream]):
                 await reply.release.wait()
             name, payload = (str(event.get("type", "")), event) if isinstance(event, dict) else event
             data = payload if isinstance(payload, str) else json.dumps(payload)
-            await out.send(f"event: {name}\ndata: {data}\n\n".encode())
+            head = f"event: {name}\n" if name else ""
+            await out.send(f"{head}data: {data}\n\n".encode())
             reply.sent += 1
         await out.end()

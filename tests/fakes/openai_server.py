@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.fakes.http import FakeServer, Hang, SseWriter, Status
 
-__all__ = ["FakeOpenAI", "Hang", "Status", "Stream", "text_chunks"]
+__all__ = ["FakeOpenAI", "Hang", "Status", "Stream", "litellm_error", "text_chunks", "vllm_error"]
 
 
 @dataclass
@@ -42,6 +42,18 @@ def text_chunks(
     if usage is not None:
         events.append({"choices": [], "usage": usage})
     return events
+
+
+def litellm_error(message: str, code: str, error_type: str = "None") -> dict[str, Any]:
+    """The frame LiteLLM's proxy streams when the call fails after the headers
+    (``data: {"error": ProxyException.to_dict()}``): the status as a string in ``code``, a
+    missing type spelled "None"."""
+    return {"error": {"message": message, "type": error_type, "param": "None", "code": code}}
+
+
+def vllm_error(message: str, code: int, error_type: str = "BadRequestError") -> dict[str, Any]:
+    """vLLM's streaming error frame: its ErrorResponse, the status a number in ``code``."""
+    return {"error": {"object": "error", "message": message, "type": error_type, "param": None, "code": code}}
 
 
 class FakeOpenAI(FakeServer[Stream]):

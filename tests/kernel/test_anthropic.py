@@ -26,7 +26,7 @@ from dispatch.kernel.providers.base import (
     ToolSpec,
     Usage,
 )
-from dispatch.shared.config import AgentConfig, ProviderConfig
+from dispatch.shared.config import AgentConfig, ProviderConfig, RetryPolicy
 from dispatch.v1 import common_pb2
 from tests.fakes.anthropic_server import (
     FakeAnthropic,
@@ -38,6 +38,7 @@ from tests.fakes.anthropic_server import (
     block_stop,
     message_end,
     message_start,
+    proxy_error,
     text_block,
     text_reply,
     thinking_block,
@@ -421,6 +422,36 @@ async def test_error_event_mid_stream(
     assert error_type in str(err) and "Overloaded" in str(err)
 
 
+@pytest.mark.parametrize(
+    ("frame", "status", "retryable", "message"),
+    [
+        (
+            proxy_error("litellm.BadRequestError: AnthropicException - bad schema", "400"),
+            400,
+            False,
+            "bad schema",
+        ),
+        ({"error": {"message": "prompt is too long", "code": "400"}}, 400, False, "prompt is too long"),
+        (proxy_error("litellm.RateLimitError: slow down", "429"), 429, True, "slow down"),
+        (proxy_error("litellm.InternalServerError: Overloaded", "529"), 529, True, "Overloaded"),
+        (proxy_error("litellm.ServiceUnavailableError: no upstream", "503"), 503, True, "no upstream"),
+    ],
+    ids=["litellm-400", "minimal-400", "429", "529", "503"],
+)
+async def test_a_proxy_error_frame_without_event_or_type_ends_the_stream_with_its_message(
+    fake_anthropic: FakeAnthropic, frame: dict[str, Any], status: int, retryable: bool, message: str
+) -> None:
+    """What LiteLLM's /v1/messages sends when its upstream fails after the headers: a bare
+    ``data: {"error": {...}}`` with no ``event:`` line and no type, the status in ``code``."""
+    fake_anthropic.replies.append(Stream([message_start(), frame, *text_block(0, "never"), *message_end()]))
+    err, seen = await failure(anthropic(fake_anthropic), REQUEST)
+    assert seen == []
+    assert (err.status, err.retryable) == (status, retryable)
+    assert message in str(err)
+    assert "ended before the response was complete" not in str(err)
+    assert "None" not in str(err) and "{" not in str(err)
+
+
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
 async def test_connection_dropped_mid_stream_is_retryable(
     fake_anthropic: FakeAnthropic, chunked: bool
@@ -633,3 +664,44 @@ async def test_a_turn_keeps_each_signed_thinking_block_and_sends_it_back(
     assert second["tool_choice"] == {"type": "none"}  # the wrap-up step of a 1-step agent
     done = next(e.turn_done for e in events if e.HasField("turn_done"))
     assert done.finish_reason == common_pb2.FINISH_REASON_MAX_STEPS
+
+
+async def test_a_turn_ends_at_once_on_a_proxy_error_frame_with_a_permanent_code(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    """Before, the frame was skipped: the stream looked cut off, and the turn retried until
+    the budget ran out, the server's message lost."""
+    fake_anthropic.replies.append(
+        Stream([message_start(), proxy_error("litellm.BadRequestError: bad", "400")])
+    )
+    retry = RetryPolicy(schedule=(0.01,), budget=0.05)
+    stack = await start_stack(tmp_path, anthropic(fake_anthropic), retry=retry)
+    try:
+        _, events = await run_turn(stack, await stack.conversation(), "hi")
+    finally:
+        await stack.stop()
+    assert not any(e.HasField("provider_retry") for e in events)
+    assert len(fake_anthropic.requests) == 1
+    error = next(e.error for e in events if e.HasField("error"))
+    assert (error.code, error.fatal) == ("provider", True)
+    assert error.message == "provider reported an error mid-stream: litellm.BadRequestError: bad (HTTP 400)"
+    done = next(e.turn_done for e in events if e.HasField("turn_done"))
+    assert done.finish_reason == common_pb2.FINISH_REASON_ERROR
+
+
+async def test_a_proxy_error_frame_with_a_retryable_code_is_retried_before_any_output(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.replies += [
+        Stream([message_start(), proxy_error("litellm.InternalServerError: Overloaded", "529")]),
+        Stream(text_reply("back")),
+    ]
+    retry = RetryPolicy(schedule=(0.01,), budget=5.0)
+    stack = await start_stack(tmp_path, anthropic(fake_anthropic), retry=retry)
+    try:
+        _, events = await run_turn(stack, await stack.conversation(), "hi")
+    finally:
+        await stack.stop()
+    [retried] = [e.provider_retry for e in events if e.HasField("provider_retry")]
+    assert retried.status == 529 and "Overloaded" in retried.reason
+    assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "back"

@@ -26,7 +26,15 @@ from dispatch.kernel.providers.openai import OpenAIProvider, parse_retry_after
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import ConfigError, ProviderConfig
 from dispatch.v1 import common_pb2
-from tests.fakes.openai_server import FakeOpenAI, Hang, Status, Stream, text_chunks
+from tests.fakes.openai_server import (
+    FakeOpenAI,
+    Hang,
+    Status,
+    Stream,
+    litellm_error,
+    text_chunks,
+    vllm_error,
+)
 
 
 def user(text: str) -> common_pb2.Message:
@@ -227,6 +235,75 @@ async def test_openai_errors_keep_credentials_out(fake_openai: FakeOpenAI) -> No
     await provider.aclose()
     assert "pw-in-url" not in str(err.value) and "pw-in-url" not in provider.endpoint
     assert f"POST http://127.0.0.1:{port}/v1/chat/completions" in str(err.value)
+
+
+# A role chunk first, as real servers send it: an error after it still comes before any output.
+ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+
+
+@pytest.mark.parametrize(
+    ("frame", "retryable", "status", "message"),
+    [
+        (litellm_error("litellm.RateLimitError: quota", "429"), True, 429, "litellm.RateLimitError: quota"),
+        (
+            litellm_error("litellm.ServiceUnavailableError: down", "503"),
+            True,
+            503,
+            "litellm.ServiceUnavailableError",
+        ),
+        (
+            litellm_error("litellm.BadRequestError: bad schema", "400"),
+            False,
+            400,
+            "litellm.BadRequestError: bad",
+        ),
+        (vllm_error("max_tokens must be at least 1", 400), False, 400, "BadRequestError: max_tokens must"),
+        (
+            {
+                "error": {
+                    "message": "The server had an error",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            True,
+            0,
+            "server_error: The server had an error",
+        ),
+        (
+            {"error": {"message": "Rate limit reached", "type": "tokens", "code": "rate_limit_exceeded"}},
+            True,
+            0,
+            "tokens: Rate limit reached",
+        ),
+        ({"error": "model crashed"}, False, 0, "model crashed"),
+    ],
+    ids=[
+        "litellm-429",
+        "litellm-503",
+        "litellm-400",
+        "vllm-400",
+        "openai-server-error",
+        "openai-rate",
+        "bare",
+    ],
+)
+async def test_openai_error_inside_the_stream_is_the_servers_message(
+    fake_openai: FakeOpenAI, frame: dict[str, Any], retryable: bool, status: int, message: str
+) -> None:
+    fake_openai.replies.append(Stream([ROLE, frame, *text_chunks("never")]))
+    provider = openai(fake_openai)
+    seen: list[ProviderEvent] = []
+    with pytest.raises(ProviderError) as err:
+        async for ev in provider.stream(REQUEST):
+            seen.append(ev)
+    await provider.aclose()
+    assert seen == []
+    assert (err.value.retryable, err.value.status) == (retryable, status)
+    assert f"provider reported an error mid-stream: {message}" in str(err.value)
+    assert "{" not in str(err.value)  # the message, not a printed dict
+    assert "None" not in str(err.value)  # LiteLLM's type "None" is no type
 
 
 async def test_openai_malformed_sse_is_a_clear_error(fake_openai: FakeOpenAI) -> None:

@@ -17,7 +17,7 @@ from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import ProviderConfig, RetryPolicy
 from dispatch.v1 import common_pb2, kernel_pb2
-from tests.fakes.openai_server import FakeOpenAI, Hang, Status, Stream, text_chunks
+from tests.fakes.openai_server import FakeOpenAI, Hang, Status, Stream, litellm_error, text_chunks
 from tests.stack import TENANT, collect, kinds, run_turn, start_stack
 from tests.stack import text_chunks as user_text
 
@@ -124,6 +124,63 @@ async def test_a_non_retryable_failure_ends_the_turn_with_a_clear_error(
     assert message in error.message
     assert done(events).finish_reason == common_pb2.FINISH_REASON_ERROR
     assert kinds(events)[-1] == "turn_sealed"
+
+
+# The role chunk real servers send first: it carries no output.
+ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+
+
+@pytest.mark.parametrize("code", ["429", "503"])
+async def test_a_retryable_error_inside_the_stream_before_any_output_is_retried(
+    tmp_path: Path, fake_openai: FakeOpenAI, code: str
+) -> None:
+    """LiteLLM reports an upstream failure after the headers as ``data: {"error": ...}`` with
+    the status in ``code``: before any output, 429 and 503 are retried like the statuses."""
+    fake_openai.replies += [
+        Stream([ROLE, litellm_error("litellm.RateLimitError: upstream busy", code)]),
+        Stream(text_chunks("recovered")),
+    ]
+    events = await one_turn(tmp_path, openai(fake_openai))
+    [retry] = retries(events)
+    assert retry.status == int(code)
+    assert "litellm.RateLimitError: upstream busy" in retry.reason
+    assert text(events) == "recovered"
+    assert done(events).finish_reason == common_pb2.FINISH_REASON_STOP
+    assert len(fake_openai.requests) == 2
+
+
+async def test_a_retryable_error_inside_the_stream_after_output_is_not_retried(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.replies += [
+        Stream([*text_chunks("half")[:1], litellm_error("litellm.APIError: upstream reset", "503")]),
+        Stream(text_chunks("never")),
+    ]
+    events = await one_turn(tmp_path, openai(fake_openai))
+    assert retries(events) == []
+    assert len(fake_openai.requests) == 1
+    error = next(e.error for e in events if e.HasField("error"))
+    assert "litellm.APIError: upstream reset" in error.message
+    assert text(events) == "half"
+
+
+async def test_a_permanent_error_inside_the_stream_ends_the_turn_at_once_with_the_servers_message(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.replies += [
+        Stream([ROLE, litellm_error("litellm.BadRequestError: Invalid tool schema for 'shell'", "400")]),
+        Stream(text_chunks("never")),
+    ]
+    events = await one_turn(tmp_path, openai(fake_openai))
+    assert retries(events) == []
+    assert len(fake_openai.requests) == 1
+    error = next(e.error for e in events if e.HasField("error"))
+    assert error.code == "provider" and error.fatal
+    assert error.message == (
+        "provider reported an error mid-stream: "
+        "litellm.BadRequestError: Invalid tool schema for 'shell' (HTTP 400)"
+    )
+    assert done(events).finish_reason == common_pb2.FINISH_REASON_ERROR
 
 
 async def test_a_hang_before_headers_times_out_per_attempt_and_is_retried(

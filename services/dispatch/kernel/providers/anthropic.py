@@ -18,6 +18,11 @@ What the kernel sees:
   later blocks are read, so it can start eagerly.
 * One ``Usage`` (``input_tokens`` counts cached prompt tokens too), then one
   ``Finish``, end a complete stream.
+* An error frame ends it with the server's message: Anthropic's ``event: error``,
+  and a proxy's bare ``data: {"error": {"message": ..., "code": "400"}}`` (no
+  event name, no ``type``: what LiteLLM's Anthropic route sends when its
+  upstream fails after the headers). Its status code, or without one its type,
+  says whether a later attempt may succeed.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from typing import Any
 import httpx
 
 from dispatch.kernel.providers.base import (
-    MAX_DETAIL,
     RETRYABLE_STATUS,
     Finish,
     ProviderError,
@@ -46,6 +50,7 @@ from dispatch.kernel.providers.base import (
     display_url,
     http_error,
     redact,
+    stream_error,
 )
 from dispatch.kernel.providers.openai import parse_retry_after
 from dispatch.shared.config import ProviderConfig
@@ -264,13 +269,6 @@ def _malformed(payload: str) -> ProviderError:
     return ProviderError(f"provider sent a malformed stream event: {payload[:200]!r}")
 
 
-def _error_detail(error: Any) -> tuple[str, str]:
-    """(type, message) of an Anthropic ``error`` object, tolerating other shapes."""
-    if isinstance(error, Mapping):
-        return str(error.get("type") or ""), str(error.get("message") or "")
-    return "", str(error or "")
-
-
 async def _events(stream: AsyncIterator[SSEEvent]) -> AsyncIterator[ProviderEvent]:
     """Provider events from the SSE events of one Messages API response."""
     blocks: dict[int, _Block] = {}
@@ -286,6 +284,8 @@ async def _events(stream: AsyncIterator[SSEEvent]) -> AsyncIterator[ProviderEven
         if not isinstance(data, dict):
             raise _malformed(sse.data)
         kind = data.get("type") or sse.event
+        if not kind and "error" in data:
+            kind = "error"  # a proxy's error frame: no event name, no type
         if kind == "message_start":
             message = data.get("message")
             if isinstance(message, Mapping):
@@ -350,10 +350,8 @@ async def _events(stream: AsyncIterator[SSEEvent]) -> AsyncIterator[ProviderEven
             complete = True
             break
         elif kind == "error":
-            error_type, message = _error_detail(data.get("error"))
-            raise ProviderError(
-                f"provider reported an error mid-stream: {error_type or 'error'}: {message[:MAX_DETAIL]}",
-                retryable=error_type in _RETRYABLE_ERROR_TYPES,
+            raise stream_error(
+                data.get("error"), retryable_status=_RETRYABLE_HTTP, retryable_types=_RETRYABLE_ERROR_TYPES
             )
         # "ping" and event types added after this was written are ignored.
     if not complete:

@@ -80,7 +80,8 @@ ProviderEvent = TextDelta | ReasoningDelta | ToolCall | Usage | Finish
 
 @dataclass
 class ProviderError(Exception):
-    """A failed provider request. ``status`` is the HTTP status, 0 when there was none."""
+    """A failed provider request. ``status`` is the HTTP status, or the status code an error
+    inside the stream carried; 0 when there was none."""
 
     message: str
     status: int = 0
@@ -137,6 +138,24 @@ def error_detail(error: Any) -> ErrorDetail:
     status = _status_code(code)
     word = code if isinstance(code, str) and not status else ""
     return ErrorDetail(kind, message, status, word)
+
+
+def stream_error(
+    error: Any, *, retryable_status: frozenset[int], retryable_types: frozenset[str]
+) -> ProviderError:
+    """The error an ``error`` frame inside a stream reports. A status code in it decides whether
+    it is worth retrying (LiteLLM's "400" is not, its "429" is); without one, its type or code
+    word does."""
+    detail = error_detail(error)
+    if detail.status:
+        retryable = detail.status in retryable_status
+    else:
+        retryable = bool({detail.type, detail.code} & retryable_types)
+    return ProviderError(
+        f"provider reported an error mid-stream: {detail.text() or 'no message given'}",
+        status=detail.status,
+        retryable=retryable,
+    )
 
 
 def http_error_detail(body: bytes, reason: str) -> str:

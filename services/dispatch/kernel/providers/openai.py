@@ -4,6 +4,11 @@ Works against any base URL that speaks ``POST /chat/completions`` with
 ``stream: true`` (OpenAI, vLLM, Ollama, llama.cpp, ...). Tool-call argument
 deltas are assembled by index; ``reasoning_content`` / ``reasoning`` deltas
 become reasoning; usage comes from ``stream_options.include_usage``.
+
+An error inside the stream (``data: {"error": {...}}``, as OpenAI, vLLM and
+LiteLLM send once the headers are out) ends the response with the server's
+message; it is retryable when its status code (LiteLLM's ``"code": "429"``) or,
+without one, its type says a later attempt may succeed.
 """
 
 from __future__ import annotations
@@ -33,11 +38,19 @@ from dispatch.kernel.providers.base import (
     display_url,
     http_error,
     redact,
+    stream_error,
 )
 from dispatch.shared.config import ProviderConfig
 from dispatch.v1 import common_pb2
 
 log = logging.getLogger(__name__)
+
+# Error types (or code words) of an error inside the stream without a status code that a later
+# attempt may not hit: OpenAI's server_error and rate limits, and the Anthropic-style types
+# proxies relay.
+_RETRYABLE_ERROR_TYPES = frozenset(
+    {"server_error", "rate_limit_exceeded", "rate_limit_error", "overloaded_error", "api_error"}
+)
 
 _FINISH: Mapping[str, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -226,7 +239,9 @@ class OpenAIProvider:
             if not isinstance(chunk, dict):
                 raise ProviderError(f"provider sent a malformed stream event: {payload[:200]!r}")
             if chunk.get("error"):
-                raise ProviderError(f"provider reported an error mid-stream: {chunk['error']}")
+                raise stream_error(
+                    chunk["error"], retryable_status=RETRYABLE_STATUS, retryable_types=_RETRYABLE_ERROR_TYPES
+                )
             if chunk.get("usage"):
                 yield _usage(chunk["usage"])
             for choice in chunk.get("choices") or ():
