@@ -22,7 +22,7 @@ from dispatch.kernel.providers.base import (
     Usage,
 )
 from dispatch.kernel.providers.demo import DemoProvider
-from dispatch.kernel.providers.openai import OpenAIProvider, parse_retry_after
+from dispatch.kernel.providers.openai import OpenAIProvider, max_tokens_field, parse_retry_after
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import ConfigError, ProviderConfig
 from dispatch.v1 import common_pb2
@@ -101,6 +101,39 @@ async def test_openai_streams_text_and_usage_with_cached_tokens(fake_openai: Fak
     assert body["model"] == "m1"
     assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert fake_openai.headers[0]["authorization"] == "Bearer sk-secret"
+
+
+async def test_openai_sends_the_response_cap(fake_openai: FakeOpenAI) -> None:
+    fake_openai.replies.append(Stream(text_chunks("ok")))
+    provider = openai(fake_openai, max_tokens=1234)
+    await collect(provider, REQUEST)
+    await provider.aclose()
+    # Any server but OpenAI's own takes max_tokens (Ollama knows no other name).
+    assert fake_openai.requests[0]["max_tokens"] == 1234
+    assert "max_completion_tokens" not in fake_openai.requests[0]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "field"),
+    [
+        ("https://api.openai.com/v1", "max_completion_tokens"),
+        ("https://API.OpenAI.com/v1/", "max_completion_tokens"),
+        ("https://my-res.openai.azure.com/openai/v1", "max_completion_tokens"),
+        ("http://127.0.0.1:11434/v1", "max_tokens"),  # Ollama
+        ("http://localhost:8000/v1", "max_tokens"),  # vLLM, llama.cpp
+        ("http://litellm:4000/v1", "max_tokens"),
+        ("https://openrouter.ai/api/v1", "max_tokens"),
+        ("https://api.openai.com.evil.example/v1", "max_tokens"),
+    ],
+)
+def test_openai_names_the_cap_as_the_host_requires(base_url: str, field: str) -> None:
+    """OpenAI refuses max_tokens for its reasoning models and wants max_completion_tokens;
+    the servers that imitate it take max_tokens."""
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=base_url, max_tokens=77))
+    assert max_tokens_field(base_url + "/chat/completions") == field
+    body = provider._body(REQUEST)
+    assert body[field] == 77
+    assert {"max_tokens", "max_completion_tokens"} & set(body) == {field}
 
 
 async def test_openai_assembles_interleaved_tool_call_deltas_by_index(fake_openai: FakeOpenAI) -> None:

@@ -1,9 +1,17 @@
 """OpenAI-compatible chat completions over httpx, streaming.
 
 Works against any base URL that speaks ``POST /chat/completions`` with
-``stream: true`` (OpenAI, vLLM, Ollama, llama.cpp, ...). Tool-call argument
-deltas are assembled by index; ``reasoning_content`` / ``reasoning`` deltas
-become reasoning; usage comes from ``stream_options.include_usage``.
+``stream: true`` (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM, ...). Tool-call
+argument deltas are assembled by index; ``reasoning_content`` / ``reasoning``
+deltas become reasoning; usage comes from ``stream_options.include_usage``.
+
+``[provider] max_tokens`` caps every response. OpenAI's own API names the cap
+``max_completion_tokens`` and refuses ``max_tokens`` for its reasoning models
+(o-series, gpt-5); the servers that imitate it (vLLM, Ollama, llama.cpp,
+LiteLLM, OpenRouter) all take ``max_tokens``, and Ollama knows no other name.
+So requests to OpenAI's hosts (``api.openai.com``, Azure's
+``*.openai.azure.com``) carry ``max_completion_tokens``, every other server
+``max_tokens`` (LiteLLM renames it for the reasoning models it routes to).
 
 An error inside the stream (``data: {"error": {...}}``, as OpenAI, vLLM and
 LiteLLM send once the headers are out) ends the response with the server's
@@ -18,6 +26,7 @@ import email.utils
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +84,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def max_tokens_field(url: str) -> str:
+    """The name the server at ``url`` gives the response cap (see the module docstring)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host == "api.openai.com" or host.endswith(".openai.azure.com"):
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def to_openai_messages(system: str, messages: Iterable[common_pb2.Message]) -> list[dict[str, Any]]:
@@ -168,6 +185,8 @@ class OpenAIProvider:
         # Shown in provider_retry events: without any credential the base URL may carry.
         self.endpoint = display_url(self._url)
         self._api_key = cfg.api_key
+        self._max_tokens = cfg.max_tokens
+        self._max_tokens_field = max_tokens_field(self._url)
         self._timeout = httpx.Timeout(cfg.request_timeout, connect=min(cfg.request_timeout, 30.0))
         self._client = client or httpx.AsyncClient(timeout=self._timeout)
 
@@ -177,6 +196,7 @@ class OpenAIProvider:
             "messages": to_openai_messages(request.system, request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
+            self._max_tokens_field: self._max_tokens,
         }
         if request.tools:
             body["tools"] = to_openai_tools(request.tools)
