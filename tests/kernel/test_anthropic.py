@@ -371,6 +371,21 @@ async def test_http_errors(
         assert "invalid_request_error: max_tokens: too big" in str(err)
 
 
+async def test_a_base_url_ending_in_v1_works_too(fake_anthropic: FakeAnthropic) -> None:
+    """LiteLLM and other proxies are often given as .../v1, like OpenAI base URLs."""
+    fake_anthropic.replies.append(Stream(text_reply("ok")))
+    provider = AnthropicProvider(
+        ProviderConfig(
+            kind="anthropic", model="m", base_url=fake_anthropic.base_url + "/v1/", api_key=API_KEY
+        )
+    )
+    events = await collect(provider, REQUEST)
+    await provider.aclose()
+    assert events[0] == TextDelta("ok")
+    assert fake_anthropic.paths == ["/v1/messages"]
+    assert provider.endpoint == fake_anthropic.base_url + "/v1/messages"
+
+
 async def test_a_404_names_the_url_that_was_called(fake_anthropic: FakeAnthropic) -> None:
     cfg = ProviderConfig(
         kind="anthropic", model="m", base_url=fake_anthropic.base_url + "/api", api_key=API_KEY

@@ -1,8 +1,9 @@
 """Anthropic Messages API over httpx, streaming.
 
-``POST {base_url}/v1/messages`` with ``stream: true``; the answer is a stream of
-named Server-Sent Events (``message_start``, ``content_block_*``,
-``message_delta``, ``message_stop``, ``ping``, ``error``).
+``POST {base_url}/v1/messages`` with ``stream: true`` (a ``base_url`` that
+already ends in ``/v1`` works too); the answer is a stream of named Server-Sent
+Events (``message_start``, ``content_block_*``, ``message_delta``,
+``message_stop``, ``ping``, ``error``).
 
 What the kernel sees:
 
@@ -394,6 +395,13 @@ async def _check_response(response: httpx.Response, url: str) -> None:
         )
 
 
+def messages_url(base_url: str) -> str:
+    """The Messages API URL under ``base_url``, given as Anthropic's docs do
+    (``https://api.anthropic.com``) or with the ``/v1`` that OpenAI-style base URLs carry."""
+    base = base_url.rstrip("/")
+    return f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+
+
 # ------------------------------------------------------------------ provider
 
 
@@ -409,7 +417,7 @@ class AnthropicProvider:
 
     def __init__(self, cfg: ProviderConfig, client: httpx.AsyncClient | None = None):
         self.model = cfg.model
-        self._url = cfg.base_url.rstrip("/") + "/v1/messages"
+        self._url = messages_url(cfg.base_url)
         self.endpoint = display_url(self._url)
         self._api_key = cfg.api_key
         self._max_tokens = cfg.max_tokens
