@@ -720,3 +720,47 @@ async def test_a_proxy_error_frame_with_a_retryable_code_is_retried_before_any_o
     [retried] = [e.provider_retry for e in events if e.HasField("provider_retry")]
     assert retried.status == 529 and "Overloaded" in retried.reason
     assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "back"
+
+
+async def test_a_wrap_up_asked_again_keeps_the_tools_declared_when_history_calls_them(
+    tmp_path: Path, fake_anthropic: FakeAnthropic
+) -> None:
+    """The Messages API refuses tool_use blocks in history without tool definitions: asking
+    again for a wrap-up that called a tool keeps the tools, with tool_choice none."""
+    fake_anthropic.replies += [
+        Stream(
+            [
+                message_start(),
+                *tool_block(0, "toolu_1", "list_dir", '{"path": "."}'),
+                *message_end("tool_use"),
+            ]
+        ),
+        Stream(
+            [
+                message_start(),
+                *thinking_block(0, "one more look", signature="sig-dropped"),
+                *tool_block(1, "toolu_2", "list_dir", '{"path": "."}'),
+                *message_end("tool_use"),
+            ]
+        ),
+        Stream(text_reply("The workspace is empty.")),
+    ]
+    stack = await start_stack(tmp_path, anthropic(fake_anthropic), agents={"default": AgentConfig(steps=1)})
+    try:
+        conv = await stack.conversation()
+        _, events = await run_turn(stack, conv, "what is here?")
+        fake_anthropic.replies.append(Stream(text_reply("ok")))
+        await run_turn(stack, conv, "thanks")
+    finally:
+        await stack.stop()
+    again = fake_anthropic.requests[2]
+    assert [t["name"] for t in again["tools"]] and again["tool_choice"] == {"type": "none"}
+    assert "called list_dir" in again["messages"][-1]["content"][-1]["text"]
+    said = "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
+    assert said == "The workspace is empty."
+    assert [e.error.code for e in events if e.HasField("error")] == ["tool_call_ignored"]
+    done = next(e.turn_done for e in events if e.HasField("turn_done"))
+    assert done.finish_reason == common_pb2.FINISH_REASON_MAX_STEPS
+    # The dropped answer's signed thinking does not go back with the wrap-up's text.
+    wrap_up = fake_anthropic.requests[3]["messages"][-2]
+    assert wrap_up == {"role": "assistant", "content": [{"type": "text", "text": "The workspace is empty."}]}

@@ -42,6 +42,10 @@ def results(events: list[common_pb2.AgentEvent]) -> list[common_pb2.ToolResultEv
     return [e.tool_result for e in events if e.HasField("tool_result")]
 
 
+def errors(events: list[common_pb2.AgentEvent]) -> list[common_pb2.ErrorEvent]:
+    return [e.error for e in events if e.HasField("error")]
+
+
 def said(events: list[common_pb2.AgentEvent], step: int) -> str:
     return "".join(
         e.text_delta.text for e in events if e.HasField("text_delta") and e.step_id.endswith(f"#{step}")
@@ -82,6 +86,11 @@ async def test_the_wrap_up_request_disables_tools_and_says_why(
     assert "tool_choice" not in fake_openai.requests[0]
     assert done(events).finish_reason == common_pb2.FINISH_REASON_MAX_STEPS
     assert kinds(events).count("tool_call") == 1 and len(results(events)) == 1
+    # The ignored call is visible; with a text answer there, nobody asks again.
+    [ignored] = errors(events)
+    assert (ignored.code, ignored.fatal) == ("tool_call_ignored", False)
+    assert "list_dir" in ignored.message and "not run" in ignored.message
+    assert len(fake_openai.requests) == 2
     # The instruction is not history: the next turn's request does not carry it.
     fake_openai.replies.append(Stream(text_chunks("ok")))
     await run_turn(stack, events[0].conversation_id, "and now?")
@@ -89,6 +98,59 @@ async def test_the_wrap_up_request_disables_tools_and_says_why(
         "Tools are no longer available" not in str(m.get("content"))
         for m in fake_openai.requests[2]["messages"]
     )
+
+
+CALL = {"index": 0, "id": "c1", "function": {"name": "list_dir", "arguments": '{"path": "."}'}}
+CALLS = [{"choices": [{"index": 0, "delta": {"tool_calls": [CALL]}, "finish_reason": "tool_calls"}]}]
+
+
+async def test_a_wrap_up_that_only_calls_a_tool_is_asked_again_without_tools(
+    make_stack: Any, fake_openai: FakeOpenAI
+) -> None:
+    """A model that ignores tool_choice "none" in the wrap-up: its call is not run, and the
+    wrap-up is asked once more with the tools left out (chat completions needs none declared
+    for the calls in history); that answer is the turn's wrap-up."""
+    fake_openai.replies += [Stream(CALLS), Stream(CALLS), Stream(text_chunks("I listed the workspace."))]
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
+    stack = await make_stack(provider, agents=agent(steps=1))
+    events = await turn(stack)
+    assert len(fake_openai.requests) == 3
+    again = fake_openai.requests[2]
+    assert "tools" not in again and "tool_choice" not in again
+    assert [m["role"] for m in again["messages"][-2:]] == ["system", "system"]
+    assert "limit of 1 steps" in again["messages"][-2]["content"]
+    assert "called list_dir" in again["messages"][-1]["content"]
+    # Still the history the first wrap-up request had: the ignored call is not in it.
+    assert again["messages"][:-1] == fake_openai.requests[1]["messages"]
+    assert said(events, 1) == "I listed the workspace."
+    assert [(e.code, e.fatal) for e in errors(events)] == [("tool_call_ignored", False)]
+    assert (done(events).finish_reason, done(events).steps) == (common_pb2.FINISH_REASON_MAX_STEPS, 2)
+    history = await stack.store.Load(
+        store_pb2.LoadRequest(tenant_id=TENANT, conversation_id=events[0].conversation_id)
+    )
+    assert [c.WhichOneof("kind") for c in history.messages[-1].chunks] == ["text"]
+    assert history.messages[-1].chunks[0].text.text == "I listed the workspace."
+
+
+async def test_a_wrap_up_still_without_text_ends_with_an_error_event_saying_so(
+    make_stack: Any, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.replies += [Stream(CALLS), Stream(CALLS), Stream(CALLS), Stream(text_chunks("never asked"))]
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
+    stack = await make_stack(provider, agents=agent(steps=1))
+    events = await turn(stack)
+    assert len(fake_openai.requests) == 3  # asked again once, not more
+    assert [(e.code, e.fatal) for e in errors(events)] == [
+        ("tool_call_ignored", False),
+        ("tool_call_ignored", False),
+        ("no_wrap_up", False),
+    ]
+    assert errors(events)[-1].message == (
+        "the model gave no wrap-up: asked twice, it answered without text (it called list_dir instead)"
+    )
+    assert said(events, 1) == ""
+    assert done(events).finish_reason == common_pb2.FINISH_REASON_MAX_STEPS
+    assert kinds(events)[-1] == "turn_sealed"
 
 
 async def test_a_text_only_agent_is_offered_no_tools_and_its_stray_calls_are_ignored(
@@ -104,6 +166,9 @@ async def test_a_text_only_agent_is_offered_no_tools_and_its_stray_calls_are_ign
     events = await turn(stack)
     assert "tools" not in fake_openai.requests[0]
     assert "tool_call" not in kinds(events) and results(events) == []
+    [ignored] = errors(events)
+    assert (ignored.code, ignored.fatal) == ("tool_call_ignored", False)
+    assert ignored.message == "the model called shell, but this agent has no tools: the call was not run"
     assert (done(events).steps, done(events).finish_reason) == (1, common_pb2.FINISH_REASON_STOP)
     history = await stack.store.Load(
         store_pb2.LoadRequest(tenant_id=TENANT, conversation_id=events[0].conversation_id)

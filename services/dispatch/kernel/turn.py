@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -81,6 +82,8 @@ class StepState:
     finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_STOP
     first_token: float | None = None
     stream_end: float | None = None
+    # Tools the model called where none may run (a wrap-up, a text-only agent): not run.
+    ignored_calls: list[str] = field(default_factory=list)
 
     def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
         chunks: list[common_pb2.Chunk] = []
@@ -142,6 +145,22 @@ def _wrap_up_instruction(
         f"{why} Tools are no longer available. In a few sentences, tell the user what you did, "
         "what you found, and what is left to do."
     )
+    return common_pb2.Message(
+        role=common_pb2.ROLE_SYSTEM, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
+    )
+
+
+def _tool_names(names: Sequence[str]) -> str:
+    return ", ".join(sorted(set(names)))
+
+
+def _wrap_up_again(ignored: Sequence[str]) -> common_pb2.Message:
+    """The note that asks once more for a wrap-up that came back without text; never stored."""
+    if ignored:
+        why = f"Your last reply called {_tool_names(ignored)} instead of answering; no tool can run now."
+    else:
+        why = "Your last reply had no text."
+    text = f"{why} Answer in plain text only, without calling any tool."
     return common_pb2.Message(
         role=common_pb2.ROLE_SYSTEM, chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
     )
@@ -581,13 +600,9 @@ class TurnRunner:
 
         dispatcher = StepDispatcher(agent.policy, agent.tools, run_call, on_result)
         try:
-            try:
-                async with contextlib.aclosing(self._stream_with_retries(step, request)) as events:
-                    async for ev in events:
-                        self._on_provider_event(step, ev, dispatcher, tools_allowed=wrap_up is None)
-            finally:
-                step.stream_end = time.monotonic()
-                self._add_usage(step.usage)
+            await self._stream_step(step, request, dispatcher, tools_allowed=wrap_up is None)
+            if wrap_up is not None and not "".join(step.text).strip():
+                await self._wrap_up_once_more(step, request, dispatcher)
             if not agent.policy.eager:
                 for call in step.calls:
                     self._submit(step, call, dispatcher)
@@ -597,6 +612,46 @@ class TurnRunner:
             # keeps running, and every unresolved call reads "Aborted".
             await dispatcher.abort()
             raise
+
+    async def _stream_step(
+        self, step: StepState, request: ProviderRequest, dispatcher: StepDispatcher, *, tools_allowed: bool
+    ) -> None:
+        """Stream one provider response into the step."""
+        try:
+            async with contextlib.aclosing(self._stream_with_retries(step, request)) as events:
+                async for ev in events:
+                    self._on_provider_event(step, ev, dispatcher, tools_allowed=tools_allowed)
+        finally:
+            step.stream_end = time.monotonic()
+            self._add_usage(step.usage)
+
+    async def _wrap_up_once_more(
+        self, step: StepState, request: ProviderRequest, dispatcher: StepDispatcher
+    ) -> None:
+        """A wrap-up came back without text (a model that ignores tool_choice "none" calls a
+        tool instead): ask once more, with the tools left out of the request where the API
+        allows it. Still no text: an error event says there is no wrap-up; the turn ends with
+        its limit's finish reason all the same."""
+        log.info("turn %s step %d: the wrap-up had no text; asking once more", self.turn.id, step.index)
+        again = dataclasses.replace(
+            request, messages=[*request.messages, _wrap_up_again(step.ignored_calls)], omit_tools=True
+        )
+        # The first answer is dropped whole (its thinking too: signed thinking must go back
+        # with the response it came from); its usage is counted in the turn's already.
+        step.thinking.clear()
+        step.usage = Usage()
+        await self._stream_step(step, again, dispatcher, tools_allowed=False)
+        if "".join(step.text).strip():
+            return
+        instead = f" (it called {_tool_names(step.ignored_calls)} instead)" if step.ignored_calls else ""
+        self._emit(
+            step.step_id,
+            error=common_pb2.ErrorEvent(
+                message=f"the model gave no wrap-up: asked twice, it answered without text{instead}",
+                code="no_wrap_up",
+                fatal=False,
+            ),
+        )
 
     def _record_result(
         self, step: StepState, call: ToolCall, result: ToolResult, elapsed: float, duplicate_of: str = ""
@@ -643,11 +698,19 @@ class TurnRunner:
         elif isinstance(ev, ToolCall):
             if not tools_allowed or self.agent.text_only:
                 # No tools were offered: a call now has no tool to run and no place in history.
+                # Subscribers see it was made and not run.
+                where = "this agent has no tools" if self.agent.text_only else "the wrap-up has no tools"
                 log.warning(
-                    "turn %s step %d: ignored a call to %r (tools are disabled for this step)",
-                    self.turn.id,
-                    step.index,
-                    ev.name,
+                    "turn %s step %d: ignored a call to %r (%s)", self.turn.id, step.index, ev.name, where
+                )
+                step.ignored_calls.append(ev.name)
+                self._emit(
+                    sid,
+                    error=common_pb2.ErrorEvent(
+                        message=f"the model called {ev.name}, but {where}: the call was not run",
+                        code="tool_call_ignored",
+                        fatal=False,
+                    ),
                 )
                 return
             call = self._unique(ev)

@@ -402,6 +402,14 @@ def messages_url(base_url: str) -> str:
     return f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
 
 
+def _has_tool_blocks(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(
+        isinstance(block, Mapping) and block.get("type") in ("tool_use", "tool_result")
+        for message in messages
+        for block in message.get("content") or ()
+    )
+
+
 # ------------------------------------------------------------------ provider
 
 
@@ -427,17 +435,20 @@ class AnthropicProvider:
         self._client = client or httpx.AsyncClient(timeout=self._timeout)
 
     def _body(self, request: ProviderRequest) -> dict[str, Any]:
+        messages = to_anthropic_messages(request.messages)
         body: dict[str, Any] = {
             "model": request.model or self.model,
             "max_tokens": self._max_tokens,
             "stream": True,
-            "messages": to_anthropic_messages(request.messages),
+            "messages": messages,
         }
         if request.system:
             body["system"] = request.system
-        if request.tools:
+        # The API refuses a request whose history holds tool_use or tool_result blocks
+        # without tool definitions: omit_tools leaves them out only when it holds none.
+        if request.tools and not (request.omit_tools and not _has_tool_blocks(messages)):
             body["tools"] = to_anthropic_tools(request.tools)
-            if request.tools_disabled:
+            if request.tools_disabled or request.omit_tools:
                 body["tool_choice"] = {"type": "none"}
         return body
 

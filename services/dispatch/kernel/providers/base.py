@@ -30,6 +30,11 @@ class ProviderRequest:
     # The tools stay declared (history may hold calls to them) but the model must not call
     # any: the wrap-up step of a turn that hit a limit.
     tools_disabled: bool = False
+    # Leave the tool definitions out of the request where the API allows it, and let the model
+    # call none (implies ``tools_disabled``): a wrap-up asked again because the model called a
+    # tool anyway. A provider whose API needs the tools declared (Anthropic, when the history
+    # holds tool calls) keeps them, with calls disabled.
+    omit_tools: bool = False
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,9 @@ class OpenAIProvider:
             "stream_options": {"include_usage": True},
             self._max_tokens_field: self._max_tokens,
         }
-        if request.tools:
+        # Chat completions needs no tool definitions for the tool calls in the history, so
+        # omit_tools leaves them out entirely.
+        if request.tools and not request.omit_tools:
             body["tools"] = to_openai_tools(request.tools)
             if request.tools_disabled:
                 body["tool_choice"] = "none"
