@@ -8,8 +8,9 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import dispatch
 from dispatch import keys
 from dispatch.shared import config
 from dispatch.shared.server import Hosted, run, serve_until_signalled
@@ -19,12 +20,40 @@ log = logging.getLogger("dispatchd")
 DEFAULT_GRACE = 10.0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _grace(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{value!r}: the grace must be 0 or more seconds")
+    return seconds
+
+
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level", type=_log_level, default="INFO", help=f"one of {', '.join(LOG_LEVELS)} (default INFO)"
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (env: DISPATCH_CONFIG)")
     p.add_argument("--listen", help="address to listen on, host:port (port 0 picks a free one)")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--grace", type=_grace, default=DEFAULT_GRACE, help="seconds to drain on SIGTERM (default 10)"
+    )
     p.add_argument("--ready-file", type=Path, help="write the bound address here once serving")
-    p.add_argument("--log-level", default="INFO")
+    _logging_flags(p)
 
 
 def _provider_flags(p: argparse.ArgumentParser) -> None:
@@ -34,8 +63,16 @@ def _provider_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--script", help="script file for --provider scripted (env: DISPATCH_SCRIPT)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit status 2), not the usage text and then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dispatchd", description=__doc__)
+    top = _Parser(prog="dispatchd", description=__doc__)
+    top.add_argument("--version", action="version", version=f"dispatchd {dispatch.__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("store", help="the conversation store")
@@ -69,11 +106,16 @@ def parser() -> argparse.ArgumentParser:
         help=f"HTTP bridge address (default {config.DEFAULT_HTTP_LISTEN}; `off` turns it off)",
     )
     p.add_argument("--workspace", help="root of the default workspace (default: the current directory)")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--grace",
+        type=_grace,
+        default=DEFAULT_GRACE,
+        help="seconds, in all, to drain on SIGTERM or Ctrl-C (default 10)",
+    )
+    _logging_flags(p)
     _provider_flags(p)
 
-    keys.add_parser(sub)
+    keys.add_parser(sub, _log_level)
     return top
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from dispatch.shared import config
 from dispatch.shared.errors import DispatchError
@@ -21,21 +22,42 @@ from dispatch.v1 import store_pb2
 DEFAULT_TENANT = "local"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[Any], log_level: Callable[[str], str]
+) -> None:
+    # Where the database is: given before the action (`keys --data-dir D create`) or after it
+    # (`keys create --data-dir D`); the copies after it default to SUPPRESS, so they do not
+    # undo what came before.
+    def where(p: argparse.ArgumentParser, default: Callable[[object], object]) -> None:
+        p.add_argument(
+            "--database-url",
+            default=default(None),
+            help="the store's database (env: DISPATCH_DATABASE_URL)",
+        )
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=default(None),
+            help="where `up` keeps SQLite (env: DISPATCH_DATA_DIR; default ./.dispatch)",
+        )
+        p.add_argument("--log-level", type=log_level, default=default("WARNING"))
+        p.add_argument("--config", default=default(None), help="TOML config file (env: DISPATCH_CONFIG)")
+
     p = sub.add_parser("keys", help="create, list and revoke API keys")
-    p.add_argument("--database-url", help="the store's database (env: DISPATCH_DATABASE_URL)")
-    p.add_argument("--data-dir", type=Path, help="where `up` keeps SQLite (default ./.dispatch)")
-    p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--config", help="TOML config file (env: DISPATCH_CONFIG)")
+    where(p, lambda value: value)
+    after = argparse.ArgumentParser(add_help=False)
+    where(after, lambda _value: argparse.SUPPRESS)
     keys = p.add_subparsers(dest="action", required=True)
-    create = keys.add_parser("create", help="make a key; its secret is printed once")
+    create = keys.add_parser("create", help="make a key; its secret is printed once", parents=[after])
     create.add_argument(
         "--tenant", default=DEFAULT_TENANT, help=f"the key's tenant (default {DEFAULT_TENANT})"
     )
     create.add_argument("--name", default="", help="a label to tell keys apart")
-    listing = keys.add_parser("list", help="keys (never their secrets)")
+    listing = keys.add_parser("list", help="keys (never their secrets)", parents=[after])
     listing.add_argument("--tenant", default="", help="only this tenant's keys")
-    revoke = keys.add_parser("revoke", help="revoke a key by id; it stops working within seconds")
+    revoke = keys.add_parser(
+        "revoke", help="revoke a key by id; it stops working within seconds", parents=[after]
+    )
     revoke.add_argument("key_id")
 
 

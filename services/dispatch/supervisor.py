@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dispatch.shared import config
-from dispatch.shared.server import run
+from dispatch.shared.server import ensure_bindable, run
 from dispatch.v1 import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("dispatchd.up")
@@ -91,15 +92,17 @@ class Child:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"{self.name} did not start within {READY_TIMEOUT:.0f}s")
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, deadline: float) -> None:
+        """SIGTERM, then SIGKILL if it is still running at ``deadline`` (loop time)."""
         if self.proc is None or self.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), timeout=grace + 2.0)
+            async with asyncio.timeout_at(deadline):
+                await self.proc.wait()
         except TimeoutError:
-            log.warning("%s did not stop within %.0fs; killing it", self.name, grace + 2.0)
+            log.warning("%s did not stop in time; killing it", self.name)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
@@ -140,14 +143,23 @@ def _flag_args(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return out
 
 
-async def _up(
-    args: argparse.Namespace, env: Mapping[str, str], provider: config.ProviderConfig, data_dir: Path
-) -> int:
-    database_url = config.local_database_url(data_dir, env)
-    transport_listen = args.listen or env.get("DISPATCH_TRANSPORT_LISTEN") or config.DEFAULT_TRANSPORT_LISTEN
-    http_listen = args.http_listen or env.get("DISPATCH_HTTP_LISTEN") or config.DEFAULT_HTTP_LISTEN
-    if http_listen == "off":
-        http_listen = ""
+@dataclass(frozen=True)
+class Plan:
+    """What `up` starts, settled (and checked) before anything starts."""
+
+    provider: config.ProviderConfig  # the default agent's
+    data_dir: Path
+    database_url: str
+    # The default workspace root for a first start (the store keeps an older one unless
+    # --workspace or DISPATCH_WORKSPACE says otherwise).
+    workspace_root: str
+    transport_listen: str
+    http_listen: str
+
+
+async def _up(args: argparse.Namespace, plan: Plan) -> int:
+    database_url, data_dir = plan.database_url, plan.data_dir
+    transport_listen, http_listen = plan.transport_listen, plan.http_listen
     py = [sys.executable, "-m", "dispatch.cli"]
     common = ["--grace", str(args.grace), "--log-level", args.log_level, *_flag_args(args, ["config"])]
 
@@ -194,7 +206,8 @@ async def _up(
             await transport.start()
             await transport.wait_ready(deadline)
             await asyncio.gather(*(wait_serving(c.address, deadline) for c in children))
-            _banner(transport.address, provider, database_url, key_file, http_listen)
+            root = await default_workspace_root(store.address) or plan.workspace_root
+            _banner(transport.address, plan, key_file, root)
             exited = [asyncio.create_task(c.proc.wait()) for c in children if c.proc is not None]
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
@@ -212,9 +225,22 @@ async def _up(
             print(f"dispatchd up: {exc}; stopping.", file=sys.stderr)
             return 1
         finally:
-            # Public side first, so no new work arrives while the rest drain.
-            for c in reversed(children):
-                await c.stop(args.grace)
+            await stop_all(children, args.grace)
+
+
+# Past the grace, what a child needs to exit once it has drained (interpreter shutdown).
+EXIT_SLACK = 2.0
+
+
+async def stop_all(children: Sequence[Child], grace: float) -> None:
+    """Stop the services within one ``grace`` in all, not one each: the transport and the
+    kernel drain together (the transport ends its streams at once; the kernel lets turns
+    reach their end and needs the store and exec meanwhile), then exec and the store."""
+    deadline = asyncio.get_running_loop().time() + grace + EXIT_SLACK
+    first = [c for c in children if c.name in ("transport", "kernel")]
+    rest = [c for c in children if c not in first]
+    for wave in (first, rest):
+        await asyncio.gather(*(c.stop(deadline) for c in wave))
 
 
 def _client_command() -> str:
@@ -250,24 +276,45 @@ async def ensure_local_key(store_address: str, data_dir: Path) -> Path:
     return path
 
 
-def _banner(
-    address: str, provider: config.ProviderConfig, database_url: str, key_file: Path, http_listen: str
-) -> None:
+async def default_workspace_root(store_address: str) -> str:
+    """The root of the local tenant's default workspace, if it has one yet."""
+    async with grpc.aio.insecure_channel(store_address) as channel:
+        stub = store_pb2_grpc.ConversationStoreStub(channel)
+        request = store_pb2.ListWorkspacesRequest(tenant_id=LOCAL_TENANT, page_size=100)
+        while True:
+            page = await stub.ListWorkspaces(request, timeout=30)
+            for ws in page.workspaces:
+                if ws.is_default:
+                    return ws.root
+            if not page.next_page_token:
+                return ""
+            request.page_token = page.next_page_token
+
+
+def chat_hint(address: str, data_dir: Path) -> str:
+    """The chat command the banner prints, runnable as printed: it names the data directory
+    (where the CLI finds the API key) unless it is the one the CLI looks in by default."""
+    where = "" if data_dir == Path(".dispatch").resolve() else f" --data-dir {shlex.quote(str(data_dir))}"
+    return f'{_client_command()} chat --address {address}{where} "what is in this workspace?"'
+
+
+def _banner(address: str, plan: Plan, key_file: Path, workspace_root: str) -> None:
     lines = [
         "",
         f"Dispatch is up. Transport (gRPC): {address}",
-        f"  HTTP:     http://{http_listen} (NDJSON and Server-Sent Events)"
-        if http_listen
-        else "  HTTP:     off",
-        f"  model:    {provider.display}",
-        f"  history:  {database_url}",
-        f"  API key:  {key_file} (the dispatch CLI reads it; other clients send",
-        "            `authorization: Bearer <key>`, e.g. DISPATCH_API_KEY=$(cat that file))",
+        f"  HTTP:      http://{plan.http_listen} (NDJSON and Server-Sent Events)"
+        if plan.http_listen
+        else "  HTTP:      off",
+        f"  model:     {plan.provider.display}",
+        f"  workspace: {workspace_root} (tools run here; --workspace changes it)",
+        f"  history:   {plan.database_url}",
+        f"  API key:   {key_file} (the dispatch CLI reads it; other clients send",
+        "             `authorization: Bearer <key>`, e.g. DISPATCH_API_KEY=$(cat that file))",
         "",
         "Chat with it from another terminal:",
-        f'  {_client_command()} chat --address {address} "what is in this workspace?"',
+        f"  {chat_hint(address, plan.data_dir)}",
     ]
-    if provider.kind == "demo":
+    if plan.provider.kind == "demo":
         lines += [
             "",
             "No model is configured, so the kernel runs a built-in demo script that makes real",
@@ -280,17 +327,34 @@ def _banner(
 
 
 def up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]) -> int:
-    provider = config.provider_config(vars(args), env, file)  # fail early, naming the key
-    # The same for the providers and agents tables; the peers' addresses come later.
-    peers = {"DISPATCH_STORE_ADDRESS": "-", "DISPATCH_EXEC_ADDRESS": "-"}
-    config.kernel_config(vars(args), {**env, **peers}, file)
+    # Everything that can be refused is refused here, before any service starts, naming its key.
+    peers = {"DISPATCH_STORE_ADDRESS": "-", "DISPATCH_EXEC_ADDRESS": "-"}  # known later
+    kernel = config.kernel_config(vars(args), {**env, **peers}, file)
+    agent = kernel.all_agents()[kernel.default_agent]
+    provider = kernel.all_providers()[agent.provider]
+    store = config.store_config({"workspace": args.workspace}, env, file)
+    transport_listen = args.listen or env.get("DISPATCH_TRANSPORT_LISTEN") or config.DEFAULT_TRANSPORT_LISTEN
+    http_listen = args.http_listen or env.get("DISPATCH_HTTP_LISTEN") or config.DEFAULT_HTTP_LISTEN
+    if http_listen == "off":
+        http_listen = ""
+    ensure_bindable(transport_listen, "--listen")
+    if http_listen:
+        ensure_bindable(http_listen, "--http-listen")
     data_dir = config.data_dir(args.data_dir, env)
     data_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan(
+        provider=provider,
+        data_dir=data_dir,
+        database_url=config.local_database_url(data_dir, env),
+        workspace_root=store.default_workspace_root,
+        transport_listen=transport_listen,
+        http_listen=http_listen,
+    )
     result = 1
 
     async def main() -> None:
         nonlocal result
-        result = await _up(args, env, provider, data_dir)
+        result = await _up(args, plan)
 
     run(main)
     return result

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,3 +105,72 @@ def alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return False
+
+
+class Up:
+    """`dispatchd up` as a child process, with its output captured line by line."""
+
+    def __init__(self, tmp: Path, *extra: str):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.http = f"127.0.0.1:{free_port()}"
+        self.data = tmp / "data"
+        self.lines: list[str] = []
+        argv = [
+            sys.executable,
+            "-m",
+            "dispatch.cli",
+            "up",
+            "--listen",
+            self.address,
+            "--http-listen",
+            self.http,
+        ]
+        argv += ["--data-dir", str(self.data), "--grace", "5", *extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def api_key(self) -> str:
+        return (self.data / "api_key").read_text().strip()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                self._reader.join(5)  # the last lines
+                raise AssertionError(f"dispatchd up exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output()}")
+
+    def services(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for pid in children_of(self.proc.pid):
+            words = cmdline(pid).split()
+            for name in ("store", "exec", "kernel", "transport"):
+                if name in words:
+                    found[name] = pid
+        return found
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()

@@ -11,8 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,7 @@ import pytest
 
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
 from dispatch_client import DispatchClient, DispatchError, types
-from tests.e2e.procs import ServiceProcess, alive, children_of, cmdline, free_port
+from tests.e2e.procs import ServiceProcess, Up, alive
 
 pytestmark = pytest.mark.e2e
 
@@ -40,75 +38,6 @@ SCRIPT = {
 }
 
 ORDER = ["turn_started", "tool_call", "tool_result", "text_delta", "turn_done", "turn_sealed"]
-
-
-class Up:
-    """`dispatchd up` as a child process, with its output captured line by line."""
-
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.http = f"127.0.0.1:{free_port()}"
-        self.data = tmp / "data"
-        self.lines: list[str] = []
-        argv = [
-            sys.executable,
-            "-m",
-            "dispatch.cli",
-            "up",
-            "--listen",
-            self.address,
-            "--http-listen",
-            self.http,
-        ]
-        argv += ["--data-dir", str(self.data), "--grace", "5", *extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def api_key(self) -> str:
-        return (self.data / "api_key").read_text().strip()
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return
-            if self.proc.poll() is not None:
-                self._reader.join(5)  # the last lines
-                raise AssertionError(f"dispatchd up exited {self.proc.returncode}:\n{self.output()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output()}")
-
-    def services(self) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for pid in children_of(self.proc.pid):
-            words = cmdline(pid).split()
-            for name in ("store", "exec", "kernel", "transport"):
-                if name in words:
-                    found[name] = pid
-        return found
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(5)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -144,7 +73,7 @@ def test_up_runs_a_scripted_two_step_turn_end_to_end(tmp_path: Path, workspace: 
         up.wait_for("Dispatch is up")
         assert f"Transport (gRPC): {up.address}" in up.output()
         assert "dispatch chat" in up.output()
-        assert f"HTTP:     http://{up.http}" in up.output()
+        assert f"HTTP:      http://{up.http}" in up.output()
         # The HTTP bridge answers with the same key, and refuses without it.
         models = httpx.get(f"http://{up.http}/v1/models", headers={"authorization": f"Bearer {up.api_key()}"})
         assert models.status_code == 200 and models.json()["models"][0]["provider"] == "scripted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ def test_a_model_from_the_environment_means_openai_with_its_key_kept_out_of_repr
 
 def test_precedence_flag_then_env_then_file() -> None:
     file = {"provider": {"kind": "openai", "model": "from-file", "base_url": "http://file/v1"}}
-    env = {"DISPATCH_MODEL": "from-env"}
-    assert config.provider_config({}, {}, file).model == "from-file"
+    env = {"DISPATCH_MODEL": "from-env", "OPENAI_API_KEY": "sk"}
+    assert config.provider_config({}, {"OPENAI_API_KEY": "sk"}, file).model == "from-file"
     assert config.provider_config({}, env, file).model == "from-env"
     assert config.provider_config({"model": "from-flag"}, env, file).model == "from-flag"
     assert config.provider_config({}, env, file).base_url == "http://file/v1"
@@ -75,12 +76,66 @@ def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
         config.load_file(str(bad))
     good = tmp_path / "good.toml"
     good.write_text('[provider]\nmodel = "m"\n')
-    assert config.provider_config({}, {}, config.load_file(str(good))).model == "m"
+    assert config.provider_config({}, {"OPENAI_API_KEY": "k"}, config.load_file(str(good))).model == "m"
 
 
 def test_store_workspace_resolves_to_an_absolute_path(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
     cfg = config.store_config({"workspace": str(tmp_path / "a" / ".." / "b")}, {}, {})
     assert cfg.default_workspace_root == str(tmp_path / "b")
+    assert cfg.pin_default_workspace
+    assert not config.store_config({}, {}, {}).pin_default_workspace
+
+
+@pytest.mark.parametrize(("make", "words"), [(False, "does not exist"), (True, "is not a directory")])
+def test_a_workspace_root_that_is_no_directory_is_refused(tmp_path: Path, make: bool, words: str) -> None:
+    root = tmp_path / "root"
+    if make:
+        root.write_text("")
+    for flags, env in (({"workspace": str(root)}, {}), ({}, {"DISPATCH_WORKSPACE": str(root)})):
+        with pytest.raises(
+            ConfigError, match=rf"store\.workspace \(--workspace, DISPATCH_WORKSPACE\).*{words}"
+        ):
+            config.store_config(flags, env, {})
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "variable"),
+    [
+        ({"provider": {"model": "m"}}, {}, "OPENAI_API_KEY"),
+        ({"provider": {"kind": "anthropic", "model": "m"}}, {}, "ANTHROPIC_API_KEY"),
+        ({"provider": {"model": "m", "api_key_env": "MY_KEY"}}, {"OPENAI_API_KEY": "k"}, "MY_KEY"),
+        ({"providers": {"x": {"model": "m"}}}, {}, "OPENAI_API_KEY"),
+    ],
+)
+def test_a_provider_whose_key_variable_is_unset_is_refused_naming_it(
+    file: dict[str, Any], env: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"api_key_env: the environment variable {variable} is not set"):
+        config.providers_config({}, env, file)
+
+
+def test_a_keyless_endpoint_says_so() -> None:
+    file = {"provider": {"model": "m", "base_url": "http://127.0.0.1:1/v1", "api_key_env": ""}}
+    assert config.provider_config({}, {}, file).api_key == ""
+    for value in ("", "none"):
+        env = {"DISPATCH_MODEL": "m", "DISPATCH_API_KEY_ENV": value}
+        assert config.provider_config({}, env, {}).api_key == ""
+    assert (
+        config.provider_config({}, {"DISPATCH_MODEL": "m", "DISPATCH_API_KEY_ENV": "K", "K": "v"}, {}).api_key
+        == "v"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "words"),
+    [("openai", "m", "openai-compatible model 'm'"), ("anthropic", "c", "Anthropic model 'c'")],
+)
+def test_the_display_names_the_provider_configured(kind: str, model: str, words: str) -> None:
+    cfg = config.provider_config(
+        {}, {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}, {"provider": {"kind": kind, "model": model}}
+    )
+    assert words in cfg.display and "demo" not in cfg.display
 
 
 def test_dispatch_policy_from_the_config_file_and_environment() -> None:
@@ -184,3 +239,95 @@ def test_the_kernel_reads_its_retry_schedule_and_dispatch_policy_from_the_file(t
 def test_a_bad_retry_policy_names_the_key(retry: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         config.retry_policy({"kernel": {"retry": retry}})
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('[provider]\nmodle = "x"\n', "unknown key 'modle' in [provider]; did you mean 'model'?"),
+        ("[kernal]\nmax_steps = 1\n", "unknown section [kernal]; did you mean [kernel]?"),
+        (
+            "[kernel.dispach]\neager = true\n",
+            "unknown section [kernel.dispach]; did you mean [kernel.dispatch]?",
+        ),
+        ('[agents.a]\nprovder = "p"\n', "unknown key 'provder' in [agents.a]; did you mean 'provider'?"),
+        ('[providers.p]\nbase = "u"\n', "unknown key 'base' in [providers.p]"),
+        ('model = "x"\n', "unknown key 'model'; it belongs in [provider]"),
+        ("[kernel.retry]\nbudgte = 5\n", "did you mean 'budget'?"),
+        ('kernel = "x"\n', r"\[kernel\] must be a table"),
+    ],
+)
+def test_unknown_keys_and_sections_are_refused_naming_the_nearest(
+    tmp_path: Path, toml: str, words: str
+) -> None:
+    path = tmp_path / "dispatch.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(words) if "\\" not in words else words):
+        config.load_file(str(path))
+
+
+def test_every_key_the_loaders_read_is_in_the_schema(tmp_path: Path) -> None:
+    # A file with one of everything loads: the schema knows each key the loaders read.
+    path = tmp_path / "dispatch.toml"
+    path.write_text(
+        """
+[provider]
+kind = "openai"
+model = "m"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = ""
+request_timeout = 5
+max_tokens = 100
+[providers.other]
+kind = "scripted"
+script = "s.json"
+[agents.a]
+provider = "default"
+model = ""
+system_prompt = "p"
+tools = ["shell"]
+steps = 3
+tool_budget = 4
+doom_loop = 0
+[agents.a.dispatch]
+max_concurrent = 1
+tool_limits = { shell = 1 }
+eager = false
+dedup_exempt = []
+scheduler = "rust"
+[kernel]
+listen = "127.0.0.1:0"
+store = "s:1"
+exec = "e:1"
+system_prompt = "p"
+default_agent = "a"
+max_concurrent_turns = 1
+max_steps = 2
+confine_tools = true
+[kernel.dispatch]
+eager = true
+[kernel.retry]
+schedule = [1]
+budget = 2
+[store]
+listen = "127.0.0.1:0"
+database_url = "sqlite:///x.db"
+workspace = "."
+[exec]
+listen = "127.0.0.1:0"
+max_output_bytes = 10
+max_read_bytes = 10
+[transport]
+listen = "127.0.0.1:0"
+kernel = "k:1"
+store = "s:1"
+max_request_bytes = 10
+http_listen = ""
+"""
+    )
+    file = config.load_file(str(path))
+    kernel = config.kernel_config({}, {}, file)
+    assert kernel.agents["a"].steps == 3 and kernel.max_steps == 2
+    assert config.store_config({}, {}, file).database_url == "sqlite:///x.db"
+    assert config.exec_config({}, {}, file).max_read_bytes == 10
+    assert config.transport_config({}, {}, file).max_request_bytes == 10

@@ -23,7 +23,13 @@ def test_the_readme_has_config_examples() -> None:
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 async def test_a_readme_config_example_configures_a_kernel(block: str) -> None:
     file = tomllib.loads(block)
-    env = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "e:1"}
+    # The keys a user exports before starting with such a file.
+    env = {
+        "DISPATCH_STORE_ADDRESS": "s:1",
+        "DISPATCH_EXEC_ADDRESS": "e:1",
+        "OPENAI_API_KEY": "sk-test",
+        "ANTHROPIC_API_KEY": "sk-ant-test",
+    }
     cfg = config.kernel_config({}, env, file)
     agents, providers = build_agents(cfg, BUILTIN_TOOLS)
     try:

@@ -218,3 +218,30 @@ async def test_secrets_are_stored_only_as_hashes(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT * FROM api_keys").fetchall()
     assert rows and all(secret not in str(value) for row in rows for value in row)
+
+
+async def test_a_new_database_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "dispatch.db"
+    store = await SQLiteStore.open(url_of(path))
+    try:
+        conv = await store.create_conversation(TENANT)
+        await store.append(TENANT, conv.id, [text_message("hi")])
+        # The write-ahead log holds the newest messages; it inherits the database's mode.
+        files = [p for p in path.parent.iterdir() if p.name.startswith("dispatch.db")]
+        assert path in files and any(p.name.endswith("-wal") for p in files)
+        for p in files:
+            assert p.stat().st_mode & 0o777 == 0o600, p.name
+    finally:
+        await store.close()
+
+
+async def test_an_existing_database_keeps_its_mode_and_a_readable_one_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "dispatch.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o644)
+    store = await SQLiteStore.open(url_of(path))
+    await store.close()
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert "readable by other users" in caplog.text

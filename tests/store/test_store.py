@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -77,11 +78,43 @@ async def test_first_conversation_creates_the_tenant_default_workspace(
         store_pb2.GetWorkspaceRequest(tenant_id=TENANT, workspace_id=first.workspace_id)
     )
     assert (ws.name, ws.root, ws.tenant_id) == ("default", store_cfg.default_workspace_root, TENANT)
+    assert ws.is_default
     listed = await store.stub.ListWorkspaces(store_pb2.ListWorkspacesRequest(tenant_id=TENANT))
     assert [w.id for w in listed.workspaces] == [ws.id]
 
     theirs = await new_conversation(store.stub, tenant_id=OTHER_TENANT)
     assert theirs.workspace_id != ws.id
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+async def test_a_restart_with_a_workspace_root_moves_the_default_workspaces(
+    store: RunningStore, store_cfg: StoreConfig, tmp_path: Path, pinned: bool
+) -> None:
+    mine = await new_conversation(store.stub)
+    theirs = await new_conversation(store.stub, tenant_id=OTHER_TENANT)
+    other = await store.stub.CreateWorkspace(
+        store_pb2.CreateWorkspaceRequest(tenant_id=TENANT, name="w", root="/srv/w")
+    )
+    await store.stop()
+    # As `dispatchd up --workspace B` after a first start with A (or with no flag at all).
+    moved = dataclasses.replace(
+        store_cfg, default_workspace_root=str(tmp_path / "b"), pin_default_workspace=pinned
+    )
+    again = await RunningStore.start(moved)
+    try:
+        roots = {
+            ws.id: ws.root
+            for tenant in (TENANT, OTHER_TENANT)
+            for ws in (
+                await again.stub.ListWorkspaces(store_pb2.ListWorkspacesRequest(tenant_id=tenant))
+            ).workspaces
+        }
+        expected = moved.default_workspace_root if pinned else store_cfg.default_workspace_root
+        assert roots[mine.workspace_id] == roots[theirs.workspace_id] == expected
+        assert roots[other.id] == "/srv/w"  # a workspace of its own is never moved
+        assert not other.is_default
+    finally:
+        await again.stop()
 
 
 async def test_workspaces_paginate_oldest_first_and_update_optional_fields(store: RunningStore) -> None:

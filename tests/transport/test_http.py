@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from dispatch.kernel.providers.scripted import ScriptedProvider
+from dispatch.shared.config import ListenError
 from dispatch.transport.http import HTTP_STATUS, HttpBridge, start_http, to_dict
 from dispatch.v1 import common_pb2, transport_pb2, transport_pb2_grpc
 from tests.stack import Stack, start_stack
@@ -254,10 +255,12 @@ async def test_stop_ends_open_streams(stack: Stack) -> None:
 
 
 async def test_a_failed_start_leaves_nothing_open(stack: Stack, bridge: HttpBridge) -> None:
-    with pytest.raises(OSError):
+    with pytest.raises(ListenError, match="already in use.*--http-listen"):
         await start_http(f"127.0.0.1:{bridge.port}", stack.address("transport"))
-    with pytest.raises(ValueError, match="host:port"):
+    with pytest.raises(ListenError, match="host:port"):
         await start_http("localhost", stack.address("transport"))
+    with pytest.raises(ListenError, match="0 to 65535"):
+        await start_http("127.0.0.1:99999", stack.address("transport"))
 
 
 async def test_conversation_routes(stack: Stack, client: httpx.AsyncClient) -> None:

@@ -7,6 +7,7 @@ in the code base reads the environment.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,30 @@ class ConfigError(InvalidArgument):
     """A configuration value is missing or wrong; the message names the key."""
 
 
+class ListenError(ConfigError):
+    """An address a server cannot listen on; ``flag`` names the setting that chose it."""
+
+    def __init__(self, listen: str, reason: str, flag: str = "--listen"):
+        self.listen = listen
+        self.reason = reason
+        self.flag = flag
+        super().__init__(f"cannot listen on {listen}: {reason}; choose another address with {flag}")
+
+    def for_flag(self, flag: str) -> ListenError:
+        """The same error, naming ``flag`` as the setting to change."""
+        return ListenError(self.listen, self.reason, flag)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` as its host and port (0 picks a free one); ``ListenError`` if malformed."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ListenError(listen, "the address must be host:port, e.g. 127.0.0.1:7600")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ListenError(listen, f"the port must be a number from 0 to 65535, not {port!r}")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     listen: str = "127.0.0.1:0"
@@ -32,6 +57,9 @@ class StoreConfig:
     database_url: str = "sqlite:///.dispatch/dispatch.db"
     # Root of the default workspace created on first use.
     default_workspace_root: str = "."
+    # The root was given (--workspace, DISPATCH_WORKSPACE, [store] workspace): every start
+    # makes it the root of the default workspaces that exist too, not only of new ones.
+    pin_default_workspace: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,8 @@ class ProviderConfig:
     def display(self) -> str:
         if self.kind == "openai":
             return f"openai-compatible model {self.model!r} at {self.base_url}"
+        if self.kind == "anthropic":
+            return f"Anthropic model {self.model!r} at {self.base_url}"
         if self.kind == "scripted":
             return f"scripted provider replaying {self.script}"
         return "built-in demo script (no model configured)"
@@ -190,16 +220,100 @@ def local_database_url(data: Path, env: Mapping[str, str]) -> str:
 
 
 def load_file(path: str | None) -> dict[str, Any]:
-    """Read the TOML config file, or nothing when none is given."""
+    """Read the TOML config file, or nothing when none is given; a key or section the
+    file may not have is an error naming it (and the nearest valid one)."""
     if not path:
         return {}
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    try:
+        check_keys(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path!r}: {exc}") from None
+    return data
+
+
+# What a config file may hold: a key's entry is None (a value), a schema (a table), or ANY
+# (a table of names the user chooses, such as tool_limits); "*" stands for any table name.
+ANY: Mapping[str, Any] = {}
+_PROVIDER = dict.fromkeys(
+    ("kind", "model", "base_url", "api_key_env", "script", "request_timeout", "max_tokens")
+)
+_DISPATCH = {
+    **dict.fromkeys(("max_concurrent", "eager", "dedup_exempt", "scheduler")),
+    "tool_limits": ANY,
+}
+SCHEMA: Mapping[str, Any] = {
+    "provider": _PROVIDER,
+    "providers": {"*": _PROVIDER},
+    "agents": {
+        "*": {
+            **dict.fromkeys(
+                ("provider", "model", "system_prompt", "tools", "steps", "tool_budget", "doom_loop")
+            ),
+            "dispatch": _DISPATCH,
+        }
+    },
+    "kernel": {
+        **dict.fromkeys(
+            (
+                "listen",
+                "store",
+                "exec",
+                "system_prompt",
+                "default_agent",
+                "max_concurrent_turns",
+                "max_steps",
+                "confine_tools",
+            )
+        ),
+        "dispatch": _DISPATCH,
+        "retry": dict.fromkeys(("schedule", "budget")),
+    },
+    "store": dict.fromkeys(("listen", "database_url", "workspace")),
+    "exec": dict.fromkeys(("listen", "max_output_bytes", "max_read_bytes", "ssh_config")),
+    "transport": dict.fromkeys(("listen", "kernel", "store", "max_request_bytes", "http_listen")),
+}
+
+
+def check_keys(data: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA, where: str = "") -> None:
+    """Refuse a key or section ``schema`` does not know, naming it and its nearest valid
+    neighbour (``modle`` → ``model``, ``[kernal]`` → ``[kernel]``)."""
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        sub = schema["*"] if "*" in schema else schema.get(key, _MISSING)
+        if sub is _MISSING:
+            table = isinstance(value, Mapping)
+            what = f"section [{path}]" if table else f"key {key!r}" + (f" in [{where}]" if where else "")
+            near = difflib.get_close_matches(key, [k for k in schema if k != "*"], n=1, cutoff=0.6)
+            hint = ""
+            if near and table:
+                hint = f"; did you mean [{where + '.' if where else ''}{near[0]}]?"
+            elif near:
+                hint = f"; did you mean {near[0]!r}?"
+            elif not where and not table:
+                homes = [
+                    f"[{name}]" for name, sec in SCHEMA.items() if isinstance(sec, Mapping) and key in sec
+                ]
+                hint = f"; it belongs in {' or '.join(homes)}" if homes else ""
+            valid = ", ".join(sorted(schema))
+            inside = f"[{where}]" if where else "the top level"
+            raise ConfigError(f"unknown {what}{hint} ({inside} takes: {valid})")
+        if sub is None or sub is ANY:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key [{path}] must be a table")
+        check_keys(value, sub, path)
+
+
+_MISSING: Any = object()
 
 
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -277,10 +391,12 @@ def _provider(
     kind = pick("provider", ("DISPATCH_PROVIDER",), "kind", kind_default)
     if kind not in PROVIDER_KINDS:
         raise ConfigError(f"config key {key}.kind must be one of {', '.join(PROVIDER_KINDS)}, got {kind!r}")
-    key_env = sec.get("api_key_env", _DEFAULT_KEY_ENV.get(kind, "OPENAI_API_KEY"))
-    api_key = (
-        (env_for_default.get("DISPATCH_PROVIDER_API_KEY") or env.get(str(key_env), "")) if key_env else ""
-    )
+    key_env = str(sec.get("api_key_env", _DEFAULT_KEY_ENV.get(kind, "OPENAI_API_KEY")))
+    if default and "DISPATCH_API_KEY_ENV" in env:
+        key_env = env["DISPATCH_API_KEY_ENV"]
+    if key_env.strip().lower() == "none":
+        key_env = ""
+    api_key = (env_for_default.get("DISPATCH_PROVIDER_API_KEY") or env.get(key_env, "")) if key_env else ""
     url_env = ("DISPATCH_BASE_URL", "ANTHROPIC_BASE_URL" if kind == "anthropic" else "OPENAI_BASE_URL")
     base_url = pick("base_url", url_env, "base_url", _DEFAULT_BASE_URL.get(kind, ProviderConfig.base_url))
     timeout = _float(
@@ -296,6 +412,12 @@ def _provider(
     if kind == "scripted" and not script:
         hint = " (or DISPATCH_SCRIPT)" if default else ""
         raise ConfigError(f"config key {key}.script{hint} is required for provider kind scripted")
+    if kind in ("openai", "anthropic") and key_env and not api_key:
+        keyless = 'api_key_env = ""' + (" (or DISPATCH_API_KEY_ENV=none)" if default else "")
+        raise ConfigError(
+            f"config key {key}.api_key_env: the environment variable {key_env} is not set; "
+            f"export it with the API key, or, for an endpoint that takes no key, set {keyless}"
+        )
     return ProviderConfig(
         kind=kind,
         model=model,
@@ -366,6 +488,13 @@ def agent_config(
 
 def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> StoreConfig:
     sec = _section(file, "store")
+    workspace = _pick(flags.get("workspace"), env, ("DISPATCH_WORKSPACE",), sec.get("workspace"), None)
+    root = Path(str(workspace) if workspace is not None else ".").expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigError(
+            f"config key store.workspace (--workspace, DISPATCH_WORKSPACE): {str(workspace)!r} "
+            + ("is not a directory" if root.exists() else "does not exist")
+        )
     return StoreConfig(
         listen=_pick(
             flags.get("listen"), env, ("DISPATCH_STORE_LISTEN",), sec.get("listen"), StoreConfig.listen
@@ -377,11 +506,8 @@ def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping
             sec.get("database_url"),
             StoreConfig.database_url,
         ),
-        default_workspace_root=str(
-            Path(
-                _pick(flags.get("workspace"), env, ("DISPATCH_WORKSPACE",), sec.get("workspace"), ".")
-            ).resolve()
-        ),
+        default_workspace_root=str(root),
+        pin_default_workspace=workspace is not None,
     )
 
 

@@ -530,6 +530,11 @@ class Store(abc.ABC):
         """The tenant's workspaces, oldest first."""
 
     @abc.abstractmethod
+    async def set_default_workspace_root(self, root: str) -> int:
+        """Make ``root`` the root of every tenant's default workspace, and of those made
+        from now on; answers how many existing ones changed."""
+
+    @abc.abstractmethod
     async def update_workspace(
         self,
         tenant_id: str,

@@ -578,6 +578,12 @@ class PostgresStore(Store):
             rows = await self._all(cur, sql, (*args, size + 1))
         return _page(rows, size, _workspace)
 
+    async def set_default_workspace_root(self, root: str) -> int:
+        self.default_workspace_root = root
+        async with self._tx(write=True) as cur:
+            await cur.execute("UPDATE workspaces SET root = %s WHERE is_default AND root <> %s", (root, root))
+            return cur.rowcount
+
     async def update_workspace(
         self,
         tenant_id: str,

@@ -35,6 +35,7 @@ def workspace_from_row(row: Row) -> common_pb2.Workspace:
         default_computer_id=row["default_computer_id"],
         default_agent=row["default_agent"],
         confine_tools=bool(row["confine_tools"]),
+        is_default=bool(row["is_default"]),
     )
     set_timestamp(ws.created_at, row["created_at"])
     return ws

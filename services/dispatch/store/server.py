@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from dispatch.shared.config import ConfigError, StoreConfig
-from dispatch.shared.server import Hosted, Service, start_server
+from dispatch.shared.config import ConfigError, StoreConfig, parse_listen
+from dispatch.shared.server import Hosted, Service, ensure_bindable, start_server
 from dispatch.store.backend import Store
 from dispatch.store.postgres import SCHEMES as POSTGRES_SCHEMES
 from dispatch.store.postgres import PostgresStore
@@ -14,6 +16,8 @@ from dispatch.store.sqlite import SQLiteStore
 from dispatch.v1 import store_pb2_grpc
 
 SERVICE_NAME = "dispatch.v1.ConversationStore"
+
+log = logging.getLogger(__name__)
 
 
 async def open_store(database_url: str, *, default_workspace_root: str) -> Store:
@@ -35,7 +39,21 @@ async def open_store(database_url: str, *, default_workspace_root: str) -> Store
 
 async def start(cfg: StoreConfig) -> Hosted:
     """Serve the store on ``cfg.listen``; ``Hosted.stop`` also closes the database."""
+    if parse_listen(cfg.listen)[1] != 0:
+        ensure_bindable(cfg.listen)  # before the database is opened and migrated for nothing
     store = await open_store(cfg.database_url, default_workspace_root=cfg.default_workspace_root)
+    if cfg.pin_default_workspace:
+        try:
+            changed = await store.set_default_workspace_root(cfg.default_workspace_root)
+        except BaseException:
+            await store.close()
+            raise
+        if changed:
+            log.info(
+                "default workspace root is now %s (%d workspace(s) moved)",
+                cfg.default_workspace_root,
+                changed,
+            )
     return await serve(store, cfg.listen)
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -257,6 +258,22 @@ def _sql_limit(limit: int) -> int:
     return limit if limit > 0 else -1
 
 
+def _create_private(path: str) -> None:
+    """Create the database file readable by this user only, as the API key file is: it holds
+    every conversation and the keys' hashes. SQLite gives its -wal and -shm files the same
+    mode. A file that exists keeps its mode; one others can read gets a warning."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            log.warning(
+                "%s is readable by other users (mode %o); `chmod 600` it to keep conversations private",
+                path,
+                mode & 0o777,
+            )
+
+
 class SQLiteStore(Store):
     """``Store`` on a SQLite file, in WAL mode with ``synchronous=FULL``.
 
@@ -369,6 +386,7 @@ class SQLiteStore(Store):
     def _connect(self) -> None:
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         conn.row_factory = sqlite3.Row
         try:
@@ -539,6 +557,18 @@ class SQLiteStore(Store):
             with self._tx(write=False) as conn:
                 rows = conn.execute(sql, (*args, size + 1)).fetchall()
             return _page(rows, size, _workspace)
+
+        return await self._call(run)
+
+    async def set_default_workspace_root(self, root: str) -> int:
+        self.default_workspace_root = root
+
+        def run() -> int:
+            with self._tx(write=True) as conn:
+                cursor = conn.execute(
+                    "UPDATE workspaces SET root = ? WHERE is_default = 1 AND root != ?", (root, root)
+                )
+                return cursor.rowcount
 
         return await self._call(run)
 

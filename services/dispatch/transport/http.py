@@ -55,7 +55,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from dispatch.shared.server import GRPC_OPTIONS
+from dispatch.shared.config import ListenError
+from dispatch.shared.server import GRPC_OPTIONS, bind_error
 from dispatch.transport.auth import INVALID
 from dispatch.v1 import common_pb2, transport_pb2, transport_pb2_grpc
 
@@ -222,11 +223,16 @@ def _cursor(request: web.Request) -> int:
     return after
 
 
+HTTP_LISTEN_FLAG = "--http-listen"
+
+
 def _host_port(listen: str) -> tuple[str | None, int]:
     """``listen``'s host (None: every interface) and port."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen must be host:port, got {listen!r}")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ListenError(
+            listen, "the address must be host:port with a port from 0 to 65535", HTTP_LISTEN_FLAG
+        )
     return host.strip("[]") or None, int(port)
 
 
@@ -296,11 +302,15 @@ class HttpBridge:
         return len(self._streams)
 
     async def start(self, listen: str) -> None:
-        """Serve on ``listen``; on failure nothing is left open."""
+        """Serve on ``listen``; on failure nothing is left open. Raises ``ListenError``
+        (naming ``--http-listen``) for an address it cannot listen on."""
         try:
             host, port = _host_port(listen)
             await self._runner.setup()
             await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            await self.stop()
+            raise ListenError(listen, bind_error(exc), HTTP_LISTEN_FLAG) from None
         except BaseException:
             await self.stop()
             raise

@@ -555,6 +555,7 @@ class Workspace(_message.Message):
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     name: _builtins.str
@@ -566,6 +567,10 @@ class Workspace(_message.Message):
     confine_tools: _builtins.bool
     """Tools may touch only paths under root (after resolving `..` and symlinks
     on the target computer); the shell only starts there.
+    """
+    is_default: _builtins.bool
+    """The tenant's default workspace: a conversation created without a
+    workspace_id joins it; its root is the store's configured workspace.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -580,10 +585,11 @@ class Workspace(_message.Message):
         default_agent: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         confine_tools: _builtins.bool = ...,
+        is_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "created_at", b"created_at", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "id", b"id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "created_at", b"created_at", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "id", b"id", "is_default", b"is_default", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
