@@ -145,15 +145,20 @@ async def test_timeout_kills_the_process_group(target: Target) -> None:
     [
         # The background job inherits stdout and stderr: EOF never comes on its own.
         "sleep 100 & echo $!",
+        # The same, and nothing is printed after the job starts.
+        "sleep 100 & echo $! >pid",
         # It lets go of the output, but must not outlive the call either.
         "sleep 100 >/dev/null 2>&1 & echo $!",
     ],
-    ids=["holding-output", "detached-from-output"],
+    ids=["holding-output", "holding-output-silently", "detached-from-output"],
 )
-async def test_a_normal_exit_answers_promptly_and_leaves_no_background_job(target: Target, line: str) -> None:
-    ran = await spawn(target.stub, target.sh(line))
+async def test_a_normal_exit_answers_promptly_and_leaves_no_background_job(
+    target: Target, line: str, real_tmp: Path
+) -> None:
+    ran = await spawn(target.stub, target.sh(line, cwd=str(real_tmp)))
     assert ran.exit is not None and ran.exit.exit_code == 0 and not ran.exit.timed_out
-    assert await target.dead([int(ran.stdout)])
+    pid = ran.stdout or (real_tmp / "pid").read_bytes()
+    assert await target.dead([int(pid)])
 
 
 @pytest.mark.timeout(20)

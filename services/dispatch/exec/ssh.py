@@ -473,14 +473,20 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
     def exit_status_received(self, status: int) -> None:
         self.exit_status = status
-        self.exited_at = asyncio.get_running_loop().time()
+        self._exited()
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
         try:
             self.exit_signal = _signal_number(signal)
         except KeyError:
             self.exit_signal = 9
+        self._exited()
+
+    def _exited(self) -> None:
         self.exited_at = asyncio.get_running_loop().time()
+        # Wake the reader (an empty chunk) so that it starts the drain clock now: a background
+        # job may hold the output open, and no more output need come to wake it otherwise.
+        self.queue.put_nowait((Stream.STDOUT, b""))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head:  # stderr that never completed a line: not the marker
