@@ -11,6 +11,8 @@ that carries the gRPC status. ``types`` holds the message types
 (``types.AgentEvent``, ``types.Conversation``, ...).
 """
 
+from importlib import metadata as _metadata
+
 from dispatch_client._calls import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, POLICY_NAMES, find_address, find_api_key
 from dispatch_client._proto import common_pb2 as types
 from dispatch_client._proto import store_pb2, transport_pb2
@@ -33,6 +35,11 @@ from dispatch_client.errors import (
 )
 from dispatch_client.sync import Client, SyncDispatchClient
 
+try:
+    __version__ = _metadata.version("dispatch-client")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_TIMEOUT",
@@ -53,6 +60,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "__version__",
     "error_for",
     "find_address",
     "find_api_key",

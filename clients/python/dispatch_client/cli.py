@@ -7,9 +7,26 @@ dispatch watch CONV --json                          # follow the event stream
 dispatch history CONV                               # committed messages
 dispatch cancel CONV                                # abort the running turn
 
-The key comes from ``--api-key``, else ``DISPATCH_API_KEY``, else the file
-``dispatchd up`` writes (``$DISPATCH_DATA_DIR/api_key``). Failures print
-``dispatch: STATUS: message`` and exit 1; usage errors exit 2; Ctrl-C exits 130.
+The key comes from ``--api-key``, else the ``api_key`` file in ``--data-dir``,
+else ``DISPATCH_API_KEY``, else the file ``dispatchd up`` writes
+(``$DISPATCH_DATA_DIR/api_key``, default ``.dispatch/api_key``). Failures print
+``dispatch: STATUS: message`` to stderr.
+
+Exit status:
+
+=====  ==========================================================================
+0      success
+1      the turn finished badly (error, aborted, max steps, tool budget, doom loop,
+       content filter) or ended unsealed
+2      usage: a bad command line, or no readable ``api_key`` in ``--data-dir``
+3      the server is unreachable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED)
+4      not found (NOT_FOUND: no such conversation, or another tenant's)
+5      not allowed (UNAUTHENTICATED, PERMISSION_DENIED)
+6      the request was refused (INVALID_ARGUMENT, FAILED_PRECONDITION,
+       ALREADY_EXISTS, OUT_OF_RANGE, RESOURCE_EXHAUSTED)
+7      any other error of the server (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...)
+130    interrupted (Ctrl-C)
+=====  ==========================================================================
 """
 
 from __future__ import annotations
@@ -20,17 +37,50 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
-from collections.abc import AsyncIterator
-from typing import Any, TextIO
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol, TextIO
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from dispatch_client import __version__
 from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES
 from dispatch_client._proto import common_pb2
 from dispatch_client.client import DEFAULT_ADDRESS, DispatchClient
 from dispatch_client.errors import DispatchError
+
+EXIT_OK = 0
+EXIT_TURN_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_NOT_ALLOWED = 5
+EXIT_REFUSED = 6
+EXIT_SERVER_ERROR = 7
+EXIT_INTERRUPTED = 130
+
+_EXIT_BY_STATUS = {
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_NOT_ALLOWED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_NOT_ALLOWED,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_REFUSED,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_REFUSED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_REFUSED,
+}
+
+
+def exit_status(error: DispatchError) -> int:
+    """The exit status of a command that failed with ``error`` (see the module's table)."""
+    return _EXIT_BY_STATUS.get(error.code, EXIT_SERVER_ERROR)
+
 
 _FINISH_WORDS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -44,77 +94,149 @@ _FINISH_WORDS = {
 }
 _GOOD_FINISH = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
 
+# SGR codes.
+_BOLD, _DIM, _RED, _GREEN, _YELLOW, _CYAN = "1", "2", "31", "32", "33", "36"
+# Every line of the model's reasoning starts with this, so it stands apart from the
+# answer without colour too.
+REASONING_PREFIX = "│ "
+
+
+def use_color(choice: str, out: TextIO, env: dict[str, str] | None = None) -> bool:
+    """Whether to colour what goes to ``out``: ``always``, ``never``, or (``auto``) when it
+    is a terminal, ``NO_COLOR`` is unset or empty (https://no-color.org) and TERM is not dumb."""
+    if choice != "auto":
+        return choice == "always"
+    env = dict(os.environ) if env is None else env
+    if env.get("NO_COLOR", "") or env.get("TERM") == "dumb":
+        return False
+    try:
+        return out.isatty()
+    except ValueError:  # closed
+        return False
+
+
+class Sink(Protocol):
+    """Where a command writes a turn's events: for people or as JSON lines."""
+
+    # How the last turn_done said its turn finished, and whether the last event was a seal.
+    finish: common_pb2.FinishReason.ValueType
+    sealed: bool
+
+    def event(self, event: common_pb2.AgentEvent) -> None: ...
+
+    def end_line(self) -> None: ...
+
 
 class Renderer:
-    """Writes a turn's events as they arrive: text as it streams, each tool
-    call and its result, and how the turn finished. With ``show_turns``, a
-    line also marks where each turn starts (for a stream of many turns)."""
+    """Writes a turn's events as they arrive: text as it streams, the model's
+    reasoning set off line by line (``│ ``, dim), each tool call and its
+    result, and how the turn finished. With ``show_turns``, a line also marks
+    where each turn starts (for a stream of many turns)."""
 
     def __init__(self, out: TextIO, *, color: bool = False, show_turns: bool = False):
         self.out = out
         self.color = color
         self.show_turns = show_turns
         self._mid_line = False
+        self._reasoning = False
         self.finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
+        self.sealed = False
 
     def _style(self, text: str, code: str) -> str:
-        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color and code and text else text
 
-    def _line(self, text: str) -> None:
+    def end_line(self) -> None:
+        """Finish the line being written, if any (before something else is printed)."""
         if self._mid_line:
             self.out.write("\n")
-        self.out.write(text + "\n")
-        self._mid_line = False
+            self._mid_line = False
+        self.out.flush()
 
-    def _write(self, text: str) -> None:
-        self.out.write(text)
-        self._mid_line = not text.endswith("\n")
+    def _line(self, text: str, code: str = "") -> None:
+        self.end_line()
+        self.out.write(self._style(text, code) + "\n")
+        self._reasoning = False
+
+    def _write(self, text: str, code: str = "") -> None:
+        # Styled line by line, so a newline never sits inside an escape sequence.
+        for piece in text.splitlines(keepends=True):
+            body = piece.rstrip("\n")
+            self.out.write(self._style(body, code) + piece[len(body) :])
+            self._mid_line = not piece.endswith("\n")
+
+    def _leave_reasoning(self) -> None:
+        # What follows the reasoning starts on a line of its own.
+        if self._reasoning:
+            self.end_line()
+            self._reasoning = False
+
+    def _reason(self, text: str) -> None:
+        if not self._reasoning:
+            self.end_line()
+            self._reasoning = True
+        for piece in text.splitlines(keepends=True):
+            if not self._mid_line:
+                self.out.write(self._style(REASONING_PREFIX, _DIM))
+            self._write(piece, _DIM)
 
     def event(self, event: common_pb2.AgentEvent) -> None:
         kind = event.WhichOneof("kind")
+        self.sealed = kind == "turn_sealed"
         if kind == "turn_started" and self.show_turns:
             started = event.turn_started
-            self._line(
-                self._style(f"▶ turn {event.turn_id} ({started.agent or 'agent'} · {started.model})", "1")
-            )
+            self._line(f"▶ turn {event.turn_id} ({started.agent or 'agent'} · {started.model})", _BOLD)
         elif kind == "text_delta":
+            self._leave_reasoning()
             self._write(event.text_delta.text)
         elif kind == "reasoning_delta":
-            self._write(self._style(event.reasoning_delta.text, "2"))
+            self._reason(event.reasoning_delta.text)
         elif kind == "tool_call":
             call = event.tool_call
-            self._line(self._style(f"→ {call.name} {_compact(call.input_json)}", "36"))
+            self._line(f"→ {call.name} {_compact(call.input_json)}", _CYAN)
         elif kind == "tool_output":
-            self._write(self._style(event.tool_output.data.decode("utf-8", "replace"), "2"))
+            self._leave_reasoning()
+            self._write(event.tool_output.data.decode("utf-8", "replace"), _DIM)
         elif kind == "tool_result":
             result = event.tool_result
-            mark = "✗" if result.is_error else "←"
-            self._line(
-                self._style(
-                    f"{mark} {result.name}: {_preview(result.content)}", "31" if result.is_error else "32"
-                )
-            )
+            mark, code = ("✗", _RED) if result.is_error else ("←", _GREEN)
+            self._line(f"{mark} {result.name}: {_preview(result.content)}", code)
         elif kind == "provider_retry":
             retry = event.provider_retry
-            self._line(self._style(f"(provider retry {retry.attempt}: {retry.reason})", "33"))
+            self._line(f"(provider retry {retry.attempt}: {retry.reason})", _YELLOW)
         elif kind == "steering_injected" and self.show_turns:
             count = len(event.steering_injected.message_seqs)
-            self._line(self._style(f"(steering: {count} queued message(s) taken)", "33"))
+            self._line(f"(steering: {count} queued message(s) taken)", _YELLOW)
         elif kind == "error":
-            self._line(self._style(f"error: {event.error.message}", "31"))
+            self._line(f"error: {event.error.message}", _RED)
         elif kind == "turn_done":
             done = event.turn_done
             self.finish = done.finish_reason
             usage = done.usage
             self._line(
-                self._style(
-                    f"— {_FINISH_WORDS.get(done.finish_reason, 'done')} · {done.steps} step(s) · "
-                    f"{usage.input_tokens} in / {usage.output_tokens} out tokens · "
-                    f"{done.duration.ToMilliseconds() / 1000:.2f}s",
-                    "2",
-                )
+                f"— {_FINISH_WORDS.get(done.finish_reason, 'done')} · {done.steps} step(s) · "
+                f"{usage.input_tokens} in / {usage.output_tokens} out tokens · "
+                f"{done.duration.ToMilliseconds() / 1000:.2f}s",
+                _DIM,
             )
         self.out.flush()
+
+
+class JsonLines:
+    """Writes each event as one JSON line (``event_json``)."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
+        self.sealed = False
+
+    def event(self, event: common_pb2.AgentEvent) -> None:
+        print(event_json(event), file=self.out, flush=True)
+        self.sealed = event.HasField("turn_sealed")
+        if event.HasField("turn_done"):
+            self.finish = event.turn_done.finish_reason
+
+    def end_line(self) -> None:
+        pass
 
 
 def _compact(input_json: str) -> str:
@@ -191,52 +313,49 @@ def _client(args: argparse.Namespace) -> DispatchClient:
     return DispatchClient(args.address, api_key=args.api_key, timeout=args.timeout)
 
 
-async def _render(events: AsyncIterator[common_pb2.AgentEvent], out: TextIO, *, as_json: bool) -> int:
-    """Write a turn's events; the exit status says whether it finished well."""
-    renderer = Renderer(out, color=out.isatty() and not as_json)
-    async for event in events:
-        if as_json:
-            print(event_json(event), file=out, flush=True)
-            if event.HasField("turn_done"):
-                renderer.finish = event.turn_done.finish_reason
-        else:
-            renderer.event(event)
-    return 0 if renderer.finish in _GOOD_FINISH else 1
+def _sink(args: argparse.Namespace, out: TextIO, *, as_json: bool = False, show_turns: bool = False) -> Sink:
+    if as_json:
+        return JsonLines(out)
+    return Renderer(out, color=use_color(args.color, out), show_turns=show_turns)
 
 
-async def chat(
-    address: str,
-    conversation_id: str,
-    text: str,
-    out: TextIO,
-    *,
-    color: bool,
-    api_key: str | None = None,
-    rpc_timeout: float | None = DEFAULT_TIMEOUT,
-) -> int:
-    """Send ``text`` and render the turn until it is sealed. Returns the exit status."""
-    async with DispatchClient(address, api_key=api_key, timeout=rpc_timeout) as client:
-        if not conversation_id:
-            conversation_id = (await client.create_conversation()).id
-            print(f"conversation {conversation_id}", file=sys.stderr)
-        renderer = Renderer(out, color=color)
-        async with contextlib.aclosing(client.run_turn(conversation_id, text)) as events:
-            async for event in events:
-                renderer.event(event)
-        print(f'continue with: dispatch chat -c {conversation_id} "..."', file=sys.stderr)
-        return 0 if renderer.finish in _GOOD_FINISH else 1
+def turn_status(sink: Sink) -> int:
+    """The exit status of a command that showed a turn to its end: 0 if the turn finished with
+    stop or length and was sealed, else 1."""
+    return EXIT_OK if sink.finish in _GOOD_FINISH and sink.sealed else EXIT_TURN_FAILED
+
+
+async def _follow_turn(
+    client: DispatchClient, conversation_id: str, text: str, sink: Sink, **send_options: Any
+) -> None:
+    """Send ``text`` and write the events of the turn that takes it to ``sink``, up to its seal."""
+    events = client.run_turn(conversation_id, text, **send_options)
+    async with contextlib.aclosing(events):
+        async for event in events:
+            sink.event(event)
+
+
+def _continue_hint(args: argparse.Namespace, conversation_id: str) -> str:
+    """How to continue the conversation, with the options this run needed to reach the server
+    (never the API key)."""
+    words = ["dispatch", "chat", "-c", conversation_id]
+    if args.address_given:
+        words += ["--address", args.address]
+    if args.data_dir:
+        words += ["--data-dir", os.path.abspath(Path(args.data_dir).expanduser())]
+    return " ".join(shlex.quote(w) for w in words) + ' "..."'
 
 
 async def _chat(args: argparse.Namespace, out: TextIO) -> int:
-    return await chat(
-        args.address,
-        args.conversation,
-        args.message,
-        out,
-        color=out.isatty(),
-        api_key=args.api_key,
-        rpc_timeout=args.timeout,
-    )
+    async with _client(args) as client:
+        conversation_id = args.conversation
+        if not conversation_id:
+            conversation_id = (await client.create_conversation()).id
+            print(f"conversation {conversation_id}", file=sys.stderr)
+        sink = _sink(args, out)
+        await _follow_turn(client, conversation_id, args.message, sink)
+        print(f"continue with: {_continue_hint(args, conversation_id)}", file=sys.stderr)
+        return turn_status(sink)
 
 
 async def _send(args: argparse.Namespace, out: TextIO) -> int:
@@ -250,25 +369,27 @@ async def _send(args: argparse.Namespace, out: TextIO) -> int:
                 print(sent.turn_id, file=out)
                 if sent.queued:
                     print(f"queued behind the running turn {sent.turn_id}", file=sys.stderr)
-            return 0
-        async with contextlib.aclosing(client.run_turn(args.conversation, args.text, **options)) as events:
-            return await _render(events, out, as_json=args.json)
+            return EXIT_OK
+        sink = _sink(args, out, as_json=args.json)
+        await _follow_turn(client, args.conversation, args.text, sink, **options)
+        return turn_status(sink)
 
 
 async def _watch(args: argparse.Namespace, out: TextIO) -> int:
+    until = "turn_sealed" if args.until_sealed else "follow"
+    sink = _sink(args, out, as_json=args.json, show_turns=True)
     async with _client(args) as client:
-        renderer = Renderer(out, color=out.isatty() and not args.json, show_turns=True)
-        async with contextlib.aclosing(
-            client.subscribe(args.conversation, after_event_seq=args.after)
-        ) as events:
+        events = client.subscribe(args.conversation, after_event_seq=args.after)
+        async with contextlib.aclosing(events):
             async for event in events:
-                if args.json:
-                    print(event_json(event), file=out, flush=True)
-                else:
-                    renderer.event(event)
-                if args.until_sealed and event.HasField("turn_sealed"):
+                sink.event(event)
+                if until == "turn_sealed" and event.HasField("turn_sealed"):
                     break
-    return 0
+    # Waiting for a turn's seal is waiting for how it finishes: say it, as send does
+    # (a conversation without turns has nothing to say).
+    if until == "turn_sealed" and sink.finish != common_pb2.FINISH_REASON_UNSPECIFIED:
+        return turn_status(sink)
+    return EXIT_OK
 
 
 async def _history(args: argparse.Namespace, out: TextIO) -> int:
@@ -282,7 +403,7 @@ async def _history(args: argparse.Namespace, out: TextIO) -> int:
                 count += 1
                 if args.limit and count >= args.limit:
                     break
-    return 0
+    return EXIT_OK
 
 
 async def _conversations(args: argparse.Namespace, out: TextIO) -> int:
@@ -296,10 +417,10 @@ async def _conversations(args: argparse.Namespace, out: TextIO) -> int:
                 agent=args.agent,
             )
             print(conversation_json(conv) if args.json else conv.id, file=out)
-            return 0
+            return EXIT_OK
         if args.action == "delete":
             await client.delete_conversation(args.id)
-            return 0
+            return EXIT_OK
         convs = client.iter_conversations(workspace_id=args.workspace)
         async with contextlib.aclosing(convs):
             async for conv in convs:
@@ -314,7 +435,7 @@ async def _conversations(args: argparse.Namespace, out: TextIO) -> int:
                     print(
                         f"{conv.id}  {when}  {conv.last_seq:>4} msg  {conv.title or '(untitled)'}", file=out
                     )
-    return 0
+    return EXIT_OK
 
 
 async def _cancel(args: argparse.Namespace, out: TextIO) -> int:
@@ -325,10 +446,12 @@ async def _cancel(args: argparse.Namespace, out: TextIO) -> int:
     else:
         which = f"turn {args.turn} is not running" if args.turn else "no turn is running"
         print(f"nothing to cancel: {which}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
-_COMMANDS = {
+Command = Callable[[argparse.Namespace, TextIO], Coroutine[Any, Any, int]]
+
+_COMMANDS: dict[str, Command] = {
     "chat": _chat,
     "send": _send,
     "watch": _watch,
@@ -349,7 +472,15 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--api-key",
         default=argparse.SUPPRESS,
-        help="API key (default: env DISPATCH_API_KEY, else $DISPATCH_DATA_DIR/api_key)",
+        help="API key (default: the api_key file in --data-dir, else env DISPATCH_API_KEY, "
+        "else $DISPATCH_DATA_DIR/api_key)",
+    )
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the data directory of `dispatchd up`, where it wrote api_key "
+        "(overrides DISPATCH_DATA_DIR and DISPATCH_API_KEY)",
     )
     common.add_argument(
         "--timeout",
@@ -357,8 +488,22 @@ def parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"seconds a call may take (default {DEFAULT_TIMEOUT:g}; streams have no limit)",
     )
+    common.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default=argparse.SUPPRESS,
+        help="colour the output (default auto: on a terminal, unless NO_COLOR is set)",
+    )
 
-    top = argparse.ArgumentParser(prog="dispatch", description="Talk to a Dispatch server.", parents=[common])
+    top = argparse.ArgumentParser(
+        prog="dispatch",
+        description="Talk to a Dispatch server.",
+        epilog="exit status: 0 ok, 1 the turn finished badly, 2 usage, 3 unavailable or too slow, "
+        "4 not found, 5 unauthenticated or permission denied, 6 request refused, "
+        "7 other server error, 130 interrupted",
+        parents=[common],
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -427,12 +572,27 @@ def _show_sdk_warnings() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parser().parse_args(argv)
+    """The command line, with the global options' defaults filled in; exits 2 on a bad one."""
+    top = parser()
+    args = top.parse_args(argv)
     # The global options' defaults, filled in here: set_defaults would reach the subcommands'
     # copies of the options too, and override what was given before the command.
-    args.address = getattr(args, "address", None) or os.environ.get("DISPATCH_ADDRESS") or DEFAULT_ADDRESS
+    given = getattr(args, "address", None)
+    args.address_given = bool(given)
+    args.address = given or os.environ.get("DISPATCH_ADDRESS") or DEFAULT_ADDRESS
     args.api_key = getattr(args, "api_key", None)
+    args.data_dir = getattr(args, "data_dir", None)
     args.timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    args.color = getattr(args, "color", "auto")
+    if not args.api_key and args.data_dir:
+        # The flag beats the environment: the key of the server whose data dir was named.
+        key_file = Path(args.data_dir).expanduser() / "api_key"
+        try:
+            args.api_key = key_file.read_text().strip()
+        except OSError as exc:
+            top.error(f"--data-dir: cannot read the API key in {key_file}: {exc.strerror or exc}")
+        if not args.api_key:
+            top.error(f"--data-dir: {key_file} is empty")
     return args
 
 
@@ -444,17 +604,19 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_COMMANDS[args.command](args, out))
     except DispatchError as exc:
         hint = (
-            " — is the server running? start it with `dispatchd up`" if exc.code.name == "UNAVAILABLE" else ""
+            " — is the server running? start it with `dispatchd up`"
+            if exc.code == grpc.StatusCode.UNAVAILABLE
+            else ""
         )
         print(f"dispatch: {exc}{hint}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`dispatch watch --json | head`): not an error of ours.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
 
 
 if __name__ == "__main__":
