@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 import pytest
 
-from dispatch_client import DispatchClient
-from dispatch_client._proto import common_pb2, transport_pb2_grpc
+from dispatch_client import DispatchClient, types
+from dispatch_client._proto import common_pb2, transport_pb2, transport_pb2_grpc
 from dispatch_client.cli import JsonLines, Renderer, main, turn_status, use_color
 from tests.clients.conftest import ENDLESS, MakeStack
 from tests.stack import Stack
@@ -328,6 +328,8 @@ async def test_failures_exit_with_the_status_of_their_class(
     for usage in (
         ["send"],
         ["send", "c", "t", "--policy", "later"],
+        ["watch", "c", "--until", "later"],
+        ["watch", "c", "--until", "caught_up", "--until-sealed"],
         ["chat", "hi", "--color", "sometimes"],
         ["nonsense"],
         [],
@@ -415,8 +417,9 @@ async def test_a_turn_that_finishes_badly_exits_1(
     sent = await cli("send", conv_id, "hi")
     assert sent.code == 1 and "— error" in sent.out
     assert (await cli("send", conv_id, "hi", "--json")).code == 1
-    # Waiting for the turn's seal is waiting for how it finished.
+    # Waiting for the turn's seal is waiting for how it finished; following is not.
     assert (await cli("watch", conv_id, "--until-sealed")).code == 1
+    assert (await cli("watch", conv_id, "--until", "caught_up")).code == 0
 
 
 async def test_global_options_after_the_command_and_the_key_file(
@@ -555,3 +558,115 @@ def test_a_data_dir_without_a_key_is_a_usage_error(
         main(["--data-dir", str(tmp_path), "conversations"])
     assert exited.value.code == 2
     assert f"--data-dir: cannot read the API key in {tmp_path / 'api_key'}" in capsys.readouterr().err
+
+
+# A turn that takes a while: a first answer, then a pause, then the rest.
+PAUSING: Mapping[str, Any] = {
+    "steps": [
+        [
+            {"type": "text_delta", "text": "first "},
+            {"type": "sleep", "seconds": 1},
+            {"type": "text_delta", "text": "then the rest"},
+        ]
+    ]
+}
+
+
+async def test_watch_until_sealed_follows_the_turn_send_started(
+    make_stack: MakeStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = await make_stack(PAUSING)
+
+    async def cli(*argv: str) -> Ran:
+        capsys.readouterr()
+        code = await asyncio.to_thread(
+            main, ["--address", stack.address("transport"), "--api-key", stack.api_key, *argv]
+        )
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    conv_id = (await cli("conversations", "create")).out.strip()
+    earlier = (await cli("send", conv_id, "one", "--json")).json_lines()
+    assert earlier[-1]["kind"] == "turn_sealed"
+    turn_id = (await cli("send", conv_id, "two", "--no-wait")).out.strip()
+
+    # From event 0: past the earlier turn's seal, to the seal of the turn send started.
+    watched = await cli("watch", conv_id, "--json", "--until-sealed")
+    assert watched.code == 0, watched.err
+    events = watched.json_lines()
+    assert [e["event_seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["turn_id"] for e in events if e["kind"] == "turn_sealed"] == [earlier[0]["turn_id"], turn_id]
+    assert events[-1]["kind"] == "turn_sealed" and events[-1]["turn_id"] == turn_id
+    texts = [e["text_delta"]["text"] for e in events if e["kind"] == "text_delta" and e["turn_id"] == turn_id]
+    assert texts == ["first ", "then the rest"]
+
+    # Caught up: everything so far, then exit; rendered for people, each turn marked.
+    caught_up = await cli("watch", conv_id, "--until", "caught_up")
+    assert caught_up.code == 0
+    marks = [line.split()[2] for line in caught_up.out.splitlines() if line.startswith("▶ turn")]
+    assert marks == [earlier[0]["turn_id"], turn_id]
+    assert caught_up.out.count("first then the rest") == 2
+
+
+async def test_ctrl_c_cancels_the_turn_being_followed_and_exits_130(make_stack: MakeStack) -> None:
+    stack = await make_stack(ENDLESS)
+    env = cli_env(DISPATCH_API_KEY=stack.api_key, DISPATCH_ADDRESS=stack.address("transport"))
+    async with DispatchClient(stack.address("transport"), api_key=stack.api_key) as client:
+        for argv in (["chat", "-c", "{conv}", "go"], ["send", "{conv}", "go"]):
+            conv = (await client.create_conversation()).id
+            proc = await spawn(*(a.format(conv=conv) for a in argv), env=env)
+            assert proc.stdout is not None
+            # The turn runs: its first words are on the screen (then it sleeps for a minute).
+            assert await asyncio.wait_for(proc.stdout.readexactly(len(b"thinking")), 30) == b"thinking"
+            proc.send_signal(signal.SIGINT)
+            ran = await finish(proc)
+            assert ran.code == 130, ran.err
+            [turn] = (await client.metrics(conv)).turns
+            assert f"cancelling turn {turn.turn_id}" in ran.err
+            assert f"cancelled turn {turn.turn_id}" in ran.err
+            # On the server the turn is over, aborted: not running on for its minute.
+            events = [e async for e in client.subscribe(conv, until="turn_sealed")]
+            assert events[-1].turn_sealed.state == types.TURN_STATE_ABORTED
+            done = [e.turn_done for e in events if e.HasField("turn_done")]
+            assert [d.finish_reason for d in done] == [types.FINISH_REASON_ABORTED]
+
+
+class Stuck(transport_pb2_grpc.DispatchServicer):
+    """A server that starts a turn, streams a word of it, and never answers a Cancel."""
+
+    async def Send(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return transport_pb2.SendResponse(turn_id="turn_stuck", state=types.TURN_STATE_RUNNING)
+
+    async def Subscribe(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        event = types.AgentEvent(conversation_id=request.conversation_id, turn_id="turn_stuck", event_seq=1)
+        event.text_delta.text = "thinking"
+        yield transport_pb2.SubscribeResponse(events=[event])
+        await asyncio.sleep(3600)
+
+    async def Cancel(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await asyncio.sleep(3600)
+
+
+async def test_a_second_ctrl_c_exits_at_once() -> None:
+    server = grpc.aio.server()
+    transport_pb2_grpc.add_DispatchServicer_to_server(Stuck(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        proc = await spawn(
+            "--address", f"127.0.0.1:{port}", "--api-key", "k", "send", "conv_x", "go", env=cli_env()
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert await asyncio.wait_for(proc.stdout.readexactly(len(b"thinking")), 30) == b"thinking"
+        proc.send_signal(signal.SIGINT)
+        cancelling = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert "cancelling turn turn_stuck" in cancelling
+        proc.send_signal(signal.SIGINT)  # while the Cancel waits for an answer that never comes
+        ran = await finish(proc)
+    finally:
+        await server.stop(0)
+    assert ran.code == 130
+    # It left at once: not after the Cancel's deadline ran out.
+    assert "interrupted again; exiting now" in ran.err and "could not cancel" not in ran.err

@@ -4,13 +4,15 @@ dispatch chat "what is in this workspace?"          # a new conversation, one tu
 dispatch conversations create --title notes         # prints the new id
 dispatch send CONV "and now?"                       # send, render the turn
 dispatch watch CONV --json                          # follow the event stream
+dispatch watch CONV --until-sealed                  # ... until the running turn is sealed
 dispatch history CONV                               # committed messages
 dispatch cancel CONV                                # abort the running turn
 
 The key comes from ``--api-key``, else the ``api_key`` file in ``--data-dir``,
 else ``DISPATCH_API_KEY``, else the file ``dispatchd up`` writes
 (``$DISPATCH_DATA_DIR/api_key``, default ``.dispatch/api_key``). Failures print
-``dispatch: STATUS: message`` to stderr.
+``dispatch: STATUS: message`` to stderr. Ctrl-C while ``chat`` or ``send``
+follows a turn cancels that turn on the server; a second Ctrl-C exits at once.
 
 Exit status:
 
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -48,8 +51,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from dispatch_client import __version__
-from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES
-from dispatch_client._proto import common_pb2
+from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES, UNTIL_NAMES
+from dispatch_client._proto import common_pb2, transport_pb2
 from dispatch_client.client import DEFAULT_ADDRESS, DispatchClient
 from dispatch_client.errors import DispatchError
 
@@ -81,6 +84,9 @@ def exit_status(error: DispatchError) -> int:
     """The exit status of a command that failed with ``error`` (see the module's table)."""
     return _EXIT_BY_STATUS.get(error.code, EXIT_SERVER_ERROR)
 
+
+# How long Ctrl-C waits for the server to take the turn's cancel before giving up.
+CANCEL_DEADLINE = 5.0
 
 _FINISH_WORDS = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -306,6 +312,87 @@ def message_line(message: common_pb2.Message) -> str:
     return f"#{message.seq} {role}: {body}"
 
 
+# ------------------------------------------------------------------ Ctrl-C
+
+
+class Interrupts:
+    """Ctrl-C while a command runs. The first cancels the command's task: a command
+    following a turn catches that and cancels the turn on the server (``_follow_turn``),
+    the others just end. The second exits at once, whatever is under way."""
+
+    def __init__(self, task: asyncio.Task[Any]):
+        self.task = task
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.task.cancel()
+            return
+        print("\ndispatch: interrupted again; exiting now", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _interrupted() -> None:
+    # The task's cancellation was ours to handle (Ctrl-C); later awaits must not see it.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+async def _cancel_turn(client: DispatchClient, conversation_id: str, turn_id: str) -> None:
+    """Ctrl-C while following ``turn_id``: ask the server to abort it, briefly, and say so."""
+    print(
+        f"dispatch: interrupted; cancelling turn {turn_id} (Ctrl-C again to exit at once)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        cancelled = await client.cancel(conversation_id, turn_id, timeout=CANCEL_DEADLINE)
+    except DispatchError as exc:
+        print(f"dispatch: could not cancel turn {turn_id}: {exc}", file=sys.stderr, flush=True)
+        return
+    if cancelled.turn_id:
+        print(f"dispatch: cancelled turn {turn_id}", file=sys.stderr, flush=True)
+    else:
+        print(f"dispatch: turn {turn_id} had already ended", file=sys.stderr, flush=True)
+
+
+async def _follow_turn(
+    client: DispatchClient, conversation_id: str, text: str, sink: Sink, **send_options: Any
+) -> transport_pb2.SendResponse:
+    """Send ``text`` and write the events of the turn that takes it to ``sink``, up to its
+    seal. Ctrl-C (the task cancelled) cancels the turn being shown on the server, then
+    lets the cancellation through."""
+    sending = asyncio.ensure_future(client.send(conversation_id, text, **send_options))
+    try:
+        sent = await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        # The message is on its way and may start a turn: learn which, to cancel it.
+        _interrupted()
+        try:
+            sent = await sending
+        except DispatchError:
+            raise asyncio.CancelledError from None  # it did not get through: nothing to cancel
+        await _cancel_turn(client, conversation_id, sent.turn_id)
+        raise
+    shown = sent.turn_id
+    events = client.follow_turn(conversation_id, sent)
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                shown = event.turn_id or shown
+                sink.event(event)
+    except asyncio.CancelledError:
+        _interrupted()
+        sink.end_line()
+        await _cancel_turn(client, conversation_id, shown)
+        raise
+    return sent
+
+
 # -------------------------------------------------------------------- commands
 
 
@@ -323,16 +410,6 @@ def turn_status(sink: Sink) -> int:
     """The exit status of a command that showed a turn to its end: 0 if the turn finished with
     stop or length and was sealed, else 1."""
     return EXIT_OK if sink.finish in _GOOD_FINISH and sink.sealed else EXIT_TURN_FAILED
-
-
-async def _follow_turn(
-    client: DispatchClient, conversation_id: str, text: str, sink: Sink, **send_options: Any
-) -> None:
-    """Send ``text`` and write the events of the turn that takes it to ``sink``, up to its seal."""
-    events = client.run_turn(conversation_id, text, **send_options)
-    async with contextlib.aclosing(events):
-        async for event in events:
-            sink.event(event)
 
 
 def _continue_hint(args: argparse.Namespace, conversation_id: str) -> str:
@@ -376,15 +453,13 @@ async def _send(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _watch(args: argparse.Namespace, out: TextIO) -> int:
-    until = "turn_sealed" if args.until_sealed else "follow"
+    until = args.until
     sink = _sink(args, out, as_json=args.json, show_turns=True)
     async with _client(args) as client:
-        events = client.subscribe(args.conversation, after_event_seq=args.after)
+        events = client.subscribe(args.conversation, after_event_seq=args.after, until=until)
         async with contextlib.aclosing(events):
             async for event in events:
                 sink.event(event)
-                if until == "turn_sealed" and event.HasField("turn_sealed"):
-                    break
     # Waiting for a turn's seal is waiting for how it finishes: say it, as send does
     # (a conversation without turns has nothing to say).
     if until == "turn_sealed" and sink.finish != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -509,11 +584,11 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    p = command("chat", "send a message and stream the turn")
+    p = command("chat", "send a message and stream the turn (Ctrl-C cancels it)")
     p.add_argument("message")
     p.add_argument("--conversation", "-c", default="", help="continue this conversation (default: a new one)")
 
-    p = command("send", "send a message to a conversation and render its turn")
+    p = command("send", "send a message to a conversation and render its turn (Ctrl-C cancels it)")
     p.add_argument("conversation")
     p.add_argument("text")
     p.add_argument(
@@ -529,7 +604,21 @@ def parser() -> argparse.ArgumentParser:
         "--after", type=int, default=0, metavar="N", help="events after event_seq N (default 0: all)"
     )
     p.add_argument("--json", action="store_true", help="one JSON event per line, with event_seq")
-    p.add_argument("--until-sealed", action="store_true", help="exit after the first turn_sealed")
+    ends = p.add_mutually_exclusive_group()
+    ends.add_argument(
+        "--until",
+        choices=UNTIL_NAMES,
+        default="follow",
+        help="follow: until Ctrl-C (default); caught_up: the events so far, then exit; "
+        "turn_sealed: until the turn running now is sealed (with none running: caught_up)",
+    )
+    ends.add_argument(
+        "--until-sealed",
+        dest="until",
+        action="store_const",
+        const="turn_sealed",
+        help="--until turn_sealed",
+    )
 
     p = command("history", "print a conversation's committed messages")
     p.add_argument("conversation")
@@ -596,12 +685,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def _run(command: Command, args: argparse.Namespace, out: TextIO) -> int:
+    """Run ``command`` with Ctrl-C handled by ``Interrupts``: its first press ends the command
+    (after it cancels what it follows) with exit status 130."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupts = Interrupts(task)
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupts)
+        handled = True
+    except (NotImplementedError, RuntimeError, ValueError):
+        # Not the main thread (or no signals on this platform): Ctrl-C is KeyboardInterrupt.
+        handled = False
+    try:
+        return await command(args, out)
+    except asyncio.CancelledError:
+        if not interrupts.count:
+            raise
+        return EXIT_INTERRUPTED
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _show_sdk_warnings()
     out = sys.stdout
     try:
-        return asyncio.run(_COMMANDS[args.command](args, out))
+        return asyncio.run(_run(_COMMANDS[args.command], args, out))
     except DispatchError as exc:
         hint = (
             " — is the server running? start it with `dispatchd up`"
