@@ -187,7 +187,7 @@ PEERS = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "e:1"}
         ({"providers": {"p": {"kind": "anthropic"}}}, "providers.p.model"),
         (
             {"providers": {"p": {"kind": "openai", "model": "m", "max_tokens": 0}}},
-            "providers.p.request_timeout and providers.p.max_tokens",
+            "providers.p.max_tokens must be more than 0",
         ),
         ({"kernel": {"default_agent": "ghost"}}, "kernel.default_agent"),
         ({"kernel": {"max_concurrent_turns": -1}}, "kernel.max_concurrent_turns"),

@@ -113,6 +113,15 @@ async def test_openai_sends_the_response_cap(fake_openai: FakeOpenAI) -> None:
     assert "max_completion_tokens" not in fake_openai.requests[0]
 
 
+async def test_openai_sends_no_cap_unless_one_is_configured(fake_openai: FakeOpenAI) -> None:
+    fake_openai.replies.append(Stream(text_chunks("ok")))
+    provider = openai(fake_openai)
+    await collect(provider, REQUEST)
+    await provider.aclose()
+    assert "max_tokens" not in fake_openai.requests[0]
+    assert "max_completion_tokens" not in fake_openai.requests[0]
+
+
 @pytest.mark.parametrize(
     ("base_url", "field"),
     [

@@ -331,3 +331,12 @@ http_listen = ""
     assert config.store_config({}, {}, file).database_url == "sqlite:///x.db"
     assert config.exec_config({}, {}, file).max_read_bytes == 10
     assert config.transport_config({}, {}, file).max_request_bytes == 10
+
+
+def test_max_tokens_defaults_to_none_for_openai_and_a_cap_for_anthropic() -> None:
+    env = {"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
+    openai = config.provider_config({}, env, {"provider": {"model": "m"}})
+    anthropic = config.provider_config({}, env, {"provider": {"kind": "anthropic", "model": "m"}})
+    assert (openai.max_tokens, anthropic.max_tokens) == (0, config.ANTHROPIC_MAX_TOKENS)
+    capped = config.provider_config({}, env, {"provider": {"model": "m", "max_tokens": 512}})
+    assert capped.max_tokens == 512

@@ -83,8 +83,10 @@ class ProviderConfig:
     script: str = ""
     # Per-attempt limit on waiting for response headers, in seconds.
     request_timeout: float = 120.0
-    # Cap on one response's output tokens (Anthropic requires one).
-    max_tokens: int = 8192
+    # Cap on one response's output tokens; 0: the kind's default, which is no cap for an
+    # OpenAI-compatible server (a local model's context may be smaller than any fixed
+    # default) and ANTHROPIC_MAX_TOKENS for Anthropic, which requires one.
+    max_tokens: int = 0
 
     @property
     def display(self) -> str:
@@ -362,6 +364,8 @@ def _bool(value: Any, key: str) -> bool:
 
 
 PROVIDER_KINDS = ("demo", "scripted", "openai", "anthropic")
+# Anthropic's Messages API requires a cap on every response; this one unless configured.
+ANTHROPIC_MAX_TOKENS = 8192
 _DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
@@ -403,9 +407,13 @@ def _provider(
         _pick(None, env_for_default, ("DISPATCH_REQUEST_TIMEOUT",), sec.get("request_timeout"), 120.0),
         f"{key}.request_timeout",
     )
-    max_tokens = _int(sec.get("max_tokens", ProviderConfig.max_tokens), f"{key}.max_tokens")
-    if timeout <= 0 or max_tokens <= 0:
-        raise ConfigError(f"config keys {key}.request_timeout and {key}.max_tokens must be more than 0")
+    max_tokens = _int(
+        sec.get("max_tokens", ANTHROPIC_MAX_TOKENS if kind == "anthropic" else 0), f"{key}.max_tokens"
+    )
+    if "max_tokens" in sec and max_tokens <= 0:
+        raise ConfigError(f"config key {key}.max_tokens must be more than 0 (leave it out for no cap)")
+    if timeout <= 0:
+        raise ConfigError(f"config key {key}.request_timeout must be more than 0")
     if kind in ("openai", "anthropic") and not model:
         hint = " (or DISPATCH_MODEL)" if default else ""
         raise ConfigError(f"config key {key}.model{hint} is required for provider kind {kind}")

@@ -54,7 +54,7 @@ from dispatch.kernel.providers.base import (
     stream_error,
 )
 from dispatch.kernel.providers.openai import parse_retry_after
-from dispatch.shared.config import ProviderConfig
+from dispatch.shared.config import ANTHROPIC_MAX_TOKENS, ProviderConfig
 from dispatch.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ class AnthropicProvider:
         self._url = messages_url(cfg.base_url)
         self.endpoint = display_url(self._url)
         self._api_key = cfg.api_key
-        self._max_tokens = cfg.max_tokens
+        self._max_tokens = cfg.max_tokens or ANTHROPIC_MAX_TOKENS
         # request_timeout bounds waiting for the headers and each read after them.
         self._timeout = httpx.Timeout(cfg.request_timeout, connect=min(cfg.request_timeout, 30.0))
         self._owns_client = client is None

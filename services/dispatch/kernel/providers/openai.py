@@ -5,7 +5,9 @@ Works against any base URL that speaks ``POST /chat/completions`` with
 argument deltas are assembled by index; ``reasoning_content`` / ``reasoning``
 deltas become reasoning; usage comes from ``stream_options.include_usage``.
 
-``[provider] max_tokens`` caps every response. OpenAI's own API names the cap
+``[provider] max_tokens``, when set, caps every response (unset, none is sent:
+a server's own default beats a fixed one that may not fit a small local model's
+context). OpenAI's own API names the cap
 ``max_completion_tokens`` and refuses ``max_tokens`` for its reasoning models
 (o-series, gpt-5); the servers that imitate it (vLLM, Ollama, llama.cpp,
 LiteLLM, OpenRouter) all take ``max_tokens``, and Ollama knows no other name.
@@ -196,8 +198,9 @@ class OpenAIProvider:
             "messages": to_openai_messages(request.system, request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
-            self._max_tokens_field: self._max_tokens,
         }
+        if self._max_tokens > 0:
+            body[self._max_tokens_field] = self._max_tokens
         # Chat completions needs no tool definitions for the tool calls in the history, so
         # omit_tools leaves them out entirely.
         if request.tools and not request.omit_tools:
