@@ -3,14 +3,35 @@
 One connection per host, opened on first use and reused by every call (processes
 on exec channels, files over one SFTP client); a dropped connection is opened
 again by the next call. A spawn runs in the session's own process group (sshd
-starts each session with ``setsid``), whose id the remote shell reports on the
-first stderr line behind a per-spawn marker; that line never reaches the caller.
+starts each session with ``setsid``).
+
+sshd runs every command through the login's shell, and that shell's start-up
+files may print first: Debian's bash reads ``~/.bashrc`` even for ``bash -c``
+when sshd starts it, zsh reads ``~/.zshenv``, and hosts print banners and
+warnings (pyenv's, say) from them. Nothing in the command can stop that, since
+it runs after them. So a spawn's command first prints a per-spawn marker line
+on each stream, ``<marker>`` on stdout and ``<marker> <pgid>`` on stderr (the
+group id is the shell's ``$$``), then ``exec``s the argv. On each stream,
+everything before its marker is start-up output, not the command's: it is
+dropped from the spawn's output and logged at debug level; the marker line
+itself never reaches the caller, wherever it lands (start-up output without a
+trailing newline puts it mid-line). Memory stays bounded and no call waits on
+a marker that does not come: output is held back for it only up to
+``STARTUP_BYTES`` per stream, and only until the command has exited and its
+output gone quiet; past either, what is held and what follows go on to the
+caller as they come (a host that prints more before the marker, or never
+prints it, like a ForceCommand that ignores the command, has its start-up output
+passed on), and what is held when the channel closes goes on too. The marker
+is still taken out if it comes later: it never reaches the caller. The sftp-server
+fallback (a host without the ``sftp`` subsystem) marks stdout the same way
+before the SFTP protocol starts, which start-up output would otherwise corrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import secrets
 import shlex
@@ -38,6 +59,8 @@ from dispatch.exec.backend import (
 from dispatch.shared.config import ExecConfig
 from dispatch.shared.errors import DispatchError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
+log = logging.getLogger(__name__)
+
 # Channels open at once on one connection; sshd's MaxSessions defaults to 10.
 MAX_CHANNELS = 10
 CONNECT_SECONDS = 15.0
@@ -48,6 +71,13 @@ DRAIN_SECONDS = 0.1
 KILL_SECONDS = 5.0
 # How long to wait for the remote shell to report its process group.
 PGID_SECONDS = 5.0
+# Output held back per stream while looking for the spawn's marker (the login's start-up
+# output comes first); past it, output goes on to the caller as it comes.
+STARTUP_BYTES = 64 << 10
+# What may follow the marker on its line: " <pgid>" on stderr, nothing on stdout.
+MARKER_LINE_BYTES = 32
+# Start-up output shown in one debug log record, at most.
+STARTUP_LOG_BYTES = 1024
 COALESCE_SECONDS = 0.002
 # Output queued for the caller past this many bytes pauses reading the channel (the
 # SSH window then fills and the remote process blocks on its pipe, as it would
@@ -106,7 +136,7 @@ class SSHBackend(Backend):
         async with self._lock:
             if self._sftp is None or self._conn is not conn:
                 try:
-                    self._sftp = await _start_sftp(conn)
+                    self._sftp = await _start_sftp(conn, self.alias)
                 except (OSError, asyncssh.Error) as exc:
                     raise self._lost(conn, exc) from None
             return self._sftp
@@ -155,11 +185,11 @@ class SSHBackend(Backend):
             require_absolute(cwd, "cwd")
             await self._check_workdir(cwd)
         limit = max_output_bytes or self.max_output_bytes
-        marker = f"__DISPATCH_PGID_{secrets.token_hex(8)}__"
+        marker = _marker()
         conn = await self.connection()
         started = time.monotonic()
         async with self.channels:
-            session = _Session(marker)
+            session = _Session(marker, self.alias)
             try:
                 chan, _ = await conn.create_session(
                     lambda: session, _command(marker, argv, cwd, env), encoding=None
@@ -189,6 +219,8 @@ class SSHBackend(Backend):
                         async with asyncio.timeout_at(wait_until):
                             item = await session.queue.get()
                     except TimeoutError:
+                        if session.exited_at is not None and session.give_up():
+                            continue  # output held back for a marker that never came: take it first
                         timed_out = session.exited_at is None
                         drained = not timed_out
                         break
@@ -410,11 +442,92 @@ class SSHBackend(Backend):
         return infos
 
 
-class _Session(asyncssh.SSHClientSession[bytes]):
-    """One exec channel: output into a queue, the first stderr line parsed for the group id."""
+class _Marked:
+    """One output stream of a spawn: the login's start-up output, then the marker line the
+    spawn's command prints first, then the command's own output (see the module docstring)."""
 
-    def __init__(self, marker: str):
-        self.marker = marker.encode()
+    def __init__(self, marker: bytes):
+        self.marker = marker
+        self.held = b""  # not yet known to be the command's output
+        self.seen = False  # past the marker line (or given up on it at close): all is output now
+        self.overflowed = False  # more than STARTUP_BYTES before any marker: output goes on
+        self.tail: bytes | None = None  # what followed the marker on its line, once seen
+        self.startup = b""  # the start-up output taken out before the marker
+
+    def feed(self, data: bytes) -> bytes:
+        """The command's output in what held back so far and ``data`` add up to."""
+        if self.seen:
+            return data
+        buf = self.held + data
+        at = buf.find(self.marker)
+        if at >= 0:
+            line = at + len(self.marker)
+            end = buf.find(b"\n", line, line + MARKER_LINE_BYTES + 1)
+            if end >= 0:
+                return self._past_marker(buf, at, buf[line:end], buf[end + 1 :])
+            if len(buf) - line > MARKER_LINE_BYTES:
+                # Not a line this spawn printed (something wrote into it): drop the marker alone.
+                return self._past_marker(buf, at, None, buf[line:])
+        # All before ``cut`` is start-up output; what follows may still be (the start of) the
+        # marker line. Past the bound, start-up output goes on as it comes.
+        cut = self._cut(buf, at)
+        if not self.overflowed and cut <= STARTUP_BYTES:
+            self.held = buf
+            return b""
+        self.overflowed = True
+        self.held = buf[cut:]
+        return buf[:cut]
+
+    def give_up(self) -> bytes:
+        """Hold back no more start-up output (the command exited and its output went quiet
+        with no marker yet): what is held goes on, but for what may still be the marker's."""
+        if self.seen:
+            return b""
+        self.overflowed = True
+        cut = self._cut(self.held, self.held.find(self.marker))
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def _cut(self, buf: bytes, at: int) -> int:
+        """Where what may still be the marker line starts in ``buf``: at the marker, else at
+        the longest end of ``buf`` that the marker starts with."""
+        if at >= 0:
+            return at
+        for n in range(min(len(self.marker) - 1, len(buf)), 0, -1):
+            if buf.endswith(self.marker[:n]):
+                return len(buf) - n
+        return len(buf)
+
+    def release(self) -> bytes:
+        """The stream ended (or went quiet after the command exited) before its marker line
+        did: what is held back is output, less a marker if it is in there."""
+        if self.seen:
+            return b""
+        buf = self.held
+        at = buf.find(self.marker)
+        if at >= 0:
+            return self._past_marker(buf, at, buf[at + len(self.marker) :], b"")
+        self.seen = True
+        self.held = b""
+        return buf
+
+    def _past_marker(self, buf: bytes, at: int, tail: bytes | None, rest: bytes) -> bytes:
+        self.seen = True
+        self.held = b""
+        self.tail = tail
+        if self.overflowed:  # what came before the marker has gone on already; so does its end
+            return buf[:at] + rest
+        self.startup = buf[:at]
+        return rest
+
+
+class _Session(asyncssh.SSHClientSession[bytes]):
+    """One exec channel: output into a queue, with each stream's start-up output and marker
+    line taken out, the group id read off stderr's marker line."""
+
+    def __init__(self, marker: str, alias: str = ""):
+        self.alias = alias
+        self.streams = {Stream.STDOUT: _Marked(marker.encode()), Stream.STDERR: _Marked(marker.encode())}
         # Unbounded, but reading pauses while it holds more than HIGH_WATER bytes.
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.queued_bytes = 0
@@ -423,7 +536,6 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self.chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.pgid: int | None = None
         self.pgid_known = asyncio.Event()
-        self.head = b""  # stderr before the marker line is complete
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.exited_at: float | None = None
@@ -450,26 +562,55 @@ class _Session(asyncssh.SSHClientSession[bytes]):
             self.chan.resume_reading()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if datatype != asyncssh.EXTENDED_DATA_STDERR:
-            self._put(Stream.STDOUT, data)
-            return
-        if not self.pgid_known.is_set():
-            self.head += data
-            line, newline, rest = self.head.partition(b"\n")
-            if not newline:
-                return
-            self.head = b""
-            self._marker_line(line)
-            data = rest
-            if not data:
-                return
-        self._put(Stream.STDERR, data)
+        stream = Stream.STDERR if datatype == asyncssh.EXTENDED_DATA_STDERR else Stream.STDOUT
+        marked = self.streams[stream]
+        was_seen = marked.seen
+        out = marked.feed(data)
+        if marked.seen and not was_seen:
+            self._marker_seen(stream, marked)
+        elif marked.overflowed:
+            # No marker within the bound (stdout's comes before stderr's): the group may never
+            # be known, so a kill waits no longer for it; if the marker comes, it is read then.
+            self.pgid_known.set()
+        if out:
+            self._put(stream, out)
 
-    def _marker_line(self, line: bytes) -> None:
-        word, _, pgid = line.partition(b" ")
-        if word == self.marker and pgid.strip().isdigit():
-            self.pgid = int(pgid)
-        self.pgid_known.set()
+    def give_up(self) -> bool:
+        """Pass on what the streams hold back for markers that have not come (see
+        ``_Marked.give_up``); whether there was any."""
+        passed = False
+        for stream, marked in self.streams.items():
+            out = marked.give_up()
+            if out:
+                self._put(stream, out)
+                passed = True
+        self.pgid_known.set()  # a kill waits no longer for a group that may never be told
+        return passed
+
+    def _release(self) -> None:
+        """The channel closed: what the streams hold back is output, less any marker."""
+        for stream, marked in self.streams.items():
+            was_seen = marked.seen
+            out = marked.release()
+            if marked.seen and not was_seen:
+                self._marker_seen(stream, marked)
+            if out:
+                self._put(stream, out)
+
+    def _marker_seen(self, stream: Stream, marked: _Marked) -> None:
+        if marked.startup and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "SSH host %r: %d bytes of start-up output on %s before the command, dropped: %r",
+                self.alias,
+                len(marked.startup),
+                stream.value,
+                marked.startup[:STARTUP_LOG_BYTES],
+            )
+        if stream is Stream.STDERR:
+            pgid = (marked.tail or b"").strip()
+            if pgid.isdigit():
+                self.pgid = int(pgid)
+            self.pgid_known.set()
 
     def exit_status_received(self, status: int) -> None:
         self.exit_status = status
@@ -489,24 +630,41 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self.queue.put_nowait((Stream.STDOUT, b""))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.head:  # stderr that never completed a line: not the marker
-            self._put(Stream.STDERR, self.head)
-            self.head = b""
+        self._release()
         self.pgid_known.set()
         self.closed = True
         self.error = exc
         self.queue.put_nowait(None)
 
 
-async def _start_sftp(conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient:
+async def _start_sftp(conn: asyncssh.SSHClientConnection, alias: str = "") -> asyncssh.SFTPClient:
     """An SFTP client on the ``sftp`` subsystem, or, on a host whose sshd configures none,
-    on the sftp-server program run as a command."""
+    on the sftp-server program run as a command, after the login's start-up output."""
     try:
         return await conn.start_sftp_client()
     except (asyncssh.ChannelOpenError, asyncssh.SFTPError):
         if conn.is_closed():
             raise
-    writer, reader, _ = await conn.open_session(SFTP_SERVER_COMMAND, encoding=None)
+    marker = _marker()
+    writer, reader, _ = await conn.open_session(
+        f"printf '%s\\n' {marker} && {SFTP_SERVER_COMMAND}", encoding=None
+    )
+    try:
+        # Bounded: the stream stops reading (and this fails) once its buffer is full.
+        head = await reader.readuntil(f"{marker}\n".encode())
+    except asyncio.IncompleteReadError as exc:
+        writer.close()
+        raise ConnectionError(
+            f"sftp-server did not start; the host printed {exc.partial[-STARTUP_LOG_BYTES:]!r}"
+        ) from None
+    startup = head[: -len(marker) - 1]
+    if startup:
+        log.debug(
+            "SSH host %r: %d bytes of start-up output before sftp-server, dropped: %r",
+            alias,
+            len(startup),
+            startup[:STARTUP_LOG_BYTES],
+        )
     return await asyncssh.sftp.start_sftp_client(
         conn, asyncio.get_running_loop(), "strict", reader, writer, "utf-8", "strict", 3
     )
@@ -516,9 +674,15 @@ def _signal_number(name: str) -> int:
     return int(signal.Signals[f"SIG{name}"])
 
 
+def _marker() -> str:
+    """A new marker: no start-up output or command can know it in advance."""
+    return f"__DISPATCH_START_{secrets.token_hex(8)}__"
+
+
 def _command(marker: str, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
-    """The remote shell line: report the group (the session's, $$), enter ``cwd``, exec ``argv``."""
-    parts = [f"printf '%s %s\\n' {marker} \"$$\" >&2"]
+    """The remote shell line: mark both streams, the stderr marker with the group (the
+    session's, ``$$``), enter ``cwd``, exec ``argv``."""
+    parts = [f"printf '%s\\n' {marker}", f"printf '%s %s\\n' {marker} \"$$\" >&2"]
     if cwd:
         parts.append(f"cd -- {shlex.quote(cwd)}")
     run = " ".join(shlex.quote(arg) for arg in argv)
