@@ -62,13 +62,37 @@ async def test_update_and_delete_a_conversation(stack: Stack) -> None:
     api = stack.transport
     conv = await api.CreateConversation(transport_pb2.PublicCreateConversationRequest())
     updated = await api.UpdateConversation(
-        transport_pb2.PublicUpdateConversationRequest(conversation_id=conv.id, cwd="/tmp", agent="coder")
+        transport_pb2.PublicUpdateConversationRequest(conversation_id=conv.id, cwd="/tmp", agent="default")
     )
-    assert (updated.cwd, updated.agent, updated.title) == ("/tmp", "coder", conv.title)
+    assert (updated.cwd, updated.agent, updated.title) == ("/tmp", "default", conv.title)
     await api.DeleteConversation(transport_pb2.PublicDeleteConversationRequest(conversation_id=conv.id))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.GetConversation(transport_pb2.PublicGetConversationRequest(conversation_id=conv.id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_agent_the_kernel_does_not_have_is_refused_and_nothing_changes(stack: Stack) -> None:
+    api = stack.transport
+    conv = await api.CreateConversation(transport_pb2.PublicCreateConversationRequest())
+    attempts = [
+        api.UpdateConversation(
+            transport_pb2.PublicUpdateConversationRequest(conversation_id=conv.id, agent="ghost", title="x")
+        ),
+        api.CreateConversation(transport_pb2.PublicCreateConversationRequest(agent="ghost")),
+        api.CreateWorkspace(transport_pb2.PublicCreateWorkspaceRequest(name="w", default_agent="ghost")),
+    ]
+    for attempt in attempts:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await attempt
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no agent 'ghost' is configured; configured agents: default" in (err.value.details() or "")
+    got = await api.GetConversation(transport_pb2.PublicGetConversationRequest(conversation_id=conv.id))
+    assert (got.agent, got.title) == ("", "")
+    # The conversation still takes its next message.
+    sent = await api.Send(transport_pb2.SendRequest(conversation_id=conv.id, text="hi"))
+    assert sent.turn_id
+    listed = await api.ListConversations(transport_pb2.PublicListConversationsRequest())
+    assert [c.id for c in listed.conversations] == [conv.id]
 
 
 @pytest.mark.parametrize(

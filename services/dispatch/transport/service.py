@@ -81,6 +81,21 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def _tenant(self, context: Context) -> str:
         return await self.auth.tenant(bearer(context.invocation_metadata()))
 
+    async def _require_agent(self, name: str, key: str) -> None:
+        """Refuse an agent the kernel does not have: a conversation (or workspace) set to one
+        could never take a message. Empty means the default, always fine."""
+        if not name:
+            return
+        resp = await self._call(
+            "could not check the agent",
+            self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
+        )
+        agents = sorted({agent for model in resp.models for agent in model.agents})
+        if name not in agents:
+            raise InvalidArgument(
+                f"{key}: no agent {name!r} is configured; configured agents: {', '.join(agents) or 'none'}"
+            )
+
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
             return await call
@@ -92,6 +107,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self, request: transport_pb2.PublicCreateWorkspaceRequest, context: Context
     ) -> common_pb2.Workspace:
         tenant = await self._tenant(context)
+        await self._require_agent(request.default_agent, "default_agent")
         return await self._call(
             "could not create the workspace",
             self.store.CreateWorkspace(
@@ -129,6 +145,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self, request: transport_pb2.PublicCreateConversationRequest, context: Context
     ) -> common_pb2.Conversation:
         tenant = await self._tenant(context)
+        await self._require_agent(request.agent, "agent")
         return await self._call(
             "could not create the conversation",
             self.store.CreateConversation(
@@ -206,6 +223,8 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         for name in ("title", "cwd", "computer_id", "agent"):
             if request.HasField(name):
                 setattr(update, name, getattr(request, name))
+        if request.HasField("agent"):
+            await self._require_agent(request.agent, "agent")
         return await self._call(
             "could not update the conversation", self.store.UpdateConversation(update, timeout=self.timeout)
         )
