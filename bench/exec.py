@@ -129,26 +129,14 @@ def login_user() -> tuple[str, str]:
     if os.geteuid() != 0:
         user = getpass.getuser()
         return user, f"the current user ({pwd.getpwnam(user).pw_shell}; its start-up files count)"
+    from tests.sshd import ensure_user  # the test sshd's dedicated user is made the same way
+
     try:
         pwd.getpwnam(BENCH_USER)
     except KeyError:
         print(f"creating the user {BENCH_USER!r} (shell /bin/sh) to log in as over SSH")
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--password",
-                "*",
-                "--create-home",
-                "--home-dir",
-                f"/var/lib/{BENCH_USER}",
-                "--shell",
-                "/bin/sh",
-                BENCH_USER,
-            ],
-            check=True,
-        )
-    return BENCH_USER, f"{BENCH_USER!r} ({pwd.getpwnam(BENCH_USER).pw_shell}, no start-up files)"
+    entry = ensure_user(BENCH_USER, "/bin/sh")
+    return BENCH_USER, f"{BENCH_USER!r} ({entry.pw_shell}, no start-up files)"
 
 
 @contextlib.contextmanager

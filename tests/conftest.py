@@ -10,7 +10,7 @@ import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.postgres import PostgresServer
-from tests.sshd import SshServer
+from tests.sshd import SshServer, login_user
 
 
 @pytest.fixture
@@ -43,8 +43,10 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sshd() -> Iterator[SshServer]:
-    """A real OpenSSH server on loopback, reachable as the Host alias in ``sshd.config``."""
-    server = SshServer(Path(tempfile.mkdtemp(prefix="dispatch-sshd-"))).start()
+    """A real OpenSSH server on loopback, reachable as the Host alias in ``sshd.config``; as
+    root it logs in as a dedicated user whose start-up files print (``tests.sshd``)."""
+    user, startup = login_user()
+    server = SshServer(user=user, startup=startup).start()
     try:
         yield server
     finally:

@@ -1,15 +1,18 @@
 """The test suite's sshd is a real OpenSSH server: the `ssh` client and asyncssh
-reach it through the generated ssh_config's Host alias, with the generated keys."""
+reach it through the generated ssh_config's Host alias, with the generated keys.
+As root it logs in as a dedicated user whose start-up files print."""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
 import subprocess
 
 import asyncssh
 import pytest
 
-from tests.sshd import ALIAS, SshServer
+from tests.sshd import ALIAS, STARTUP_STDERR, STARTUP_STDOUT, TEST_USER, SshServer
 
 
 def test_openssh_client_runs_a_command_through_the_alias(sshd: SshServer) -> None:
@@ -21,13 +24,34 @@ def test_openssh_client_runs_a_command_through_the_alias(sshd: SshServer) -> Non
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"hello from {sshd.user}\n"
+    assert result.stdout.endswith(f"hello from {sshd.user}\n")
+
+
+def test_the_login_is_a_dedicated_user_as_root_and_the_current_user_otherwise(sshd: SshServer) -> None:
+    if os.geteuid() == 0:
+        assert sshd.user == TEST_USER
+        assert sshd.startup == (STARTUP_STDOUT, STARTUP_STDERR)
+    else:
+        assert sshd.user == getpass.getuser()
+        assert sshd.startup is None
+
+
+async def test_the_login_prints_its_start_up_output_before_every_command(sshd: SshServer) -> None:
+    if sshd.startup is None:
+        pytest.skip("needs root: the test sshd logs in as the current user, whose start-up files are theirs")
+    async with asyncssh.connect(ALIAS, config=[str(sshd.config)]) as conn:
+        result = await conn.run("echo out; echo err >&2", encoding=None)
+    assert (result.stdout, result.stderr) == (STARTUP_STDOUT + b"out\n", STARTUP_STDERR + b"err\n")
 
 
 async def test_asyncssh_multiplexes_channels_on_one_connection(sshd: SshServer) -> None:
     async with asyncssh.connect(ALIAS, config=[str(sshd.config)]) as conn:
         results = await asyncio.gather(*(conn.run(f"echo {i}; exit {i % 3}") for i in range(10)))
-    assert [r.stdout for r in results] == [f"{i}\n" for i in range(10)]
+    if sshd.startup is not None:  # else the login's own start-up output is unknown: look at the end
+        outputs = [str(r.stdout).removeprefix(sshd.startup[0].decode()) for r in results]
+    else:
+        outputs = [str(r.stdout)[-2:] for r in results]
+    assert outputs == [f"{i}\n" for i in range(10)]
     assert [r.exit_status for r in results] == [i % 3 for i in range(10)]
 
 

@@ -2,13 +2,16 @@
 
 Each test runs twice through a real Exec server: once with ``computer_id`` empty
 (the local backend) and once with the test sshd's Host alias (the SSH backend).
-The sshd runs on this machine as this user, so both see the same files.
+The sshd runs on this machine, so both see the same files: each test works in
+a directory the SSH login owns (``Target.tmp``). As root that login is a
+dedicated user whose shell start-up prints to stdout and stderr before every
+command (``tests.sshd``), so every SSH case here also shows that none of it, nor
+the backend's own marker, reaches the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from tests.sshd import ALIAS, SshServer
 class Target:
     stub: exec_pb2_grpc.ExecAsyncStub
     computer_id: str
+    tmp: Path  # a fresh directory, symlinks resolved, that the local process and the SSH login share
 
     def sh(self, line: str, **kw: object) -> exec_pb2.SpawnRequest:
         return exec_pb2.SpawnRequest(computer_id=self.computer_id, argv=["sh", "-c", line], **kw)  # type: ignore[arg-type]
@@ -64,7 +68,9 @@ async def target(request: pytest.FixtureRequest, sshd: SshServer) -> AsyncIterat
     hosted = await start(cfg)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{hosted.port}")
     try:
-        yield Target(exec_pb2_grpc.ExecStub(channel), "" if request.param == "local" else ALIAS)
+        yield Target(
+            exec_pb2_grpc.ExecStub(channel), "" if request.param == "local" else ALIAS, sshd.workdir()
+        )
     finally:
         await channel.close()
         await hosted.stop(0)
@@ -104,8 +110,8 @@ async def test_argv_is_passed_verbatim(target: Target) -> None:
     assert ran.stdout == b"".join(f"[{a}]\n".encode() for a in args)
 
 
-async def test_env_and_cwd(target: Target, real_tmp: Path) -> None:
-    real = real_tmp
+async def test_env_and_cwd(target: Target) -> None:
+    real = target.tmp
     ran = await spawn(
         target.stub,
         target.sh('echo "$GREETING"; pwd -P', env={"GREETING": "hi 'there' $x"}, cwd=str(real)),
@@ -152,12 +158,10 @@ async def test_timeout_kills_the_process_group(target: Target) -> None:
     ],
     ids=["holding-output", "holding-output-silently", "detached-from-output"],
 )
-async def test_a_normal_exit_answers_promptly_and_leaves_no_background_job(
-    target: Target, line: str, real_tmp: Path
-) -> None:
-    ran = await spawn(target.stub, target.sh(line, cwd=str(real_tmp)))
+async def test_a_normal_exit_answers_promptly_and_leaves_no_background_job(target: Target, line: str) -> None:
+    ran = await spawn(target.stub, target.sh(line, cwd=str(target.tmp)))
     assert ran.exit is not None and ran.exit.exit_code == 0 and not ran.exit.timed_out
-    pid = ran.stdout or (real_tmp / "pid").read_bytes()
+    pid = ran.stdout or (target.tmp / "pid").read_bytes()
     assert await target.dead([int(pid)])
 
 
@@ -182,8 +186,8 @@ async def test_output_past_the_cap_is_truncated_with_a_marker(target: Target) ->
 # ------------------------------------------------------------------ files
 
 
-async def test_write_read_stat_and_list(target: Target, real_tmp: Path) -> None:
-    root = real_tmp
+async def test_write_read_stat_and_list(target: Target) -> None:
+    root = target.tmp
     path = root / "sub" / "dir" / "file.txt"
     cid = target.computer_id
     written = await target.stub.WriteFile(
@@ -227,12 +231,12 @@ async def test_write_read_stat_and_list(target: Target, real_tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["ReadFile", "Stat", "ListDir"])
-async def test_a_missing_file_is_not_found(target: Target, tmp_path: Path, method: str) -> None:
+async def test_a_missing_file_is_not_found(target: Target, method: str) -> None:
     request = {
         "ReadFile": exec_pb2.ReadFileRequest,
         "Stat": exec_pb2.StatRequest,
         "ListDir": exec_pb2.ListDirRequest,
-    }[method](computer_id=target.computer_id, path=str(tmp_path / "missing"))
+    }[method](computer_id=target.computer_id, path=str(target.tmp / "missing"))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await getattr(target.stub, method)(request)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -252,7 +256,7 @@ async def test_an_unknown_alias_is_not_found_and_the_configured_one_is_listed(
     assert [(c.id, c.local) for c in resp.computers] == [("", True), (ALIAS, False)]
     assert (resp.computers[1].host_name, resp.computers[1].user, resp.computers[1].port) == (
         "127.0.0.1",
-        getpass.getuser(),
+        sshd.user,
         sshd.port,
     )
 
@@ -333,18 +337,19 @@ async def test_a_slow_ssh_consumer_slows_the_remote_process_and_loses_nothing(ss
         await backend.aclose()
 
 
-async def test_files_work_on_a_host_without_the_sftp_subsystem(tmp_path: Path, real_tmp: Path) -> None:
-    server = SshServer(tmp_path / "sshd", sftp_subsystem=False).start()
+async def test_files_work_on_a_host_without_the_sftp_subsystem(sshd: SshServer) -> None:
+    server = SshServer(user=sshd.user, startup=sshd.startup, sftp_subsystem=False).start()
+    tmp = server.workdir()
     backend = SSHBackend(ALIAS, ExecConfig(), str(server.config))
     try:
         conn = await backend.connection()
         with pytest.raises(asyncssh.ChannelOpenError):
             await conn.start_sftp_client()  # the subsystem really is refused
-        path = str(real_tmp / "sub" / "note.txt")
+        path = str(tmp / "sub" / "note.txt")
         assert await backend.write_file(path, b"over sftp-server\n") == 17
         assert (await backend.read_file(path)).data == b"over sftp-server\n"
         assert (await backend.stat(path)).size == 17
-        assert [info.name for info in await backend.list_dir(str(real_tmp / "sub"))] == ["note.txt"]
+        assert [info.name for info in await backend.list_dir(str(tmp / "sub"))] == ["note.txt"]
     finally:
         await backend.aclose()
         server.stop()
