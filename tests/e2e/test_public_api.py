@@ -20,7 +20,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dispatch_client import DispatchClient, DispatchError, types
-from tests.e2e.test_up import Up
+from tests.e2e.procs import Up
 
 pytestmark = pytest.mark.e2e
 

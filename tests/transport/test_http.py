@@ -255,7 +255,7 @@ async def test_stop_ends_open_streams(stack: Stack) -> None:
 
 
 async def test_a_failed_start_leaves_nothing_open(stack: Stack, bridge: HttpBridge) -> None:
-    with pytest.raises(ListenError, match="already in use.*--http-listen"):
+    with pytest.raises(ListenError, match=r"already in use.*--http-listen"):
         await start_http(f"127.0.0.1:{bridge.port}", stack.address("transport"))
     with pytest.raises(ListenError, match="host:port"):
         await start_http("localhost", stack.address("transport"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ async def test_update_and_delete_a_conversation(stack: Stack) -> None:
 async def test_an_agent_the_kernel_does_not_have_is_refused_and_nothing_changes(stack: Stack) -> None:
     api = stack.transport
     conv = await api.CreateConversation(transport_pb2.PublicCreateConversationRequest())
-    attempts = [
+    attempts: list[Awaitable[object]] = [
         api.UpdateConversation(
             transport_pb2.PublicUpdateConversationRequest(conversation_id=conv.id, agent="ghost", title="x")
         ),
@@ -158,3 +158,19 @@ async def test_every_service_serves_health_and_reflection(stack: Stack, service:
     )
     names = [s.name async for r in responses for s in r.list_services_response.service]
     assert name in names and "grpc.health.v1.Health" in names
+
+
+async def test_a_store_outage_reaches_the_client_without_internal_addresses(stack: Stack) -> None:
+    api = stack.transport
+    conv = await api.CreateConversation(transport_pb2.PublicCreateConversationRequest())
+    store_port = stack.hosted["store"].port
+    await stack.hosted["store"].stop(0)
+    for call in (
+        api.GetConversation(transport_pb2.PublicGetConversationRequest(conversation_id=conv.id)),
+        api.Send(transport_pb2.SendRequest(conversation_id=conv.id, text="hi")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert str(store_port) not in details and "127.0.0.1" not in details and "ipv4:" not in details

@@ -19,6 +19,7 @@ import grpc
 import jsonschema
 
 from dispatch.kernel.providers.base import ToolSpec
+from dispatch.shared.errors import scrub_addresses
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2, exec_pb2_grpc
 
@@ -92,7 +93,7 @@ class Tool:
         except ToolError as exc:
             return ToolResult(f"{self.name}: {exc}", is_error=True)
         except grpc.aio.AioRpcError as exc:
-            return ToolResult(f"{self.name} failed: {exc.details()}", is_error=True)
+            return ToolResult(f"{self.name} failed: {scrub_addresses(exc.details() or '')}", is_error=True)
 
 
 def _clip(text: str) -> str:

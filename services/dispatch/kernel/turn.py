@@ -36,6 +36,7 @@ from dispatch.kernel.retry import Backoffs, RetryBudgetSpent, Retrying
 from dispatch.kernel.slots import RunSlots
 from dispatch.kernel.tools import ToolContext, ToolResult
 from dispatch.shared.config import RetryPolicy
+from dispatch.shared.errors import rpc_detail
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
@@ -251,7 +252,7 @@ class TurnRunner:
                     timeout=self.deps.rpc_timeout,
                 )
             except grpc.aio.AioRpcError as exc:
-                raise StoreFailed(f"the store failed to commit: {exc.code().name}: {exc.details()}") from exc
+                raise StoreFailed(f"the store failed to commit: {rpc_detail(exc)}") from exc
             if pending:
                 self.events.mark_persisted(pending[-1].event_seq)
         if resp.last_seq:
@@ -385,7 +386,7 @@ class TurnRunner:
             )
         except (StoreFailed, grpc.aio.AioRpcError) as exc:
             # Not sealed: what was committed stays; the turn's row is reconciled later.
-            detail = str(exc) if isinstance(exc, StoreFailed) else f"{exc.code().name}: {exc.details()}"
+            detail = str(exc) if isinstance(exc, StoreFailed) else rpc_detail(exc)
             log.error("turn %s could not be sealed: %s", self.turn.id, detail)  # noqa: TRY400 - the cause is in detail
             self._emit(
                 error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True)
@@ -415,7 +416,7 @@ class TurnRunner:
                 timeout=self.deps.rpc_timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            raise StoreFailed(f"the store failed to load the conversation: {exc.details()}") from exc
+            raise StoreFailed(f"the store failed to load the conversation: {rpc_detail(exc)}") from exc
         self._computer_id, self._cwd = where.computer_id, where.cwd
         if where.confine_tools or self.deps.confine_tools:
             # Without a root, confinement would silently mean none at all: refuse the turn.

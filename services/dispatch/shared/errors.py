@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -104,10 +105,32 @@ _PASS_THROUGH: dict[grpc.StatusCode, type[DispatchError]] = {
 }
 
 
+# How grpc names a peer in its own error text: "ipv4:127.0.0.1:7603", "ipv6:[::1]:7603",
+# "unix:/run/x.sock"; plain "host:port" pairs too.
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|unix-abstract|vsock|dns):(?://)?[^\s,;'\")]+"
+    r"|\[[0-9a-fA-F:.]+\](?::\d+)?"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"
+)
+
+
+def scrub_addresses(text: str) -> str:
+    """``text`` without the internal addresses grpc puts in its errors (a client of the public
+    API must not learn where the store listens)."""
+    return _ADDRESS.sub("(internal address)", text)
+
+
+def rpc_detail(exc: grpc.aio.AioRpcError) -> str:
+    """A downstream error's status and message, fit to show a client: no internal address."""
+    return f"{exc.code().name}: {scrub_addresses(exc.details() or '')}"
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> DispatchError:
     """A downstream service's error as ours: its status when it speaks of the caller's
-    request, UNAVAILABLE with context when the downstream itself failed."""
+    request, UNAVAILABLE with context when the downstream itself failed. The message never
+    carries an internal address; the full one is logged."""
     cls = _PASS_THROUGH.get(exc.code())
     if cls is not None:
-        return cls(exc.details() or what)
-    return Unavailable(f"{what}: {exc.code().name}: {exc.details()}")
+        return cls(scrub_addresses(exc.details() or what))
+    log.warning("%s: %s: %s", what, exc.code().name, exc.details())
+    return Unavailable(f"{what}: {rpc_detail(exc)}")
