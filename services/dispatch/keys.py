@@ -22,9 +22,7 @@ from dispatch.v1 import store_pb2
 DEFAULT_TENANT = "local"
 
 
-def add_parser(
-    sub: argparse._SubParsersAction[Any], log_level: Callable[[str], str]
-) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any], log_level: Callable[[str], str]) -> None:
     # Where the database is: given before the action (`keys --data-dir D create`) or after it
     # (`keys create --data-dir D`); the copies after it default to SUPPRESS, so they do not
     # undo what came before.
