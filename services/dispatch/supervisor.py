@@ -243,11 +243,14 @@ async def stop_all(children: Sequence[Child], grace: float) -> None:
         await asyncio.gather(*(c.stop(deadline) for c in wave))
 
 
-def _client_command() -> str:
-    """How to run the `dispatch` CLI installed next to this interpreter."""
+def _client_command(*, absolute: bool = False) -> str:
+    """How to run the `dispatch` CLI installed next to this interpreter (relative to the
+    current directory where that is shorter, unless ``absolute``)."""
     beside = Path(sys.executable).parent / "dispatch"
     if not beside.exists():
         return "dispatch"
+    if absolute:
+        return str(beside)
     try:
         return str(beside.relative_to(Path.cwd()))
     except ValueError:
@@ -294,8 +297,12 @@ async def default_workspace_root(store_address: str) -> str:
 def chat_hint(address: str, data_dir: Path) -> str:
     """The chat command the banner prints, runnable as printed: it names the data directory
     (where the CLI finds the API key) unless it is the one the CLI looks in by default."""
-    where = "" if data_dir == Path(".dispatch").resolve() else f" --data-dir {shlex.quote(str(data_dir))}"
-    return f'{_client_command()} chat --address {address}{where} "what is in this workspace?"'
+    question = '"what is in this workspace?"'
+    if data_dir == Path(".dispatch").resolve():
+        return f"{_client_command()} chat --address {address} {question}"
+    # Another data directory: a line that works from any directory.
+    where = shlex.quote(str(data_dir))
+    return f"{_client_command(absolute=True)} chat --address {address} --data-dir {where} {question}"
 
 
 def _banner(address: str, plan: Plan, key_file: Path, workspace_root: str) -> None:

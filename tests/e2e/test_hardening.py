@@ -146,11 +146,10 @@ def test_the_banner_chat_hint_works_as_printed_from_elsewhere(tmp_path: Path) ->
         up.wait_for("Ctrl-C stops")
         hint = next(line for line in up.lines if " chat --address " in line).strip()
         assert f"--data-dir {tmp_path / 'custom-data'}" in hint
-        argv = hint.split(" ", 1)[1]  # the command after the CLI's path
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         chat = subprocess.run(
-            f"{sys.executable} -m dispatch_client.cli {argv}",
+            hint,  # exactly as printed
             shell=True,
             cwd=elsewhere,
             capture_output=True,
