@@ -130,15 +130,18 @@ class SshServer:
         *,
         startup: tuple[bytes, bytes] | None = None,
         sftp_subsystem: bool = True,
+        force_command: str = "",
     ):
         """``root``: where keys, configs and work directories go (default: a new temporary
         directory; another user must be able to reach it, so not under pytest's private
         tmp root). ``user``: who logs in (default: the current user); another user needs
         sshd to run as root. ``startup``: what that login prints before a command's output
         on (stdout, stderr), if known. ``sftp_subsystem=False``: no ``sftp`` subsystem, as
-        on a host that disabled it."""
+        on a host that disabled it. ``force_command``: sshd's ForceCommand (the client's
+        command is in ``$SSH_ORIGINAL_COMMAND``), to play a host with odd start-up."""
         self.root = (root or Path(tempfile.mkdtemp(prefix="dispatch-sshd-"))).resolve()
         self.sftp_subsystem = sftp_subsystem
+        self.force_command = force_command
         self.port = free_port()
         self.user = user or getpass.getuser()
         self.startup = startup
@@ -191,6 +194,7 @@ class SshServer:
                     "MaxSessions 64",
                     # As a stock sshd does; without it the backend runs sftp-server itself.
                     "Subsystem sftp internal-sftp" if self.sftp_subsystem else "",
+                    f"ForceCommand {self.force_command}" if self.force_command else "",
                     "MaxStartups 64:30:128",
                     "LogLevel ERROR",
                     "",

@@ -2,8 +2,9 @@
 
 The exec channel's streams carry whatever the login's shell start-up prints, then
 the marker lines the spawn's command prints first, then the command's output
-(``dispatch.exec.ssh``). These tests feed an exec channel's session by hand,
-cut at every byte.
+(``dispatch.exec.ssh``). The first tests feed an exec channel's session by hand,
+cut at every byte; the rest run spawns through real sshds whose logins print, or
+whose ForceCommand plays a host with stranger start-up.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import asyncssh
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatch.exec.backend import Stream
-from dispatch.exec.ssh import STARTUP_BYTES, _Session
+from dispatch.exec.backend import Exit, OutputBatch, SpawnEvent, Stream
+from dispatch.exec.ssh import STARTUP_BYTES, SSHBackend, _Session
+from dispatch.shared.config import ExecConfig
+from tests.sshd import ALIAS, SshServer
 
 MARKER = "__DISPATCH_START_0123456789abcdef__"
 STDOUT_LINE = f"{MARKER}\n".encode()
@@ -197,3 +200,161 @@ async def test_start_up_output_is_logged_at_debug(caplog: pytest.LogCaptureFixtu
         await _session([(Stream.STDERR, b"pyenv: cannot rehash\n" + STDERR_LINE)])
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert "pyenv: cannot rehash" in caplog.records[0].getMessage()
+
+
+# ------------------------------------------------------------------ through a real sshd
+
+
+async def _events(
+    backend: SSHBackend,
+    argv: list[str],
+    timeout: float = 0.0,  # noqa: ASYNC109 - the spawn's own timeout
+    max_output_bytes: int = 0,
+) -> list[SpawnEvent]:
+    return [e async for e in backend.spawn(argv, timeout=timeout, max_output_bytes=max_output_bytes)]
+
+
+def _outputs(events: list[SpawnEvent]) -> tuple[bytes, bytes]:
+    out = {Stream.STDOUT: b"", Stream.STDERR: b""}
+    for event in events:
+        if isinstance(event, OutputBatch):
+            for chunk in event.chunks:
+                assert b"__DISPATCH_START_" not in chunk.data  # no marker, nor a piece of one
+                out[chunk.stream] += chunk.data
+    return out[Stream.STDOUT], out[Stream.STDERR]
+
+
+def _startup(sshd: SshServer) -> tuple[bytes, bytes]:
+    if sshd.startup is None:
+        pytest.skip("needs root: the test sshd logs in as the current user, whose start-up output is theirs")
+    return sshd.startup
+
+
+@pytest.fixture
+async def backend(sshd: SshServer) -> AsyncIterator[SSHBackend]:
+    backend = SSHBackend(ALIAS, ExecConfig(), str(sshd.config))
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("true", (b"", b"")),
+        ("printf out", (b"out", b"")),
+        ("printf err >&2", (b"", b"err")),
+        ("echo out; echo err >&2", (b"out\n", b"err\n")),
+    ],
+)
+async def test_a_chatty_login_s_start_up_output_never_reaches_the_caller(
+    sshd: SshServer, backend: SSHBackend, line: str, expected: tuple[bytes, bytes]
+) -> None:
+    startup_out, startup_err = _startup(sshd)
+    conn = await backend.connection()
+    raw = await conn.run(line, encoding=None)  # the same command on a bare channel
+    assert (raw.stdout, raw.stderr) == (startup_out + expected[0], startup_err + expected[1])
+    events = await _events(backend, ["sh", "-c", line])
+    assert _outputs(events) == expected
+    assert isinstance(events[-1], Exit) and events[-1].exit_code == 0
+
+
+async def _group_alive(backend: SSHBackend, pgid: int) -> bool:
+    events = await _events(backend, ["sh", "-c", f"kill -0 -{pgid} 2>/dev/null && echo alive; true"])
+    return _outputs(events)[0] == b"alive\n"
+
+
+@pytest.mark.timeout(30)
+async def test_a_chatty_login_s_spawns_still_die_by_group_on_timeout_and_cancel(
+    sshd: SshServer, backend: SSHBackend
+) -> None:
+    _startup(sshd)
+    events = await _events(backend, ["sh", "-c", "sleep 100 & echo $$; sleep 100"], timeout=0.5)
+    exit_ = events[-1]
+    assert isinstance(exit_, Exit) and exit_.timed_out
+    pgid = int(_outputs(events)[0])
+    assert await _until_empty(backend, pgid)
+
+    spawn = backend.spawn(["sh", "-c", "sleep 100 & echo $$; wait"])
+    first = await anext(spawn)
+    assert isinstance(first, OutputBatch)
+    pgid = int(first.chunks[0].data)
+    assert await _group_alive(backend, pgid)
+    await spawn.aclose()  # the caller goes away
+    assert await _until_empty(backend, pgid)
+
+
+async def _until_empty(backend: SSHBackend, pgid: int, within: float = 5.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while await _group_alive(backend, pgid):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+async def odd_host(request: pytest.FixtureRequest, sshd: SshServer) -> AsyncIterator[SSHBackend]:
+    """A backend on a second sshd, whose ForceCommand is the test's parameter."""
+    server = SshServer(user=sshd.user, startup=sshd.startup, force_command=request.param).start()
+    backend = SSHBackend(ALIAS, ExecConfig(max_output_bytes=1000), str(server.config))
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+        server.stop()
+
+
+STARTS_LONG = "head -c 100000 /dev/zero | tr '\\0' x; printf 'long start' >&2; eval \"$SSH_ORIGINAL_COMMAND\""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("odd_host", [STARTS_LONG], indirect=True)
+async def test_start_up_output_past_the_bound_goes_on_and_the_group_is_still_killed(
+    sshd: SshServer, odd_host: SSHBackend, backend: SSHBackend
+) -> None:
+    startup_out, _ = _startup(sshd)
+    events = await _events(odd_host, ["sh", "-c", "echo out; echo err >&2"], max_output_bytes=1 << 20)
+    # stdout's start-up output ran past the bound, so it went on; stderr's did not.
+    assert _outputs(events) == (startup_out + b"x" * 100000 + b"out\n", b"err\n")
+    events = await _events(
+        odd_host, ["sh", "-c", "sleep 100 & echo $$; sleep 100"], timeout=0.5, max_output_bytes=1 << 20
+    )
+    stdout, _ = _outputs(events)
+    exit_ = events[-1]
+    assert isinstance(exit_, Exit) and exit_.timed_out
+    pgid = int(stdout.removeprefix(startup_out + b"x" * 100000))
+    assert await _until_empty(backend, pgid)  # asked on the plain host: the same machine and user
+
+
+@pytest.mark.parametrize(
+    ("odd_host", "stderr"),
+    [
+        ("echo forced; echo forced-err >&2", b"forced-err\n"),
+        # A background job holds the output open past the exit: the call ends without an EOF.
+        ("echo forced; sleep 2 &", b""),
+    ],
+    indirect=["odd_host"],
+)
+async def test_a_host_that_never_runs_the_command_answers_with_its_output(
+    sshd: SshServer, odd_host: SSHBackend, stderr: bytes
+) -> None:
+    startup_out, startup_err = _startup(sshd)
+    events = await _events(odd_host, ["sh", "-c", "echo never"])
+    # No marker ever came: nothing tells start-up output from the rest, so all of it goes on.
+    assert _outputs(events) == (startup_out + b"forced\n", startup_err + stderr)
+    assert isinstance(events[-1], Exit) and events[-1].exit_code == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("odd_host", ["yes"], indirect=True)
+async def test_start_up_output_that_never_ends_goes_on_and_the_timeout_still_ends_the_call(
+    sshd: SshServer, odd_host: SSHBackend
+) -> None:
+    startup_out, _ = _startup(sshd)
+    events = await _events(odd_host, ["true"], timeout=0.5)
+    exit_ = events[-1]
+    assert isinstance(exit_, Exit) and exit_.timed_out and exit_.truncated
+    assert _outputs(events)[0] == (startup_out + b"y\n" * 1000)[:1000]
