@@ -143,6 +143,44 @@ async def _slow_and_fast(stack: Stack) -> None:
     assert [e.event_seq for e in slow_events + rest] == full
 
 
+BURST = 30_000
+
+
+async def test_a_burst_resyncs_no_subscriber_that_keeps_up(tmp_path: Path) -> None:
+    """One step emits BURST events at once: several times what a subscriber's queue holds
+    (SUBSCRIBER_QUEUE) and what the kernel buffers for the hub. Readers that read as fast
+    as they can get every event; only one that reads nothing is resynced."""
+    provider = ScriptedProvider.from_data({"steps": [[{"type": "text_delta", "text": "x"}] * BURST]})
+    stack = await start_stack(tmp_path, provider, transport=True)
+    try:
+        conv = await stack.conversation()
+        api = stack.transport
+        channel = grpc.aio.insecure_channel(
+            stack.address("transport"),
+            options=[("grpc.http2.bdp_probe", 0)],
+            interceptors=bearer_auth(stack.api_key),
+        )
+        stack.channels.append(channel)
+        stalled = transport_pb2_grpc.DispatchStub(channel).Subscribe(
+            transport_pb2.SubscribeRequest(conversation_id=conv)
+        )
+        readers = [api.Subscribe(transport_pb2.SubscribeRequest(conversation_id=conv)) for _ in range(3)]
+        await asyncio.sleep(0.2)  # attached before the turn starts
+        sent = await send(stack, conv)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(read_until_sealed(r, sent.turn_id) for r in readers)), 50
+        )
+        for events, resync in results:
+            assert resync is None
+            assert [e.event_seq for e in events] == list(range(1, len(events) + 1))
+            assert sum(e.HasField("text_delta") for e in events) == BURST
+        # The one that read nothing while the burst went by fell behind by its bound.
+        _, resync = await asyncio.wait_for(read_until_sealed(stalled, sent.turn_id), 30)
+        assert resync is not None
+    finally:
+        await stack.stop()
+
+
 async def test_a_late_subscriber_from_far_back_catches_up_then_joins_live(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,8 @@ RECENT_EVENTS = 4096
 # Events one subscriber may have queued before it is told to resync.
 SUBSCRIBER_QUEUE = 4096
 BATCH_MAX = 64
+# The hub reads on from the kernel once some subscriber's queue is down to this.
+LOW_WATER = 2 * BATCH_MAX
 BATCH_WINDOW = 0.001
 # How long a hub outlives its last subscriber (a reconnect within it resumes from memory).
 LINGER_SECONDS = 10.0
@@ -60,9 +62,11 @@ class Batch:
 class Subscriber:
     """One client's place in a hub: a bounded queue and the last event_seq it was given."""
 
-    def __init__(self, cursor: int, limit: int = SUBSCRIBER_QUEUE):
+    def __init__(self, cursor: int, limit: int = SUBSCRIBER_QUEUE, room: asyncio.Event | None = None):
         self.cursor = cursor
         self.limit = limit
+        # Set whenever this subscriber's queue is down to LOW_WATER: the hub may read on.
+        self.room = room
         self.queue: collections.deque[common_pb2.AgentEvent] = collections.deque()
         self.wake = asyncio.Event()
         self.overflowed = False
@@ -115,6 +119,8 @@ class Subscriber:
             return Batch([], resync_after=self.cursor)
         events = [self.queue.popleft() for _ in range(min(batch_max, len(self.queue)))]
         self.cursor = events[-1].event_seq
+        if self.room is not None and len(self.queue) <= LOW_WATER:
+            self.room.set()
         return Batch(events)
 
 
@@ -136,6 +142,8 @@ class Hub:
         self.base = after_event_seq
         self.recent: collections.deque[common_pb2.AgentEvent] = collections.deque()
         self.subscribers: set[Subscriber] = set()
+        # Set when the subscriber furthest ahead has room for more (see _wait_for_room).
+        self._room = asyncio.Event()
         self.done = False
         self._on_idle = on_idle
         self._linger: asyncio.TimerHandle | None = None
@@ -149,7 +157,7 @@ class Hub:
         separates reading ``recent`` from joining, so nothing can slip between them."""
         backlog = [e for e in self.recent if e.event_seq > after_event_seq]
         # The backlog is owed in full; the limit bounds how far it may fall behind from here.
-        sub = Subscriber(after_event_seq, limit + len(backlog))
+        sub = Subscriber(after_event_seq, limit + len(backlog), self._room)
         sub.queue.extend(backlog)
         self.subscribers.add(sub)
         if self._linger is not None:
@@ -159,6 +167,7 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+        self._room.set()  # it may have been the one the hub waited for
         if not self.subscribers and not self.done and self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
 
@@ -172,6 +181,7 @@ class Hub:
         if self.done:
             return
         self.done = True
+        self._room.set()
         if self._linger is not None:
             self._linger.cancel()
         if self._task is not asyncio.current_task():
@@ -199,6 +209,7 @@ class Hub:
                         if event.event_seq > last:
                             last = event.event_seq
                             self._publish(event)
+                    await self._wait_for_room()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue  # the hub fell behind the kernel: pick up where it was
@@ -212,6 +223,21 @@ class Hub:
                 call.cancel()
             break
         self.close(error, interrupted=interrupted)
+
+    async def _wait_for_room(self) -> None:
+        """Read on from the kernel only as fast as the fastest subscriber takes events.
+
+        The kernel delivers in big messages and keeps what the hub has not read (in memory,
+        then in the store), while each subscriber's stream pays per message; without this,
+        a burst fills every queue faster than any stream can send it, and subscribers that
+        read as fast as they can are resynced with the slow ones. Waiting here never slows
+        the turn: the kernel drops a hub that falls too far behind, and the hub resumes from
+        its last event. A subscriber slower than the fastest still overflows its own bound."""
+        while not self.done and self.subscribers:
+            self._room.clear()
+            if any(len(sub.queue) <= LOW_WATER and not sub.overflowed for sub in self.subscribers):
+                return
+            await self._room.wait()
 
     def _publish(self, event: common_pb2.AgentEvent) -> None:
         self.recent.append(event)
