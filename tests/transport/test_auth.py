@@ -135,6 +135,26 @@ def test_dispatchd_keys_create_list_and_revoke(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "not found" in missing.stderr
 
 
+def test_dispatchd_keys_takes_the_data_dir_before_or_after_the_action(tmp_path: Path) -> None:
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dispatch.cli", "keys", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,  # no .dispatch here: the flag alone finds the database
+        )
+
+    data = str(tmp_path / "data")
+    created = keys("create", "--data-dir", data, "--tenant", "acme")  # as the README shows it
+    assert created.returncode == 0, created.stderr
+    listed = keys("--data-dir", data, "list")
+    assert "tenant=acme" in listed.stdout
+    assert (tmp_path / "data" / "dispatch.db").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / ".dispatch").exists()
+
+
 @pytest.mark.parametrize(
     ("request_", "phrase"),
     [
