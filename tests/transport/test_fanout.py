@@ -40,6 +40,20 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     await s.stop()
 
 
+def stalled_subscription(stack: Stack, conv: str) -> Any:
+    """A subscription whose reader takes nothing: with HTTP/2's window left at 64 KiB (no
+    BDP probing), what it is sent backs up into the transport's queue for it."""
+    channel = grpc.aio.insecure_channel(
+        stack.address("transport"),
+        options=[("grpc.http2.bdp_probe", 0)],
+        interceptors=bearer_auth(stack.api_key),
+    )
+    stack.channels.append(channel)
+    return transport_pb2_grpc.DispatchStub(channel).Subscribe(
+        transport_pb2.SubscribeRequest(conversation_id=conv)
+    )
+
+
 async def send(stack: Stack, conv: str, text: str = "go") -> transport_pb2.SendResponse:
     return await stack.transport.Send(transport_pb2.SendRequest(conversation_id=conv, text=text))
 
@@ -111,17 +125,8 @@ async def test_a_slow_subscriber_is_told_to_resync_and_the_others_do_not_wait(
 async def _slow_and_fast(stack: Stack) -> None:
     conv = await stack.conversation()
     api = stack.transport
-    # A reader that takes nothing: with HTTP/2's window left at 64 KiB (no BDP probing),
-    # the 240 KiB of this turn back up into the transport's queue for it.
-    channel = grpc.aio.insecure_channel(
-        stack.address("transport"),
-        options=[("grpc.http2.bdp_probe", 0)],
-        interceptors=bearer_auth(stack.api_key),
-    )
-    stack.channels.append(channel)
-    slow_stream = transport_pb2_grpc.DispatchStub(channel).Subscribe(
-        transport_pb2.SubscribeRequest(conversation_id=conv)
-    )
+    # The 240 KiB of this turn back up into the transport's queue for a reader taking nothing.
+    slow_stream = stalled_subscription(stack, conv)
     fast_streams = [api.Subscribe(transport_pb2.SubscribeRequest(conversation_id=conv)) for _ in range(3)]
     # Let the streams attach before the turn starts.
     await asyncio.sleep(0.2)
@@ -155,15 +160,7 @@ async def test_a_burst_resyncs_no_subscriber_that_keeps_up(tmp_path: Path) -> No
     try:
         conv = await stack.conversation()
         api = stack.transport
-        channel = grpc.aio.insecure_channel(
-            stack.address("transport"),
-            options=[("grpc.http2.bdp_probe", 0)],
-            interceptors=bearer_auth(stack.api_key),
-        )
-        stack.channels.append(channel)
-        stalled = transport_pb2_grpc.DispatchStub(channel).Subscribe(
-            transport_pb2.SubscribeRequest(conversation_id=conv)
-        )
+        stalled = stalled_subscription(stack, conv)
         readers = [api.Subscribe(transport_pb2.SubscribeRequest(conversation_id=conv)) for _ in range(3)]
         await asyncio.sleep(0.2)  # attached before the turn starts
         sent = await send(stack, conv)

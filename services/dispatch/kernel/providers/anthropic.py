@@ -28,7 +28,6 @@ What the kernel sees:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
@@ -50,7 +49,7 @@ from dispatch.kernel.providers.base import (
     Usage,
     display_url,
     http_error,
-    redact,
+    redacting,
     stream_error,
 )
 from dispatch.kernel.providers.openai import parse_retry_after
@@ -462,15 +461,8 @@ class AnthropicProvider:
             headers["x-api-key"] = self._api_key
         return headers
 
-    async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
-        try:
-            async with contextlib.aclosing(self._attempt(request)) as events:
-                async for event in events:
-                    yield event
-        except ProviderError as exc:
-            # Anything the server echoed back is untrusted: keep the key out of it.
-            exc.message = redact(exc.message, self._api_key)
-            raise
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        return redacting(self._attempt(request), self._api_key)
 
     async def _attempt(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.parse
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -212,6 +213,20 @@ def http_error(
 def redact(text: str, secret: str) -> str:
     """``text`` without ``secret``: what a server echoes back is untrusted."""
     return text.replace(secret, "[redacted]") if secret else text
+
+
+async def redacting(
+    events: AsyncGenerator[ProviderEvent, None], secret: str
+) -> AsyncGenerator[ProviderEvent, None]:
+    """``events``, closed with the caller, with ``secret`` kept out of any ``ProviderError``
+    they end in (a server may echo the key back in its error body)."""
+    try:
+        async with contextlib.aclosing(events) as each:
+            async for event in each:
+                yield event
+    except ProviderError as exc:
+        exc.message = redact(exc.message, secret)
+        raise
 
 
 class Provider(Protocol):

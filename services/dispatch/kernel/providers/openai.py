@@ -23,7 +23,6 @@ without one, its type says a later attempt may succeed.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import json
 import logging
@@ -48,7 +47,7 @@ from dispatch.kernel.providers.base import (
     Usage,
     display_url,
     http_error,
-    redact,
+    redacting,
     stream_error,
 )
 from dispatch.shared.config import ProviderConfig
@@ -209,14 +208,8 @@ class OpenAIProvider:
                 body["tool_choice"] = "none"
         return body
 
-    async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
-        try:
-            async with contextlib.aclosing(self._attempt(request)) as events:
-                async for event in events:
-                    yield event
-        except ProviderError as exc:
-            exc.message = redact(exc.message, self._api_key)
-            raise
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        return redacting(self._attempt(request), self._api_key)
 
     async def _attempt(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         headers = {"Accept": "text/event-stream"}
