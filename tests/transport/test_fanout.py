@@ -257,3 +257,49 @@ async def _cut_and_resume(tmp: Path, cuts: list[int]) -> None:
         assert joined == uninterrupted
     finally:
         await stack.stop()
+
+
+class FakeKernelStream:
+    """A kernel Subscribe call fed by the test: batches put on ``batches`` arrive in order."""
+
+    def __init__(self) -> None:
+        self.batches: asyncio.Queue[list[common_pb2.AgentEvent]] = asyncio.Queue()
+
+    def Subscribe(self, request: kernel_pb2.KernelSubscribeRequest) -> FakeKernelStream:  # noqa: N802
+        return self
+
+    def __aiter__(self) -> FakeKernelStream:
+        return self
+
+    async def __anext__(self) -> common_pb2.EventBatch:
+        return common_pb2.EventBatch(events=await self.batches.get())
+
+    def cancel(self) -> bool:
+        return True
+
+
+def deltas(first: int, count: int) -> list[common_pb2.AgentEvent]:
+    return [
+        common_pb2.AgentEvent(event_seq=seq, text_delta=common_pb2.TextDelta(text="x"))
+        for seq in range(first, first + count)
+    ]
+
+
+async def test_a_hub_held_back_by_a_stalled_subscriber_serves_a_newcomer() -> None:
+    kernel = FakeKernelStream()
+    hub = fanout_module.Hub(kernel, TENANT, "conv_x", 0, lambda _hub: None)  # type: ignore[arg-type]
+    try:
+        stalled = hub.attach(0)  # never reads
+        batch = fanout_module.LOW_WATER + 10
+        await kernel.batches.put(deltas(1, batch))
+        while len(stalled.queue) < batch:
+            await asyncio.sleep(0)
+        # The hub now waits for room: its only subscriber is behind. A newcomer at the live
+        # edge has room; the hub must read on for it.
+        newcomer = hub.attach(batch)
+        await kernel.batches.put(deltas(batch + 1, 3))
+        got = await asyncio.wait_for(newcomer.next(window=0), 5)
+        assert got is not None and [e.event_seq for e in got.events] == [batch + 1, batch + 2, batch + 3]
+    finally:
+        hub.close()
+        await hub.wait_closed()

@@ -160,6 +160,7 @@ class Hub:
         sub = Subscriber(after_event_seq, limit + len(backlog), self._room)
         sub.queue.extend(backlog)
         self.subscribers.add(sub)
+        self._room.set()  # the newcomer may have room while everyone else is behind
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
