@@ -265,7 +265,7 @@ class FakeKernelStream:
     def __init__(self) -> None:
         self.batches: asyncio.Queue[list[common_pb2.AgentEvent]] = asyncio.Queue()
 
-    def Subscribe(self, request: kernel_pb2.KernelSubscribeRequest) -> FakeKernelStream:  # noqa: N802
+    def Subscribe(self, request: kernel_pb2.KernelSubscribeRequest) -> FakeKernelStream:
         return self
 
     def __aiter__(self) -> FakeKernelStream:
