@@ -291,6 +291,18 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         return transport_pb2.CancelResponse(turn_id=resp.turn_id)
 
     @grpc_errors
+    async def GetTurn(self, request: transport_pb2.PublicGetTurnRequest, context: Context) -> common_pb2.Turn:
+        await self._tenant(context)
+        raise Unimplemented("Dispatch.GetTurn: not implemented yet")
+
+    @grpc_errors
+    async def ListTurns(
+        self, request: transport_pb2.PublicListTurnsRequest, context: Context
+    ) -> store_pb2.ListTurnsResponse:
+        await self._tenant(context)
+        raise Unimplemented("Dispatch.ListTurns: not implemented yet")
+
+    @grpc_errors
     async def ResolveApproval(
         self, request: transport_pb2.PublicResolveApprovalRequest, context: Context
     ) -> common_pb2.Approval:

@@ -390,12 +390,23 @@ class AppendRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     TAKE_QUEUE_FOR_TURN_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
+    RESERVE_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    SEAL_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_FIELD_NUMBER: _builtins.int
+    NEXT_TURN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     take_queue_for_turn: _builtins.str
     """Non-empty: also take every message waiting in the conversation's queue,
     in order, and append each after `messages` as a user message of this
     turn, in the same transaction (steering: none is lost or taken twice).
+    """
+    reserve_event_seq: _builtins.int
+    """Raise the conversation's reserved_event_seq to this (never lowers it)."""
+    release_lease: _builtins.bool
+    """Release the fenced turn's lease without ending it: it can be claimed at
+    once (a kernel handing it over); reserved_event_seq is lowered as for seal.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
@@ -407,6 +418,27 @@ class AppendRequest(_message.Message):
         by the kernel and must be above the conversation's last_event_seq.
         """
 
+    @_builtins.property
+    def fence(self) -> Global___LeaseFence:
+        """Set: the write belongs to this turn and happens only while the fence
+        holds its lease (owner and epoch); otherwise FAILED_PRECONDITION whose
+        message starts with "lease lost". seal, release_lease and next_turn need it.
+        """
+
+    @_builtins.property
+    def seal(self) -> Global___TurnSeal:
+        """Set: end the fenced turn in the same transaction (its state, finish
+        reason and error), release its lease, and lower reserved_event_seq to
+        the conversation's last_event_seq (nothing past it was sent).
+        """
+
+    @_builtins.property
+    def next_turn(self) -> Global___NextTurn:
+        """With seal: when the conversation's queue holds messages, start the next
+        turn in the same transaction: created, leased to the fence's owner, with
+        the queued messages appended (after `messages`) as its user messages.
+        """
+
     def __init__(
         self,
         *,
@@ -415,14 +447,102 @@ class AppendRequest(_message.Message):
         messages: _abc.Iterable[_common_pb2.Message] | None = ...,
         events: _abc.Iterable[_common_pb2.AgentEvent] | None = ...,
         take_queue_for_turn: _builtins.str = ...,
+        fence: Global___LeaseFence | None = ...,
+        reserve_event_seq: _builtins.int = ...,
+        seal: Global___TurnSeal | None = ...,
+        release_lease: _builtins.bool = ...,
+        next_turn: Global___NextTurn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "next_turn", b"next_turn", "seal", b"seal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "events", b"events", "messages", b"messages", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "events", b"events", "fence", b"fence", "messages", b"messages", "next_turn", b"next_turn", "release_lease", b"release_lease", "reserve_event_seq", b"reserve_event_seq", "seal", b"seal", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AppendRequest: _TypeAlias = AppendRequest  # noqa: Y015
+
+@_typing.final
+class LeaseFence(_message.Message):
+    """Holds while `owner` holds the lease of `turn_id` with epoch `epoch`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    turn_id: _builtins.str
+    owner: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        turn_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "owner", b"owner", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseFence: _TypeAlias = LeaseFence  # noqa: Y015
+
+@_typing.final
+class TurnSeal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.TurnState.ValueType
+    """A terminal state."""
+    finish_reason: _common_pb2.FinishReason.ValueType
+    error_message: _builtins.str
+    def __init__(
+        self,
+        *,
+        state: _common_pb2.TurnState.ValueType = ...,
+        finish_reason: _common_pb2.FinishReason.ValueType = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnSeal: _TypeAlias = TurnSeal  # noqa: Y015
+
+@_typing.final
+class NextTurn(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_FIELD_NUMBER: _builtins.int
+    RESERVE_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.TurnState.ValueType
+    """RUNNING, or QUEUED (waiting for a run slot)."""
+    agent: _builtins.str
+    reserve_event_seq: _builtins.int
+    @_builtins.property
+    def lease_ttl(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        state: _common_pb2.TurnState.ValueType = ...,
+        agent: _builtins.str = ...,
+        lease_ttl: _duration_pb2.Duration | None = ...,
+        reserve_event_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_ttl", b"lease_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "lease_ttl", b"lease_ttl", "reserve_event_seq", b"reserve_event_seq", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NextTurn: _TypeAlias = NextTurn  # noqa: Y015
 
 @_typing.final
 class AppendResponse(_message.Message):
@@ -433,6 +553,10 @@ class AppendResponse(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     DEQUEUED_FIELD_NUMBER: _builtins.int
+    TURN_FIELD_NUMBER: _builtins.int
+    NEXT_TURN_FIELD_NUMBER: _builtins.int
+    NEXT_TURN_MESSAGES_FIELD_NUMBER: _builtins.int
+    RESERVED_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The seq range of the appended messages; both 0 when the call carried
     only events.
@@ -442,10 +566,23 @@ class AppendResponse(_message.Message):
     """The conversation's highest persisted event_seq after the call."""
     dequeued: _builtins.int
     """How many of `messages` (the last ones) came from the queue."""
+    reserved_event_seq: _builtins.int
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
         """The appended messages with seq and created_at filled in."""
 
+    @_builtins.property
+    def turn(self) -> _common_pb2.Turn:
+        """The fenced turn after the call (sealed or released when asked)."""
+
+    @_builtins.property
+    def next_turn(self) -> _common_pb2.Turn:
+        """The turn next_turn started, and its user messages; unset when the queue
+        was empty.
+        """
+
+    @_builtins.property
+    def next_turn_messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]: ...
     def __init__(
         self,
         *,
@@ -454,10 +591,14 @@ class AppendResponse(_message.Message):
         last_seq: _builtins.int = ...,
         last_event_seq: _builtins.int = ...,
         dequeued: _builtins.int = ...,
+        turn: _common_pb2.Turn | None = ...,
+        next_turn: _common_pb2.Turn | None = ...,
+        next_turn_messages: _abc.Iterable[_common_pb2.Message] | None = ...,
+        reserved_event_seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_turn", b"next_turn", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dequeued", b"dequeued", "first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dequeued", b"dequeued", "first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages", "next_turn", b"next_turn", "next_turn_messages", b"next_turn_messages", "reserved_event_seq", b"reserved_event_seq", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -648,6 +789,11 @@ class CreateTurnRequest(_message.Message):
     COMPUTER_ID_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    LEASE_OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_FIELD_NUMBER: _builtins.int
+    RESERVE_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    USER_MESSAGES_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     idempotency_key: _builtins.str
@@ -656,6 +802,24 @@ class CreateTurnRequest(_message.Message):
     computer_id: _builtins.str
     cwd: _builtins.str
     agent: _builtins.str
+    lease_owner: _builtins.str
+    """Set: the turn is created leased to this owner (epoch 1, attempt 1) for
+    lease_ttl, and the conversation's reserved_event_seq raised to
+    reserve_event_seq, in the same transaction.
+    """
+    reserve_event_seq: _builtins.int
+    exclusive: _builtins.bool
+    """Refuse with FAILED_PRECONDITION (message starting "turn in flight") when
+    the conversation has a turn that has not ended.
+    """
+    @_builtins.property
+    def lease_ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def user_messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
+        """Appended in the same transaction as the turn's user messages (the turn's
+        user_message_seq is the first one's seq).
+        """
+
     def __init__(
         self,
         *,
@@ -666,10 +830,15 @@ class CreateTurnRequest(_message.Message):
         computer_id: _builtins.str = ...,
         cwd: _builtins.str = ...,
         agent: _builtins.str = ...,
+        lease_owner: _builtins.str = ...,
+        lease_ttl: _duration_pb2.Duration | None = ...,
+        reserve_event_seq: _builtins.int = ...,
+        user_messages: _abc.Iterable[_common_pb2.Message] | None = ...,
+        exclusive: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "cwd", b"cwd", "idempotency_key", b"idempotency_key", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "cwd", b"cwd", "exclusive", b"exclusive", "idempotency_key", b"idempotency_key", "lease_owner", b"lease_owner", "lease_ttl", b"lease_ttl", "reserve_event_seq", b"reserve_event_seq", "state", b"state", "tenant_id", b"tenant_id", "user_messages", b"user_messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -769,6 +938,7 @@ class TransitionTurnRequest(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     USER_MESSAGE_SEQ_FIELD_NUMBER: _builtins.int
     LEASE_OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     to: _common_pb2.TurnState.ValueType
@@ -776,7 +946,10 @@ class TransitionTurnRequest(_message.Message):
     error_message: _builtins.str
     user_message_seq: _builtins.int
     lease_owner: _builtins.str
-    """When set, the transition only happens while this owner holds the lease."""
+    """When set, the transition only happens while this owner holds the lease
+    (with lease_epoch set, with that epoch).
+    """
+    lease_epoch: _builtins.int
     def __init__(
         self,
         *,
@@ -787,10 +960,11 @@ class TransitionTurnRequest(_message.Message):
         error_message: _builtins.str = ...,
         user_message_seq: _builtins.int = ...,
         lease_owner: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_owner", b"lease_owner", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,15 +972,22 @@ Global___TransitionTurnRequest: _TypeAlias = TransitionTurnRequest  # noqa: Y015
 
 @_typing.final
 class ClaimLeaseRequest(_message.Message):
+    """Succeeds on a turn that has not ended whose lease is free, expired or
+    already the owner's; bumps lease_epoch and attempts.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    RESERVE_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     owner: _builtins.str
+    reserve_event_seq: _builtins.int
+    """Raise the conversation's reserved_event_seq to this in the same transaction."""
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -816,10 +997,11 @@ class ClaimLeaseRequest(_message.Message):
         turn_id: _builtins.str = ...,
         owner: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        reserve_event_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "tenant_id", b"tenant_id", "ttl", b"ttl", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "reserve_event_seq", b"reserve_event_seq", "tenant_id", b"tenant_id", "ttl", b"ttl", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -833,9 +1015,12 @@ class RenewLeaseRequest(_message.Message):
     TURN_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     owner: _builtins.str
+    epoch: _builtins.int
+    """Set: only this epoch's lease is renewed."""
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -845,10 +1030,11 @@ class RenewLeaseRequest(_message.Message):
         turn_id: _builtins.str = ...,
         owner: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "tenant_id", b"tenant_id", "ttl", b"ttl", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "owner", b"owner", "tenant_id", b"tenant_id", "ttl", b"ttl", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -861,23 +1047,102 @@ class ReleaseLeaseRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     owner: _builtins.str
+    epoch: _builtins.int
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         turn_id: _builtins.str = ...,
         owner: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "tenant_id", b"tenant_id", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "owner", b"owner", "tenant_id", b"tenant_id", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseLeaseRequest: _TypeAlias = ReleaseLeaseRequest  # noqa: Y015
+
+@_typing.final
+class LeaseRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    turn_id: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "tenant_id", b"tenant_id", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseRef: _TypeAlias = LeaseRef  # noqa: Y015
+
+@_typing.final
+class RenewLeasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]: ...
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        leases: _abc.Iterable[Global___LeaseRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "owner", b"owner", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeasesRequest: _TypeAlias = RenewLeasesRequest  # noqa: Y015
+
+@_typing.final
+class RenewLeasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOST_TURN_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lost_turn_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Turns whose lease this owner no longer holds (another claimed it, or the
+        turn ended): stop running them, write nothing more.
+        """
+
+    def __init__(
+        self,
+        *,
+        lost_turn_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost_turn_ids", b"lost_turn_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewLeasesResponse: _TypeAlias = RenewLeasesResponse  # noqa: Y015
 
 @_typing.final
 class ListExpiredLeasesRequest(_message.Message):
@@ -1060,9 +1325,15 @@ class EnqueueRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ONLY_BEHIND_TURN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     idempotency_key: _builtins.str
+    only_behind_turn: _builtins.bool
+    """Refuse with FAILED_PRECONDITION (message starting "no turn in flight")
+    unless the conversation has a turn that has not ended: a message queued
+    behind a turn that already sealed would wait for no one.
+    """
     @_builtins.property
     def message(self) -> _common_pb2.Message: ...
     def __init__(
@@ -1072,10 +1343,11 @@ class EnqueueRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         message: _common_pb2.Message | None = ...,
         idempotency_key: _builtins.str = ...,
+        only_behind_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "only_behind_turn", b"only_behind_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

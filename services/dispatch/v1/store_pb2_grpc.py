@@ -146,6 +146,11 @@ class ConversationStoreStub:
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
                 _registered_method=True)
+        self.RenewLeases = channel.unary_unary(
+                '/dispatch.v1.ConversationStore/RenewLeases',
+                request_serializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.FromString,
+                _registered_method=True)
         self.RecordTurnMetrics = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/RecordTurnMetrics',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.RecordTurnMetricsRequest.SerializeToString,
@@ -351,7 +356,16 @@ class ConversationStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListExpiredLeases(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Turns of every tenant that have not ended and that nobody holds: their
+        lease expired or was released. Oldest expiry first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLeases(self, request, context):
+        """Renews every lease of one owner in one call; answers which were lost.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -552,6 +566,11 @@ def add_ConversationStoreServicer_to_server(servicer, server):
                     servicer.ListExpiredLeases,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.SerializeToString,
+            ),
+            'RenewLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLeases,
+                    request_deserializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.SerializeToString,
             ),
             'RecordTurnMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordTurnMetrics,
@@ -1213,6 +1232,33 @@ class ConversationStore:
             '/dispatch.v1.ConversationStore/ListExpiredLeases',
             dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.SerializeToString,
             dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.ConversationStore/RenewLeases',
+            dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,16 @@ class DispatchStub:
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.CancelRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_transport__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.GetTurn = channel.unary_unary(
+                '/dispatch.v1.Dispatch/GetTurn',
+                request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicGetTurnRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.Turn.FromString,
+                _registered_method=True)
+        self.ListTurns = channel.unary_unary(
+                '/dispatch.v1.Dispatch/ListTurns',
+                request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+                _registered_method=True)
         self.ResolveApproval = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ResolveApproval',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicResolveApprovalRequest.SerializeToString,
@@ -180,6 +190,20 @@ class DispatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTurn(self, request, context):
+        """A turn's state: attempts, lease owner, finish reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTurns(self, request, context):
+        """A conversation's turns, oldest first, optionally only in some states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveApproval(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -263,6 +287,16 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.CancelRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_transport__pb2.CancelResponse.SerializeToString,
+            ),
+            'GetTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTurn,
+                    request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicGetTurnRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.Turn.SerializeToString,
+            ),
+            'ListTurns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTurns,
+                    request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.SerializeToString,
             ),
             'ResolveApproval': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveApproval,
@@ -560,6 +594,60 @@ class Dispatch:
             '/dispatch.v1.Dispatch/Cancel',
             dispatch_dot_v1_dot_transport__pb2.CancelRequest.SerializeToString,
             dispatch_dot_v1_dot_transport__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.Dispatch/GetTurn',
+            dispatch_dot_v1_dot_transport__pb2.PublicGetTurnRequest.SerializeToString,
+            dispatch_dot_v1_dot_common__pb2.Turn.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.Dispatch/ListTurns',
+            dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class DispatchStub:
     Subscribe: _grpc.UnaryStreamMultiCallable[_transport_pb2.SubscribeRequest, _transport_pb2.SubscribeResponse]
     """The conversation's events after after_event_seq, in batches."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_transport_pb2.CancelRequest, _transport_pb2.CancelResponse]
+    GetTurn: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicGetTurnRequest, _common_pb2.Turn]
+    """A turn's state: attempts, lease owner, finish reason."""
+    ListTurns: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]
+    """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]
     History: _grpc.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]
     """Committed messages with seq > after_seq."""
@@ -73,6 +77,10 @@ class DispatchAsyncStub(DispatchStub):
     Subscribe: _aio.UnaryStreamMultiCallable[_transport_pb2.SubscribeRequest, _transport_pb2.SubscribeResponse]  # type: ignore[assignment]
     """The conversation's events after after_event_seq, in batches."""
     Cancel: _aio.UnaryUnaryMultiCallable[_transport_pb2.CancelRequest, _transport_pb2.CancelResponse]  # type: ignore[assignment]
+    GetTurn: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicGetTurnRequest, _common_pb2.Turn]  # type: ignore[assignment]
+    """A turn's state: attempts, lease owner, finish reason."""
+    ListTurns: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     History: _aio.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]  # type: ignore[assignment]
     """Committed messages with seq > after_seq."""
@@ -153,6 +161,22 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         request: _transport_pb2.CancelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transport_pb2.CancelResponse, _abc.Awaitable[_transport_pb2.CancelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTurn(
+        self,
+        request: _transport_pb2.PublicGetTurnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Turn, _abc.Awaitable[_common_pb2.Turn]]:
+        """A turn's state: attempts, lease owner, finish reason."""
+
+    @_abc_1.abstractmethod
+    def ListTurns(
+        self,
+        request: _transport_pb2.PublicListTurnsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]:
+        """A conversation's turns, oldest first, optionally only in some states."""
 
     @_abc_1.abstractmethod
     def ResolveApproval(

@@ -100,6 +100,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_DOOM_LOOP: _FinishReason.ValueType  # 7
     FINISH_REASON_ABORTED: _FinishReason.ValueType  # 8
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 9
+    FINISH_REASON_INTERRUPTED: _FinishReason.ValueType  # 10
+    """The turn could not be finished: its kernels kept going away (every
+    recovery attempt was used up).
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a step or a turn ended. Steps end with STOP, TOOL_CALLS, LENGTH or
@@ -116,6 +120,10 @@ FINISH_REASON_TOOL_BUDGET: FinishReason.ValueType  # 6
 FINISH_REASON_DOOM_LOOP: FinishReason.ValueType  # 7
 FINISH_REASON_ABORTED: FinishReason.ValueType  # 8
 FINISH_REASON_ERROR: FinishReason.ValueType  # 9
+FINISH_REASON_INTERRUPTED: FinishReason.ValueType  # 10
+"""The turn could not be finished: its kernels kept going away (every
+recovery attempt was used up).
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _SubscribeUntil:
@@ -492,6 +500,8 @@ class Turn(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     conversation_id: _builtins.str
     state: Global___TurnState.ValueType
@@ -506,6 +516,14 @@ class Turn(_message.Message):
     agent: _builtins.str
     user_message_seq: _builtins.int
     """seq of the user message that started the turn."""
+    attempts: _builtins.int
+    """Runs of the turn so far: 1 for its first, one more for each kernel that
+    recovered it after the one before went away.
+    """
+    lease_epoch: _builtins.int
+    """Bumped by every claim of the lease: a write fenced with an older epoch
+    (a kernel that lost the turn) is refused.
+    """
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -532,10 +550,12 @@ class Turn(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "lease_expires_at", b"lease_expires_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "created_at", b"created_at", "cwd", b"cwd", "ended_at", b"ended_at", "error_message", b"error_message", "finish_reason", b"finish_reason", "id", b"id", "idempotency_key", b"idempotency_key", "lease_expires_at", b"lease_expires_at", "lease_owner", b"lease_owner", "started_at", b"started_at", "state", b"state", "user_message_seq", b"user_message_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "created_at", b"created_at", "cwd", b"cwd", "ended_at", b"ended_at", "error_message", b"error_message", "finish_reason", b"finish_reason", "id", b"id", "idempotency_key", b"idempotency_key", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "lease_owner", b"lease_owner", "started_at", b"started_at", "state", b"state", "user_message_seq", b"user_message_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -610,6 +630,7 @@ class Conversation(_message.Message):
     LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    RESERVED_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     workspace_id: _builtins.str
@@ -622,6 +643,12 @@ class Conversation(_message.Message):
     """Highest message seq appended so far (0 = none)."""
     last_event_seq: _builtins.int
     """Highest event_seq persisted so far (0 = none)."""
+    reserved_event_seq: _builtins.int
+    """The highest event_seq a kernel may have sent to subscribers: reserved
+    durably before events are numbered, so a kernel that takes over numbers
+    past anything that may have been seen (and announces what was lost).
+    Equal to last_event_seq when no turn is running.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -640,10 +667,11 @@ class Conversation(_message.Message):
         last_event_seq: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        reserved_event_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "created_at", b"created_at", "cwd", b"cwd", "id", b"id", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "tenant_id", b"tenant_id", "title", b"title", "updated_at", b"updated_at", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "created_at", b"created_at", "cwd", b"cwd", "id", b"id", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "reserved_event_seq", b"reserved_event_seq", "tenant_id", b"tenant_id", "title", b"title", "updated_at", b"updated_at", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1291,6 +1319,97 @@ class TurnSealed(_message.Message):
 Global___TurnSealed: _TypeAlias = TurnSealed  # noqa: Y015
 
 @_typing.final
+class TurnResumed(_message.Message):
+    """A kernel took over a turn whose kernel went away (or handed it over) and
+    continues it from its last committed step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FROM_STEP_INDEX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """This run's number: 2 for the first recovery."""
+    from_step_index: _builtins.int
+    """The step the turn continues with (the one that was interrupted)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        from_step_index: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "from_step_index", b"from_step_index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnResumed: _TypeAlias = TurnResumed  # noqa: Y015
+
+@_typing.final
+class TurnInterrupted(_message.Message):
+    """The turn stopped running on this kernel before it ended: handed over on
+    shutdown (resumable: another kernel continues it), or given up after its
+    last attempt (not resumable; turn_done and turn_sealed follow).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RESUMABLE_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    reason: _builtins.str
+    resumable: _builtins.bool
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        resumable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "reason", b"reason", "resumable", b"resumable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnInterrupted: _TypeAlias = TurnInterrupted  # noqa: Y015
+
+@_typing.final
+class EventsLost(_message.Message):
+    """Events first_event_seq..last_event_seq may have been sent to subscribers and
+    were lost before they were persisted (their kernel went away). Those
+    numbers are never used again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    first_event_seq: _builtins.int
+    last_event_seq: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        first_event_seq: _builtins.int = ...,
+        last_event_seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_event_seq", b"first_event_seq", "last_event_seq", b"last_event_seq", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsLost: _TypeAlias = EventsLost  # noqa: Y015
+
+@_typing.final
 class AgentEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1315,6 +1434,9 @@ class AgentEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TURN_DONE_FIELD_NUMBER: _builtins.int
     TURN_SEALED_FIELD_NUMBER: _builtins.int
+    TURN_RESUMED_FIELD_NUMBER: _builtins.int
+    TURN_INTERRUPTED_FIELD_NUMBER: _builtins.int
+    EVENTS_LOST_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     turn_id: _builtins.str
     event_seq: _builtins.int
@@ -1355,6 +1477,12 @@ class AgentEvent(_message.Message):
     def turn_done(self) -> Global___TurnDone: ...
     @_builtins.property
     def turn_sealed(self) -> Global___TurnSealed: ...
+    @_builtins.property
+    def turn_resumed(self) -> Global___TurnResumed: ...
+    @_builtins.property
+    def turn_interrupted(self) -> Global___TurnInterrupted: ...
+    @_builtins.property
+    def events_lost(self) -> Global___EventsLost: ...
     def __init__(
         self,
         *,
@@ -1379,12 +1507,15 @@ class AgentEvent(_message.Message):
         error: Global___ErrorEvent | None = ...,
         turn_done: Global___TurnDone | None = ...,
         turn_sealed: Global___TurnSealed | None = ...,
+        turn_resumed: Global___TurnResumed | None = ...,
+        turn_interrupted: Global___TurnInterrupted | None = ...,
+        events_lost: Global___EventsLost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "error", b"error", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "error", b"error", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed", "turn_resumed", "turn_interrupted", "events_lost"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

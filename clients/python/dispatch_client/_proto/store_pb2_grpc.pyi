@@ -67,6 +67,11 @@ class ConversationStoreStub:
     RenewLease: _grpc.UnaryUnaryMultiCallable[_store_pb2.RenewLeaseRequest, _common_pb2.Turn]
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_store_pb2.ReleaseLeaseRequest, _common_pb2.Turn]
     ListExpiredLeases: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _store_pb2.ListTurnsResponse]
+    """Turns of every tenant that have not ended and that nobody holds: their
+    lease expired or was released. Oldest expiry first.
+    """
+    RenewLeases: _grpc.UnaryUnaryMultiCallable[_store_pb2.RenewLeasesRequest, _store_pb2.RenewLeasesResponse]
+    """Renews every lease of one owner in one call; answers which were lost."""
     RecordTurnMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]
@@ -122,6 +127,11 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     RenewLease: _aio.UnaryUnaryMultiCallable[_store_pb2.RenewLeaseRequest, _common_pb2.Turn]  # type: ignore[assignment]
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_store_pb2.ReleaseLeaseRequest, _common_pb2.Turn]  # type: ignore[assignment]
     ListExpiredLeases: _aio.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    """Turns of every tenant that have not ended and that nobody holds: their
+    lease expired or was released. Oldest expiry first.
+    """
+    RenewLeases: _aio.UnaryUnaryMultiCallable[_store_pb2.RenewLeasesRequest, _store_pb2.RenewLeasesResponse]  # type: ignore[assignment]
+    """Renews every lease of one owner in one call; answers which were lost."""
     RecordTurnMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]  # type: ignore[assignment]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]  # type: ignore[assignment]
@@ -305,7 +315,18 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListExpiredLeasesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]: ...
+    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]:
+        """Turns of every tenant that have not ended and that nobody holds: their
+        lease expired or was released. Oldest expiry first.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLeases(
+        self,
+        request: _store_pb2.RenewLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.RenewLeasesResponse, _abc.Awaitable[_store_pb2.RenewLeasesResponse]]:
+        """Renews every lease of one owner in one call; answers which were lost."""
 
     @_abc_1.abstractmethod
     def RecordTurnMetrics(
