@@ -11,10 +11,17 @@ from typing import TypeVar
 
 import grpc
 
-from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, from_rpc_error, grpc_errors
+from dispatch.shared.errors import (
+    Context,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+    from_rpc_error,
+    grpc_errors,
+)
 from dispatch.shared.ids import require_id
 from dispatch.shared.limits import MAX_MESSAGE_CHARS
-from dispatch.store.backend import CONVERSATION_PREFIX
+from dispatch.store.backend import CONVERSATION_PREFIX, TURN_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
 from dispatch.transport.fanout import Fanout
 from dispatch.v1 import (
@@ -292,15 +299,47 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
 
     @grpc_errors
     async def GetTurn(self, request: transport_pb2.PublicGetTurnRequest, context: Context) -> common_pb2.Turn:
-        await self._tenant(context)
-        raise Unimplemented("Dispatch.GetTurn: not implemented yet")
+        tenant = await self._tenant(context)
+        conversation_id = _conversation_id(request.conversation_id)
+        turn_id = require_id(request.turn_id, "turn_id", TURN_PREFIX)
+        turn = await self._call(
+            "could not get the turn",
+            self.store.GetTurn(
+                store_pb2.GetTurnRequest(tenant_id=tenant, turn_id=turn_id), timeout=self.timeout
+            ),
+        )
+        # The store scopes a turn to its tenant only; the path names the conversation too, and
+        # a turn reached through another conversation's path is not there.
+        if turn.conversation_id != conversation_id:
+            raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
+        return turn
 
     @grpc_errors
     async def ListTurns(
         self, request: transport_pb2.PublicListTurnsRequest, context: Context
     ) -> store_pb2.ListTurnsResponse:
-        await self._tenant(context)
-        raise Unimplemented("Dispatch.ListTurns: not implemented yet")
+        tenant = await self._tenant(context)
+        conversation_id = _conversation_id(request.conversation_id)
+        known = [v for v in common_pb2.TurnState.values() if v != common_pb2.TURN_STATE_UNSPECIFIED]
+        for state in request.states:
+            if state not in known:
+                names = ", ".join(common_pb2.TurnState.Name(v) for v in known)
+                raise InvalidArgument(f"states: {state} is not a turn state; expected one of {names}")
+        # page_size and page_token are checked where the other listings check theirs: in the
+        # store (0 or more, at most its MAX_PAGE_SIZE; a token it issued).
+        return await self._call(
+            "could not list turns",
+            self.store.ListTurns(
+                store_pb2.ListTurnsRequest(
+                    tenant_id=tenant,
+                    conversation_id=conversation_id,
+                    states=request.states,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                timeout=self.timeout,
+            ),
+        )
 
     @grpc_errors
     async def ResolveApproval(
