@@ -502,6 +502,7 @@ class Turn(_message.Message):
     ENDED_AT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     conversation_id: _builtins.str
     state: Global___TurnState.ValueType
@@ -524,6 +525,7 @@ class Turn(_message.Message):
     """Bumped by every claim of the lease: a write fenced with an older epoch
     (a kernel that lost the turn) is refused.
     """
+    tenant_id: _builtins.str
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -552,10 +554,11 @@ class Turn(_message.Message):
         ended_at: _timestamp_pb2.Timestamp | None = ...,
         attempts: _builtins.int = ...,
         lease_epoch: _builtins.int = ...,
+        tenant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "lease_expires_at", b"lease_expires_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "created_at", b"created_at", "cwd", b"cwd", "ended_at", b"ended_at", "error_message", b"error_message", "finish_reason", b"finish_reason", "id", b"id", "idempotency_key", b"idempotency_key", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "lease_owner", b"lease_owner", "started_at", b"started_at", "state", b"state", "user_message_seq", b"user_message_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "computer_id", b"computer_id", "conversation_id", b"conversation_id", "created_at", b"created_at", "cwd", b"cwd", "ended_at", b"ended_at", "error_message", b"error_message", "finish_reason", b"finish_reason", "id", b"id", "idempotency_key", b"idempotency_key", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "lease_owner", b"lease_owner", "started_at", b"started_at", "state", b"state", "tenant_id", b"tenant_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
