@@ -12,25 +12,28 @@ bytes base64, timestamps RFC 3339, and fields at their default are left out.
 
 Routes::
 
-    GET    /v1/workspaces                       ListWorkspaces       ?page_size=&page_token=
-    POST   /v1/workspaces                       CreateWorkspace
-    POST   /v1/conversations                    CreateConversation
-    GET    /v1/conversations                    ListConversations    ?workspace_id=&page_size=&page_token=
-    GET    /v1/conversations/{id}               GetConversation
-    PATCH  /v1/conversations/{id}               UpdateConversation
-    DELETE /v1/conversations/{id}               DeleteConversation
-    POST   /v1/conversations/{id}/messages      Send                 {"text", "policy", "idempotency_key"}
-    GET    /v1/conversations/{id}/events        Subscribe            ?after_event_seq=&until=
-    POST   /v1/conversations/{id}/cancel        Cancel               {"turn_id"} (optional)
-    GET    /v1/conversations/{id}/history       History              ?after_seq=&limit=
-    GET    /v1/conversations/{id}/metrics       Metrics              ?turn_id=
-    POST   /v1/approvals/{id}/resolve           ResolveApproval      {"decision", "reason", ...}
-    GET    /v1/models                           Models
-    GET    /v1/computers                        Computers
+    GET    /v1/workspaces                           ListWorkspaces       ?page_size=&page_token=
+    POST   /v1/workspaces                           CreateWorkspace
+    POST   /v1/conversations                        CreateConversation
+    GET    /v1/conversations                        ListConversations    ?workspace_id=&page_size=&page_token=
+    GET    /v1/conversations/{id}                   GetConversation
+    PATCH  /v1/conversations/{id}                   UpdateConversation
+    DELETE /v1/conversations/{id}                   DeleteConversation
+    POST   /v1/conversations/{id}/messages          Send                 {"text", "policy", "idempotency_key"}
+    GET    /v1/conversations/{id}/events            Subscribe            ?after_event_seq=&until=
+    POST   /v1/conversations/{id}/cancel            Cancel               {"turn_id"} (optional)
+    GET    /v1/conversations/{id}/history           History              ?after_seq=&limit=
+    GET    /v1/conversations/{id}/metrics           Metrics              ?turn_id=
+    GET    /v1/conversations/{id}/turns             ListTurns            ?state=&page_size=&page_token=
+    GET    /v1/conversations/{id}/turns/{turn_id}   GetTurn
+    POST   /v1/approvals/{id}/resolve               ResolveApproval      {"decision", "reason", ...}
+    GET    /v1/models                               Models
+    GET    /v1/computers                            Computers
 
 Enum fields of a body (``policy``, ``decision``) also take the short lower-case
-name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``. A query parameter a route
-does not take is a 400 naming it.
+name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``, and so does ``?state=``
+(``running`` or ``TURN_STATE_RUNNING``; repeat it for several states). A query
+parameter a route does not take is a 400 naming it.
 
 The event stream is Server-Sent Events when ``Accept`` names
 ``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
@@ -191,6 +194,25 @@ def _enum_field(data: dict[str, Any], name: str, prefix: str, choices: Sequence[
     raise _bad_request(f"{name} must be one of {', '.join(choices)}")
 
 
+_TURN_STATES = {
+    name.removeprefix("TURN_STATE_").lower(): value
+    for name, value in common_pb2.TurnState.items()
+    if value != common_pb2.TURN_STATE_UNSPECIFIED
+}
+
+
+def _states(request: web.Request) -> list[common_pb2.TurnState.ValueType]:
+    """The turn states of every ``?state=``: short lower-case names (``running``) or the
+    enum's (``TURN_STATE_RUNNING``), any case."""
+    states = []
+    for value in request.query.getall("state", ()):
+        short = value.strip().lower().removeprefix("turn_state_")
+        if short not in _TURN_STATES:
+            raise _bad_request(f"state must be one of {', '.join(_TURN_STATES)}, got {value[:80]!r}")
+        states.append(_TURN_STATES[short])
+    return states
+
+
 def _seq(value: str, name: str) -> int:
     text = value.strip()
     if not text.isdigit() or not text.isascii() or int(text) > _MAX_INT64:
@@ -343,6 +365,8 @@ class HttpBridge:
             web.post(conv + "/cancel", q(self._cancel)),
             web.get(conv + "/history", q(self._history, "after_seq", "limit"), allow_head=False),
             web.get(conv + "/metrics", q(self._metrics, "turn_id"), allow_head=False),
+            web.get(conv + "/turns", q(self._list_turns, "state", *_LIST), allow_head=False),
+            web.get(conv + "/turns/{turn_id}", q(self._get_turn), allow_head=False),
             web.post("/v1/approvals/{id}/resolve", q(self._resolve_approval)),
             web.get("/v1/models", q(self._models), allow_head=False),
             web.get("/v1/computers", q(self._computers), allow_head=False),
@@ -458,6 +482,20 @@ class HttpBridge:
             conversation_id=request.match_info["id"],
         )
         return await self._unary(request, self._stub.Metrics, message)
+
+    async def _list_turns(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            _query(request, _LIST),
+            transport_pb2.PublicListTurnsRequest(states=_states(request)),
+            conversation_id=request.match_info["id"],
+        )
+        return await self._unary(request, self._stub.ListTurns, message)
+
+    async def _get_turn(self, request: web.Request) -> web.StreamResponse:
+        message = transport_pb2.PublicGetTurnRequest(
+            conversation_id=request.match_info["id"], turn_id=request.match_info["turn_id"]
+        )
+        return await self._unary(request, self._stub.GetTurn, message)
 
     async def _resolve_approval(self, request: web.Request) -> web.StreamResponse:
         body = await _body(request)
