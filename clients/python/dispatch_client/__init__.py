@@ -13,7 +13,14 @@ that carries the gRPC status. ``types`` holds the message types
 
 from importlib import metadata as _metadata
 
-from dispatch_client._calls import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, POLICY_NAMES, find_address, find_api_key
+from dispatch_client._calls import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT,
+    POLICY_NAMES,
+    TURN_STATE_NAMES,
+    find_address,
+    find_api_key,
+)
 from dispatch_client._proto import common_pb2 as types
 from dispatch_client._proto import store_pb2, transport_pb2
 from dispatch_client.client import DispatchClient
@@ -44,6 +51,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_TIMEOUT",
     "POLICY_NAMES",
+    "TURN_STATE_NAMES",
     "AlreadyExists",
     "Cancelled",
     "Client",

@@ -29,6 +29,7 @@ I = TypeVar("I")  # noqa: E741 - an item of a page
 SendPolicyLike: TypeAlias = "str | common_pb2.SendPolicy.ValueType"
 UntilLike: TypeAlias = "str | common_pb2.SubscribeUntil.ValueType"
 DecisionLike: TypeAlias = "str | common_pb2.ApprovalDecision.ValueType"
+TurnStateLike: TypeAlias = "str | common_pb2.TurnState.ValueType"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,26 @@ def approval_decision(value: DecisionLike) -> common_pb2.ApprovalDecision.ValueT
     return common_pb2.ApprovalDecision.ValueType(
         _enum_value(value, common_pb2.ApprovalDecision.DESCRIPTOR, "APPROVAL_DECISION_", "approval decision")
     )
+
+
+TURN_STATE_NAMES = [
+    v.name.removeprefix("TURN_STATE_").lower() for v in common_pb2.TurnState.DESCRIPTOR.values if v.number
+]
+
+
+def turn_state(value: TurnStateLike) -> common_pb2.TurnState.ValueType:
+    """A turn state from its name (``"running"``, ``"TURN_STATE_RUNNING"``, any case) or a
+    ``TurnState`` value."""
+    return common_pb2.TurnState.ValueType(
+        _enum_value(value, common_pb2.TurnState.DESCRIPTOR, "TURN_STATE_", "turn state")
+    )
+
+
+def turn_states(states: TurnStateLike | Iterable[TurnStateLike]) -> list[common_pb2.TurnState.ValueType]:
+    """``states`` (one, or several) as ``TurnState`` values; a lone string is one state."""
+    if isinstance(states, (str, int)):
+        return [turn_state(states)]
+    return [turn_state(s) for s in states]
 
 
 # ------------------------------------------------------------- the public API
@@ -268,6 +289,54 @@ def cancel(
     is the turn aborted, empty when none was."""
     request = transport_pb2.CancelRequest(conversation_id=conversation_id, turn_id=turn_id)
     return Call("Cancel", request, timeout)
+
+
+def get_turn(conversation_id: str, turn_id: str, *, timeout: float | None = None) -> Call[common_pb2.Turn]:
+    """The turn: its ``state``, ``attempts`` (one more each time a kernel recovered it), the
+    kernel holding its lease (``lease_owner``, ``lease_expires_at``), its ``finish_reason``
+    and ``error_message`` once it ended, and when it was created, started and ended.
+    ``NotFound`` if the conversation has no such turn (or is another tenant's)."""
+    request = transport_pb2.PublicGetTurnRequest(conversation_id=conversation_id, turn_id=turn_id)
+    return Call("GetTurn", request, timeout)
+
+
+def list_turns(
+    conversation_id: str,
+    *,
+    states: TurnStateLike | Iterable[TurnStateLike] = (),
+    page_size: int = 0,
+    page_token: str = "",
+    timeout: float | None = None,
+) -> Call[store_pb2.ListTurnsResponse]:
+    """One page of the conversation's turns, oldest first; only those in ``states`` when given
+    (``"running"``, ``["queued", "running"]`` or ``types.TurnState`` values). See ``iter_turns``."""
+    request = transport_pb2.PublicListTurnsRequest(
+        conversation_id=conversation_id,
+        states=turn_states(states),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Call("ListTurns", request, timeout)
+
+
+def iter_turns(
+    conversation_id: str,
+    *,
+    states: TurnStateLike | Iterable[TurnStateLike] = (),
+    page_size: int = 0,
+    timeout: float | None = None,
+) -> Pages[store_pb2.ListTurnsResponse, common_pb2.Turn]:
+    """Every turn of the conversation (in ``states`` when given), oldest first, page by page."""
+    wanted = turn_states(states)
+
+    def page(token: str) -> Call[store_pb2.ListTurnsResponse]:
+        return list_turns(
+            conversation_id, states=wanted, page_size=page_size, page_token=token, timeout=timeout
+        )
+
+    return Pages(
+        page(""), lambda r: r.turns, lambda r: page(r.next_page_token) if r.next_page_token else None
+    )
 
 
 def resolve_approval(
