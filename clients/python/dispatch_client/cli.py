@@ -7,6 +7,7 @@ dispatch watch CONV --json                          # follow the event stream
 dispatch watch CONV --until-sealed                  # ... until the running turn is sealed
 dispatch history CONV                               # committed messages
 dispatch cancel CONV                                # abort the running turn
+dispatch turns CONV --state running                 # the turns running now
 
 The key comes from ``--api-key``, else the ``api_key`` file in ``--data-dir``,
 else ``DISPATCH_API_KEY``, else the file ``dispatchd up`` writes
@@ -19,7 +20,7 @@ Exit status:
 =====  ==========================================================================
 0      success
 1      the turn finished badly (error, aborted, max steps, tool budget, doom loop,
-       content filter) or ended unsealed
+       content filter, interrupted) or ended unsealed
 2      usage: a bad command line, or no readable ``api_key`` in ``--data-dir``
 3      the server is unreachable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED)
 4      not found (NOT_FOUND: no such conversation, or another tenant's)
@@ -47,11 +48,11 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from dispatch_client import __version__
-from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES, UNTIL_NAMES
+from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES, TURN_STATE_NAMES, UNTIL_NAMES
 from dispatch_client._proto import common_pb2, transport_pb2
 from dispatch_client.client import DEFAULT_ADDRESS, DispatchClient
 from dispatch_client.errors import DispatchError
@@ -97,6 +98,7 @@ _FINISH_WORDS = {
     common_pb2.FINISH_REASON_DOOM_LOOP: "doom loop",
     common_pb2.FINISH_REASON_ABORTED: "aborted",
     common_pb2.FINISH_REASON_ERROR: "error",
+    common_pb2.FINISH_REASON_INTERRUPTED: "interrupted",
 }
 _GOOD_FINISH = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
 
@@ -212,6 +214,25 @@ class Renderer:
         elif kind == "steering_injected" and self.show_turns:
             count = len(event.steering_injected.message_seqs)
             self._line(f"(steering: {count} queued message(s) taken)", _YELLOW)
+        elif kind == "turn_resumed":
+            resumed = event.turn_resumed
+            why = f": {resumed.reason}" if resumed.reason else ""
+            self._line(
+                f"↻ resumed (attempt {resumed.attempt}) from step {resumed.from_step_index}{why}", _YELLOW
+            )
+        elif kind == "turn_interrupted":
+            stopped = event.turn_interrupted
+            then = (
+                "resumable: another kernel continues it"
+                if stopped.resumable
+                else f"not resumable: attempt {stopped.attempt} was the last"
+            )
+            self._line(f"⏸ interrupted: {stopped.reason or 'its kernel went away'} ({then})", _YELLOW)
+        elif kind == "events_lost":
+            lost = event.events_lost
+            first, last = lost.first_event_seq, lost.last_event_seq
+            span = f"event {first} was" if first == last else f"events {first}-{last} were"
+            self._line(f"({span} lost: {lost.reason or 'their kernel went away'})", _YELLOW)
         elif kind == "error":
             self._line(f"error: {event.error.message}", _RED)
         elif kind == "turn_done":
@@ -288,6 +309,55 @@ def message_json(message: common_pb2.Message) -> str:
 def conversation_json(conv: common_pb2.Conversation) -> str:
     fields = _as_dict(conv, id=conv.id, last_seq=conv.last_seq, last_event_seq=conv.last_event_seq)
     return json.dumps(fields, ensure_ascii=False)
+
+
+# A turn in these states has not ended; its lease owner is the kernel running it.
+_UNENDED = (
+    common_pb2.TURN_STATE_QUEUED,
+    common_pb2.TURN_STATE_RUNNING,
+    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+    common_pb2.TURN_STATE_RESUMING,
+)
+
+
+def _state_name(state: common_pb2.TurnState.ValueType) -> str:
+    return common_pb2.TurnState.Name(state).removeprefix("TURN_STATE_").lower()
+
+
+def _since(start: timestamp_pb2.Timestamp, then: timestamp_pb2.Timestamp) -> str:
+    return f"+{(then.ToNanoseconds() - start.ToNanoseconds()) / 1e9:.2f}s"
+
+
+def turn_line(turn: common_pb2.Turn) -> str:
+    """One turn for people: id, state, attempts, the lease owner while it has not ended, the
+    finish reason once it has, when it was created (UTC) and started and ended after that."""
+    parts = [turn.id, f"{_state_name(turn.state):<9}", f"attempts {turn.attempts}"]
+    if turn.state in _UNENDED and turn.lease_owner:
+        parts.append(f"lease {turn.lease_owner}")
+    if turn.finish_reason:
+        parts.append(_FINISH_WORDS.get(turn.finish_reason, "done"))
+    if turn.HasField("created_at"):
+        parts.append(f"created {turn.created_at.ToDatetime().strftime('%Y-%m-%d %H:%M:%S')}")
+        if turn.HasField("started_at"):
+            parts.append(f"started {_since(turn.created_at, turn.started_at)}")
+        if turn.HasField("ended_at"):
+            parts.append(f"ended {_since(turn.created_at, turn.ended_at)}")
+    if turn.error_message:
+        parts.append(f"error: {_preview(turn.error_message, lines=1)}")
+    return "  ".join(parts)
+
+
+def turn_json(turn: common_pb2.Turn) -> str:
+    """One turn as a JSON line: protobuf's JSON mapping, with ``state`` and ``finish_reason``
+    as their short lower-case names and ``attempts`` and ``lease_epoch`` as numbers, always."""
+    first: dict[str, Any] = {"id": turn.id, "state": _state_name(turn.state), "attempts": turn.attempts}
+    if turn.finish_reason:
+        first["finish_reason"] = (
+            common_pb2.FinishReason.Name(turn.finish_reason).removeprefix("FINISH_REASON_").lower()
+        )
+    first["lease_epoch"] = turn.lease_epoch
+    first["user_message_seq"] = turn.user_message_seq
+    return json.dumps(_as_dict(turn, **first), ensure_ascii=False)
 
 
 def _chunk_line(chunk: common_pb2.Chunk) -> str:
@@ -524,6 +594,19 @@ async def _cancel(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def _turns(args: argparse.Namespace, out: TextIO) -> int:
+    async with _client(args) as client:
+        if args.turn:
+            turn = await client.get_turn(args.conversation, args.turn)
+            print(turn_json(turn) if args.json else turn_line(turn), file=out)
+            return EXIT_OK
+        turns = client.iter_turns(args.conversation, states=args.state)
+        async with contextlib.aclosing(turns):
+            async for turn in turns:
+                print(turn_json(turn) if args.json else turn_line(turn), file=out)
+    return EXIT_OK
+
+
 Command = Callable[[argparse.Namespace, TextIO], Coroutine[Any, Any, int]]
 
 _COMMANDS: dict[str, Command] = {
@@ -533,7 +616,13 @@ _COMMANDS: dict[str, Command] = {
     "history": _history,
     "conversations": _conversations,
     "cancel": _cancel,
+    "turns": _turns,
 }
+
+
+def _turn_state_arg(value: str) -> str:
+    """``--state``'s value as its short name: ``RUNNING`` and ``TURN_STATE_RUNNING`` are ``running``."""
+    return value.strip().lower().removeprefix("turn_state_")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -643,6 +732,20 @@ def parser() -> argparse.ArgumentParser:
     p = command("cancel", "abort a conversation's running turn")
     p.add_argument("conversation")
     p.add_argument("--turn", default="", metavar="ID", help="only if this turn is the one running")
+
+    p = command("turns", "list a conversation's turns (oldest first), or show one")
+    p.add_argument("conversation")
+    p.add_argument("turn", nargs="?", default="", metavar="TURN_ID", help="show only this turn")
+    p.add_argument(
+        "--state",
+        action="append",
+        type=_turn_state_arg,
+        choices=TURN_STATE_NAMES,
+        default=[],
+        metavar="STATE",
+        help=f"only turns in this state; repeat for several ({', '.join(TURN_STATE_NAMES)})",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON turn per line")
     return top
 
 
@@ -673,6 +776,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.data_dir = getattr(args, "data_dir", None)
     args.timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
     args.color = getattr(args, "color", "auto")
+    if args.command == "turns" and args.turn and args.state:
+        top.error("turns: --state filters the list; it does not go with TURN_ID")
     if not args.api_key and args.data_dir:
         # The flag beats the environment: the key of the server whose data dir was named.
         key_file = Path(args.data_dir).expanduser() / "api_key"
