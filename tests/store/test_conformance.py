@@ -267,7 +267,9 @@ async def test_the_holder_may_claim_again_to_extend(store_stub: Stub, clock: Fak
     assert again.lease_expires_at.seconds == int(clock.now) + 30
 
 
-async def test_renew_extends_only_the_holders_unexpired_lease(store_stub: Stub, clock: FakeClock) -> None:
+async def test_renew_extends_the_holders_lease_until_another_claims_it(
+    store_stub: Stub, clock: FakeClock
+) -> None:
     conv = await new_conversation(store_stub)
     turn = await new_turn(store_stub, conv.id)
     await claim(store_stub, turn.id, "kernel-1", ttl=30)
@@ -279,10 +281,20 @@ async def test_renew_extends_only_the_holders_unexpired_lease(store_stub: Stub, 
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "kernel-1" in (err.details() or "")
 
+    # Expired, but nobody claimed it since: the holder is still the only writer, and renews.
+    # (Before durable turns a renewal after expiry was refused.)
     clock.advance(31)
+    late = await renew(store_stub, turn.id, "kernel-1", ttl=30)
+    assert (late.lease_owner, late.lease_expires_at.seconds) == ("kernel-1", int(clock.now) + 30)
+
+    # Once another owner claims it, the old holder's renewal is refused.
+    clock.advance(31)
+    await claim(store_stub, turn.id, "kernel-2")
     err = await rpc_error(renew(store_stub, turn.id, "kernel-1"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "expired" in (err.details() or "")
+    details = err.details() or ""
+    assert details.startswith("lease lost:") and turn.id in details and "kernel-2" in details
+    assert (await get_turn(store_stub, turn.id)).lease_owner == "kernel-2"
 
 
 async def test_release_by_the_holder_frees_the_turn_at_once(store_stub: Stub) -> None:
@@ -302,17 +314,23 @@ async def test_release_by_the_holder_frees_the_turn_at_once(store_stub: Stub) ->
     assert (await claim(store_stub, turn.id, "kernel-2")).lease_owner == "kernel-2"
 
 
-async def test_transition_with_the_lease_succeeds_while_it_is_held(
+async def test_transition_with_the_lease_succeeds_until_another_claims_it(
     store_stub: Stub, clock: FakeClock
 ) -> None:
     conv = await new_conversation(store_stub)
     turn = await new_turn(store_stub, conv.id)
     await claim(store_stub, turn.id, "kernel-1", ttl=30)
     assert (await move(store_stub, turn.id, S.TURN_STATE_RUNNING, "kernel-1")).state == S.TURN_STATE_RUNNING
+    # Expiry alone does not take the lease away (as with a fence).
     clock.advance(31)
-    err = await rpc_error(move(store_stub, turn.id, S.TURN_STATE_COMPLETED, "kernel-1"))
+    waiting = await move(store_stub, turn.id, S.TURN_STATE_WAITING_FOR_APPROVAL, "kernel-1")
+    assert waiting.state == S.TURN_STATE_WAITING_FOR_APPROVAL
+    clock.advance(31)
+    await claim(store_stub, turn.id, "kernel-2")
+    err = await rpc_error(move(store_stub, turn.id, S.TURN_STATE_RESUMING, "kernel-1"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert (await get_turn(store_stub, turn.id)).state == S.TURN_STATE_RUNNING
+    assert (err.details() or "").startswith("lease lost:")
+    assert (await get_turn(store_stub, turn.id)).state == S.TURN_STATE_WAITING_FOR_APPROVAL
 
 
 async def test_an_ended_turn_cannot_be_leased(store_stub: Stub) -> None:
@@ -345,13 +363,15 @@ async def test_list_expired_leases_finds_live_turns_of_every_tenant(
     )
     await move(store_stub, ended.id, S.TURN_STATE_ABORTED)
     await release(store_stub, released.id, "k")
-    assert await expired(store_stub) == []
+    # Nobody holds a released or never-leased turn: they are listed from the start
+    # (their expiry is 0, so they come first, oldest first).
+    assert await expired(store_stub) == [released.id, never.id]
 
     clock.advance(50)
-    # Earliest expiry first; never-leased, released, ended and unexpired turns are not listed.
-    assert await expired(store_stub) == [short.id, foreign.id]
-    assert await expired(store_stub, limit=1) == [short.id]
-    assert never.id not in await expired(store_stub)
+    # Earliest expiry first; ended and unexpired turns are not listed.
+    assert await expired(store_stub) == [released.id, never.id, short.id, foreign.id]
+    assert await expired(store_stub, limit=1) == [released.id]
+    assert await expired(store_stub, limit=3) == [released.id, never.id, short.id]
 
 
 @pytest.mark.parametrize("ttl", [0.0, -5.0])

@@ -418,9 +418,12 @@ async def test_leases_claim_renew_expire_and_release(backend: tuple[PostgresStor
     assert await store.list_expired_leases() == []
     clock.advance(20)
     assert [t.id for t in await store.list_expired_leases()] == [turn.id]
-    with pytest.raises(FailedPrecondition):
-        await store.renew_lease(TENANT, turn.id, "k1", ttl)
+    # Expired but not claimed by anyone else: the holder may still renew.
+    await store.renew_lease(TENANT, turn.id, "k1", ttl)
+    clock.advance(31)
     assert (await store.claim_lease(TENANT, turn.id, "k2", ttl)).lease_owner == "k2"
+    with pytest.raises(FailedPrecondition, match=r"^lease lost:"):
+        await store.renew_lease(TENANT, turn.id, "k1", ttl)
     assert (await store.release_lease(TENANT, turn.id, "k2")).lease_owner == ""
     with pytest.raises(NotFound):
         await store.claim_lease(OTHER_TENANT, turn.id, "k3", ttl)

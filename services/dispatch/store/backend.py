@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import dataclasses
 import datetime
 import hashlib
 import json
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from dispatch.shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from dispatch.shared.ids import step_id
@@ -125,6 +126,14 @@ class Appended:
     last_event_seq: int
     # How many of ``messages`` (the last ones) were taken from the queue.
     dequeued: int = 0
+    # The fenced turn after the call (sealed or released when asked); None unfenced.
+    turn: common_pb2.Turn | None = None
+    # The turn a sealing append started from the queue, and its user messages (numbered
+    # after ``messages``); None and empty when the queue was empty or none was asked for.
+    next_turn: common_pb2.Turn | None = None
+    next_turn_messages: list[common_pb2.Message] = dataclasses.field(default_factory=list)
+    # The conversation's after the call.
+    reserved_event_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,60 @@ class Execution:
     cwd: str
     workspace_root: str
     confine_tools: bool = False
+
+
+@dataclass(frozen=True)
+class LeaseFence:
+    """A write that belongs to ``turn_id`` and happens only while ``owner`` holds the turn's
+    lease with ``epoch`` (the lease_epoch its claim answered)."""
+
+    turn_id: str
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class TurnSeal:
+    """How an append ends its fenced turn: a terminal state, why, and the error if any."""
+
+    state: TurnState
+    finish_reason: FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED
+    error_message: str = ""
+
+
+@dataclass(frozen=True)
+class NextTurn:
+    """The turn a sealing append starts from the queued messages, leased to the fence's owner."""
+
+    lease_ttl: datetime.timedelta
+    state: TurnState = common_pb2.TURN_STATE_QUEUED
+    agent: str = ""
+    reserve_event_seq: int = 0
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """One lease of a batch renewal; ``epoch`` 0 matches any epoch."""
+
+    tenant_id: str
+    turn_id: str
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What the lease rules read of a turn: its state and who holds it, since which claim."""
+
+    turn_id: str
+    conversation_id: str
+    state: TurnState
+    owner: str
+    epoch: int
+    expires_at_ns: int
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
 
 
 def steering_messages(queued: Sequence[store_pb2.QueuedMessage], turn_id: str) -> list[common_pb2.Message]:
@@ -227,15 +290,15 @@ def validate_append(
     events: Sequence[common_pb2.AgentEvent],
     max_bytes: int = MAX_APPEND_BYTES,
     *,
-    takes_queue: bool = False,
+    allow_empty: bool = False,
 ) -> None:
     """Check an append's content before it touches the database.
 
-    Raises ``InvalidArgument`` for an empty append (unless it takes the queue),
+    Raises ``InvalidArgument`` for an empty append (unless it has something else to do),
     a message without a role or chunks, an event without a kind, or anything
     addressed to another conversation; ``ResourceExhausted`` past ``max_bytes``.
     """
-    if not messages and not events and not takes_queue:
+    if not messages and not events and not allow_empty:
         raise InvalidArgument("append needs at least one message or event")
     for i, msg in enumerate(messages):
         if msg.role not in ROLES:
@@ -286,10 +349,10 @@ def check_event_seqs(events: Sequence[common_pb2.AgentEvent], last_event_seq: in
 # ----------------------------------------------------------------- leases
 
 
-def lease_ttl_ns(ttl: datetime.timedelta) -> int:
+def lease_ttl_ns(ttl: datetime.timedelta, field: str = "ttl") -> int:
     """A lease's time to live in nanoseconds; ``InvalidArgument`` unless it is positive."""
     if ttl <= datetime.timedelta(0):
-        raise InvalidArgument(f"ttl must be positive, got {ttl.total_seconds():g}s")
+        raise InvalidArgument(f"{field} must be positive, got {ttl.total_seconds():g}s")
     return (ttl.days * 86_400 + ttl.seconds) * 1_000_000_000 + ttl.microseconds * 1_000
 
 
@@ -300,6 +363,50 @@ def _format_ns(ns: int) -> str:
 def lease_is_held(holder: str, expires_at_ns: int, now_ns: int) -> bool:
     """Whether somebody holds a lease that has not expired at ``now_ns``."""
     return bool(holder) and expires_at_ns > now_ns
+
+
+def _whose(owner: str, epoch: int) -> str:
+    return f"{owner} (epoch {epoch})" if epoch else owner
+
+
+def _holder(lease: Lease) -> str:
+    """Who holds the turn now, for the messages of refusals."""
+    if lease.ended:
+        return f"it has ended ({state_name(lease.state)}) and nobody holds it"
+    if not lease.owner:
+        return "nobody holds it (released or never claimed)"
+    return f"{lease.owner} holds it (epoch {lease.epoch}, until {_format_ns(lease.expires_at_ns)})"
+
+
+def holds_lease(lease: Lease, owner: str, epoch: int = 0) -> bool:
+    """Whether ``owner`` (with ``epoch``; 0 = any) holds the lease of a turn that has not ended.
+
+    Expiry alone takes nothing away: until another owner claims the turn, its holder is
+    still the only writer (the store serializes writes), so it may renew and write on.
+    """
+    return not lease.ended and bool(owner) and lease.owner == owner and epoch in (0, lease.epoch)
+
+
+def check_lease_held(lease: Lease, owner: str, epoch: int = 0) -> None:
+    """``FailedPrecondition`` ("lease lost: ...", naming the holder now) unless ``holds_lease``."""
+    if not holds_lease(lease, owner, epoch):
+        raise FailedPrecondition(
+            f"lease lost: turn {lease.turn_id} is not leased to {_whose(owner, epoch)}; {_holder(lease)}"
+        )
+
+
+def check_fence(fence: LeaseFence, lease: Lease | None, conversation_id: str) -> None:
+    """``FailedPrecondition`` ("lease lost: ...") unless the fence holds: its turn exists in
+    this tenant and conversation, has not ended, and is leased to its owner with its epoch.
+
+    An unknown turn is a lost lease too, so another tenant's turn reads like no turn at all.
+    """
+    if lease is None or lease.conversation_id != conversation_id:
+        raise FailedPrecondition(
+            f"lease lost: turn {fence.turn_id} is not a turn of conversation {conversation_id}; "
+            "nobody holds it"
+        )
+    check_lease_held(lease, fence.owner, fence.epoch)
 
 
 def check_lease_claim(
@@ -318,30 +425,277 @@ def check_lease_claim(
         )
 
 
-def check_lease_renewal(turn_id: str, *, holder: str, expires_at_ns: int, owner: str, now_ns: int) -> None:
-    """Raise ``FailedPrecondition`` unless ``owner`` holds the turn's lease and it has not expired."""
-    if holder != owner:
-        raise FailedPrecondition(
-            f"turn {turn_id} is not leased to {owner} (lease holder: {holder or 'nobody'}); "
-            "claim the lease instead of renewing it"
-        )
-    if expires_at_ns <= now_ns:
-        raise FailedPrecondition(
-            f"the lease of {owner} on turn {turn_id} expired at {_format_ns(expires_at_ns)}; "
-            "claim it again instead of renewing it"
-        )
+def claimed_lease_fields(lease: Lease, attempts: int, owner: str, expires_at_ns: int) -> dict[str, Any]:
+    """The turn's columns after a claim: every claim is a new epoch and a new attempt, so a
+    write fenced with the epoch before it is refused."""
+    return {
+        "lease_owner": owner,
+        "lease_expires_at": expires_at_ns,
+        "lease_epoch": lease.epoch + 1,
+        "attempts": attempts + 1,
+    }
 
 
-def check_lease_release(turn_id: str, *, holder: str, expires_at_ns: int, owner: str, now_ns: int) -> None:
-    """Raise ``FailedPrecondition`` when another owner holds the turn's lease.
+def released_lease_fields() -> dict[str, Any]:
+    """The turn's columns once nobody holds it. The epoch stays: the next claim goes past it."""
+    return {"lease_owner": "", "lease_expires_at": 0}
 
-    Releasing a lease nobody holds any more is a no-op, so a retried release succeeds.
+
+def check_lease_release(lease: Lease, owner: str, epoch: int, now_ns: int) -> bool:
+    """Whether releasing clears the lease: it does when ``owner`` (with ``epoch``; 0 = any)
+    holds it, ended turn or not.
+
+    Releasing a lease nobody holds any more is a no-op (``False``), so a retried release
+    succeeds; a live lease of another owner, or a later claim of the same owner, is
+    ``FailedPrecondition``.
     """
-    if holder and holder != owner and lease_is_held(holder, expires_at_ns, now_ns):
+    if lease.owner == owner and epoch in (0, lease.epoch):
+        return True
+    if lease_is_held(lease.owner, lease.expires_at_ns, now_ns):
         raise FailedPrecondition(
-            f"turn {turn_id} is leased to {holder} until {_format_ns(expires_at_ns)}, not to {owner}; "
+            f"turn {lease.turn_id} is leased to {_whose(lease.owner, lease.epoch)} until "
+            f"{_format_ns(lease.expires_at_ns)}, not to {_whose(owner, epoch)}; "
             "only the holder may release it"
         )
+    return False
+
+
+def check_fence_fields(fence: LeaseFence, field: str = "fence") -> None:
+    """``InvalidArgument`` unless a fence names its turn, its owner and a claim's epoch."""
+    if not fence.turn_id:
+        raise InvalidArgument(f"{field}.turn_id is required")
+    if not fence.owner:
+        raise InvalidArgument(f"{field}.owner is required")
+    if fence.epoch <= 0:
+        raise InvalidArgument(
+            f"{field}.epoch must be the lease_epoch of the claim (1 or more), got {fence.epoch}"
+        )
+
+
+# ------------------------------------------------------- event_seq reservations
+
+
+def raised_reservation(reserved: int, last_event_seq: int, wanted: int = 0) -> int:
+    """reserved_event_seq after a raise to ``wanted``: it never lowers, and it is never
+    below what is persisted."""
+    return max(reserved, last_event_seq, wanted)
+
+
+def reservation_after_append(
+    reserved: int,
+    last_event_seq: int,
+    reserve_event_seq: int,
+    *,
+    lowered: bool,
+    next_turn_reserve: int | None = None,
+) -> int:
+    """reserved_event_seq after an append that persisted up to ``last_event_seq``.
+
+    A seal or a release (``lowered``) brings it down to ``last_event_seq``: the kernel that
+    numbered events past it sent none of them. A next turn then raises it to its own
+    reservation.
+    """
+    after = last_event_seq if lowered else raised_reservation(reserved, last_event_seq, reserve_event_seq)
+    if next_turn_reserve is not None:
+        after = max(after, next_turn_reserve)
+    return after
+
+
+def check_reservation(value: int, field: str) -> int:
+    """``InvalidArgument`` for a negative event_seq reservation."""
+    if value < 0:
+        raise InvalidArgument(f"{field} must be 0 or more, got {value}")
+    return value
+
+
+# ------------------------------------------------------------- turn rows
+
+
+def transition_fields(
+    *,
+    started_at: int,
+    to: TurnState,
+    now_ns: int,
+    finish_reason: FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
+    error_message: str = "",
+    user_message_seq: int = 0,
+) -> dict[str, Any]:
+    """The turn's columns after a move to ``to`` (already checked with ``check_transition``):
+    running stamps started_at once, a terminal state stamps ended_at; the outcome is kept
+    when given."""
+    fields: dict[str, Any] = {"state": to}
+    if to == common_pb2.TURN_STATE_RUNNING and not started_at:
+        fields["started_at"] = now_ns
+    if to in TERMINAL_STATES:
+        fields["ended_at"] = now_ns
+    if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        fields["finish_reason"] = finish_reason
+    if error_message:
+        fields["error_message"] = error_message
+    if user_message_seq:
+        fields["user_message_seq"] = user_message_seq
+    return fields
+
+
+def sealed_fields(lease: Lease, started_at: int, seal: TurnSeal, now_ns: int) -> dict[str, Any]:
+    """The fenced turn's columns after a seal: ended as the seal says (``check_transition``
+    applies), its lease released."""
+    check_transition(lease.turn_id, lease.state, seal.state)
+    return {
+        **transition_fields(
+            started_at=started_at,
+            to=seal.state,
+            now_ns=now_ns,
+            finish_reason=seal.finish_reason,
+            error_message=seal.error_message,
+        ),
+        **released_lease_fields(),
+    }
+
+
+def new_turn_row(
+    turn_id: str,
+    tenant_id: str,
+    conversation_id: str,
+    *,
+    state: TurnState,
+    now_ns: int,
+    idempotency_key: str = "",
+    computer_id: str = "",
+    cwd: str = "",
+    agent: str = "",
+    lease_owner: str = "",
+    lease_expires_at: int = 0,
+    user_message_seq: int = 0,
+) -> dict[str, Any]:
+    """Every column of a new turn. A turn born leased is its first attempt under epoch 1;
+    one born unleased gets both from its first claim."""
+    leased = 1 if lease_owner else 0
+    return {
+        "id": turn_id,
+        "tenant_id": tenant_id,
+        "conversation_id": conversation_id,
+        "state": state,
+        "idempotency_key": idempotency_key,
+        "lease_owner": lease_owner,
+        "lease_expires_at": lease_expires_at if lease_owner else 0,
+        "lease_epoch": leased,
+        "attempts": leased,
+        "finish_reason": common_pb2.FINISH_REASON_UNSPECIFIED,
+        "error_message": "",
+        "computer_id": computer_id,
+        "cwd": cwd,
+        "agent": agent,
+        "user_message_seq": user_message_seq,
+        "created_at": now_ns,
+        "started_at": now_ns if state == common_pb2.TURN_STATE_RUNNING else 0,
+        "ended_at": 0,
+    }
+
+
+def _in_flight(lease: Lease) -> str:
+    holder = (
+        f"leased to {lease.owner} (epoch {lease.epoch}) until {_format_ns(lease.expires_at_ns)}"
+        if lease.owner
+        else "leased to nobody"
+    )
+    return f"turn {lease.turn_id} ({state_name(lease.state)}, {holder})"
+
+
+def check_no_turn_in_flight(conversation_id: str, in_flight: Lease | None) -> None:
+    """``FailedPrecondition`` ("turn in flight: ...", naming the turn, its state and its lease
+    holder) when the conversation has a turn that has not ended."""
+    if in_flight is not None:
+        raise FailedPrecondition(
+            f"turn in flight: conversation {conversation_id} has {_in_flight(in_flight)}; "
+            "wait for it to end, or queue the message behind it"
+        )
+
+
+def check_turn_in_flight(conversation_id: str, in_flight: Lease | None) -> None:
+    """``FailedPrecondition`` ("no turn in flight: ...") unless the conversation has a turn
+    that has not ended: a message queued behind none would wait for no one."""
+    if in_flight is None:
+        raise FailedPrecondition(
+            f"no turn in flight: conversation {conversation_id} has no turn that has not ended, "
+            "so a queued message would wait for no one; start a turn with it instead"
+        )
+
+
+def turn_user_messages(
+    conversation_id: str, turn_id: str, messages: Sequence[common_pb2.Message], max_bytes: int
+) -> list[common_pb2.Message]:
+    """The user messages a new turn starts with, as appended: role user, turn ``turn_id``;
+    ``InvalidArgument`` (as for an append) for one history would refuse."""
+    copies = []
+    for message in messages:
+        copy = common_pb2.Message()
+        copy.CopyFrom(message)
+        copy.role = common_pb2.ROLE_USER
+        copy.turn_id = turn_id
+        copies.append(copy)
+    validate_append(conversation_id, copies, (), max_bytes, allow_empty=True)
+    return copies
+
+
+def check_new_turn_lease(lease_owner: str, lease_ttl: datetime.timedelta | None) -> int:
+    """The lease a new turn is born with, in nanoseconds (0: none). A lease needs an owner
+    and a positive lease_ttl, and a lease_ttl needs an owner."""
+    if lease_owner:
+        return lease_ttl_ns(lease_ttl or datetime.timedelta(0), "lease_ttl")
+    if lease_ttl:
+        raise InvalidArgument("lease_ttl is set but lease_owner is empty: say who the turn is leased to")
+    return 0
+
+
+def check_append_request(
+    conversation_id: str,
+    messages: Sequence[common_pb2.Message],
+    events: Sequence[common_pb2.AgentEvent],
+    max_bytes: int = MAX_APPEND_BYTES,
+    *,
+    take_queue_for_turn: str = "",
+    fence: LeaseFence | None = None,
+    reserve_event_seq: int = 0,
+    seal: TurnSeal | None = None,
+    release_lease: bool = False,
+    next_turn: NextTurn | None = None,
+) -> None:
+    """Check an append request before it touches the database: its content
+    (``validate_append``) and how its parts go together. seal, release_lease and next_turn
+    act on a fenced turn; next_turn only with seal; a fenced append steers only its own turn;
+    a seal ends the turn (a terminal state); a next turn starts queued or running."""
+    check_reservation(reserve_event_seq, "reserve_event_seq")
+    if fence is None:
+        for name, given in (
+            ("seal", seal is not None),
+            ("release_lease", release_lease),
+            ("next_turn", next_turn is not None),
+        ):
+            if given:
+                raise InvalidArgument(
+                    f"{name} needs a fence: the lease (turn_id, owner, epoch) it acts under"
+                )
+    else:
+        check_fence_fields(fence)
+        if take_queue_for_turn and take_queue_for_turn != fence.turn_id:
+            raise InvalidArgument(
+                f"take_queue_for_turn is {take_queue_for_turn}, not the fenced turn {fence.turn_id}; "
+                "a fenced append steers only its own turn"
+            )
+    if seal is not None and seal.state not in TERMINAL_STATES:
+        raise InvalidArgument(
+            "seal.state must be a terminal state (completed, failed, aborted or interrupted), "
+            f"got {state_name(seal.state)}"
+        )
+    if next_turn is not None:
+        if seal is None:
+            raise InvalidArgument("next_turn needs seal: the next turn starts only as this one ends")
+        initial_state(next_turn.state)
+        lease_ttl_ns(next_turn.lease_ttl, "next_turn.lease_ttl")
+        check_reservation(next_turn.reserve_event_seq, "next_turn.reserve_event_seq")
+    acts = bool(take_queue_for_turn) or seal is not None or release_lease or reserve_event_seq > 0
+    validate_append(conversation_id, messages, events, max_bytes, allow_empty=acts)
 
 
 # -------------------------------------------------------------- reconcile
@@ -601,14 +955,27 @@ class Store(abc.ABC):
         messages: Sequence[common_pb2.Message],
         events: Sequence[common_pb2.AgentEvent] = (),
         take_queue_for_turn: str = "",
+        *,
+        fence: LeaseFence | None = None,
+        reserve_event_seq: int = 0,
+        seal: TurnSeal | None = None,
+        release_lease: bool = False,
+        next_turn: NextTurn | None = None,
     ) -> Appended:
-        """Commit messages and events in one transaction.
+        """Commit messages and events in one transaction (``check_append_request``).
 
         Messages get the next gap-free seqs, the conversation id and the commit
         time; events keep their event_seq, which must rise strictly above the
         conversation's ``last_event_seq``. With ``take_queue_for_turn``, the
         queued messages are drained in the same transaction and appended last,
         as user messages of that turn.
+
+        With ``fence`` the whole append happens only while the fence holds
+        (``check_fence``), and it may also end the fenced turn (``seal``), hand
+        its lease back (``release_lease``) and start the next turn from the
+        queue (``next_turn``), in the same transaction. reserved_event_seq is
+        raised to ``reserve_event_seq`` and never left below last_event_seq; a
+        seal or release lowers it to last_event_seq (``reservation_after_append``).
         """
 
     @abc.abstractmethod
@@ -636,9 +1003,22 @@ class Store(abc.ABC):
         computer_id: str = "",
         cwd: str = "",
         agent: str = "",
+        lease_owner: str = "",
+        lease_ttl: datetime.timedelta | None = None,
+        reserve_event_seq: int = 0,
+        user_messages: Sequence[common_pb2.Message] = (),
+        exclusive: bool = False,
     ) -> common_pb2.Turn:
-        """Create a turn, queued or running. A non-empty ``idempotency_key`` already
-        used in the conversation raises ``AlreadyExists`` naming the existing turn."""
+        """Create a turn, queued or running, in one transaction. A non-empty
+        ``idempotency_key`` already used in the conversation raises ``AlreadyExists``
+        naming the existing turn (checked first).
+
+        With ``lease_owner`` the turn is born leased for ``lease_ttl`` (epoch 1,
+        attempt 1); ``reserve_event_seq`` raises the conversation's reservation;
+        ``user_messages`` are appended as the turn's user messages (its
+        user_message_seq is the first one's seq); ``exclusive`` refuses
+        (``check_no_turn_in_flight``) while the conversation has a turn that has
+        not ended."""
 
     @abc.abstractmethod
     async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
@@ -669,12 +1049,14 @@ class Store(abc.ABC):
         error_message: str = "",
         user_message_seq: int = 0,
         lease_owner: str = "",
+        lease_epoch: int = 0,
     ) -> common_pb2.Turn:
         """Move the turn to ``to`` if the state machine allows it (else ``FailedPrecondition``).
 
         Entering running stamps ``started_at`` once; entering a terminal state
         stamps ``ended_at``. With ``lease_owner`` set the move only happens while
-        that owner holds an unexpired lease.
+        that owner holds the lease (with ``lease_epoch`` set, that epoch's), as a
+        fence would (``check_lease_held``).
         """
 
     # ------------------------------------------------------------- execution
@@ -694,24 +1076,44 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+        self,
+        tenant_id: str,
+        turn_id: str,
+        owner: str,
+        ttl: datetime.timedelta,
+        *,
+        reserve_event_seq: int = 0,
     ) -> common_pb2.Turn:
-        """Lease the turn to ``owner`` until now + ``ttl`` (``check_lease_claim``)."""
+        """Lease the turn to ``owner`` until now + ``ttl`` (``check_lease_claim``), as a new
+        epoch and a new attempt (``claimed_lease_fields``), and raise the conversation's
+        reserved_event_seq to ``reserve_event_seq`` in the same transaction."""
 
     @abc.abstractmethod
     async def renew_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
+        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta, *, epoch: int = 0
     ) -> common_pb2.Turn:
-        """Extend ``owner``'s unexpired lease to now + ``ttl`` (``check_lease_renewal``)."""
+        """Extend ``owner``'s lease (of ``epoch`` when set) to now + ``ttl`` while it holds
+        it (``check_lease_held``), expired or not: only another claim takes it away."""
 
     @abc.abstractmethod
-    async def release_lease(self, tenant_id: str, turn_id: str, owner: str) -> common_pb2.Turn:
-        """Clear ``owner``'s lease (``check_lease_release``)."""
+    async def renew_leases(
+        self, owner: str, ttl: datetime.timedelta, leases: Sequence[LeaseRef]
+    ) -> list[str]:
+        """Renew, in one transaction, every lease of ``leases`` that ``owner`` still holds
+        (``holds_lease``); answer the turn ids of the others, in the order given: another
+        owner or epoch holds them, they ended, or they do not exist. Every tenant's."""
+
+    @abc.abstractmethod
+    async def release_lease(
+        self, tenant_id: str, turn_id: str, owner: str, *, epoch: int = 0
+    ) -> common_pb2.Turn:
+        """Clear ``owner``'s lease (of ``epoch`` when set) (``check_lease_release``)."""
 
     @abc.abstractmethod
     async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
-        """Turns of every tenant that have not ended and whose lease expired, earliest
-        expiry first, at most ``limit`` (0 = all). Administrative: not tenant-scoped."""
+        """Turns of every tenant that have not ended and that nobody holds (their lease
+        expired, was released or was never taken), earliest expiry first, at most ``limit``
+        (0 = all). Administrative: not tenant-scoped."""
 
     # ----------------------------------------------------------------- metrics
 
@@ -739,10 +1141,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def enqueue(
-        self, tenant_id: str, conversation_id: str, message: common_pb2.Message, idempotency_key: str = ""
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        message: common_pb2.Message,
+        idempotency_key: str = "",
+        *,
+        only_behind_turn: bool = False,
     ) -> store_pb2.QueuedMessage:
         """Queue a message (``check_queued_message``) under the next id of the store. A non-empty
-        ``idempotency_key`` the conversation already used answers that item instead, drained or not."""
+        ``idempotency_key`` the conversation already used answers that item instead, drained or not
+        (checked first). ``only_behind_turn`` refuses (``check_turn_in_flight``) unless the
+        conversation has a turn that has not ended, in the same transaction as the insert."""
 
     @abc.abstractmethod
     async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:

@@ -6,24 +6,27 @@ conversation row (``SELECT ... FOR UPDATE``) first, so concurrent appenders, in
 this process or another, queue on that row and seq stays gap-free without retry
 loops. Reads run REPEATABLE READ, so a conversation row and the history read
 with it come from one snapshot.
+
+Appends, turns, leases, the queue and reconcile are ``sql.SQLStore``'s logic over
+``_PostgresTx``, this dialect's statements; the rest is written here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, pq
 from psycopg.rows import DictRow, dict_row
 
 from dispatch.shared.config import ConfigError
-from dispatch.shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
@@ -31,39 +34,23 @@ from dispatch.store.backend import (
     CONVERSATION_PREFIX,
     DEFAULT_WORKSPACE_NAME,
     MAX_APPEND_BYTES,
-    TERMINAL_STATES,
-    TURN_PREFIX,
     WORKSPACE_PREFIX,
-    Appended,
     ApprovalDecision,
     EventHistory,
     Execution,
-    FinishReason,
     History,
     Page,
-    Store,
     TurnState,
     api_key_prefix,
-    check_event_seqs,
-    check_lease_claim,
-    check_lease_release,
-    check_lease_renewal,
     check_new_approval,
     check_pending,
-    check_queued_message,
     check_resolution,
-    check_transition,
     check_turn_metrics,
     decode_cursor,
     effective_page_size,
     hash_api_key,
-    initial_state,
-    lease_ttl_ns,
     new_api_key_secret,
     normalized_step_metrics,
-    steering_messages,
-    synthesize_missing_results,
-    validate_append,
 )
 from dispatch.store.rows import (
     api_key_from_row as _api_key,
@@ -83,6 +70,7 @@ from dispatch.store.rows import (
 from dispatch.store.rows import (
     workspace_from_row as _workspace,
 )
+from dispatch.store.sql import UNENDED, RowDict, SQLStore, Tx
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -100,6 +88,8 @@ CONNECT_TIMEOUT_SECONDS = 10
 MIGRATION_LOCK_KEY = 0x6469737061746368
 
 Cursor = AsyncCursor[DictRow]
+
+T = TypeVar("T")
 
 # Append-only: a released migration is never edited, only followed by a new one.
 # Each runs in its own transaction together with its schema_version row. Same tables
@@ -237,6 +227,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         3,
         ("ALTER TABLE workspaces ADD COLUMN confine_tools BOOLEAN NOT NULL DEFAULT FALSE",),
     ),
+    (
+        4,
+        (
+            # Durable turns: lease fences, recovery attempts, event_seq reservations.
+            "ALTER TABLE turns ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE turns ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE conversations ADD COLUMN reserved_event_seq BIGINT NOT NULL DEFAULT 0",
+            # Nothing was reserved past what is persisted before this migration.
+            "UPDATE conversations SET reserved_event_seq = last_event_seq",
+            # The sweep now also finds released and never-leased turns, so its index covers
+            # every turn that has not ended (5-8 are the terminal states), not only leased ones.
+            "DROP INDEX turns_by_lease_expiry",
+            "CREATE INDEX turns_unended_by_lease_expiry ON turns (lease_expires_at, created_at, id)"
+            " WHERE state NOT IN (5, 6, 7, 8)",
+            "CREATE INDEX turns_unended_by_conversation ON turns (conversation_id, created_at, id)"
+            " WHERE state NOT IN (5, 6, 7, 8)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -329,7 +337,7 @@ class _Pool:
             await conn.close()
 
 
-class PostgresStore(Store):
+class PostgresStore(SQLStore):
     """``Store`` on a PostgreSQL database. Build with ``open``."""
 
     def __init__(
@@ -444,6 +452,10 @@ class PostgresStore(Store):
                 f"the conversation store's database at {redacted(self._url)} failed: "
                 f"{_scrub(str(exc).strip(), self._url)}"
             ) from exc
+
+    async def _run(self, operation: Callable[[Tx], Coroutine[Any, Any, T]], *, write: bool = True) -> T:
+        async with self._tx(write=write) as cur:
+            return await operation(_PostgresTx(self, cur))
 
     def _now_ns(self) -> int:
         # Strictly increasing within the process, so rows created back to back sort
@@ -709,92 +721,6 @@ class PostgresStore(Store):
 
     # --------------------------------------------------------------- history
 
-    async def append(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        messages: Sequence[common_pb2.Message],
-        events: Sequence[common_pb2.AgentEvent] = (),
-        take_queue_for_turn: str = "",
-    ) -> Appended:
-        validate_append(
-            conversation_id, messages, events, self.max_append_bytes, takes_queue=bool(take_queue_for_turn)
-        )
-        async with self._tx(write=True) as cur:
-            # The row lock queues concurrent appenders to this conversation, in any process.
-            conv = await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            check_event_seqs(events, conv["last_event_seq"])
-            now = self._now_ns()
-            taken = await self._take_queue(cur, conversation_id, now) if take_queue_for_turn else []
-            all_messages = [*messages, *steering_messages(taken, take_queue_for_turn)]
-            stored = await self._insert_messages(
-                cur, conversation_id, int(conv["last_seq"]), all_messages, now
-            )
-            seq = stored[-1].seq if stored else int(conv["last_seq"])
-            if events:
-                bodies = []
-                for event in events:
-                    copy_event = common_pb2.AgentEvent()
-                    copy_event.CopyFrom(event)
-                    copy_event.conversation_id = conversation_id
-                    if not copy_event.HasField("time"):
-                        copy_event.time.FromNanoseconds(now)
-                    bodies.append(copy_event.SerializeToString())
-                await cur.execute(
-                    "INSERT INTO events (conversation_id, event_seq, turn_id, body)"
-                    " SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::bytea[])",
-                    (conversation_id, [e.event_seq for e in events], [e.turn_id for e in events], bodies),
-                )
-            last_event_seq = events[-1].event_seq if events else int(conv["last_event_seq"])
-            await cur.execute(
-                "UPDATE conversations SET last_seq = %s, last_event_seq = %s, updated_at = %s WHERE id = %s",
-                (seq, last_event_seq, now, conversation_id),
-            )
-        return Appended(
-            messages=stored,
-            first_seq=stored[0].seq if stored else 0,
-            last_seq=seq if stored else 0,
-            last_event_seq=last_event_seq,
-            dequeued=len(taken),
-        )
-
-    @staticmethod
-    async def _insert_messages(
-        cur: Cursor,
-        conversation_id: str,
-        last_seq: int,
-        messages: Sequence[common_pb2.Message],
-        now: int,
-    ) -> list[common_pb2.Message]:
-        # The caller holds the conversation row lock and updates last_seq in the same transaction.
-        stored: list[common_pb2.Message] = []
-        seq = last_seq
-        for msg in messages:
-            seq += 1
-            copy = common_pb2.Message()
-            copy.CopyFrom(msg)
-            copy.conversation_id = conversation_id
-            copy.seq = seq
-            copy.created_at.FromNanoseconds(now)
-            stored.append(copy)
-        if stored:
-            # One statement for the whole batch: one round trip however many messages.
-            await cur.execute(
-                "INSERT INTO messages (conversation_id, created_at, seq, role, turn_id, step_index, body)"
-                " SELECT %s, %s, * FROM unnest(%s::bigint[], %s::integer[], %s::text[], %s::integer[],"
-                " %s::bytea[])",
-                (
-                    conversation_id,
-                    now,
-                    [m.seq for m in stored],
-                    [m.role for m in stored],
-                    [m.turn_id for m in stored],
-                    [m.step_index for m in stored],
-                    [m.SerializeToString() for m in stored],
-                ),
-            )
-        return stored
-
     async def load_since(
         self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
     ) -> History:
@@ -826,57 +752,6 @@ class PostgresStore(Store):
         )
 
     # ----------------------------------------------------------------- turns
-
-    async def create_turn(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        *,
-        idempotency_key: str = "",
-        state: TurnState = common_pb2.TURN_STATE_QUEUED,
-        computer_id: str = "",
-        cwd: str = "",
-        agent: str = "",
-    ) -> common_pb2.Turn:
-        start = initial_state(state)
-        async with self._tx(write=True) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id)
-            turn_id = new_id(TURN_PREFIX)
-            now = self._now_ns()
-            started = now if start == common_pb2.TURN_STATE_RUNNING else 0
-            # The unique index decides between racing creators; the loser waits for the
-            # winner's commit and then finds its turn below.
-            inserted = await self._one(
-                cur,
-                "INSERT INTO turns (id, tenant_id, conversation_id, state, idempotency_key, computer_id,"
-                " cwd, agent, created_at, started_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (conversation_id, idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
-                " RETURNING id",
-                (
-                    turn_id,
-                    tenant_id,
-                    conversation_id,
-                    start,
-                    idempotency_key,
-                    computer_id,
-                    cwd,
-                    agent,
-                    now,
-                    started,
-                ),
-            )
-            if inserted is None:
-                existing = await self._one(
-                    cur,
-                    "SELECT id FROM turns WHERE conversation_id = %s AND idempotency_key = %s",
-                    (conversation_id, idempotency_key),
-                )
-                existing_id = existing["id"] if existing else "(deleted)"
-                raise AlreadyExists(
-                    f"idempotency key {idempotency_key!r} already started turn {existing_id} "
-                    f"in conversation {conversation_id}"
-                )
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
 
     async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
         async with self._tx(write=False) as cur:
@@ -912,41 +787,6 @@ class PostgresStore(Store):
             rows = await self._all(cur, sql, (*args, size + 1))
         return _page(rows, size, _turn)
 
-    async def transition_turn(
-        self,
-        tenant_id: str,
-        turn_id: str,
-        to: TurnState,
-        *,
-        finish_reason: FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
-        error_message: str = "",
-        user_message_seq: int = 0,
-        lease_owner: str = "",
-    ) -> common_pb2.Turn:
-        async with self._tx(write=True) as cur:
-            row = await self._turn_row(cur, tenant_id, turn_id, lock=True)
-            check_transition(turn_id, row["state"], to)
-            now = self._now_ns()
-            if lease_owner and (row["lease_owner"] != lease_owner or row["lease_expires_at"] <= now):
-                holder = row["lease_owner"] or "nobody"
-                raise FailedPrecondition(
-                    f"turn {turn_id} is not leased to {lease_owner} (lease holder: {holder}); "
-                    "claim the lease before moving the turn"
-                )
-            fields: dict[str, object] = {"state": to}
-            if to == common_pb2.TURN_STATE_RUNNING and not row["started_at"]:
-                fields["started_at"] = now
-            if to in TERMINAL_STATES:
-                fields["ended_at"] = now
-            if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                fields["finish_reason"] = finish_reason
-            if error_message:
-                fields["error_message"] = error_message
-            if user_message_seq:
-                fields["user_message_seq"] = user_message_seq
-            await self._update(cur, "turns", turn_id, fields)
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
-
     # ------------------------------------------------------------- execution
 
     async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
@@ -963,95 +803,6 @@ class PostgresStore(Store):
             workspace_root=ws["root"],
             confine_tools=bool(ws["confine_tools"]),
         )
-
-    # ------------------------------------------------------------- reconcile
-
-    async def reconcile(self, tenant_id: str, conversation_id: str) -> list[common_pb2.Message]:
-        async with self._tx(write=True) as cur:
-            # Locked like an append, so no append slips in between the read and the write.
-            conv = await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            rows = await self._all(
-                cur, "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
-            )
-            missing = synthesize_missing_results([common_pb2.Message.FromString(r["body"]) for r in rows])
-            if not missing:
-                return []
-            now = self._now_ns()
-            stored = await self._insert_messages(cur, conversation_id, int(conv["last_seq"]), missing, now)
-            await cur.execute(
-                "UPDATE conversations SET last_seq = %s, updated_at = %s WHERE id = %s",
-                (stored[-1].seq, now, conversation_id),
-            )
-        log.info(
-            "reconciled conversation %s: closed %d dangling tool call(s)",
-            conversation_id,
-            sum(len(m.chunks) for m in stored),
-        )
-        return stored
-
-    # ---------------------------------------------------------------- leases
-
-    async def claim_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
-    ) -> common_pb2.Turn:
-        ttl_ns = lease_ttl_ns(ttl)
-        async with self._tx(write=True) as cur:
-            row = await self._turn_row(cur, tenant_id, turn_id, lock=True)
-            now = self._now_ns()
-            check_lease_claim(
-                turn_id,
-                row["state"],
-                holder=row["lease_owner"],
-                expires_at_ns=row["lease_expires_at"],
-                owner=owner,
-                now_ns=now,
-            )
-            await self._update(
-                cur, "turns", turn_id, {"lease_owner": owner, "lease_expires_at": now + ttl_ns}
-            )
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
-
-    async def renew_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
-    ) -> common_pb2.Turn:
-        ttl_ns = lease_ttl_ns(ttl)
-        async with self._tx(write=True) as cur:
-            row = await self._turn_row(cur, tenant_id, turn_id, lock=True)
-            now = self._now_ns()
-            check_lease_renewal(
-                turn_id,
-                holder=row["lease_owner"],
-                expires_at_ns=row["lease_expires_at"],
-                owner=owner,
-                now_ns=now,
-            )
-            await self._update(cur, "turns", turn_id, {"lease_expires_at": now + ttl_ns})
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
-
-    async def release_lease(self, tenant_id: str, turn_id: str, owner: str) -> common_pb2.Turn:
-        async with self._tx(write=True) as cur:
-            row = await self._turn_row(cur, tenant_id, turn_id, lock=True)
-            now = self._now_ns()
-            check_lease_release(
-                turn_id,
-                holder=row["lease_owner"],
-                expires_at_ns=row["lease_expires_at"],
-                owner=owner,
-                now_ns=now,
-            )
-            if row["lease_owner"] == owner:
-                await self._update(cur, "turns", turn_id, {"lease_owner": "", "lease_expires_at": 0})
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
-
-    async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
-        async with self._tx(write=False) as cur:
-            rows = await self._all(
-                cur,
-                "SELECT * FROM turns WHERE lease_owner <> '' AND lease_expires_at <= %s"
-                " AND NOT (state = ANY(%s::integer[])) ORDER BY lease_expires_at, id LIMIT %s",
-                (self._now_ns(), sorted(int(s) for s in TERMINAL_STATES), _sql_limit(limit)),
-            )
-        return [_turn(r) for r in rows]
 
     # --------------------------------------------------------------- metrics
 
@@ -1123,51 +874,6 @@ class PostgresStore(Store):
             metrics.step_metrics.extend(by_turn.get(row["id"], []))
             answer.append(metrics)
         return answer
-
-    # ----------------------------------------------------------------- queue
-
-    async def enqueue(
-        self, tenant_id: str, conversation_id: str, message: common_pb2.Message, idempotency_key: str = ""
-    ) -> store_pb2.QueuedMessage:
-        check_queued_message(conversation_id, message)
-        stored = common_pb2.Message()
-        stored.CopyFrom(message)
-        stored.conversation_id = conversation_id
-        stored.seq = 0  # a queued message has no place in history yet
-        async with self._tx(write=True) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id)
-            # A key already used answers its item; the unique index settles a race for it.
-            row = await self._one(
-                cur,
-                "INSERT INTO queue (conversation_id, idempotency_key, body, created_at)"
-                " VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (conversation_id, idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
-                " RETURNING *",
-                (conversation_id, idempotency_key, stored.SerializeToString(), self._now_ns()),
-            )
-            if row is None:
-                row = await self._one(
-                    cur,
-                    "SELECT * FROM queue WHERE conversation_id = %s AND idempotency_key = %s",
-                    (conversation_id, idempotency_key),
-                )
-                if row is None:
-                    raise Unavailable("a concurrent change removed the queued message; retry")
-            return _queued(row)
-
-    async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:
-        async with self._tx(write=True) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            return await self._take_queue(cur, conversation_id, self._now_ns())
-
-    async def _take_queue(self, cur: Cursor, conversation_id: str, now: int) -> list[store_pb2.QueuedMessage]:
-        """Drain the queue; the caller holds the conversation's row lock."""
-        rows = await self._all(
-            cur,
-            "UPDATE queue SET drained_at = %s WHERE conversation_id = %s AND drained_at = 0 RETURNING *",
-            (now, conversation_id),
-        )
-        return [_queued(r) for r in sorted(rows, key=lambda r: int(r["id"]))]
 
     # ------------------------------------------------------------- approvals
 
@@ -1286,3 +992,132 @@ class PostgresStore(Store):
         if row is None:
             raise NotFound("unknown or revoked API key")
         return _api_key(row)
+
+
+class _PostgresTx:
+    """``sql.Tx`` on one cursor of one transaction; ``lock`` is ``SELECT ... FOR UPDATE``."""
+
+    def __init__(self, store: PostgresStore, cur: Cursor) -> None:
+        self._store = store
+        self._cur = cur
+
+    def now_ns(self) -> int:
+        return self._store._now_ns()
+
+    async def _one(self, sql: str, args: Sequence[object]) -> RowDict | None:
+        await self._cur.execute(sql, args)
+        return await self._cur.fetchone()
+
+    async def _all(self, sql: str, args: Sequence[object]) -> list[RowDict]:
+        await self._cur.execute(sql, args)
+        return await self._cur.fetchall()
+
+    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> RowDict:
+        return await self._store._conversation_row(self._cur, tenant_id, conversation_id, lock=lock)
+
+    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict | None:
+        sql = "SELECT * FROM turns WHERE id = %s AND tenant_id = %s"
+        return await self._one(sql + (" FOR UPDATE" if lock else ""), (turn_id, tenant_id))
+
+    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> list[RowDict]:
+        # ORDER BY before FOR UPDATE: rows are locked in id order, so two batches never deadlock.
+        sql = "SELECT * FROM turns WHERE id = ANY(%s) ORDER BY id"
+        return await self._all(sql + (" FOR UPDATE" if lock else ""), (list(turn_ids),))
+
+    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> RowDict | None:
+        return await self._one(
+            "SELECT * FROM turns WHERE conversation_id = %s AND idempotency_key = %s",
+            (conversation_id, idempotency_key),
+        )
+
+    async def unended_turn(self, conversation_id: str) -> RowDict | None:
+        return await self._one(
+            f"SELECT * FROM turns WHERE conversation_id = %s AND {UNENDED} ORDER BY created_at, id LIMIT 1",
+            (conversation_id,),
+        )
+
+    async def unheld_turns(self, now_ns: int, limit: int) -> list[RowDict]:
+        return await self._all(
+            f"SELECT * FROM turns WHERE {UNENDED} AND (lease_owner = '' OR lease_expires_at <= %s)"
+            " ORDER BY lease_expires_at, created_at, id LIMIT %s",
+            (now_ns, _sql_limit(limit)),
+        )
+
+    async def insert_turn(self, row: Mapping[str, Any]) -> None:
+        await self._cur.execute(
+            f"INSERT INTO turns ({', '.join(row)}) VALUES ({', '.join('%s' for _ in row)})",
+            tuple(row.values()),
+        )
+
+    async def update(self, table: str, row_id: str, fields: Mapping[str, Any]) -> None:
+        await PostgresStore._update(self._cur, table, row_id, dict(fields))
+
+    async def update_turns(self, turn_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
+        assignments = ", ".join(f"{column} = %s" for column in fields)
+        await self._cur.execute(
+            f"UPDATE turns SET {assignments} WHERE id = ANY(%s)", (*fields.values(), list(turn_ids))
+        )
+
+    async def history(self, conversation_id: str) -> list[common_pb2.Message]:
+        rows = await self._all(
+            "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
+        )
+        return [common_pb2.Message.FromString(r["body"]) for r in rows]
+
+    async def insert_messages(self, conversation_id: str, messages: Sequence[common_pb2.Message]) -> None:
+        if not messages:
+            return
+        # One statement for the whole batch: one round trip however many messages.
+        await self._cur.execute(
+            "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
+            " SELECT %s, * FROM unnest(%s::bigint[], %s::integer[], %s::text[], %s::integer[],"
+            " %s::bigint[], %s::bytea[])",
+            (
+                conversation_id,
+                [m.seq for m in messages],
+                [m.role for m in messages],
+                [m.turn_id for m in messages],
+                [m.step_index for m in messages],
+                [m.created_at.ToNanoseconds() for m in messages],
+                [m.SerializeToString() for m in messages],
+            ),
+        )
+
+    async def insert_events(self, conversation_id: str, events: Sequence[common_pb2.AgentEvent]) -> None:
+        if not events:
+            return
+        await self._cur.execute(
+            "INSERT INTO events (conversation_id, event_seq, turn_id, body)"
+            " SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::bytea[])",
+            (
+                conversation_id,
+                [e.event_seq for e in events],
+                [e.turn_id for e in events],
+                [e.SerializeToString() for e in events],
+            ),
+        )
+
+    async def take_queue(self, conversation_id: str, now_ns: int) -> list[store_pb2.QueuedMessage]:
+        rows = await self._all(
+            "UPDATE queue SET drained_at = %s WHERE conversation_id = %s AND drained_at = 0 RETURNING *",
+            (now_ns, conversation_id),
+        )
+        return [_queued(r) for r in sorted(rows, key=lambda r: int(r["id"]))]
+
+    async def queued(self, conversation_id: str, idempotency_key: str) -> store_pb2.QueuedMessage | None:
+        row = await self._one(
+            "SELECT * FROM queue WHERE conversation_id = %s AND idempotency_key = %s",
+            (conversation_id, idempotency_key),
+        )
+        return None if row is None else _queued(row)
+
+    async def insert_queued(
+        self, conversation_id: str, idempotency_key: str, body: bytes, now_ns: int
+    ) -> int:
+        row = await self._one(
+            "INSERT INTO queue (conversation_id, idempotency_key, body, created_at)"
+            " VALUES (%s, %s, %s, %s) RETURNING id",
+            (conversation_id, idempotency_key, body, now_ns),
+        )
+        assert row is not None
+        return int(row["id"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from dispatch.store.backend import Page, encode_cursor
+from dispatch.store.backend import Lease, Page, encode_cursor
 from dispatch.v1 import common_pb2, store_pb2
 
 
@@ -52,6 +52,7 @@ def conversation_from_row(row: Row) -> common_pb2.Conversation:
         agent=row["agent"],
         last_seq=row["last_seq"],
         last_event_seq=row["last_event_seq"],
+        reserved_event_seq=row["reserved_event_seq"],
     )
     set_timestamp(conv.created_at, row["created_at"])
     set_timestamp(conv.updated_at, row["updated_at"])
@@ -61,6 +62,7 @@ def conversation_from_row(row: Row) -> common_pb2.Conversation:
 def turn_from_row(row: Row) -> common_pb2.Turn:
     turn = common_pb2.Turn(
         id=row["id"],
+        tenant_id=row["tenant_id"],
         conversation_id=row["conversation_id"],
         state=row["state"],
         idempotency_key=row["idempotency_key"],
@@ -71,12 +73,25 @@ def turn_from_row(row: Row) -> common_pb2.Turn:
         cwd=row["cwd"],
         agent=row["agent"],
         user_message_seq=row["user_message_seq"],
+        attempts=row["attempts"],
+        lease_epoch=row["lease_epoch"],
     )
     set_timestamp(turn.lease_expires_at, row["lease_expires_at"])
     set_timestamp(turn.created_at, row["created_at"])
     set_timestamp(turn.started_at, row["started_at"])
     set_timestamp(turn.ended_at, row["ended_at"])
     return turn
+
+
+def lease_from_row(row: Row) -> Lease:
+    return Lease(
+        turn_id=row["id"],
+        conversation_id=row["conversation_id"],
+        state=row["state"],
+        owner=row["lease_owner"],
+        epoch=row["lease_epoch"],
+        expires_at_ns=row["lease_expires_at"],
+    )
 
 
 def api_key_from_row(row: Row) -> store_pb2.ApiKey:

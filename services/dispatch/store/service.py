@@ -11,7 +11,7 @@ import datetime
 
 from google.protobuf import duration_pb2
 
-from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, grpc_errors
+from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
 from dispatch.shared.ids import require_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
@@ -20,7 +20,11 @@ from dispatch.store.backend import (
     TURN_PREFIX,
     WORKSPACE_PREFIX,
     FinishReason,
+    LeaseFence,
+    LeaseRef,
+    NextTurn,
     Store,
+    TurnSeal,
     TurnState,
 )
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
@@ -69,6 +73,49 @@ def _required_text(value: str, field: str) -> str:
 def _ttl(value: duration_pb2.Duration) -> datetime.timedelta:
     # Sign and size are the backend's rule (lease_ttl_ns); this only converts.
     return datetime.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def _fence(request: store_pb2.AppendRequest) -> LeaseFence | None:
+    if not request.HasField("fence"):
+        return None
+    fence = request.fence
+    # Owner and epoch are the backend's rule (check_fence_fields); the id's shape is checked here.
+    return LeaseFence(
+        turn_id=_id(fence.turn_id, "fence.turn_id", TURN_PREFIX), owner=fence.owner, epoch=fence.epoch
+    )
+
+
+def _seal(request: store_pb2.AppendRequest) -> TurnSeal | None:
+    if not request.HasField("seal"):
+        return None
+    return TurnSeal(
+        state=_state(request.seal.state, "seal.state"),
+        finish_reason=_finish_reason(request.seal.finish_reason),
+        error_message=request.seal.error_message,
+    )
+
+
+def _next_turn(request: store_pb2.AppendRequest) -> NextTurn | None:
+    if not request.HasField("next_turn"):
+        return None
+    wanted = request.next_turn
+    state = wanted.state
+    if state != common_pb2.TURN_STATE_UNSPECIFIED:
+        state = _state(state, "next_turn.state")
+    return NextTurn(
+        lease_ttl=_ttl(wanted.lease_ttl),
+        state=state,
+        agent=wanted.agent,
+        reserve_event_seq=wanted.reserve_event_seq,
+    )
+
+
+def _lease_ref(index: int, ref: store_pb2.LeaseRef) -> LeaseRef:
+    return LeaseRef(
+        tenant_id=_required_text(ref.tenant_id, f"leases[{index}].tenant_id"),
+        turn_id=_id(ref.turn_id, f"leases[{index}].turn_id", TURN_PREFIX),
+        epoch=_not_negative(ref.epoch, f"leases[{index}].epoch"),
+    )
 
 
 class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
@@ -197,6 +244,11 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             request.messages,
             request.events,
             take_queue_for_turn=_optional_id(request.take_queue_for_turn, "take_queue_for_turn", TURN_PREFIX),
+            fence=_fence(request),
+            reserve_event_seq=request.reserve_event_seq,
+            seal=_seal(request),
+            release_lease=request.release_lease,
+            next_turn=_next_turn(request),
         )
         return store_pb2.AppendResponse(
             messages=done.messages,
@@ -204,6 +256,10 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             last_seq=done.last_seq,
             last_event_seq=done.last_event_seq,
             dequeued=done.dequeued,
+            turn=done.turn,
+            next_turn=done.next_turn,
+            next_turn_messages=done.next_turn_messages,
+            reserved_event_seq=done.reserved_event_seq,
         )
 
     @grpc_errors
@@ -252,6 +308,11 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             computer_id=request.computer_id,
             cwd=request.cwd,
             agent=request.agent,
+            lease_owner=request.lease_owner,
+            lease_ttl=_ttl(request.lease_ttl) if request.HasField("lease_ttl") else None,
+            reserve_event_seq=request.reserve_event_seq,
+            user_messages=request.user_messages,
+            exclusive=request.exclusive,
         )
 
     @grpc_errors
@@ -286,6 +347,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             error_message=request.error_message,
             user_message_seq=_not_negative(request.user_message_seq, "user_message_seq"),
             lease_owner=request.lease_owner,
+            lease_epoch=_not_negative(request.lease_epoch, "lease_epoch"),
         )
 
     # ------------------------------------------------------------- execution
@@ -326,6 +388,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _id(request.turn_id, "turn_id", TURN_PREFIX),
             _required_text(request.owner, "owner"),
             _ttl(request.ttl),
+            reserve_event_seq=request.reserve_event_seq,
         )
 
     @grpc_errors
@@ -335,6 +398,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _id(request.turn_id, "turn_id", TURN_PREFIX),
             _required_text(request.owner, "owner"),
             _ttl(request.ttl),
+            epoch=_not_negative(request.epoch, "epoch"),
         )
 
     @grpc_errors
@@ -343,6 +407,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _tenant(request.tenant_id),
             _id(request.turn_id, "turn_id", TURN_PREFIX),
             _required_text(request.owner, "owner"),
+            epoch=_not_negative(request.epoch, "epoch"),
         )
 
     @grpc_errors
@@ -356,7 +421,12 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     async def RenewLeases(
         self, request: store_pb2.RenewLeasesRequest, context: Context
     ) -> store_pb2.RenewLeasesResponse:
-        raise Unimplemented("ConversationStore.RenewLeases: not implemented yet")
+        lost = await self.store.renew_leases(
+            _required_text(request.owner, "owner"),
+            _ttl(request.ttl),
+            [_lease_ref(i, ref) for i, ref in enumerate(request.leases)],
+        )
+        return store_pb2.RenewLeasesResponse(lost_turn_ids=lost)
 
     # --------------------------------------------------------------- metrics
 
@@ -404,6 +474,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
             request.message,
             request.idempotency_key,
+            only_behind_turn=request.only_behind_turn,
         )
         return store_pb2.EnqueueResponse(queued=queued)
 

@@ -5,24 +5,27 @@ I/O off the event loop, and it serializes writes inside the process, which is
 what makes seq assignment race-free without retry loops. Write transactions
 still begin IMMEDIATE so a second process on the same file waits for the lock
 instead of failing at commit.
+
+Appends, turns, leases, the queue and reconcile are ``sql.SQLStore``'s logic over
+``_SQLiteTx``, this dialect's statements; the rest is written here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
+import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dispatch.shared.config import ConfigError
-from dispatch.shared.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
@@ -30,39 +33,23 @@ from dispatch.store.backend import (
     CONVERSATION_PREFIX,
     DEFAULT_WORKSPACE_NAME,
     MAX_APPEND_BYTES,
-    TERMINAL_STATES,
-    TURN_PREFIX,
     WORKSPACE_PREFIX,
-    Appended,
     ApprovalDecision,
     EventHistory,
     Execution,
-    FinishReason,
     History,
     Page,
-    Store,
     TurnState,
     api_key_prefix,
-    check_event_seqs,
-    check_lease_claim,
-    check_lease_release,
-    check_lease_renewal,
     check_new_approval,
     check_pending,
-    check_queued_message,
     check_resolution,
-    check_transition,
     check_turn_metrics,
     decode_cursor,
     effective_page_size,
     hash_api_key,
-    initial_state,
-    lease_ttl_ns,
     new_api_key_secret,
     normalized_step_metrics,
-    steering_messages,
-    synthesize_missing_results,
-    validate_append,
 )
 from dispatch.store.rows import (
     api_key_from_row as _api_key,
@@ -82,6 +69,7 @@ from dispatch.store.rows import (
 from dispatch.store.rows import (
     workspace_from_row as _workspace,
 )
+from dispatch.store.sql import UNENDED, RowDict, SQLStore, Tx, run_to_completion
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -229,6 +217,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         3,
         ("ALTER TABLE workspaces ADD COLUMN confine_tools INTEGER NOT NULL DEFAULT 0",),
     ),
+    (
+        4,
+        (
+            # Durable turns: lease fences, recovery attempts, event_seq reservations.
+            "ALTER TABLE turns ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE turns ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE conversations ADD COLUMN reserved_event_seq INTEGER NOT NULL DEFAULT 0",
+            # Nothing was reserved past what is persisted before this migration.
+            "UPDATE conversations SET reserved_event_seq = last_event_seq",
+            # The sweep now also finds released and never-leased turns, so its index covers
+            # every turn that has not ended (5-8 are the terminal states), not only leased ones.
+            "DROP INDEX turns_by_lease_expiry",
+            "CREATE INDEX turns_unended_by_lease_expiry ON turns (lease_expires_at, created_at, id)"
+            " WHERE state NOT IN (5, 6, 7, 8)",
+            "CREATE INDEX turns_unended_by_conversation ON turns (conversation_id, created_at, id)"
+            " WHERE state NOT IN (5, 6, 7, 8)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -274,7 +280,7 @@ def _create_private(path: str) -> None:
             )
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
     """``Store`` on a SQLite file, in WAL mode with ``synchronous=FULL``.
 
     FULL, not NORMAL: in WAL mode NORMAL may lose the last commits on power
@@ -375,6 +381,14 @@ class SQLiteStore(Store):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    async def _run(self, operation: Callable[[Tx], Coroutine[Any, Any, T]], *, write: bool = True) -> T:
+        def run() -> T:
+            with self._tx(write=write) as conn:
+                # _SQLiteTx never suspends: the whole operation runs here, in one transaction.
+                return run_to_completion(operation(_SQLiteTx(self, conn)))
+
+        return await self._call(run)
 
     def _now_ns(self) -> int:
         # Strictly increasing within the process (only the worker thread calls it),
@@ -723,86 +737,6 @@ class SQLiteStore(Store):
 
     # --------------------------------------------------------------- history
 
-    async def append(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        messages: Sequence[common_pb2.Message],
-        events: Sequence[common_pb2.AgentEvent] = (),
-        take_queue_for_turn: str = "",
-    ) -> Appended:
-        validate_append(
-            conversation_id, messages, events, self.max_append_bytes, takes_queue=bool(take_queue_for_turn)
-        )
-
-        def run() -> Appended:
-            with self._tx(write=True) as conn:
-                conv = self._conversation_row(conn, tenant_id, conversation_id)
-                check_event_seqs(events, conv["last_event_seq"])
-                now = self._now_ns()
-                taken = self._take_queue(conn, conversation_id, now) if take_queue_for_turn else []
-                all_messages = [*messages, *steering_messages(taken, take_queue_for_turn)]
-                stored = self._insert_messages(
-                    conn, conversation_id, int(conv["last_seq"]), all_messages, now
-                )
-                seq = stored[-1].seq if stored else int(conv["last_seq"])
-                rows = []
-                for event in events:
-                    copy_event = common_pb2.AgentEvent()
-                    copy_event.CopyFrom(event)
-                    copy_event.conversation_id = conversation_id
-                    if not copy_event.HasField("time"):
-                        copy_event.time.FromNanoseconds(now)
-                    rows.append(
-                        (conversation_id, event.event_seq, event.turn_id, copy_event.SerializeToString())
-                    )
-                conn.executemany(
-                    "INSERT INTO events (conversation_id, event_seq, turn_id, body) VALUES (?, ?, ?, ?)", rows
-                )
-                last_event_seq = events[-1].event_seq if events else int(conv["last_event_seq"])
-                conn.execute(
-                    "UPDATE conversations SET last_seq = ?, last_event_seq = ?, updated_at = ? WHERE id = ?",
-                    (seq, last_event_seq, now, conversation_id),
-                )
-            return Appended(
-                messages=stored,
-                first_seq=stored[0].seq if stored else 0,
-                last_seq=seq if stored else 0,
-                last_event_seq=last_event_seq,
-                dequeued=len(taken),
-            )
-
-        return await self._call(run)
-
-    @staticmethod
-    def _insert_messages(
-        conn: sqlite3.Connection,
-        conversation_id: str,
-        last_seq: int,
-        messages: Sequence[common_pb2.Message],
-        now: int,
-    ) -> list[common_pb2.Message]:
-        # The caller updates conversations.last_seq in the same transaction.
-        stored: list[common_pb2.Message] = []
-        seq = last_seq
-        for msg in messages:
-            seq += 1
-            copy = common_pb2.Message()
-            copy.CopyFrom(msg)
-            copy.conversation_id = conversation_id
-            copy.seq = seq
-            copy.created_at.FromNanoseconds(now)
-            stored.append(copy)
-        conn.executemany(
-            "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (conversation_id, m.seq, m.role, m.turn_id, m.step_index, now, m.SerializeToString())
-                for m in stored
-            ],
-        )
-        return stored
-
     async def load_since(
         self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
     ) -> History:
@@ -838,55 +772,6 @@ class SQLiteStore(Store):
         return await self._call(run)
 
     # ----------------------------------------------------------------- turns
-
-    async def create_turn(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        *,
-        idempotency_key: str = "",
-        state: TurnState = common_pb2.TURN_STATE_QUEUED,
-        computer_id: str = "",
-        cwd: str = "",
-        agent: str = "",
-    ) -> common_pb2.Turn:
-        start = initial_state(state)
-
-        def run() -> common_pb2.Turn:
-            with self._tx(write=True) as conn:
-                self._conversation_row(conn, tenant_id, conversation_id)
-                if idempotency_key:
-                    existing = conn.execute(
-                        "SELECT id FROM turns WHERE conversation_id = ? AND idempotency_key = ?",
-                        (conversation_id, idempotency_key),
-                    ).fetchone()
-                    if existing is not None:
-                        raise AlreadyExists(
-                            f"idempotency key {idempotency_key!r} already started turn {existing['id']} "
-                            f"in conversation {conversation_id}"
-                        )
-                turn_id = new_id(TURN_PREFIX)
-                now = self._now_ns()
-                started = now if start == common_pb2.TURN_STATE_RUNNING else 0
-                conn.execute(
-                    "INSERT INTO turns (id, tenant_id, conversation_id, state, idempotency_key, computer_id,"
-                    " cwd, agent, created_at, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        turn_id,
-                        tenant_id,
-                        conversation_id,
-                        start,
-                        idempotency_key,
-                        computer_id,
-                        cwd,
-                        agent,
-                        now,
-                        started,
-                    ),
-                )
-                return _turn(self._turn_row(conn, tenant_id, turn_id))
-
-        return await self._call(run)
 
     async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
         def run() -> common_pb2.Turn:
@@ -929,44 +814,6 @@ class SQLiteStore(Store):
 
         return await self._call(run)
 
-    async def transition_turn(
-        self,
-        tenant_id: str,
-        turn_id: str,
-        to: TurnState,
-        *,
-        finish_reason: FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED,
-        error_message: str = "",
-        user_message_seq: int = 0,
-        lease_owner: str = "",
-    ) -> common_pb2.Turn:
-        def run() -> common_pb2.Turn:
-            with self._tx(write=True) as conn:
-                row = self._turn_row(conn, tenant_id, turn_id)
-                check_transition(turn_id, row["state"], to)
-                now = self._now_ns()
-                if lease_owner and (row["lease_owner"] != lease_owner or row["lease_expires_at"] <= now):
-                    holder = row["lease_owner"] or "nobody"
-                    raise FailedPrecondition(
-                        f"turn {turn_id} is not leased to {lease_owner} (lease holder: {holder}); "
-                        "claim the lease before moving the turn"
-                    )
-                fields: dict[str, object] = {"state": to}
-                if to == common_pb2.TURN_STATE_RUNNING and not row["started_at"]:
-                    fields["started_at"] = now
-                if to in TERMINAL_STATES:
-                    fields["ended_at"] = now
-                if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                    fields["finish_reason"] = finish_reason
-                if error_message:
-                    fields["error_message"] = error_message
-                if user_message_seq:
-                    fields["user_message_seq"] = user_message_seq
-                self._update(conn, "turns", turn_id, fields)
-                return _turn(self._turn_row(conn, tenant_id, turn_id))
-
-        return await self._call(run)
-
     # ------------------------------------------------------------- execution
 
     async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
@@ -986,111 +833,6 @@ class SQLiteStore(Store):
                 workspace_root=ws["root"],
                 confine_tools=bool(ws["confine_tools"]),
             )
-
-        return await self._call(run)
-
-    # ------------------------------------------------------------- reconcile
-
-    async def reconcile(self, tenant_id: str, conversation_id: str) -> list[common_pb2.Message]:
-        def run() -> list[common_pb2.Message]:
-            # One write transaction from read to insert: an append cannot land in between.
-            with self._tx(write=True) as conn:
-                conv = self._conversation_row(conn, tenant_id, conversation_id)
-                rows = conn.execute(
-                    "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
-                ).fetchall()
-                missing = synthesize_missing_results([common_pb2.Message.FromString(r["body"]) for r in rows])
-                if not missing:
-                    return []
-                now = self._now_ns()
-                stored = self._insert_messages(conn, conversation_id, int(conv["last_seq"]), missing, now)
-                conn.execute(
-                    "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
-                    (stored[-1].seq, now, conversation_id),
-                )
-            log.info(
-                "reconciled conversation %s: closed %d dangling tool call(s)",
-                conversation_id,
-                sum(len(m.chunks) for m in stored),
-            )
-            return stored
-
-        return await self._call(run)
-
-    # ---------------------------------------------------------------- leases
-
-    async def claim_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
-    ) -> common_pb2.Turn:
-        ttl_ns = lease_ttl_ns(ttl)
-
-        def run() -> common_pb2.Turn:
-            with self._tx(write=True) as conn:
-                row = self._turn_row(conn, tenant_id, turn_id)
-                now = self._now_ns()
-                check_lease_claim(
-                    turn_id,
-                    row["state"],
-                    holder=row["lease_owner"],
-                    expires_at_ns=row["lease_expires_at"],
-                    owner=owner,
-                    now_ns=now,
-                )
-                self._update(conn, "turns", turn_id, {"lease_owner": owner, "lease_expires_at": now + ttl_ns})
-                return _turn(self._turn_row(conn, tenant_id, turn_id))
-
-        return await self._call(run)
-
-    async def renew_lease(
-        self, tenant_id: str, turn_id: str, owner: str, ttl: datetime.timedelta
-    ) -> common_pb2.Turn:
-        ttl_ns = lease_ttl_ns(ttl)
-
-        def run() -> common_pb2.Turn:
-            with self._tx(write=True) as conn:
-                row = self._turn_row(conn, tenant_id, turn_id)
-                now = self._now_ns()
-                check_lease_renewal(
-                    turn_id,
-                    holder=row["lease_owner"],
-                    expires_at_ns=row["lease_expires_at"],
-                    owner=owner,
-                    now_ns=now,
-                )
-                self._update(conn, "turns", turn_id, {"lease_expires_at": now + ttl_ns})
-                return _turn(self._turn_row(conn, tenant_id, turn_id))
-
-        return await self._call(run)
-
-    async def release_lease(self, tenant_id: str, turn_id: str, owner: str) -> common_pb2.Turn:
-        def run() -> common_pb2.Turn:
-            with self._tx(write=True) as conn:
-                row = self._turn_row(conn, tenant_id, turn_id)
-                check_lease_release(
-                    turn_id,
-                    holder=row["lease_owner"],
-                    expires_at_ns=row["lease_expires_at"],
-                    owner=owner,
-                    now_ns=self._now_ns(),
-                )
-                if row["lease_owner"] == owner:
-                    self._update(conn, "turns", turn_id, {"lease_owner": "", "lease_expires_at": 0})
-                return _turn(self._turn_row(conn, tenant_id, turn_id))
-
-        return await self._call(run)
-
-    async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
-        ended = sorted(TERMINAL_STATES)
-
-        def run() -> list[common_pb2.Turn]:
-            with self._tx(write=False) as conn:
-                rows = conn.execute(
-                    "SELECT * FROM turns WHERE lease_owner != '' AND lease_expires_at <= ?"
-                    f" AND state NOT IN ({', '.join('?' for _ in ended)})"
-                    " ORDER BY lease_expires_at, id LIMIT ?",
-                    (self._now_ns(), *ended, _sql_limit(limit)),
-                ).fetchall()
-            return [_turn(r) for r in rows]
 
         return await self._call(run)
 
@@ -1181,64 +923,6 @@ class SQLiteStore(Store):
             return answer
 
         return await self._call(run)
-
-    # ----------------------------------------------------------------- queue
-
-    async def enqueue(
-        self, tenant_id: str, conversation_id: str, message: common_pb2.Message, idempotency_key: str = ""
-    ) -> store_pb2.QueuedMessage:
-        check_queued_message(conversation_id, message)
-
-        def run() -> store_pb2.QueuedMessage:
-            with self._tx(write=True) as conn:
-                self._conversation_row(conn, tenant_id, conversation_id)
-                if idempotency_key:
-                    existing = conn.execute(
-                        "SELECT * FROM queue WHERE conversation_id = ? AND idempotency_key = ?",
-                        (conversation_id, idempotency_key),
-                    ).fetchone()
-                    if existing is not None:
-                        return _queued(existing)
-                now = self._now_ns()
-                stored = common_pb2.Message()
-                stored.CopyFrom(message)
-                stored.conversation_id = conversation_id
-                stored.seq = 0  # a queued message has no place in history yet
-                cursor = conn.execute(
-                    "INSERT INTO queue (conversation_id, idempotency_key, body, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (conversation_id, idempotency_key, stored.SerializeToString(), now),
-                )
-                return store_pb2.QueuedMessage(
-                    id=int(cursor.lastrowid or 0),
-                    conversation_id=conversation_id,
-                    message=stored,
-                    idempotency_key=idempotency_key,
-                )
-
-        return await self._call(run)
-
-    async def drain_queue(self, tenant_id: str, conversation_id: str) -> list[store_pb2.QueuedMessage]:
-        def run() -> list[store_pb2.QueuedMessage]:
-            with self._tx(write=True) as conn:
-                self._conversation_row(conn, tenant_id, conversation_id)
-                return self._take_queue(conn, conversation_id, self._now_ns())
-
-        return await self._call(run)
-
-    @staticmethod
-    def _take_queue(
-        conn: sqlite3.Connection, conversation_id: str, now: int
-    ) -> list[store_pb2.QueuedMessage]:
-        rows = conn.execute(
-            "SELECT * FROM queue WHERE conversation_id = ? AND drained_at = 0 ORDER BY id", (conversation_id,)
-        ).fetchall()
-        if rows:
-            conn.execute(
-                "UPDATE queue SET drained_at = ? WHERE conversation_id = ? AND drained_at = 0",
-                (now, conversation_id),
-            )
-        return [_queued(r) for r in rows]
 
     # ------------------------------------------------------------- approvals
 
@@ -1381,3 +1065,126 @@ class SQLiteStore(Store):
             return _api_key(row)
 
         return await self._call(run)
+
+
+class _SQLiteTx:
+    """``sql.Tx`` on the worker thread's connection. Its coroutines never suspend; ``lock``
+    asks nothing of SQLite, whose write transactions (BEGIN IMMEDIATE) exclude each other."""
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def now_ns(self) -> int:
+        return self._store._now_ns()
+
+    def _one(self, sql: str, args: Sequence[object]) -> RowDict | None:
+        row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else dict(row)
+
+    def _all(self, sql: str, args: Sequence[object]) -> list[RowDict]:
+        return [dict(row) for row in self._conn.execute(sql, args).fetchall()]
+
+    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> RowDict:
+        return dict(self._store._conversation_row(self._conn, tenant_id, conversation_id))
+
+    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict | None:
+        return self._one("SELECT * FROM turns WHERE id = ? AND tenant_id = ?", (turn_id, tenant_id))
+
+    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> list[RowDict]:
+        return self._all(
+            "SELECT * FROM turns WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (json.dumps(list(turn_ids)),),
+        )
+
+    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> RowDict | None:
+        return self._one(
+            "SELECT * FROM turns WHERE conversation_id = ? AND idempotency_key = ?",
+            (conversation_id, idempotency_key),
+        )
+
+    async def unended_turn(self, conversation_id: str) -> RowDict | None:
+        return self._one(
+            f"SELECT * FROM turns WHERE conversation_id = ? AND {UNENDED} ORDER BY created_at, id LIMIT 1",
+            (conversation_id,),
+        )
+
+    async def unheld_turns(self, now_ns: int, limit: int) -> list[RowDict]:
+        return self._all(
+            f"SELECT * FROM turns WHERE {UNENDED} AND (lease_owner = '' OR lease_expires_at <= ?)"
+            " ORDER BY lease_expires_at, created_at, id LIMIT ?",
+            (now_ns, _sql_limit(limit)),
+        )
+
+    async def insert_turn(self, row: Mapping[str, Any]) -> None:
+        columns = ", ".join(row)
+        self._conn.execute(
+            f"INSERT INTO turns ({columns}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+        )
+
+    async def update(self, table: str, row_id: str, fields: Mapping[str, Any]) -> None:
+        SQLiteStore._update(self._conn, table, row_id, dict(fields))
+
+    async def update_turns(self, turn_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        self._conn.execute(
+            f"UPDATE turns SET {assignments} WHERE id IN (SELECT value FROM json_each(?))",
+            (*fields.values(), json.dumps(list(turn_ids))),
+        )
+
+    async def history(self, conversation_id: str) -> list[common_pb2.Message]:
+        rows = self._conn.execute(
+            "SELECT body FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
+        ).fetchall()
+        return [common_pb2.Message.FromString(r["body"]) for r in rows]
+
+    async def insert_messages(self, conversation_id: str, messages: Sequence[common_pb2.Message]) -> None:
+        self._conn.executemany(
+            "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    conversation_id,
+                    m.seq,
+                    m.role,
+                    m.turn_id,
+                    m.step_index,
+                    m.created_at.ToNanoseconds(),
+                    m.SerializeToString(),
+                )
+                for m in messages
+            ],
+        )
+
+    async def insert_events(self, conversation_id: str, events: Sequence[common_pb2.AgentEvent]) -> None:
+        self._conn.executemany(
+            "INSERT INTO events (conversation_id, event_seq, turn_id, body) VALUES (?, ?, ?, ?)",
+            [(conversation_id, e.event_seq, e.turn_id, e.SerializeToString()) for e in events],
+        )
+
+    async def take_queue(self, conversation_id: str, now_ns: int) -> list[store_pb2.QueuedMessage]:
+        rows = self._conn.execute(
+            "SELECT * FROM queue WHERE conversation_id = ? AND drained_at = 0 ORDER BY id", (conversation_id,)
+        ).fetchall()
+        if rows:
+            self._conn.execute(
+                "UPDATE queue SET drained_at = ? WHERE conversation_id = ? AND drained_at = 0",
+                (now_ns, conversation_id),
+            )
+        return [_queued(r) for r in rows]
+
+    async def queued(self, conversation_id: str, idempotency_key: str) -> store_pb2.QueuedMessage | None:
+        row = self._one(
+            "SELECT * FROM queue WHERE conversation_id = ? AND idempotency_key = ?",
+            (conversation_id, idempotency_key),
+        )
+        return None if row is None else _queued(row)
+
+    async def insert_queued(
+        self, conversation_id: str, idempotency_key: str, body: bytes, now_ns: int
+    ) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO queue (conversation_id, idempotency_key, body, created_at) VALUES (?, ?, ?, ?)",
+            (conversation_id, idempotency_key, body, now_ns),
+        )
+        return int(cursor.lastrowid or 0)
