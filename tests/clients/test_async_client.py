@@ -168,7 +168,13 @@ async def test_send_policies_while_a_turn_runs(make_stack: MakeStack) -> None:
         done = next(e for e in events if e.HasField("turn_done")).turn_done
         assert done.finish_reason == types.FINISH_REASON_ABORTED
         assert events[-1].turn_sealed.state == types.TURN_STATE_ABORTED
+        # "three", queued before the interrupt, starts its turn in the commit that sealed
+        # the second one; cancelled too, nothing runs any more.
+        third = await client.cancel(conv.id)
+        assert third.turn_id not in ("", first.turn_id, second.turn_id)
         assert (await client.cancel(conv.id)).turn_id == ""
+        turns = await client.list_turns(conv.id)
+        assert [t.state for t in turns.turns] == [types.TURN_STATE_ABORTED] * 3
 
 
 async def test_run_turn_follows_a_queued_message_into_the_turn_that_takes_it(make_stack: MakeStack) -> None:

@@ -4,6 +4,7 @@ persisted + in-memory + live events exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -211,10 +212,11 @@ async def test_the_kernel_forgets_an_idle_conversation_and_picks_its_event_seq_u
         for _ in range(2):
             started = await kernel.start_turn(TENANT, conv, chunks, common_pb2.SEND_POLICY_UNSPECIFIED, "")
             seen = []
-            async for batch in kernel.subscribe(TENANT, conv, started.after_event_seq):
-                seen += batch
-                if any(e.HasField("turn_sealed") for e in batch):
-                    break
+            async with contextlib.aclosing(kernel.subscribe(TENANT, conv, started.after_event_seq)) as stream:
+                async for batch in stream:
+                    seen += batch
+                    if any(e.HasField("turn_sealed") for e in batch):
+                        break
             while kernel._tasks:  # the turn persists its last events, then lets go
                 await asyncio.sleep(0.01)
             assert conv not in kernel._logs  # nothing holds it: forgotten
@@ -228,3 +230,60 @@ async def test_the_kernel_forgets_an_idle_conversation_and_picks_its_event_seq_u
         assert len({e.turn_id for e in events.events}) == 2
     finally:
         await stack.stop()
+
+
+# ------------------------------------------------------------------ reservations
+
+
+async def test_events_past_the_reservation_wait_for_it_and_keep_their_order() -> None:
+    log = ConversationLog("t", "c", 0, reserved_event_seq=0)
+    log.reserve(2)  # as a lease claim would
+    asked: list[int] = []
+    log.reserver = asked.append
+    stream = replay_and_follow(log, 0, FakeStore().load)
+    first = asyncio.create_task(anext(stream))
+    while not log._subscribers:
+        await asyncio.sleep(0)
+    emit_text(log, 4)  # 1 and 2 are reserved; 3 and 4 are not yet
+    assert [e.event_seq for e in await first] == [1, 2]
+    assert asked and asked[-1] >= 4  # numbering near the end asked for more
+    assert log.delivered_seq == 2
+    log.reserve(10)
+    assert [e.event_seq for e in await anext(stream)] == [3, 4]
+
+
+async def test_an_event_sent_only_once_persisted_holds_back_what_follows() -> None:
+    log = ConversationLog("t", "c", 0, reserved_event_seq=0)
+    log.reserve(100)
+    store = FakeStore()
+    stream = replay_and_follow(log, 0, store.load)
+    first = asyncio.create_task(anext(stream))
+    while not log._subscribers:
+        await asyncio.sleep(0)
+    emit_text(log, 1)
+    log.emit("turn_1", after_persist=True, turn_sealed=common_pb2.TurnSealed())
+    emit_text(log, 1)  # after it: waits behind it
+    assert [e.event_seq for e in await first] == [1]
+    assert log.delivered_seq == 1
+    store.persist(log)  # 1..3 persisted: the seal may go, and what follows it
+    assert [e.event_seq for e in await anext(stream)] == [2, 3]
+
+
+def test_a_log_loaded_after_a_crash_numbers_past_the_reservation_and_names_what_was_lost() -> None:
+    # The store persisted events up to 5 and had reserved up to 40 for a kernel that died.
+    log = ConversationLog("t", "c", 5, reserved_event_seq=40)
+    assert log.announce_lost() == (6, 40)
+    assert log.announce_lost() is None  # announced once
+    event = log.emit("turn_2", text_delta=common_pb2.TextDelta(text="x"))
+    assert event.event_seq == 41
+
+
+def test_a_sealed_turn_lowers_the_reservation_so_the_next_load_continues_without_a_gap() -> None:
+    log = ConversationLog("t", "c", 0, reserved_event_seq=0)
+    log.reserve(10_000)
+    emit_text(log, 3)
+    log.mark_persisted(3)
+    log.sealed()
+    assert log.reserved == 3
+    again = ConversationLog("t", "c", log.persisted_seq, reserved_event_seq=log.reserved)
+    assert again.announce_lost() is None and again.last_seq == 3

@@ -13,7 +13,7 @@ from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import ProviderConfig, StoreConfig
 from dispatch.store.server import start as start_store
-from dispatch.v1 import common_pb2, kernel_pb2, store_pb2, store_pb2_grpc
+from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 from tests.fakes.openai_server import FakeOpenAI, Stream, text_chunks
 from tests.stack import TENANT, Stack, collect, kinds, run_turn, start_stack
 from tests.stack import text_chunks as user_text
@@ -358,15 +358,32 @@ async def test_a_turn_through_a_real_openai_compatible_http_server(
     assert list_dir["parameters"]["properties"]["path"]["type"] == "string"
 
 
-async def test_a_store_failure_mid_turn_ends_it_with_a_clear_error_and_keeps_what_was_committed(
-    tmp_path: Path,
+async def _store_back(stack: Stack, tmp_path: Path) -> None:
+    """Start the stack's store again, on its old port and database (it was stopped)."""
+    port = stack.hosted["store"].port
+    stack.hosted["store"] = await start_store(
+        StoreConfig(
+            listen=f"127.0.0.1:{port}",
+            database_url=f"sqlite:///{tmp_path / 'store.db'}",
+            default_workspace_root=str(tmp_path),
+        )
+    )
+
+
+@pytest.mark.parametrize("outage", ["short", "long"])
+async def test_a_store_outage_mid_turn_is_waited_out_or_ends_the_turn_sealed_once_the_store_is_back(
+    tmp_path: Path, outage: str
 ) -> None:
+    # Writes are retried for store_outage seconds. A short outage: the turn goes on as if
+    # nothing happened. A long one: the turn ends with a clear error, and its end (state,
+    # seal) is written once the store is back; subscribers see turn_sealed then.
     stack = await start_stack(
         tmp_path,
         scripted(
             [{"type": "tool_call", "id": "c1", "name": "list_dir", "input": {}}],
-            [{"type": "sleep", "seconds": 0.5}, {"type": "text_delta", "text": "too late to store"}],
+            [{"type": "sleep", "seconds": 0.3}, {"type": "text_delta", "text": "after the outage"}],
         ),
+        store_outage=5.0 if outage == "short" else 0.3,
     )
     try:
         conv = await stack.conversation()
@@ -381,32 +398,43 @@ async def test_a_store_failure_mid_turn_ends_it_with_a_clear_error_and_keeps_wha
         while kinds(events).count("messages_committed") < 2:
             await asyncio.sleep(0.01)
         await stack.hosted["store"].stop(0)
+        if outage == "long":
+            while not any(e.HasField("turn_done") for e in events):
+                await asyncio.sleep(0.01)
+            assert not any(e.HasField("turn_sealed") for e in events)  # not before it is written
+        else:
+            await asyncio.sleep(1.0)
+        await _store_back(stack, tmp_path)
         await asyncio.wait_for(watcher, 30)
+        turn = await stack.store.GetTurn(store_pb2.GetTurnRequest(tenant_id=TENANT, turn_id=started.turn_id))
+        loaded = await history(stack, conv)
+        persisted = await stack.store.LoadEvents(
+            store_pb2.LoadEventsRequest(tenant_id=TENANT, conversation_id=conv)
+        )
     finally:
         await stack.stop()
-    errors = [e.error for e in events if e.HasField("error")]
-    assert errors[0].code == "store" and errors[0].fatal
-    assert errors[0].message.startswith("the store failed")
-    assert errors[-1].message.startswith("turn not sealed")
+    assert events[-1].HasField("turn_sealed")
+    assert [e.event_seq for e in persisted.events][-1] == events[-1].event_seq  # the seal is persisted
     done = next(e.turn_done for e in events if e.HasField("turn_done"))
-    assert done.finish_reason == common_pb2.FINISH_REASON_ERROR
-    # What was committed before the failure is all there.
-    store = await start_store(
-        StoreConfig(database_url=f"sqlite:///{tmp_path / 'store.db'}", default_workspace_root=str(tmp_path))
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{store.port}") as channel:
-            loaded = await store_pb2_grpc.ConversationStoreStub(channel).Load(
-                store_pb2.LoadRequest(tenant_id=TENANT, conversation_id=conv)
-            )
-    finally:
-        await store.stop(0)
-    assert [m.role for m in loaded.messages] == [
-        common_pb2.ROLE_USER,
-        common_pb2.ROLE_ASSISTANT,
-        common_pb2.ROLE_TOOL,
-    ]
-    assert loaded.messages[2].chunks[0].tool_result.tool_call_id == "c1"
+    # What was committed before the outage is all there.
+    assert loaded[2].chunks[0].tool_result.tool_call_id == "c1"
+    if outage == "short":
+        assert done.finish_reason == common_pb2.FINISH_REASON_STOP
+        assert turn.state == common_pb2.TURN_STATE_COMPLETED
+        assert loaded[-1].chunks[-1].text.text == "after the outage"
+        assert not any(e.HasField("error") for e in events)
+    else:
+        errors = [e.error for e in events if e.HasField("error")]
+        assert errors[0].code == "store" and errors[0].fatal
+        assert errors[0].message.startswith("the store was unavailable for")
+        assert "127.0.0.1" not in errors[0].message
+        assert done.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert turn.state == common_pb2.TURN_STATE_FAILED
+        assert [m.role for m in loaded] == [
+            common_pb2.ROLE_USER,
+            common_pb2.ROLE_ASSISTANT,
+            common_pb2.ROLE_TOOL,
+        ]
 
 
 async def test_after_an_abort_the_next_request_to_the_model_has_no_dangling_call(

@@ -94,16 +94,57 @@ class Snapshot:
     unpersisted: list[common_pb2.AgentEvent]
 
 
-class ConversationLog:
-    """The event stream of one conversation as this kernel knows it."""
+# A log without a reservation discipline numbers freely (see ConversationLog).
+UNBOUNDED = 2**62
+# How many event numbers a turn reserves ahead (see ConversationLog): a kernel that goes
+# away loses at most this many numbers to an events_lost announcement.
+RESERVE_BLOCK = 10_000
 
-    def __init__(self, tenant_id: str, conversation_id: str, last_event_seq: int):
+
+class ConversationLog:
+    """The event stream of one conversation as this kernel knows it.
+
+    Numbering is durable ahead of delivery: an event is sent to subscribers only once
+    its event_seq is inside the conversation's reservation (``reserved``, raised in the
+    store before it is used: the turn's lease claim, then every Append). A kernel that
+    takes the conversation over after a crash numbers past the reservation, so a number
+    anyone may have seen is never reused; what was reserved but not persisted is
+    announced as lost (``lost``). An event emitted with ``after_persist`` is held until
+    it is persisted too (``turn_sealed``); delivery is always in event_seq order.
+    """
+
+    def __init__(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        last_event_seq: int,
+        reserved_event_seq: int | None = None,
+    ):
+        """``reserved_event_seq``: the conversation's reservation as the store has it; None:
+        numbering needs none (a log no other kernel can take over, as in unit tests)."""
         self.tenant_id = tenant_id
         self.conversation_id = conversation_id
-        self.last_seq = last_event_seq
         self.persisted_seq = last_event_seq
+        unbounded = reserved_event_seq is None
+        reserved = last_event_seq if reserved_event_seq is None else reserved_event_seq
+        self.reserved = max(reserved, last_event_seq)
+        # Numbers past the last persisted event that a kernel may have sent before it went
+        # away: announced (events_lost) by the next turn to run, and never used again.
+        self.lost: tuple[int, int] | None = (
+            (last_event_seq + 1, self.reserved) if self.reserved > last_event_seq else None
+        )
+        self.last_seq = self.reserved
+        if unbounded:
+            self.reserved = UNBOUNDED
         # Invariant: exactly the events with seq in (persisted_seq, last_seq].
         self.unpersisted: list[common_pb2.AgentEvent] = []
+        # The last event_seq sent to subscribers; the rest of `unpersisted` is held.
+        self.delivered_seq = self.last_seq
+        # event_seqs that wait for their own persistence before they are sent.
+        self._after_persist: set[int] = set()
+        # Asked for a larger reservation when numbering nears the end of this one (the
+        # running turn sets it: it holds the lease that fences the write).
+        self.reserver: Callable[[int], None] | None = None
         # Held across an Append that carries unpersisted events, so two turns
         # of the conversation (one sealing, the next starting) never send the
         # same events twice.
@@ -118,8 +159,15 @@ class ConversationLog:
         """Nobody uses it and the store has every event: it can be dropped and rebuilt."""
         return self.pins == 0 and not self._subscribers and not self.unpersisted
 
-    def emit(self, turn_id: str, step_id: str = "", **kind: object) -> common_pb2.AgentEvent:
-        """Stamp an event with the envelope and the next event_seq, and fan it out."""
+    def wanted_reservation(self) -> int:
+        """How far the next write should reserve: a block past the numbers used so far."""
+        return self.last_seq + RESERVE_BLOCK
+
+    def emit(
+        self, turn_id: str, step_id: str = "", *, after_persist: bool = False, **kind: object
+    ) -> common_pb2.AgentEvent:
+        """Stamp an event with the envelope and the next event_seq, and fan it out once it
+        may be sent (inside the reservation; with ``after_persist``, once persisted)."""
         self.last_seq += 1
         event = common_pb2.AgentEvent(
             conversation_id=self.conversation_id,
@@ -130,16 +178,59 @@ class ConversationLog:
             **kind,  # type: ignore[arg-type]
         )
         self.unpersisted.append(event)
-        for sub in self._subscribers:
-            sub.push(event)
+        if after_persist:
+            self._after_persist.add(event.event_seq)
+        if self.delivered_seq == event.event_seq - 1 and self._sendable(event.event_seq):
+            self.delivered_seq = event.event_seq
+            for sub in self._subscribers:
+                sub.push(event)
+        if self.reserver is not None and self.last_seq > self.reserved - RESERVE_BLOCK // 2:
+            self.reserver(self.wanted_reservation())
         return event
 
+    def _sendable(self, seq: int) -> bool:
+        return seq <= self.reserved and (seq not in self._after_persist or seq <= self.persisted_seq)
+
+    def _release(self) -> None:
+        """Send the held events that may now be sent, in order."""
+        for event in self.unpersisted:
+            seq = event.event_seq
+            if seq <= self.delivered_seq:
+                continue
+            if seq != self.delivered_seq + 1 or not self._sendable(seq):
+                break
+            self.delivered_seq = seq
+            for sub in self._subscribers:
+                sub.push(event)
+
+    def reserve(self, through: int) -> None:
+        """The store holds the reservation through ``through`` (it never lowers it)."""
+        if through > self.reserved:
+            self.reserved = through
+            self._release()
+
     def mark_persisted(self, upto_seq: int) -> None:
+        self.persisted_seq = max(self.persisted_seq, upto_seq)
+        # Persisted events are in the store, which never reserves less than it holds.
+        self.reserved = max(self.reserved, self.persisted_seq)
+        self._release()  # before the persisted events leave `unpersisted`
         drop = 0
         while drop < len(self.unpersisted) and self.unpersisted[drop].event_seq <= upto_seq:
+            self._after_persist.discard(self.unpersisted[drop].event_seq)
             drop += 1
         del self.unpersisted[:drop]
-        self.persisted_seq = max(self.persisted_seq, upto_seq)
+
+    def sealed(self) -> None:
+        """The turn that numbered events ended, and the store lowered the reservation to
+        the last persisted event: nothing past it was sent."""
+        if not self.unpersisted and self.reserved != UNBOUNDED:
+            self.reserved = self.persisted_seq
+
+    def announce_lost(self) -> tuple[int, int] | None:
+        """The range of numbers lost before this log was loaded, once: the next turn to run
+        announces it."""
+        lost, self.lost = self.lost, None
+        return lost
 
     def subscribe(
         self,
@@ -158,7 +249,8 @@ class ConversationLog:
         elif until == common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED:
             sub.stop_turn = running_turn
         self._subscribers.add(sub)
-        return sub, Snapshot(self.persisted_seq, list(self.unpersisted))
+        sent = [e for e in self.unpersisted if e.event_seq <= self.delivered_seq]
+        return sub, Snapshot(self.persisted_seq, sent)
 
     def turn_over(self, turn_id: str) -> None:
         """``turn_id`` emits nothing more (sealed or not): subscriptions waiting for its seal

@@ -1,5 +1,5 @@
 """The kernel's live state: active turns (one per conversation), event logs,
-and starting, cancelling and draining turns."""
+leases, and starting, cancelling, recovering and draining turns."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import grpc
 
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.events import ConversationLog, replay_and_follow
+from dispatch.kernel.leases import LeaseKeeper
+from dispatch.kernel.recovery import Recovery
 from dispatch.kernel.slots import RunSlots
-from dispatch.kernel.turn import TurnDeps, TurnRunner
+from dispatch.kernel.turn import Resume, TurnDeps, TurnRunner
+from dispatch.kernel.writer import TurnWriter
 from dispatch.shared.errors import (
-    DispatchError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -27,6 +29,16 @@ from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 
 log = logging.getLogger(__name__)
+
+# The store's words when a conversation's turn runs (or waits for recovery) elsewhere, and
+# when a message would be queued behind a turn that has just ended.
+IN_FLIGHT = "turn in flight"
+NONE_IN_FLIGHT = "no turn in flight"
+HANDOVER = "the kernel is shutting down"
+
+
+def _refusal(exc: grpc.aio.AioRpcError, words: str) -> bool:
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (exc.details() or "").startswith(words)
 
 
 @dataclass
@@ -48,12 +60,30 @@ class Kernel:
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining = False
         self.slots = RunSlots(max_concurrent_turns)
+        self.leases = LeaseKeeper(deps.store, deps.owner, deps.lease_ttl, deps.rpc_timeout)
+        self.recovery = Recovery(self)
+
+    @property
+    def owner(self) -> str:
+        return self.deps.owner
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def start(self) -> None:
+        """Renew leases, and look for turns nobody holds: at once, then every sweep_interval."""
+        self.leases.start()
+        self.recovery.start()
+
+    def running(self, turn_id: str) -> bool:
+        return any(a.runner.turn.id == turn_id for a in self._active.values())
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         return self._locks.setdefault(conversation_id, asyncio.Lock())
 
     @contextlib.asynccontextmanager
-    async def _pinned(self, tenant_id: str, conversation_id: str) -> AsyncIterator[ConversationLog]:
+    async def pinned(self, tenant_id: str, conversation_id: str) -> AsyncIterator[ConversationLog]:
         """The conversation's log, kept (not forgotten as idle) while the block runs."""
         events = await self._log(tenant_id, conversation_id)
         events.pins += 1
@@ -61,6 +91,12 @@ class Kernel:
             yield events
         finally:
             self._unpin(events)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, tenant_id: str, conversation_id: str) -> AsyncIterator[ConversationLog]:
+        """``pinned``, holding the conversation's lock: one decision about its turn at a time."""
+        async with self.pinned(tenant_id, conversation_id) as events, self._lock(conversation_id):
+            yield events
 
     def _unpin(self, events: ConversationLog) -> None:
         """Release a pin; an idle log is forgotten, so the kernel's memory follows the
@@ -72,6 +108,13 @@ class Kernel:
             lock = self._locks.get(conversation_id)
             if lock is not None and not lock.locked():
                 del self._locks[conversation_id]
+
+    def _forget(self, events: ConversationLog) -> None:
+        """Drop a log whose numbering another kernel now owns (this one lost the turn): its
+        subscribers resume through a fresh one."""
+        if self._logs.get(events.conversation_id) is events:
+            del self._logs[events.conversation_id]
+        events.close_subscribers(shutting_down=True)
 
     async def _log(self, tenant_id: str, conversation_id: str) -> ConversationLog:
         """The conversation's event log, loaded from the store on first use (NOT_FOUND if absent)."""
@@ -93,8 +136,11 @@ class Kernel:
             raise from_rpc_error(exc, "the store could not load the conversation") from None
         # Another caller may have created it while we awaited the store.
         return self._logs.setdefault(
-            conversation_id, ConversationLog(tenant_id, conversation_id, conv.last_event_seq)
+            conversation_id,
+            ConversationLog(tenant_id, conversation_id, conv.last_event_seq, conv.reserved_event_seq),
         )
+
+    # ------------------------------------------------------------------ starting turns
 
     async def start_turn(
         self,
@@ -113,7 +159,7 @@ class Kernel:
             raise InvalidArgument(f"the message has {size} characters; the limit is {MAX_MESSAGE_CHARS}")
         if self._draining:
             raise Unavailable("the kernel is shutting down; retry on another kernel")
-        async with self._pinned(tenant_id, conversation_id) as events, self._lock(conversation_id):
+        async with self.locked(tenant_id, conversation_id) as events:
             if idempotency_key:
                 repeated = await self._turn_with_key(tenant_id, conversation_id, idempotency_key)
                 if repeated is not None:
@@ -126,24 +172,25 @@ class Kernel:
             running = self._active.get(conversation_id)
             if running is not None:
                 if policy == common_pb2.SEND_POLICY_INTERRUPT:
-                    running.runner.abort()
+                    # This message starts the next turn; messages queued before it wait behind it.
+                    running.runner.abort(start_next=False)
                     await asyncio.wait([running.task])
                 elif policy == common_pb2.SEND_POLICY_REJECT:
                     raise FailedPrecondition(
                         f"conversation {conversation_id} has a running turn {running.runner.turn.id}; "
                         "send with policy interrupt to replace it, or enqueue to have it taken in turn"
                     )
-                else:
+                elif await self._enqueue(tenant_id, conversation_id, chunks, idempotency_key):
                     # Enqueue (the default): the running turn takes it at its next tool-result
-                    # boundary, or the next turn starts with it right after the seal.
-                    await self._enqueue(tenant_id, conversation_id, chunks, idempotency_key)
+                    # boundary, or the next turn starts with it, in the commit that seals it.
                     return kernel_pb2.StartTurnResponse(
                         turn_id=running.runner.turn.id,
                         state=running.runner.turn.state,
                         queued=True,
                         after_event_seq=events.last_seq,
                     )
-            return await self._launch(tenant_id, conversation_id, [list(chunks)], idempotency_key)
+                # Refused: the turn ended in the meantime; start one.
+            return await self._launch(events, [list(chunks)], policy, idempotency_key)
 
     async def _turn_with_key(self, tenant_id: str, conversation_id: str, key: str) -> common_pb2.Turn | None:
         try:
@@ -188,7 +235,9 @@ class Kernel:
 
     async def _enqueue(
         self, tenant_id: str, conversation_id: str, chunks: Sequence[common_pb2.Chunk], idempotency_key: str
-    ) -> None:
+    ) -> bool:
+        """Queue the message behind the conversation's turn in flight; False if the store
+        says none is (it ended a moment ago): then the caller starts one instead."""
         message = common_pb2.Message(role=common_pb2.ROLE_USER, chunks=chunks)
         try:
             await self.deps.store.Enqueue(
@@ -197,99 +246,207 @@ class Kernel:
                     conversation_id=conversation_id,
                     message=message,
                     idempotency_key=idempotency_key,
+                    only_behind_turn=True,
                 ),
                 timeout=self.deps.rpc_timeout,
             )
         except grpc.aio.AioRpcError as exc:
+            if _refusal(exc, NONE_IN_FLIGHT):
+                return False
             raise from_rpc_error(exc, "the store could not queue the message") from None
+        return True
+
+    async def _in_flight(self, tenant_id: str, conversation_id: str) -> common_pb2.Turn | None:
+        """The conversation's turn that has not ended (running elsewhere, or awaiting recovery)."""
+        live = [
+            common_pb2.TURN_STATE_QUEUED,
+            common_pb2.TURN_STATE_RUNNING,
+            common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+            common_pb2.TURN_STATE_RESUMING,
+        ]
+        try:
+            found = await self.deps.store.ListTurns(
+                store_pb2.ListTurnsRequest(
+                    tenant_id=tenant_id, conversation_id=conversation_id, states=live, page_size=1
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not list the conversation's turns") from None
+        return found.turns[0] if found.turns else None
 
     async def _launch(
         self,
-        tenant_id: str,
-        conversation_id: str,
+        events: ConversationLog,
         user_messages: Sequence[Sequence[common_pb2.Chunk]],
+        policy: common_pb2.SendPolicy.ValueType = common_pb2.SEND_POLICY_UNSPECIFIED,
         idempotency_key: str = "",
     ) -> kernel_pb2.StartTurnResponse:
-        """Create and start a turn for ``user_messages``; the conversation's lock is held.
-        Without a free run slot the turn is created queued and waits for one."""
-        async with self._pinned(tenant_id, conversation_id) as events:
-            agent = await self._agent_of(tenant_id, conversation_id)
-            has_slot = self.slots.try_acquire()
-            state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
-            try:
-                turn = await self.deps.store.CreateTurn(
-                    store_pb2.CreateTurnRequest(
-                        tenant_id=tenant_id,
-                        conversation_id=conversation_id,
-                        idempotency_key=idempotency_key,
-                        state=state,
-                        agent=agent.name,
-                    ),
-                    timeout=self.deps.rpc_timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if has_slot:
-                    self.slots.release()
-                raise from_rpc_error(exc, "the store could not create the turn") from None
-            after = events.last_seq
-            runner = TurnRunner(
-                self.deps,
-                events,
-                turn,
-                user_messages[0],
-                on_sealed=lambda: self._finished(conversation_id, turn.id),
-                agent=agent,
-                more_user=user_messages[1:],
-                slots=None if has_slot else self.slots,
+        """Create a turn for ``user_messages`` (committed with it, leased to this kernel) and
+        start it; the conversation's lock is held. Without a free run slot the turn is created
+        queued and waits for one. A turn of the conversation in flight elsewhere (another
+        kernel's, or one awaiting recovery) takes the message as queued instead."""
+        tenant_id, conversation_id = events.tenant_id, events.conversation_id
+        agent = await self._agent_of(tenant_id, conversation_id)
+        has_slot = self.slots.try_acquire()
+        state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
+        try:
+            turn = await self.deps.store.CreateTurn(
+                store_pb2.CreateTurnRequest(
+                    tenant_id=tenant_id,
+                    conversation_id=conversation_id,
+                    idempotency_key=idempotency_key,
+                    state=state,
+                    agent=agent.name,
+                    lease_owner=self.owner,
+                    lease_ttl=self.leases.ttl_proto,
+                    reserve_event_seq=events.wanted_reservation(),
+                    user_messages=[
+                        common_pb2.Message(role=common_pb2.ROLE_USER, chunks=chunks)
+                        for chunks in user_messages
+                    ],
+                    exclusive=True,
+                ),
+                timeout=self.deps.rpc_timeout,
             )
+        except grpc.aio.AioRpcError as exc:
+            if has_slot:
+                self.slots.release()
+            if _refusal(exc, IN_FLIGHT):
+                return await self._behind_turn_elsewhere(events, user_messages, policy, idempotency_key)
+            raise from_rpc_error(exc, "the store could not create the turn") from None
+        events.reserve(events.wanted_reservation())
+        after = events.last_seq
+        writer = self._writer(events, turn)
+        writer.committed_through(turn.user_message_seq + len(user_messages) - 1)
+        runner = self._runner(events, writer, agent, user_messages=len(user_messages), has_slot=has_slot)
+        self._start(events, runner, has_slot)
+        return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
 
-            async def run() -> None:
-                try:
-                    await runner.run()
-                finally:
-                    if has_slot or runner.has_slot:
-                        self.slots.release()
+    async def _behind_turn_elsewhere(
+        self,
+        events: ConversationLog,
+        user_messages: Sequence[Sequence[common_pb2.Chunk]],
+        policy: common_pb2.SendPolicy.ValueType,
+        idempotency_key: str,
+    ) -> kernel_pb2.StartTurnResponse:
+        tenant_id, conversation_id = events.tenant_id, events.conversation_id
+        other = await self._in_flight(tenant_id, conversation_id)
+        if other is None:
+            raise Unavailable(f"conversation {conversation_id} is between turns; send again")
+        if policy not in (common_pb2.SEND_POLICY_UNSPECIFIED, common_pb2.SEND_POLICY_ENQUEUE):
+            where = other.lease_owner or "being recovered"
+            raise FailedPrecondition(
+                f"conversation {conversation_id} has a turn {other.id} running on another kernel "
+                f"({where}); send with policy enqueue to have it taken in turn"
+            )
+        for chunks in user_messages:
+            if not await self._enqueue(tenant_id, conversation_id, chunks, idempotency_key):
+                raise Unavailable(f"conversation {conversation_id} is between turns; send again")
+        return kernel_pb2.StartTurnResponse(
+            turn_id=other.id, state=other.state, queued=True, after_event_seq=events.last_seq
+        )
 
-            task = asyncio.create_task(run(), name=f"turn {turn.id}")
-            events.pins += 1  # until the turn's task has ended (it persists its last events)
-            self._active[conversation_id] = ActiveTurn(runner, task)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            # Also on a turn that ends unsealed (the store failed) or crashes.
-            task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
-            task.add_done_callback(lambda _t: events.turn_over(turn.id))
-            task.add_done_callback(lambda _t: self._unpin(events))
-            task.add_done_callback(lambda _t: self._after_turn(tenant_id, conversation_id))
-            return kernel_pb2.StartTurnResponse(turn_id=turn.id, state=state, after_event_seq=after)
+    def _writer(self, events: ConversationLog, turn: common_pb2.Turn) -> TurnWriter:
+        return TurnWriter(
+            self.deps.store,
+            events,
+            turn,
+            self.owner,
+            rpc_timeout=self.deps.rpc_timeout,
+            outage=self.deps.store_outage,
+        )
 
-    def _after_turn(self, tenant_id: str, conversation_id: str) -> None:
-        """A turn ended: messages queued behind it (and not taken as steering) start the next."""
+    def _runner(
+        self,
+        events: ConversationLog,
+        writer: TurnWriter,
+        agent: Agent,
+        *,
+        user_messages: int = 0,
+        has_slot: bool = True,
+        resume: Resume | None = None,
+    ) -> TurnRunner:
+        turn = writer.turn
+        runner = TurnRunner(
+            self.deps,
+            events,
+            writer,
+            user_messages=user_messages,
+            on_sealed=lambda resp: self._sealed(events, turn.id, resp),
+            next_turn=self._next_turn_spec,
+            agent=agent,
+            slots=None if has_slot else self.slots,
+            resume=resume,
+        )
         if self._draining:
-            return
-        task = asyncio.create_task(self._start_queued(tenant_id, conversation_id))
+            runner.request_handover(HANDOVER)
+        return runner
+
+    def _next_turn_spec(self) -> store_pb2.NextTurn:
+        """How the commit that seals a turn starts the next one, when messages are queued."""
+        state = common_pb2.TURN_STATE_RUNNING if self.slots.unlimited else common_pb2.TURN_STATE_QUEUED
+        return store_pb2.NextTurn(state=state, lease_ttl=self.leases.ttl_proto)
+
+    def _start(self, events: ConversationLog, runner: TurnRunner, has_slot: bool) -> None:
+        """Run ``runner``'s turn as the conversation's active one, its lease renewed."""
+        turn = runner.turn
+        conversation_id = events.conversation_id
+        self.leases.hold(events.tenant_id, turn, runner.lease_lost)
+
+        async def run() -> None:
+            try:
+                await runner.run()
+            finally:
+                self.leases.drop(turn.id)
+                if has_slot or runner.has_slot:
+                    self.slots.release()
+
+        task = asyncio.create_task(run(), name=f"turn {turn.id}")
+        events.pins += 1  # until the turn's task has ended (it persists its last events)
+        self._active[conversation_id] = ActiveTurn(runner, task)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # Also on a turn that ends unsealed (handed over, lost, the store failed) or crashes.
+        task.add_done_callback(lambda _t: self._finished(conversation_id, turn.id))
+        task.add_done_callback(lambda _t: events.turn_over(turn.id))
+        task.add_done_callback(lambda _t: self._forget(events) if runner.writer.lost else None)
+        task.add_done_callback(lambda _t: self._unpin(events))
 
-    async def _start_queued(self, tenant_id: str, conversation_id: str) -> None:
-        async with self._pinned(tenant_id, conversation_id), self._lock(conversation_id):
-            if conversation_id in self._active or self._draining:
-                return  # a turn runs again: it takes the queue at its boundaries, or after it
-            try:
-                drained = await self.deps.store.DrainQueue(
-                    store_pb2.DrainQueueRequest(tenant_id=tenant_id, conversation_id=conversation_id),
-                    timeout=self.deps.rpc_timeout,
-                )
-                if drained.messages:
-                    await self._launch(
-                        tenant_id, conversation_id, [list(q.message.chunks) for q in drained.messages]
-                    )
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, DispatchError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                log.error(  # noqa: TRY400 - the cause is in detail
-                    "conversation %s: could not start the turn for its queued messages: %s",
-                    conversation_id,
-                    detail,
-                )
+    def _sealed(self, events: ConversationLog, turn_id: str, resp: store_pb2.AppendResponse) -> None:
+        """A turn's seal committed: free the conversation, or give it to the next turn the
+        same commit started from queued messages."""
+        self._finished(events.conversation_id, turn_id)
+        if not resp.HasField("next_turn"):
+            return
+        turn = resp.next_turn
+        agent = self.deps.agents.get(turn.agent) or self.deps.agents[self.deps.default_agent]
+        has_slot = turn.state == common_pb2.TURN_STATE_RUNNING and self.slots.try_acquire()
+        writer = self._writer(events, turn)
+        writer.committed_through(max(m.seq for m in resp.next_turn_messages))
+        runner = self._runner(
+            events, writer, agent, user_messages=len(resp.next_turn_messages), has_slot=has_slot
+        )
+        self._start(events, runner, has_slot)
+
+    async def resume(
+        self,
+        events: ConversationLog,
+        turn: common_pb2.Turn,
+        agent: Agent,
+        resume: Resume,
+        last_seq: int,
+    ) -> None:
+        """Run a turn this kernel has just claimed (``kernel/recovery.py``); the lock is held."""
+        has_slot = self.slots.try_acquire()
+        writer = self._writer(events, turn)
+        writer.committed_through(last_seq)
+        runner = self._runner(events, writer, agent, has_slot=has_slot, resume=resume)
+        runner.resume_last_seq(last_seq)
+        self._start(events, runner, has_slot)
+
+    def agent_named(self, name: str) -> Agent | None:
+        return self.deps.agents.get(name or self.deps.default_agent)
 
     async def _agent_of(self, tenant_id: str, conversation_id: str) -> Agent:
         """The agent the conversation selects, else its workspace's default, else the kernel's."""
@@ -322,6 +479,11 @@ class Kernel:
         if active is not None and active.runner.turn.id == turn_id:
             del self._active[conversation_id]
 
+    def busy(self, conversation_id: str) -> bool:
+        return conversation_id in self._active
+
+    # ------------------------------------------------------------------ subscribing
+
     async def subscribe(
         self,
         tenant_id: str,
@@ -345,7 +507,7 @@ class Kernel:
             )
             return list(resp.events)
 
-        async with self._pinned(tenant_id, conversation_id) as events:
+        async with self.pinned(tenant_id, conversation_id) as events:
             # Read with no await before the subscription registers, so the turn named is the
             # one running at that instant.
             running = self._active.get(conversation_id)
@@ -356,11 +518,13 @@ class Kernel:
                 until=until,
                 running_turn=running.runner.turn.id if running is not None else "",
             )
-            async for batch in stream:
-                yield batch
+            # Closed before the pin is released, so the log can be forgotten once idle.
+            async with contextlib.aclosing(stream):
+                async for batch in stream:
+                    yield batch
 
     async def cancel(self, tenant_id: str, conversation_id: str, turn_id: str) -> str:
-        async with self._pinned(tenant_id, conversation_id):
+        async with self.pinned(tenant_id, conversation_id):
             pass  # NOT_FOUND for another tenant's conversation
         running = self._active.get(conversation_id)
         if running is None or (turn_id and running.runner.turn.id != turn_id):
@@ -369,17 +533,31 @@ class Kernel:
         await asyncio.wait([running.task])
         return running.runner.turn.id
 
+    # ------------------------------------------------------------------ stopping
+
     async def drain(self, grace: float) -> None:
-        """Stop taking turns, let running ones finish within ``grace``, interrupt the rest."""
+        """Stop taking turns and hand the running ones over: each stops at its next step
+        boundary within ``grace`` (or, past it, where it is) and releases its lease, so
+        another kernel, or this one restarted, continues it at once from its last committed
+        step. Then live event streams end with UNAVAILABLE (subscribe again)."""
         self._draining = True
+        await self.recovery.close()
+        for active in list(self._active.values()):
+            active.runner.request_handover(HANDOVER)
         tasks = list(self._tasks)
         if tasks:
-            log.info("draining %d running turn(s)", len(tasks))
+            log.info("handing over %d running turn(s)", len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, grace - 1.0))
             for active in list(self._active.values()):
                 if active.task in pending:
-                    active.runner.abort(common_pb2.TURN_STATE_INTERRUPTED)
+                    active.runner.force_handover()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
         for events in self._logs.values():
             events.close_subscribers(shutting_down=True)
+        await self.leases.close()
+
+    async def close(self) -> None:
+        """Stop the background work (tests that never drain)."""
+        await self.recovery.close()
+        await self.leases.close()

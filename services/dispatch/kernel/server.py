@@ -33,7 +33,13 @@ async def start(
         rpc_timeout=cfg.rpc_timeout,
         retry=cfg.retry,
         confine_tools=cfg.confine_tools,
+        lease_ttl=cfg.lease_ttl,
+        sweep_interval=cfg.sweep_interval,
+        max_attempts=cfg.max_attempts,
+        store_outage=cfg.store_outage,
     )
+    if cfg.instance_id:
+        deps.owner = cfg.instance_id
     kernel = Kernel(deps, cfg.max_concurrent_turns)
     servicer = KernelServicer(kernel)
     hosted = await start_server(
@@ -46,8 +52,10 @@ async def start(
         cfg.listen,
         drain=kernel.drain,
     )
+    await kernel.start()
 
     async def close() -> None:
+        await kernel.close()
         for p in providers:
             await p.aclose()
         await store_channel.close()

@@ -16,6 +16,10 @@ class RunSlots:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
+    def unlimited(self) -> bool:
+        return not self.limit
+
+    @property
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 

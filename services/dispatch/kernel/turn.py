@@ -1,9 +1,13 @@
 """One turn: a loop of steps, each streaming one provider response and running
 the tool calls it contains, until a response calls no tool.
 
-Persistence: the user message when the turn starts, each step's messages when
-the step completes (with the events produced so far, in the same
-transaction), and ``turn_sealed`` only after the final append succeeded.
+Persistence: the user messages are committed with the turn itself (the kernel's
+CreateTurn), each step's messages when the step completes (with the events
+produced so far, in the same transaction), and the seal in one last commit that
+also starts the next turn when messages are queued; ``turn_sealed`` is sent only
+once that commit succeeded. Every write goes through the turn's ``TurnWriter``:
+fenced by its lease, retried through store outages. A turn recovered after its
+kernel went away (``Resume``) continues from its last committed step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
+from dispatch.kernel.leases import new_instance_id
 from dispatch.kernel.providers.base import (
     Finish,
     ProviderError,
@@ -35,8 +40,8 @@ from dispatch.kernel.providers.base import (
 from dispatch.kernel.retry import Backoffs, RetryBudgetSpent, Retrying
 from dispatch.kernel.slots import RunSlots
 from dispatch.kernel.tools import ToolContext, ToolResult
+from dispatch.kernel.writer import LeaseLost, StoreFailed, TurnWriter
 from dispatch.shared.config import RetryPolicy
-from dispatch.shared.errors import rpc_detail
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
@@ -64,6 +69,14 @@ class TurnDeps:
     # Confine every turn's tools to its workspace root (ResolveExecution's workspace_root),
     # whatever the workspace says; off: only workspaces with confine_tools are confined.
     confine_tools: bool = False
+    # Durable turns (see KernelConfig): this kernel's name on its leases, their time to
+    # live, how often unheld turns are looked for, runs a turn may have, and how long a
+    # write is retried through a store outage.
+    owner: str = field(default_factory=new_instance_id)
+    lease_ttl: float = 15.0
+    sweep_interval: float = 5.0
+    max_attempts: int = 3
+    store_outage: float = 60.0
 
 
 @dataclass
@@ -167,8 +180,27 @@ def _wrap_up_again(ignored: Sequence[str]) -> common_pb2.Message:
     )
 
 
-class StoreFailed(Exception):
-    """The store refused or failed a write the turn depends on."""
+class Handover(Exception):
+    """The turn stops here, resumable, for another kernel to continue (this one drains)."""
+
+
+@dataclass
+class Resume:
+    """How a turn recovered from a kernel that went away continues (``kernel/recovery.py``)."""
+
+    # This run's number (2 for the first recovery).
+    attempt: int
+    # The first step to run: the one that was interrupted.
+    from_step: int
+    # Told to the model with that step and committed with it; None after a clean handover.
+    note: common_pb2.Message | None = None
+    # What the earlier runs used of the turn's limits and tokens.
+    calls_used: int = 0
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    # Non-empty: no attempt is left; the turn ends interrupted, saying this.
+    give_up: str = ""
+    # Its last step was committed and called no tool: only the seal is missing.
+    finished: bool = False
 
 
 class TurnRunner:
@@ -178,91 +210,124 @@ class TurnRunner:
         self,
         deps: TurnDeps,
         events: ConversationLog,
-        turn: common_pb2.Turn,
-        user_chunks: Sequence[common_pb2.Chunk],
-        on_sealed: Callable[[], None] = lambda: None,
+        writer: TurnWriter,
         *,
+        user_messages: int = 1,
+        on_sealed: Callable[[store_pb2.AppendResponse], None] = lambda _resp: None,
+        next_turn: Callable[[], store_pb2.NextTurn | None] = lambda: None,
         agent: Agent | None = None,
-        more_user: Sequence[Sequence[common_pb2.Chunk]] = (),
         slots: RunSlots | None = None,
+        resume: Resume | None = None,
     ):
+        """``writer`` holds the turn (leased to this kernel); its user messages (``user_messages``
+        of them, from ``turn.user_message_seq``) are committed. ``on_sealed`` gets the seal's
+        answer (with the next turn, if it started one) before ``turn_sealed`` is sent;
+        ``next_turn`` says how to start the next turn from queued messages (None: don't)."""
         self.deps = deps
+        self.writer = writer
+        turn = writer.turn
         self.agent = agent or deps.agents[turn.agent or deps.default_agent]
-        # Frees the conversation for its next turn; called just before turn_sealed.
         self._on_sealed = on_sealed
+        self._next_turn = next_turn
+        self._start_next = True
         self.events = events
-        self.turn = turn
-        self.user_chunks = list(user_chunks)
-        # Further user messages that start the turn with the first (queued behind another turn).
-        self.more_user = [list(m) for m in more_user]
+        self._user_messages = user_messages
+        self.resume = resume
         # Where to wait for a run slot; None: the turn has one (or needs none).
         self._slots = slots
         self._slot_wait: asyncio.Task[None] | None = None
         self.has_slot = False
         self.abort_reason: common_pb2.TurnState.ValueType | None = None
+        # Asked to stop for another kernel: at the next step boundary, or (forced) now.
+        self._handover = ""
+        self._handover_forced = False
         self._step_task: asyncio.Task[None] | None = None
         self._usage = common_pb2.Usage()
-        self._last_seq = 0
+        if resume is not None:
+            self._usage.CopyFrom(resume.usage)
+        self._last_seq = turn.user_message_seq + user_messages - 1 if turn.user_message_seq else 0
         # Where tools run; resolved from the store when the turn starts.
         self._computer_id = ""
         self._cwd = ""
         self._root: str | None = None
         self._call_ids: set[str] = set()
         # Limits: calls let through so far, the last call's key and how many times in a row.
-        self._calls_used = 0
+        self._calls_used = resume.calls_used if resume is not None else 0
         self._last_call: tuple[str, bytes] | None = None
         self._repeats = 0
         self._limit: common_pb2.FinishReason.ValueType | None = None
         self._step_metrics: list[common_pb2.StepMetrics] = []
 
     @property
+    def turn(self) -> common_pb2.Turn:
+        return self.writer.turn
+
+    def resume_last_seq(self, seq: int) -> None:
+        """A recovered turn's last committed message (its seal names it)."""
+        self._last_seq = seq
+
+    @property
     def tenant_id(self) -> str:
         return self.events.tenant_id
 
-    def abort(self, state: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_ABORTED) -> None:
-        """Abort the turn: the running step is cancelled, and the turn seals as aborted."""
+    def abort(
+        self,
+        state: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_ABORTED,
+        *,
+        start_next: bool = True,
+    ) -> None:
+        """Abort the turn: the running step is cancelled, and the turn seals as aborted.
+        ``start_next=False``: its seal leaves queued messages queued (a message that
+        interrupts the turn starts the next one, and they wait behind it)."""
         if self.abort_reason is None:
             self.abort_reason = state
+        if not start_next:
+            self._start_next = False
         if self._slot_wait is not None:
             self._slot_wait.cancel()
         if self._step_task is not None:
             self._step_task.cancel()
 
-    def _emit(self, step_id: str = "", **kind: object) -> None:
-        self.events.emit(self.turn.id, step_id, **kind)
+    def request_handover(self, reason: str) -> None:
+        """Stop at the next step boundary (after its commit) and let another kernel continue."""
+        self._handover = self._handover or reason
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()  # not started yet: nothing to finish
+
+    def force_handover(self) -> None:
+        """Stop now, without committing the running step: it runs again where the turn is
+        resumed, with the model told that it was interrupted."""
+        self._handover = self._handover or "the kernel is shutting down"
+        self._handover_forced = True
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()
+        if self._step_task is not None:
+            self._step_task.cancel()
+
+    def lease_lost(self) -> None:
+        """Another kernel holds the turn now: stop at once and write nothing more."""
+        self.writer.lost = True
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()
+        if self._step_task is not None:
+            self._step_task.cancel()
+
+    def _emit(self, step_id: str = "", *, after_persist: bool = False, **kind: object) -> None:
+        self.events.emit(self.turn.id, step_id, after_persist=after_persist, **kind)
 
     async def _append(
         self, messages: Sequence[common_pb2.Message], *, take_queue: bool = False
     ) -> store_pb2.AppendResponse:
-        """Commit messages together with every event not yet persisted, in one transaction;
-        with ``take_queue``, the queued messages too (appended last, as this turn's)."""
-        async with self.events.commit_lock:
-            pending = list(self.events.unpersisted)
-            if not messages and not pending and not take_queue:
-                return store_pb2.AppendResponse()
-            try:
-                resp: store_pb2.AppendResponse = await self.deps.store.Append(
-                    store_pb2.AppendRequest(
-                        tenant_id=self.tenant_id,
-                        conversation_id=self.turn.conversation_id,
-                        messages=messages,
-                        events=pending,
-                        take_queue_for_turn=self.turn.id if take_queue else "",
-                    ),
-                    timeout=self.deps.rpc_timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise StoreFailed(f"the store failed to commit: {rpc_detail(exc)}") from exc
-            if pending:
-                self.events.mark_persisted(pending[-1].event_seq)
+        """Commit messages with every event not yet persisted (``TurnWriter.append``); with
+        ``take_queue``, the queued messages too (appended last, as this turn's)."""
+        resp = await self.writer.append(messages, take_queue=take_queue)
         if resp.last_seq:
             self._last_seq = resp.last_seq
-            self._emit(
-                messages_committed=common_pb2.MessagesCommitted(
-                    first_seq=resp.first_seq, last_seq=resp.last_seq
-                )
-            )
+            self._committed(resp.first_seq, resp.last_seq)
         return resp
+
+    def _committed(self, first_seq: int, last_seq: int) -> None:
+        self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=first_seq, last_seq=last_seq))
 
     async def _wait_for_slot(self) -> None:
         """A queued turn waits here for a run slot (an abort ends the wait), then is running."""
@@ -273,37 +338,81 @@ class TurnRunner:
             await self._slot_wait
             self.has_slot = True
         except asyncio.CancelledError:
-            if self.abort_reason is None:
+            if self.abort_reason is None and not self._handover and not self.writer.lost:
                 raise  # the kernel itself is being cancelled
-            return  # aborted while queued: the turn seals at once, without a step
+            return  # aborted, handed over or lost while queued: no step runs
         finally:
             self._slot_wait = None
-        try:
-            self.turn = await self.deps.store.TransitionTurn(
-                store_pb2.TransitionTurnRequest(
-                    tenant_id=self.tenant_id, turn_id=self.turn.id, to=common_pb2.TURN_STATE_RUNNING
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("turn %s: could not record it as running: %s", self.turn.id, exc.details())
+        if self.turn.state == common_pb2.TURN_STATE_QUEUED:
+            await self.writer.transition(common_pb2.TURN_STATE_RUNNING)
 
     async def run(self) -> None:
-        await self._wait_for_slot()
+        """Run the turn to its seal, or until it is handed over or its lease is lost."""
+        self.events.reserver = self.writer.reserve_soon
+        try:
+            await self._run()
+        except LeaseLost as exc:
+            log.warning("%s; this kernel stops running it", exc)
+        finally:
+            if self.events.reserver == self.writer.reserve_soon:
+                self.events.reserver = None
+            await self.writer.close()
+
+    async def _run(self) -> None:
+        try:
+            await self._wait_for_slot()
+        except StoreFailed as exc:
+            log.warning("turn %s: could not record it as running: %s", self.turn.id, exc)
+        if self.writer.lost:
+            raise LeaseLost(f"turn {self.turn.id}: the lease was lost while it waited")
         started = time.monotonic()
-        self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.agent.model))
+        lost = self.events.announce_lost()
+        if lost is not None:
+            self._emit(
+                events_lost=common_pb2.EventsLost(
+                    first_event_seq=lost[0],
+                    last_event_seq=lost[1],
+                    reason="the kernel that ran this conversation went away before persisting them",
+                )
+            )
+        resume = self.resume
+        if resume is None:
+            self._emit(turn_started=common_pb2.TurnStarted(agent=self.turn.agent, model=self.agent.model))
+            if self.turn.user_message_seq:
+                self._committed(self.turn.user_message_seq, self._last_seq)
+        else:
+            self._emit(
+                turn_resumed=common_pb2.TurnResumed(
+                    attempt=resume.attempt,
+                    from_step_index=resume.from_step,
+                    reason="its kernel went away" if resume.note is not None else "handed over",
+                )
+            )
+        if self._handover:
+            await self._hand_over(mid_step=False)
+            return
         finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
         error = ""
-        steps = 0
+        steps = resume.from_step if resume is not None else 0
         last_step_usage = common_pb2.Usage()
-        user_seq = 0
         try:
-            users = [
-                common_pb2.Message(role=common_pb2.ROLE_USER, chunks=chunks, turn_id=self.turn.id)
-                for chunks in (self.user_chunks, *self.more_user)
-            ]
-            user_seq = (await self._append(users)).first_seq
-            finish, steps, last_step_usage = await self._steps()
+            if resume is not None and resume.finished and not resume.give_up:
+                finish = common_pb2.FINISH_REASON_STOP
+            elif resume is not None and resume.give_up:
+                error = resume.give_up
+                finish = common_pb2.FINISH_REASON_INTERRUPTED
+                self._emit(
+                    turn_interrupted=common_pb2.TurnInterrupted(
+                        attempt=resume.attempt, reason=error, resumable=False
+                    )
+                )
+            else:
+                finish, steps, last_step_usage = await self._steps()
+        except Handover:
+            await self._hand_over(mid_step=self._handover_forced)
+            return
+        except LeaseLost:
+            raise
         except StoreFailed as exc:
             error = str(exc)
             self._emit(error=common_pb2.ErrorEvent(message=error, code="store", fatal=True))
@@ -317,6 +426,8 @@ class TurnRunner:
             log.exception("turn %s failed", self.turn.id)
             error = f"internal error: {type(exc).__name__}: {exc}"
             self._emit(error=common_pb2.ErrorEvent(message=error, code="internal", fatal=True))
+        if self.writer.lost:
+            raise LeaseLost(f"turn {self.turn.id}: the lease was lost")
         if self.abort_reason is not None:
             finish = common_pb2.FINISH_REASON_ABORTED
         self._emit(
@@ -341,7 +452,27 @@ class TurnRunner:
             )
         )
         state = self.abort_reason or TERMINAL_STATE.get(finish, common_pb2.TURN_STATE_COMPLETED)
-        await self._seal(state, finish, error, user_seq)
+        await self._seal(state, finish, error)
+
+    async def _hand_over(self, *, mid_step: bool) -> None:
+        """Release the lease with the turn unfinished: another kernel (or this one, restarted)
+        claims it at once and continues from the last committed step (running again, with
+        the model told, a step cut short: ``mid_step``)."""
+        where = "mid-step" if mid_step else "at a step boundary"
+        self._emit(
+            turn_interrupted=common_pb2.TurnInterrupted(
+                attempt=max(self.turn.attempts, 1),
+                reason=f"handed over {where}: {self._handover}",
+                resumable=True,
+            )
+        )
+        try:
+            await self.writer.append(release=True)
+        except StoreFailed as exc:
+            # The lease expires by itself; the turn is recovered then.
+            log.warning(
+                "turn %s: could not hand it over (%s); it resumes when its lease expires", self.turn.id, exc
+            )
 
     async def _record_metrics(
         self, *, step: common_pb2.StepMetrics | None = None, turn: common_pb2.TurnMetrics | None = None
@@ -369,42 +500,32 @@ class TurnRunner:
         state: common_pb2.TurnState.ValueType,
         finish: common_pb2.FinishReason.ValueType,
         error: str,
-        user_seq: int,
     ) -> None:
+        """End the turn in one commit with everything not yet persisted: its state, its lease
+        released, and the next turn started if messages are queued. ``turn_sealed`` rides in
+        that commit and is sent only once it succeeded. A store that is down is waited out:
+        the turn's end is written once it is back."""
+        self._emit(
+            after_persist=True, turn_sealed=common_pb2.TurnSealed(state=state, last_seq=self._last_seq)
+        )
+        seal = store_pb2.TurnSeal(state=state, finish_reason=finish, error_message=error)
         try:
-            await self._append([])
-            await self.deps.store.TransitionTurn(
-                store_pb2.TransitionTurnRequest(
-                    tenant_id=self.tenant_id,
-                    turn_id=self.turn.id,
-                    to=state,
-                    finish_reason=finish,
-                    error_message=error,
-                    user_message_seq=user_seq,
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-        except (StoreFailed, grpc.aio.AioRpcError) as exc:
-            # Not sealed: what was committed stays; the turn's row is reconciled later.
-            detail = str(exc) if isinstance(exc, StoreFailed) else rpc_detail(exc)
-            log.error("turn %s could not be sealed: %s", self.turn.id, detail)  # noqa: TRY400 - the cause is in detail
+            next_turn = self._next_turn() if self._start_next else None
+            resp = await self.writer.append(seal=seal, next_turn=next_turn, forever=True)
+        except StoreFailed as exc:
+            # Refused, not unavailable: a defect. The lease runs out and the turn is recovered.
+            log.error("turn %s could not be sealed: %s", self.turn.id, exc)  # noqa: TRY400 - the cause is in exc
             self._emit(
-                error=common_pb2.ErrorEvent(message=f"turn not sealed: {detail}", code="store", fatal=True)
+                error=common_pb2.ErrorEvent(message=f"turn not sealed: {exc}", code="store", fatal=True)
             )
             return
-        # Free the conversation before announcing the seal: a client that sends
-        # its next message on turn_sealed must find it free.
-        self._on_sealed()
-        self._emit(turn_sealed=common_pb2.TurnSealed(state=state, last_seq=self._last_seq))
-        try:
-            await self._append([])
-        except StoreFailed as exc:
-            log.warning(
-                "turn %s: turn_sealed not persisted (it will be with the next append): %s", self.turn.id, exc
-            )
+        self._on_sealed(resp)
 
     async def _load_history(self) -> list[common_pb2.Message]:
-        try:
+        """The committed history the provider request is built from, and where tools run;
+        read through a store outage like every write."""
+
+        async def load() -> tuple[store_pb2.LoadResponse, store_pb2.ResolveExecutionResponse]:
             resp = await self.deps.store.Load(
                 store_pb2.LoadRequest(tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id),
                 timeout=self.deps.rpc_timeout,
@@ -415,8 +536,10 @@ class TurnRunner:
                 ),
                 timeout=self.deps.rpc_timeout,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise StoreFailed(f"the store failed to load the conversation: {rpc_detail(exc)}") from exc
+            return resp, where
+
+        resp, where = await self.writer.retrying("load the conversation", load)
+        self.writer.committed_through(resp.last_seq)
         self._computer_id, self._cwd = where.computer_id, where.cwd
         if where.confine_tools or self.deps.confine_tools:
             # Without a root, confinement would silently mean none at all: refuse the turn.
@@ -442,16 +565,27 @@ class TurnRunner:
         """
         history = await self._load_history()
         last_usage = common_pb2.Usage()
-        step_index = 0
+        step_index = self.resume.from_step if self.resume is not None else 0
+        # Told with the first step of a recovered turn, and committed with it.
+        note = self.resume.note if self.resume is not None else None
+        if self.resume is not None:
+            self._restore_limits(history, step_index)
         while True:
             if self.abort_reason is not None:
                 return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
+            if self._handover:
+                raise Handover
             wrap_up = self._limit
             step = StepState(step_index, make_step_id(self.turn.id, step_index))
-            self._step_task = asyncio.create_task(self._run_step(step, history, wrap_up))
+            told = [*history, note] if note is not None else history
+            self._step_task = asyncio.create_task(self._run_step(step, told, wrap_up))
             try:
                 await self._step_task
             except asyncio.CancelledError:
+                if self.writer.lost:
+                    raise LeaseLost(f"turn {self.turn.id}: the lease was lost mid-step") from None
+                if self._handover_forced:
+                    raise Handover from None  # the step runs again where the turn resumes
                 if self.abort_reason is None:
                     raise  # the kernel itself is being cancelled
             except (ProviderError, RetryBudgetSpent):
@@ -466,11 +600,13 @@ class TurnRunner:
             messages = [
                 m
                 for m in (
+                    note,
                     step.assistant_message(self.turn.id, with_calls=True),
                     step.tool_message(self.turn.id),
                 )
                 if m is not None
             ]
+            note = None
             cap = self._step_cap()
             if step.calls and wrap_up is None and self._limit is None and cap and step_index + 1 >= cap:
                 self._limit = common_pb2.FINISH_REASON_MAX_STEPS
@@ -523,6 +659,30 @@ class TurnRunner:
         if agent.tool_budget and self._calls_used >= agent.tool_budget:
             self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
         return ""
+
+    def _restore_limits(self, history: Sequence[common_pb2.Message], from_step: int) -> None:
+        """A recovered turn's limits as its earlier runs left them: the step cap counts the
+        steps committed, the doom loop the calls in a row, the budget the calls made."""
+        calls = [
+            (chunk.tool_call.name, chunk.tool_call.input_json)
+            for message in history
+            if message.turn_id == self.turn.id
+            for chunk in message.chunks
+            if chunk.HasField("tool_call")
+        ]
+        self._calls_used = max(self._calls_used, len(calls))
+        for name, input_json in calls:
+            try:
+                key = (name, canonical_key(input_json))
+            except Exception:  # not JSON: compared as written
+                key = (name, input_json.encode())
+            self._repeats = self._repeats + 1 if key == self._last_call else 1
+            self._last_call = key
+        cap = self._step_cap()
+        if cap and from_step >= cap:
+            self._limit = self._limit or common_pb2.FINISH_REASON_MAX_STEPS
+        if self.agent.tool_budget and self._calls_used >= self.agent.tool_budget:
+            self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
 
     async def _commit_partial(self, step: StepState) -> None:
         message = step.assistant_message(self.turn.id, with_calls=False)

@@ -179,6 +179,19 @@ class KernelConfig:
     # only workspaces created with confine_tools are confined, and tools in the
     # others may touch any path the exec service can.
     confine_tools: bool = False
+    # Durable turns. This kernel's name on the leases it holds; empty: made up at start
+    # (host, pid and a random suffix), so a restarted kernel is a new owner.
+    instance_id: str = ""
+    # How long a turn's lease lasts without renewal, in seconds (renewed every third of it);
+    # a kernel that dies loses its turns to another kernel after at most this long.
+    lease_ttl: float = 15.0
+    # How often the kernel looks for turns nobody holds (expired or released leases).
+    sweep_interval: float = 5.0
+    # Runs a turn may have in all: the first, and recoveries after its kernel went away.
+    max_attempts: int = 3
+    # How long a turn retries a write the store does not take (it is unavailable) before
+    # the turn ends with an error; its end is still written once the store is back.
+    store_outage: float = 60.0
 
     def all_providers(self) -> Mapping[str, ProviderConfig]:
         """``providers``, or ``provider`` as the one named ``default``."""
@@ -274,6 +287,11 @@ SCHEMA: Mapping[str, Any] = {
                 "max_concurrent_turns",
                 "max_steps",
                 "confine_tools",
+                "instance_id",
+                "lease_ttl",
+                "sweep_interval",
+                "max_attempts",
+                "store_outage",
             )
         ),
         "dispatch": _DISPATCH,
@@ -621,7 +639,23 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         ),
         dispatch=dispatch_policy(env, file),
         retry=retry_policy(file),
+        instance_id=str(_pick(None, env, ("DISPATCH_KERNEL_ID",), sec.get("instance_id"), "")),
+        lease_ttl=_float(
+            _pick(None, env, ("DISPATCH_LEASE_TTL",), sec.get("lease_ttl"), 15.0), "kernel.lease_ttl"
+        ),
+        sweep_interval=_float(sec.get("sweep_interval", 5.0), "kernel.sweep_interval"),
+        max_attempts=_int(sec.get("max_attempts", 3), "kernel.max_attempts"),
+        store_outage=_float(sec.get("store_outage", 60.0), "kernel.store_outage"),
     )
+    for key, value in (
+        ("lease_ttl", cfg.lease_ttl),
+        ("sweep_interval", cfg.sweep_interval),
+        ("max_attempts", cfg.max_attempts),
+    ):
+        if not value > 0:
+            raise ConfigError(f"config key kernel.{key} must be more than 0, got {value}")
+    if cfg.store_outage < 0:
+        raise ConfigError(f"config key kernel.store_outage must be 0 or more, got {cfg.store_outage}")
     if not cfg.store_address:
         raise ConfigError("kernel needs the store's address: --store or DISPATCH_STORE_ADDRESS")
     if not cfg.exec_address:

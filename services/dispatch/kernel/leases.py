@@ -1,0 +1,149 @@
+"""The leases this kernel holds on the turns it runs.
+
+A turn runs only while its kernel holds the turn's lease in the store (owner = the
+kernel's instance id, with an epoch the store bumps on every claim). Every write of the
+turn carries that fence, so a kernel that lost a turn cannot write into it. The keeper
+renews every lease it holds in one store call, every third of the lease's time to live;
+a lease the store says is gone (another kernel claimed the turn, or it ended) is handed
+to the turn's ``on_lost``, which stops the turn without another write.
+
+A renewal the store cannot take (it is down) is retried on the next beat: while the
+store is down nobody can claim the turn either, and a renewal that succeeds later is
+valid as long as nobody claimed the turn in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+
+from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def new_instance_id() -> str:
+    """A name for this kernel process on the leases it holds: unique per start."""
+    return f"kernel-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def ttl_duration(seconds: float) -> duration_pb2.Duration:
+    ttl = duration_pb2.Duration()
+    ttl.FromNanoseconds(round(seconds * 1e9))
+    return ttl
+
+
+@dataclass
+class Lease:
+    """One turn's lease as this kernel holds it."""
+
+    tenant_id: str
+    turn_id: str
+    epoch: int
+    # Called once if the store says the lease is gone.
+    on_lost: Callable[[], None]
+
+    def fence(self, owner: str) -> store_pb2.LeaseFence:
+        return store_pb2.LeaseFence(turn_id=self.turn_id, owner=owner, epoch=self.epoch)
+
+
+class LeaseKeeper:
+    """Renews the leases of the turns this kernel runs."""
+
+    def __init__(
+        self,
+        store: store_pb2_grpc.ConversationStoreAsyncStub,
+        owner: str,
+        ttl: float,
+        rpc_timeout: float,
+    ):
+        self.store = store
+        self.owner = owner
+        self.ttl = ttl
+        self.rpc_timeout = rpc_timeout
+        self._leases: dict[str, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    @property
+    def ttl_proto(self) -> duration_pb2.Duration:
+        return ttl_duration(self.ttl)
+
+    def hold(self, tenant_id: str, turn: common_pb2.Turn, on_lost: Callable[[], None]) -> Lease:
+        """Keep ``turn``'s lease (as its row says this kernel holds it) renewed."""
+        lease = Lease(tenant_id, turn.id, turn.lease_epoch, on_lost)
+        self._leases[turn.id] = lease
+        return lease
+
+    def drop(self, turn_id: str) -> None:
+        """Stop renewing: the turn ended, was handed over, or was lost."""
+        self._leases.pop(turn_id, None)
+
+    def held(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._beat(), name="lease keeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew every held lease in one call; hand each lost one to its turn."""
+        leases = self.held()
+        if not leases:
+            return
+        try:
+            resp = await self.store.RenewLeases(
+                store_pb2.RenewLeasesRequest(
+                    owner=self.owner,
+                    ttl=self.ttl_proto,
+                    leases=[
+                        store_pb2.LeaseRef(
+                            tenant_id=lease.tenant_id, turn_id=lease.turn_id, epoch=lease.epoch
+                        )
+                        for lease in leases
+                    ],
+                ),
+                timeout=min(self.rpc_timeout, self.ttl / 3),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if not self._failing:
+                log.warning(
+                    "could not renew %d lease(s): %s: %s; retrying every %.1fs",
+                    len(leases),
+                    exc.code().name,
+                    exc.details(),
+                    self.ttl / 3,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.info("leases renewed again")
+        self._failing = False
+        for turn_id in resp.lost_turn_ids:
+            lease = self._leases.pop(turn_id, None)
+            if lease is not None:
+                log.warning(
+                    "turn %s: lease lost (another kernel holds it, or it ended); stopping it", turn_id
+                )
+                lease.on_lost()
