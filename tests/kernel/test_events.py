@@ -241,7 +241,7 @@ async def test_events_past_the_reservation_wait_for_it_and_keep_their_order() ->
     asked: list[int] = []
     log.reserver = asked.append
     stream = replay_and_follow(log, 0, FakeStore().load)
-    first = asyncio.create_task(anext(stream))
+    first = asyncio.ensure_future(anext(stream))
     while not log._subscribers:
         await asyncio.sleep(0)
     emit_text(log, 4)  # 1 and 2 are reserved; 3 and 4 are not yet
@@ -257,7 +257,7 @@ async def test_an_event_sent_only_once_persisted_holds_back_what_follows() -> No
     log.reserve(100)
     store = FakeStore()
     stream = replay_and_follow(log, 0, store.load)
-    first = asyncio.create_task(anext(stream))
+    first = asyncio.ensure_future(anext(stream))
     while not log._subscribers:
         await asyncio.sleep(0)
     emit_text(log, 1)

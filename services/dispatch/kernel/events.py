@@ -10,7 +10,7 @@ the rest from memory, then follows the live tail — every event exactly once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from dispatch.shared.errors import ResourceExhausted, Unavailable
@@ -278,7 +278,7 @@ async def replay_and_follow(
     *,
     until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
     running_turn: str = "",
-) -> AsyncIterator[list[common_pb2.AgentEvent]]:
+) -> AsyncGenerator[list[common_pb2.AgentEvent], None]:
     """Batches of every event after ``after_event_seq``: persisted, then in memory, then live,
     until the end ``until`` sets (see ``ConversationLog.subscribe``), if any.
 

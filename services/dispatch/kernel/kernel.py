@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -490,7 +490,7 @@ class Kernel:
         conversation_id: str,
         after_event_seq: int,
         until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
-    ) -> AsyncIterator[list[common_pb2.AgentEvent]]:
+    ) -> AsyncGenerator[list[common_pb2.AgentEvent], None]:
         """The conversation's events after ``after_event_seq``, following the live tail, or up
         to where ``until`` ends them."""
         if after_event_seq < 0:
