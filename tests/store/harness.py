@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
+import pytest
+from google.protobuf import duration_pb2
 
 from dispatch.shared.config import StoreConfig
 from dispatch.shared.server import GRPC_OPTIONS, Hosted
@@ -111,3 +114,16 @@ async def append(
             tenant_id=tenant_id, conversation_id=conversation_id, messages=messages, events=events or []
         )
     )
+
+
+async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """The gRPC error ``call`` fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    ttl = duration_pb2.Duration()
+    ttl.FromNanoseconds(round(value * 1e9))
+    return ttl

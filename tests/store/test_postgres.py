@@ -16,7 +16,8 @@ import pytest
 
 from dispatch.shared.config import ConfigError, StoreConfig
 from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
-from dispatch.store.postgres import SCHEMA_VERSION, PostgresStore
+from dispatch.store import postgres as postgres_backend
+from dispatch.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 from dispatch.store.server import open_store
 from dispatch.v1 import common_pb2, store_pb2
 from tests.store.harness import (
@@ -354,6 +355,64 @@ async def test_migrations_run_twice_and_concurrently_are_a_no_op(postgres_url: s
     async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
         cur = await conn.execute("SELECT version FROM schema_version ORDER BY version")
         assert [r[0] for r in await cur.fetchall()] == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_a_version_3_database_upgrades_to_durable_turns(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", MIGRATIONS[:3])
+    monkeypatch.setattr(postgres_backend, "SCHEMA_VERSION", 3)
+    await (await PostgresStore.open(postgres_url, default_workspace_root="/w")).close()
+    # Rows as version 3's code wrote them: events up to 7, a turn leased (and expired), one ended.
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in await cur.fetchall()] == [1, 2, 3]
+        await conn.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, confine_tools, created_at)"
+            " VALUES ('ws_v3', %s, 'default', '/w', TRUE, TRUE, 1)",
+            (TENANT,),
+        )
+        await conn.execute(
+            "INSERT INTO conversations (id, tenant_id, workspace_id, last_seq, last_event_seq,"
+            " created_at, updated_at) VALUES ('conv_v3', %s, 'ws_v3', 2, 7, 1, 1)",
+            (TENANT,),
+        )
+        await conn.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, lease_owner, lease_expires_at,"
+            " created_at, started_at) VALUES ('turn_v3', %s, 'conv_v3', %s, 'k-old', 5, 1, 1)",
+            (TENANT, S.TURN_STATE_RUNNING),
+        )
+        await conn.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, created_at, ended_at)"
+            " VALUES ('turn_v3_done', %s, 'conv_v3', %s, 2, 2)",
+            (TENANT, S.TURN_STATE_COMPLETED),
+        )
+
+    monkeypatch.undo()
+    # Two stores at once: migration 4 is applied once, under the lock.
+    first, second = await asyncio.gather(
+        PostgresStore.open(postgres_url, default_workspace_root="/w"),
+        PostgresStore.open(postgres_url, default_workspace_root="/w"),
+    )
+    try:
+        conv = await first.get_conversation(TENANT, "conv_v3")
+        assert (conv.last_event_seq, conv.reserved_event_seq) == (7, 7)
+        turn = await first.get_turn(TENANT, "turn_v3")
+        assert (turn.lease_owner, turn.lease_epoch, turn.attempts) == ("k-old", 0, 0)
+        assert [t.id for t in await second.list_expired_leases()] == ["turn_v3"]
+        claimed = await second.claim_lease(TENANT, "turn_v3", "k-new", datetime.timedelta(seconds=5))
+        assert (claimed.lease_owner, claimed.lease_epoch, claimed.attempts) == ("k-new", 1, 1)
+        assert await first.migrate() == 0
+    finally:
+        await first.close()
+        await second.close()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        cur = await conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in await cur.fetchall()] == [v for v, _ in MIGRATIONS]
+        cur = await conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'turns'")
+        indexes = {r[0] for r in await cur.fetchall()}
+    assert {"turns_unended_by_lease_expiry", "turns_unended_by_conversation"} <= indexes
+    assert "turns_by_lease_expiry" not in indexes
 
 
 async def test_open_store_takes_both_url_schemes(postgres_url: str) -> None:

@@ -207,6 +207,62 @@ async def test_a_version_1_database_upgrades_and_keeps_its_rows(
     assert schema_versions(path) == [v for v, _ in MIGRATIONS]
 
 
+async def test_a_version_3_database_upgrades_to_durable_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS[:3])
+    monkeypatch.setattr(sqlite_backend, "SCHEMA_VERSION", 3)
+    old = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    await old.close()
+    assert schema_versions(path) == [1, 2, 3]
+    # Rows as version 3's code wrote them: events up to 7, a turn leased (and expired), one ended.
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, confine_tools, created_at)"
+            " VALUES ('ws_v3', ?, 'default', '/w', 1, 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO conversations (id, tenant_id, workspace_id, last_seq, last_event_seq,"
+            " created_at, updated_at) VALUES ('conv_v3', ?, 'ws_v3', 2, 7, 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, lease_owner, lease_expires_at,"
+            " created_at, started_at) VALUES ('turn_v3', ?, 'conv_v3', ?, 'k-old', 5, 1, 1)",
+            (TENANT, common_pb2.TURN_STATE_RUNNING),
+        )
+        db.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, created_at, ended_at)"
+            " VALUES ('turn_v3_done', ?, 'conv_v3', ?, 2, 2)",
+            (TENANT, common_pb2.TURN_STATE_COMPLETED),
+        )
+    db.close()
+
+    monkeypatch.undo()
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        # Migration 4: nothing was reserved past what was persisted; no epoch, no attempt yet.
+        conv = await store.get_conversation(TENANT, "conv_v3")
+        assert (conv.last_event_seq, conv.reserved_event_seq) == (7, 7)
+        turn = await store.get_turn(TENANT, "turn_v3")
+        assert (turn.lease_owner, turn.lease_epoch, turn.attempts) == ("k-old", 0, 0)
+        # The sweep finds the expired lease (not the ended turn), and a claim starts epoch 1.
+        assert [t.id for t in await store.list_expired_leases()] == ["turn_v3"]
+        claimed = await store.claim_lease(TENANT, "turn_v3", "k-new", datetime.timedelta(seconds=5))
+        assert (claimed.lease_owner, claimed.lease_epoch, claimed.attempts) == ("k-new", 1, 1)
+        assert (await store.get_workspace(TENANT, "ws_v3")).confine_tools is True
+    finally:
+        await store.close()
+    assert schema_versions(path) == [v for v, _ in MIGRATIONS]
+    with sqlite3.connect(path) as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert {"turns_unended_by_lease_expiry", "turns_unended_by_conversation"} <= indexes
+    assert "turns_by_lease_expiry" not in indexes
+
+
 async def test_secrets_are_stored_only_as_hashes(tmp_path: Path) -> None:
     path = tmp_path / "db"
     store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
