@@ -372,6 +372,9 @@ async def test_list_expired_leases_finds_live_turns_of_every_tenant(
     assert await expired(store_stub) == [released.id, never.id, short.id, foreign.id]
     assert await expired(store_stub, limit=1) == [released.id]
     assert await expired(store_stub, limit=3) == [released.id, never.id, short.id]
+    # Each with its tenant: the sweeping kernel claims it in that tenant.
+    listed = await store_stub.ListExpiredLeases(store_pb2.ListExpiredLeasesRequest())
+    assert [t.tenant_id for t in listed.turns] == [TENANT, TENANT, TENANT, OTHER_TENANT]
 
 
 @pytest.mark.parametrize("ttl", [0.0, -5.0])

@@ -609,7 +609,8 @@ async def test_seal_with_next_turn_starts_it_from_exactly_the_queued_messages(
     assert [(m.seq, text_of(m)) for m in resp.messages] == [(2, "first answer")]
     assert (resp.first_seq, resp.last_seq, resp.dequeued) == (2, 2, 0)
     started = resp.next_turn
-    assert started.id and started.id != turn.id and started.conversation_id == conv.id
+    assert started.id and started.id != turn.id
+    assert (started.conversation_id, started.tenant_id) == (conv.id, TENANT)
     assert (started.state, started.agent, started.lease_owner) == (S.TURN_STATE_RUNNING, "coder", OWNER)
     assert (started.lease_epoch, started.attempts) == (1, 1)
     assert started.lease_expires_at.seconds == int(clock.now) + 45
@@ -857,7 +858,7 @@ async def test_a_turn_is_born_leased_with_its_user_messages(store_stub: Stub, cl
         # The role is forced to user, the turn to the new one.
         user_messages=[text_message("do it", role=S.ROLE_ASSISTANT), text_message("and this")],
     )
-    assert (turn.lease_owner, turn.lease_epoch, turn.attempts) == (OWNER, 1, 1)
+    assert (turn.lease_owner, turn.lease_epoch, turn.attempts, turn.tenant_id) == (OWNER, 1, 1, TENANT)
     assert turn.lease_expires_at.seconds == int(clock.now) + 20
     assert (turn.state, turn.agent, turn.idempotency_key) == (S.TURN_STATE_RUNNING, "coder", "send-1")
     assert turn.user_message_seq == 2
@@ -1109,6 +1110,7 @@ async def test_renew_leases_renews_what_the_owner_holds_and_names_the_rest(
     ]
 
     until = int(clock.now) + 60
+    assert (await get_turn(store_stub, held_elsewhere.id, OTHER_TENANT)).tenant_id == OTHER_TENANT
     for turn_id, tenant in (
         (held.id, TENANT),
         (expired_unclaimed.id, TENANT),
