@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 TERMINAL_STATE: Mapping[common_pb2.FinishReason.ValueType, common_pb2.TurnState.ValueType] = {
     common_pb2.FINISH_REASON_ABORTED: common_pb2.TURN_STATE_ABORTED,
     common_pb2.FINISH_REASON_ERROR: common_pb2.TURN_STATE_FAILED,
+    common_pb2.FINISH_REASON_INTERRUPTED: common_pb2.TURN_STATE_INTERRUPTED,
 }
 
 
