@@ -71,6 +71,8 @@ async def test_the_async_client_gets_lists_and_iterates_turns(stack: Stack) -> N
         running = await client.get_turn(conv, third, timeout=5)
         assert running.state == types.TURN_STATE_RUNNING and not running.HasField("ended_at")
         assert (running.attempts, running.lease_owner) == await in_store(stack, third)
+        assert (done.attempts, done.lease_owner) == (1, "")
+        assert running.attempts == 1 and running.lease_owner.startswith("kernel-")
 
         page = await client.list_turns(conv, page_size=2)
         assert [t.id for t in page.turns] == [first, second] and page.next_page_token

@@ -107,6 +107,8 @@ async def test_a_finished_turn_shows_completed_its_finish_reason_times_and_what_
         in_store.lease_epoch,
     )
     assert turn == in_store
+    # Run once, by one kernel, whose lease was released when the turn sealed.
+    assert (turn.attempts, turn.lease_owner, turn.lease_epoch) == (1, "", 1)
     # The listing shows the same turn.
     resp = await api.ListTurns(transport_pb2.PublicListTurnsRequest(conversation_id=conv))
     assert list(resp.turns) == [turn]
@@ -120,6 +122,9 @@ async def test_a_running_turn_shows_running_then_aborted_once_cancelled(stack: S
     assert turn.HasField("started_at") and not turn.HasField("ended_at")
     in_store = await stored(stack, running)
     assert (turn.attempts, turn.lease_owner) == (in_store.attempts, in_store.lease_owner)
+    # Leased to the kernel running it, until a moment from now.
+    assert turn.attempts == 1 and turn.lease_owner.startswith("kernel-")
+    assert turn.lease_expires_at.ToNanoseconds() > turn.started_at.ToNanoseconds()
 
     await stack.transport.Cancel(transport_pb2.CancelRequest(conversation_id=conv, turn_id=running))
     stream = stack.transport.Subscribe(
