@@ -1,4 +1,4 @@
-"""``python -m bench [dispatcher|store|exec|transport] [options]``: run one benchmark, or every one.
+"""``python -m bench [dispatcher|store|exec|transport|steps] [options]``: run one benchmark, or every one.
 
 Without a name, every benchmark runs with its defaults (options, as before, go
 to the tool-dispatch scheduler benchmark alone).
@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import dispatcher, exec, store, transport
+from bench import dispatcher, exec, steps, store, transport
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "dispatcher": dispatcher.main,
     "store": store.main,
     "exec": exec.main,
     "transport": transport.main,
+    "steps": steps.main,
 }
 
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str]) -> int:
     if status == 0 and not argv:
         print()
         status = transport.main(())
+    if status == 0 and not argv:
+        print()
+        status = steps.main(())
     return status
 
 
