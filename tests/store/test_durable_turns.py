@@ -1206,3 +1206,53 @@ async def test_every_state_that_has_not_ended_takes_a_message_behind_it(store_st
     await turn_in_state(store_stub, conv.id, state)
     await enqueue(store_stub, conv.id, "behind", behind=True)
     assert await drain(store_stub, conv.id) == ["behind"]
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        pytest.param(
+            lambda s, t: s.RenewLease(
+                store_pb2.RenewLeaseRequest(
+                    tenant_id=TENANT, turn_id=t, owner=OWNER, ttl=seconds(5), epoch=-1
+                )
+            ),
+            "epoch must be 0 or more",
+            id="RenewLease",
+        ),
+        pytest.param(
+            lambda s, t: s.ReleaseLease(
+                store_pb2.ReleaseLeaseRequest(tenant_id=TENANT, turn_id=t, owner=OWNER, epoch=-1)
+            ),
+            "epoch must be 0 or more",
+            id="ReleaseLease",
+        ),
+        pytest.param(
+            lambda s, t: s.TransitionTurn(
+                store_pb2.TransitionTurnRequest(
+                    tenant_id=TENANT, turn_id=t, to=S.TURN_STATE_ABORTED, lease_owner=OWNER, lease_epoch=-1
+                )
+            ),
+            "lease_epoch must be 0 or more",
+            id="TransitionTurn",
+        ),
+        pytest.param(
+            lambda s, t: s.ClaimLease(
+                store_pb2.ClaimLeaseRequest(
+                    tenant_id=TENANT, turn_id=t, owner=OTHER, ttl=seconds(5), reserve_event_seq=-1
+                )
+            ),
+            "reserve_event_seq must be 0 or more",
+            id="ClaimLease",
+        ),
+    ],
+)
+async def test_a_negative_epoch_or_reservation_is_invalid(
+    store_stub: Stub, call: Callable[[Stub, str], Awaitable[object]], needle: str
+) -> None:
+    conv = await new_conversation(store_stub)
+    turn = await leased_turn(store_stub, conv.id)
+    err = await rpc_error(call(store_stub, turn.id))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (err.details() or "")
+    assert await get_turn(store_stub, turn.id) == turn
