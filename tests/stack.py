@@ -117,14 +117,19 @@ async def start_stack(
     tools: Mapping[str, Tool] | None = None,
     policy: DispatchPolicy | None = None,
     retry: RetryPolicy | None = None,
+    database_url: str = "",
     **kernel_options: Any,
 ) -> Stack:
     """A store, exec and kernel (and with ``transport``, a transport) on free ports;
-    ``kernel_options`` are more KernelConfig fields (agents, max_concurrent_turns, ...)."""
+    ``kernel_options`` are more KernelConfig fields (agents, max_concurrent_turns, ...).
+    ``database_url``: the store's database (default: SQLite in ``tmp_path``)."""
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
     store = await start_store(
-        StoreConfig(database_url=f"sqlite:///{tmp_path / 'store.db'}", default_workspace_root=str(workspace))
+        StoreConfig(
+            database_url=database_url or f"sqlite:///{tmp_path / 'store.db'}",
+            default_workspace_root=str(workspace),
+        )
     )
     exec_ = await start_exec(ExecConfig())
     kernel = await start_kernel(

@@ -66,9 +66,11 @@ async def crash(kernel: Kernel) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = await start_stack(tmp_path, THREE_STEPS)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    # Both backends: the store decides who holds a lease, and what a fence lets through.
+    url = str(request.getfixturevalue("postgres_url")) if request.param == "postgres" else ""
+    s = await start_stack(tmp_path, THREE_STEPS, database_url=url)
     yield s
     await s.stop()
 
