@@ -375,3 +375,29 @@ async def test_a_message_queued_while_no_kernel_runs_the_turn_runs_when_one_does
     ).turns
     for turn in turns:
         assert (await sealed(stack, turn.id)).state == common_pb2.TURN_STATE_COMPLETED
+
+
+async def test_a_kernel_with_an_old_view_of_the_conversation_numbers_after_what_another_wrote(
+    stack: Stack, kernels: list[Kernel]
+) -> None:
+    a = kernel_on(stack, THREE_STEPS)
+    b = kernel_on(stack, THREE_STEPS)
+    kernels += [a, b]
+    await a.start()
+    await b.start()
+    conv = await stack.conversation()
+    # B loads the conversation (a subscriber through B), then A runs a whole turn of it.
+    watcher = Watcher(b, conv)
+    while conv not in b._logs:
+        await asyncio.sleep(0.01)
+    first = await start(a, conv)
+    await sealed(stack, first)
+    # Now B starts the next turn: its numbering continues after A's, with no gap and no clash.
+    second = await start(b, conv, "again")
+    assert (await sealed(stack, second)).state == common_pb2.TURN_STATE_COMPLETED
+    persisted = await persisted_events(stack, conv)
+    seqs = [e.event_seq for e in persisted]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert not any(e.HasField("events_lost") for e in persisted)
+    assert {e.turn_id for e in persisted} == {first, second}
+    await watcher.stop()

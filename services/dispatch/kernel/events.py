@@ -226,6 +226,28 @@ class ConversationLog:
         if not self.unpersisted and self.reserved != UNBOUNDED:
             self.reserved = self.persisted_seq
 
+    def refresh(self, last_event_seq: int, reserved_event_seq: int) -> None:
+        """Take the store's word for the conversation's numbering, before this kernel starts
+        or claims a turn of it: another kernel may have run turns of it since this log was
+        loaded. Only while this log numbers nothing of its own (``unpersisted`` is empty).
+        Subscribers it fed are told to resubscribe: what the other kernel wrote reaches
+        them from the store."""
+        if self.unpersisted or self.reserved == UNBOUNDED:
+            return
+        if last_event_seq == self.persisted_seq and reserved_event_seq <= self.reserved:
+            return
+        moved = last_event_seq != self.persisted_seq
+        self.persisted_seq = max(self.persisted_seq, last_event_seq)
+        reserved = max(reserved_event_seq, self.persisted_seq)
+        if reserved > self.persisted_seq:
+            first = self.persisted_seq + 1
+            self.lost = (min(first, self.lost[0]) if self.lost else first, reserved)
+        self.reserved = max(self.reserved, reserved)
+        self.last_seq = max(self.last_seq, self.reserved)
+        self.delivered_seq = self.last_seq
+        if moved:
+            self.close_subscribers(shutting_down=True)
+
     def announce_lost(self) -> tuple[int, int] | None:
         """The range of numbers lost before this log was loaded, once: the next turn to run
         announces it."""

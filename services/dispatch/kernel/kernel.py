@@ -287,7 +287,10 @@ class Kernel:
         queued and waits for one. A turn of the conversation in flight elsewhere (another
         kernel's, or one awaiting recovery) takes the message as queued instead."""
         tenant_id, conversation_id = events.tenant_id, events.conversation_id
-        agent = await self._agent_of(tenant_id, conversation_id)
+        agent, conv = await self._agent_of(tenant_id, conversation_id)
+        # With no turn in flight nobody writes the conversation: the store's numbering is
+        # the truth (another kernel may have run a turn of it since this log was loaded).
+        events.refresh(conv.last_event_seq, conv.reserved_event_seq)
         has_slot = self.slots.try_acquire()
         state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
         try:
@@ -448,8 +451,9 @@ class Kernel:
     def agent_named(self, name: str) -> Agent | None:
         return self.deps.agents.get(name or self.deps.default_agent)
 
-    async def _agent_of(self, tenant_id: str, conversation_id: str) -> Agent:
-        """The agent the conversation selects, else its workspace's default, else the kernel's."""
+    async def _agent_of(self, tenant_id: str, conversation_id: str) -> tuple[Agent, common_pb2.Conversation]:
+        """The agent the conversation selects, else its workspace's default, else the kernel's;
+        and the conversation as the store has it now."""
         try:
             conv = await self.deps.store.GetConversation(
                 store_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id),
@@ -465,14 +469,14 @@ class Kernel:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "the store could not load the conversation") from None
         if not name:
-            return self.deps.agents[self.deps.default_agent]
+            return self.deps.agents[self.deps.default_agent], conv
         agent = self.deps.agents.get(name)
         if agent is None:
             raise FailedPrecondition(
                 f"{chosen_by} selects agent {name!r}, which this kernel does not have; "
                 f"configured agents: {', '.join(sorted(self.deps.agents))}"
             )
-        return agent
+        return agent, conv
 
     def _finished(self, conversation_id: str, turn_id: str) -> None:
         active = self._active.get(conversation_id)

@@ -104,6 +104,15 @@ class Recovery:
         async with kernel.locked(stale.tenant_id, stale.conversation_id) as events:
             if kernel.busy(stale.conversation_id) or kernel.draining:
                 return False
+            # Nobody holds the turn, so nobody writes the conversation: the store's numbering
+            # (with the reservation of the kernel that went away) is the truth.
+            conv = await deps.store.GetConversation(
+                store_pb2.GetConversationRequest(
+                    tenant_id=stale.tenant_id, conversation_id=stale.conversation_id
+                ),
+                timeout=deps.rpc_timeout,
+            )
+            events.refresh(conv.last_event_seq, conv.reserved_event_seq)
             try:
                 turn = await deps.store.ClaimLease(
                     store_pb2.ClaimLeaseRequest(
