@@ -14,8 +14,6 @@ valid as long as nobody claimed the turn in between.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import duration_pb2
 
+from dispatch.kernel.every import Every
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class LeaseKeeper:
         self.ttl = ttl
         self.rpc_timeout = rpc_timeout
         self._leases: dict[str, Lease] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._beat = Every("lease keeper", lambda: self.ttl / 3, self.renew, now=False)
         self._failing = False
 
     @property
@@ -92,20 +91,10 @@ class LeaseKeeper:
         return list(self._leases.values())
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._beat(), name="lease keeper")
+        self._beat.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            await self.renew()
+        await self._beat.close()
 
     async def renew(self) -> None:
         """Renew every held lease in one call; hand each lost one to its turn."""

@@ -17,13 +17,12 @@ step, as the ``Resume`` built here says:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import grpc
 
+from dispatch.kernel.every import Every
 from dispatch.kernel.turn import Resume
 from dispatch.v1 import common_pb2, store_pb2
 
@@ -51,26 +50,13 @@ class Recovery:
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
-        self._task: asyncio.Task[None] | None = None
+        self._beat = Every("turn recovery", lambda: kernel.deps.sweep_interval, self.sweep, now=True)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="turn recovery")
+        self._beat.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("turn recovery sweep failed")
-            await asyncio.sleep(self.kernel.deps.sweep_interval)
+        await self._beat.close()
 
     async def sweep(self) -> int:
         """Claim and continue the turns nobody holds; answers how many this kernel took."""
