@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from dispatch.kernel.agents import build_agents
@@ -21,7 +22,8 @@ from dispatch.kernel.kernel import Kernel
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.kernel.tools import BUILTIN_TOOLS
 from dispatch.kernel.turn import TurnDeps
-from dispatch.shared.config import KernelConfig
+from dispatch.shared.config import KernelConfig, StoreConfig
+from dispatch.store.server import start as start_store
 from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2
 from tests.stack import TENANT, Stack, start_stack, text_chunks
 
@@ -76,7 +78,8 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
-async def kernels(stack: Stack) -> AsyncIterator[list[Kernel]]:
+async def kernels() -> AsyncIterator[list[Kernel]]:
+    """The test's kernels, crashed at its end (before the stack stops: fixtures unwind in order)."""
     made: list[Kernel] = []
     yield made
     for kernel in made:
@@ -120,11 +123,18 @@ async def turn_of(stack: Stack, turn_id: str) -> common_pb2.Turn:
 
 
 async def sealed(stack: Stack, turn_id: str, within: float = 20.0) -> common_pb2.Turn:
+    """The turn once it has ended; a store that is back from a stop may refuse a moment
+    (grpc's reconnect back-off), which is waited out too."""
     async with asyncio.timeout(within):
         while True:
-            turn = await turn_of(stack, turn_id)
-            if turn.ended_at.seconds or turn.ended_at.nanos:
-                return turn
+            try:
+                turn = await turn_of(stack, turn_id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            else:
+                if turn.ended_at.seconds or turn.ended_at.nanos:
+                    return turn
             await asyncio.sleep(0.05)
 
 
@@ -401,3 +411,53 @@ async def test_a_kernel_with_an_old_view_of_the_conversation_numbers_after_what_
     assert not any(e.HasField("events_lost") for e in persisted)
     assert {e.turn_id for e in persisted} == {first, second}
     await watcher.stop()
+
+
+LONG_STREAM = script(
+    [{"type": "tool_call", "id": "a", "name": "list_dir", "input": {}}],
+    [
+        {"type": "text_delta", "text": "thinking"},
+        {"type": "sleep", "seconds": 4.0},
+        {"type": "text_delta", "text": "ok"},
+    ],
+    [{"type": "text_delta", "text": "done"}],
+)
+
+
+async def test_a_kernel_cut_off_from_the_store_stops_its_turn_before_the_lease_can_expire(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    # The store is stopped and started again on its port and file: SQLite only.
+    stack = await start_stack(tmp_path, THREE_STEPS)
+    try:
+        await _cut_off(stack, kernels, tmp_path)
+    finally:
+        await stack.stop()
+
+
+async def _cut_off(stack: Stack, kernels: list[Kernel], tmp_path: Path) -> None:
+    a = kernel_on(stack, LONG_STREAM, lease_ttl=1.0, store_outage=30.0)
+    kernels.append(a)
+    await a.start()
+    conv = await stack.conversation()
+    watcher = Watcher(a, conv)
+    turn_id = await start(a, conv)
+    await watcher.until("text_delta")  # step 1 streams, for seconds
+    port = stack.hosted["store"].port
+    await stack.hosted["store"].stop(0)
+    # Renewals fail; before the lease can have run out in the store, A stops the turn itself.
+    async with asyncio.timeout(10):
+        while a._tasks:
+            await asyncio.sleep(0.05)
+    await watcher.stop()
+    stack.hosted["store"] = await start_store(
+        StoreConfig(
+            listen=f"127.0.0.1:{port}",
+            database_url=f"sqlite:///{tmp_path / 'store.db'}",
+            default_workspace_root=str(tmp_path),
+        )
+    )
+    # Once the store answers, the turn is recovered (here by A's own sweep) and finishes.
+    done = await sealed(stack, turn_id, within=30)
+    assert (done.state, done.attempts) == (common_pb2.TURN_STATE_COMPLETED, 2)
+    no_dangling_calls(await history(stack, conv))

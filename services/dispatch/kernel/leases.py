@@ -9,11 +9,17 @@ to the turn's ``on_lost``, which stops the turn without another write.
 
 A renewal the store cannot take (it is down) is retried on the next beat: while the
 store is down nobody can claim the turn either, and a renewal that succeeds later is
-valid as long as nobody claimed the turn in between.
+valid as long as nobody claimed the turn in between. But a kernel that has not renewed
+a lease for most of its time to live (by its own clock) may have lost it without being
+told (it is cut off from the store, which may have let another kernel claim the turn),
+so it stops that turn itself, before the lease can have expired in the store: a turn
+never runs on two kernels at once. The turn is then recovered like any other once the
+store is reachable, by this kernel or another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -48,8 +54,10 @@ class Lease:
     tenant_id: str
     turn_id: str
     epoch: int
-    # Called once if the store says the lease is gone.
+    # Called once if the store says the lease is gone, or it may have expired unrenewed.
     on_lost: Callable[[], None]
+    # When the store last confirmed the lease (loop time: the claim's or a renewal's start).
+    confirmed_at: float = 0.0
 
     def fence(self, owner: str) -> store_pb2.LeaseFence:
         return store_pb2.LeaseFence(turn_id=self.turn_id, owner=owner, epoch=self.epoch)
@@ -70,7 +78,10 @@ class LeaseKeeper:
         self.ttl = ttl
         self.rpc_timeout = rpc_timeout
         self._leases: dict[str, Lease] = {}
-        self._beat = Every("lease keeper", lambda: self.ttl / 3, self.renew, now=False)
+        # Every third of the TTL; every tenth while renewals fail, so a blip is retried in time.
+        self._beat = Every(
+            "lease keeper", lambda: self.ttl / (10 if self._failing else 3), self._renew_or_stop, now=False
+        )
         self._failing = False
 
     @property
@@ -79,9 +90,13 @@ class LeaseKeeper:
 
     def hold(self, tenant_id: str, turn: common_pb2.Turn, on_lost: Callable[[], None]) -> Lease:
         """Keep ``turn``'s lease (as its row says this kernel holds it) renewed."""
-        lease = Lease(tenant_id, turn.id, turn.lease_epoch, on_lost)
+        lease = Lease(tenant_id, turn.id, turn.lease_epoch, on_lost, self._now())
         self._leases[turn.id] = lease
         return lease
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     def drop(self, turn_id: str) -> None:
         """Stop renewing: the turn ended, was handed over, or was lost."""
@@ -96,11 +111,16 @@ class LeaseKeeper:
     async def close(self) -> None:
         await self._beat.close()
 
+    async def _renew_or_stop(self) -> None:
+        self._stop_unconfirmed()
+        await self.renew()
+
     async def renew(self) -> None:
         """Renew every held lease in one call; hand each lost one to its turn."""
         leases = self.held()
         if not leases:
             return
+        sent = self._now()
         try:
             resp = await self.store.RenewLeases(
                 store_pb2.RenewLeasesRequest(
@@ -113,7 +133,7 @@ class LeaseKeeper:
                         for lease in leases
                     ],
                 ),
-                timeout=min(self.rpc_timeout, self.ttl / 3),
+                timeout=min(self.rpc_timeout, self.ttl / 10),
             )
         except grpc.aio.AioRpcError as exc:
             if not self._failing:
@@ -129,10 +149,31 @@ class LeaseKeeper:
         if self._failing:
             log.info("leases renewed again")
         self._failing = False
+        lost = set(resp.lost_turn_ids)
+        for held in leases:
+            if held.turn_id not in lost:
+                held.confirmed_at = sent
         for turn_id in resp.lost_turn_ids:
             lease = self._leases.pop(turn_id, None)
             if lease is not None:
                 log.warning(
                     "turn %s: lease lost (another kernel holds it, or it ended); stopping it", turn_id
+                )
+                lease.on_lost()
+
+    def _stop_unconfirmed(self) -> None:
+        """Stop the turns whose lease the store has not confirmed for 3/4 of its time to live
+        (a few renewals failed in a row): it may expire there soon, and another kernel may
+        claim it. Checked before each renewal, which come every tenth of the TTL while they
+        fail, so this happens before the lease can have expired."""
+        deadline = self._now() - 0.75 * self.ttl
+        for lease in self.held():
+            if lease.confirmed_at < deadline:
+                self._leases.pop(lease.turn_id, None)
+                log.warning(
+                    "turn %s: its lease was not renewed for %.1fs (the store is unreachable); "
+                    "stopping it here, it is recovered once the store answers",
+                    lease.turn_id,
+                    self._now() - lease.confirmed_at,
                 )
                 lease.on_lost()
