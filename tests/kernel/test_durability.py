@@ -445,11 +445,11 @@ async def _cut_off(stack: Stack, kernels: list[Kernel], tmp_path: Path) -> None:
     await watcher.until("text_delta")  # step 1 streams, for seconds
     port = stack.hosted["store"].port
     await stack.hosted["store"].stop(0)
-    # Renewals fail; before the lease can have run out in the store, A stops the turn itself.
-    async with asyncio.timeout(10):
-        while a._tasks:
-            await asyncio.sleep(0.05)
-    await watcher.stop()
+    # Renewals fail; before the lease can run out in the store, A stops running the step
+    # (its provider call is cut) and waits for the store.
+    await asyncio.sleep(2.5)
+    runner = next(iter(a._active.values())).runner
+    assert runner._step_task is None or runner._step_task.done()
     stack.hosted["store"] = await start_store(
         StoreConfig(
             listen=f"127.0.0.1:{port}",
@@ -457,7 +457,16 @@ async def _cut_off(stack: Stack, kernels: list[Kernel], tmp_path: Path) -> None:
             default_workspace_root=str(tmp_path),
         )
     )
-    # Once the store answers, the turn is recovered (here by A's own sweep) and finishes.
+    # The store answers, the renewal says the lease held (nobody could claim it): the turn
+    # goes on, here, and runs the cut step again with the model told.
     done = await sealed(stack, turn_id, within=30)
-    assert (done.state, done.attempts) == (common_pb2.TURN_STATE_COMPLETED, 2)
-    no_dangling_calls(await history(stack, conv))
+    assert (done.state, done.attempts) == (common_pb2.TURN_STATE_COMPLETED, 1)
+    messages = await history(stack, conv)
+    no_dangling_calls(messages)
+    steps = [(m.role, m.step_index) for m in messages if m.role != common_pb2.ROLE_USER]
+    assert steps[2] == (common_pb2.ROLE_SYSTEM, 1)
+    assert "the store was unreachable" in messages[3].chunks[0].text.text
+    # Step 1 (text only, it ends the turn) ran once more after the note, and only that.
+    assert [m.step_index for m in messages if m.role == common_pb2.ROLE_ASSISTANT] == [0, 1]
+    assert messages[-1].chunks[-1].text.text == "thinkingok"  # the whole step, run again
+    await watcher.stop()

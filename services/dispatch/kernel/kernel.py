@@ -395,7 +395,13 @@ class Kernel:
         """Run ``runner``'s turn as the conversation's active one, its lease renewed."""
         turn = runner.turn
         conversation_id = events.conversation_id
-        self.leases.hold(events.tenant_id, turn, runner.lease_lost)
+        self.leases.hold(
+            events.tenant_id,
+            turn,
+            runner.lease_lost,
+            on_unsure=runner.lease_unsure,
+            on_sure=runner.lease_sure,
+        )
 
         async def run() -> None:
             try:

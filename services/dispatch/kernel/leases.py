@@ -10,11 +10,13 @@ to the turn's ``on_lost``, which stops the turn without another write.
 A renewal the store cannot take (it is down) is retried on the next beat: while the
 store is down nobody can claim the turn either, and a renewal that succeeds later is
 valid as long as nobody claimed the turn in between. But a kernel that has not renewed
-a lease for most of its time to live (by its own clock) may have lost it without being
-told (it is cut off from the store, which may have let another kernel claim the turn),
-so it stops that turn itself, before the lease can have expired in the store: a turn
-never runs on two kernels at once. The turn is then recovered like any other once the
-store is reachable, by this kernel or another.
+a lease for most of its time to live (by its own clock) may lose it without being told
+(it is cut off from the store, which may let another kernel claim the turn once the
+lease expires there), so the turn is told (``on_unsure``) before that can happen: it
+stops what it is running (the provider call, its tools) and waits. A renewal that
+succeeds later says the lease held (``on_sure``): the turn goes on, running the cut step
+again. One that says it is gone hands the turn to ``on_lost``. So a turn never runs on
+two kernels at once.
 """
 
 from __future__ import annotations
@@ -54,10 +56,15 @@ class Lease:
     tenant_id: str
     turn_id: str
     epoch: int
-    # Called once if the store says the lease is gone, or it may have expired unrenewed.
+    # Called once if the store says the lease is gone.
     on_lost: Callable[[], None]
     # When the store last confirmed the lease (loop time: the claim's or a renewal's start).
     confirmed_at: float = 0.0
+    # Called when the lease went unconfirmed too long (stop running), and when a renewal
+    # confirms it again (go on).
+    on_unsure: Callable[[], None] = lambda: None
+    on_sure: Callable[[], None] = lambda: None
+    unsure: bool = False
 
     def fence(self, owner: str) -> store_pb2.LeaseFence:
         return store_pb2.LeaseFence(turn_id=self.turn_id, owner=owner, epoch=self.epoch)
@@ -88,9 +95,16 @@ class LeaseKeeper:
     def ttl_proto(self) -> duration_pb2.Duration:
         return ttl_duration(self.ttl)
 
-    def hold(self, tenant_id: str, turn: common_pb2.Turn, on_lost: Callable[[], None]) -> Lease:
+    def hold(
+        self,
+        tenant_id: str,
+        turn: common_pb2.Turn,
+        on_lost: Callable[[], None],
+        on_unsure: Callable[[], None] = lambda: None,
+        on_sure: Callable[[], None] = lambda: None,
+    ) -> Lease:
         """Keep ``turn``'s lease (as its row says this kernel holds it) renewed."""
-        lease = Lease(tenant_id, turn.id, turn.lease_epoch, on_lost, self._now())
+        lease = Lease(tenant_id, turn.id, turn.lease_epoch, on_lost, self._now(), on_unsure, on_sure)
         self._leases[turn.id] = lease
         return lease
 
@@ -112,7 +126,7 @@ class LeaseKeeper:
         await self._beat.close()
 
     async def _renew_or_stop(self) -> None:
-        self._stop_unconfirmed()
+        self._doubt()
         await self.renew()
 
     async def renew(self) -> None:
@@ -153,6 +167,10 @@ class LeaseKeeper:
         for held in leases:
             if held.turn_id not in lost:
                 held.confirmed_at = sent
+                if held.unsure:
+                    held.unsure = False
+                    log.info("turn %s: its lease held through the outage; it goes on", held.turn_id)
+                    held.on_sure()
         for turn_id in resp.lost_turn_ids:
             lease = self._leases.pop(turn_id, None)
             if lease is not None:
@@ -161,19 +179,19 @@ class LeaseKeeper:
                 )
                 lease.on_lost()
 
-    def _stop_unconfirmed(self) -> None:
-        """Stop the turns whose lease the store has not confirmed for 3/4 of its time to live
-        (a few renewals failed in a row): it may expire there soon, and another kernel may
-        claim it. Checked before each renewal, which come every tenth of the TTL while they
-        fail, so this happens before the lease can have expired."""
+    def _doubt(self) -> None:
+        """Tell the turns whose lease the store has not confirmed for 3/4 of its time to live
+        (a few renewals failed in a row) to stop running: it may expire there soon, and
+        another kernel may claim it then. Checked before each renewal, which come every
+        tenth of the TTL while they fail, so this happens before the lease can expire."""
         deadline = self._now() - 0.75 * self.ttl
         for lease in self.held():
-            if lease.confirmed_at < deadline:
-                self._leases.pop(lease.turn_id, None)
+            if lease.confirmed_at < deadline and not lease.unsure:
+                lease.unsure = True
                 log.warning(
                     "turn %s: its lease was not renewed for %.1fs (the store is unreachable); "
-                    "stopping it here, it is recovered once the store answers",
+                    "it stops running until the store confirms the lease",
                     lease.turn_id,
                     self._now() - lease.confirmed_at,
                 )
-                lease.on_lost()
+                lease.on_unsure()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from dispatch.kernel.every import Every
-from dispatch.kernel.turn import Resume
+from dispatch.kernel.turn import Resume, note_message
 from dispatch.v1 import common_pb2, store_pb2
 
 if TYPE_CHECKING:
@@ -33,16 +33,6 @@ log = logging.getLogger(__name__)
 
 # Turns claimed per sweep; the rest wait for the next one.
 SWEEP_LIMIT = 50
-
-
-def interrupted_note(step_index: int, attempt: int) -> str:
-    return (
-        f"Note from the runtime: this turn was interrupted while step {step_index + 1} was running "
-        f"(its kernel went away), and it now continues (attempt {attempt}). Anything done in that "
-        "interrupted step may or may not have taken effect: tool calls made then may have run, "
-        "partly or fully, or not at all. Check the current state before repeating an action that "
-        "changes something."
-    )
 
 
 class Recovery:
@@ -165,16 +155,7 @@ class Recovery:
         never_ran = stale.state == common_pb2.TURN_STATE_QUEUED and not steps
         note = None
         if not (handed_over or never_ran):
-            note = common_pb2.Message(
-                role=common_pb2.ROLE_SYSTEM,
-                turn_id=turn.id,
-                step_index=from_step,
-                chunks=[
-                    common_pb2.Chunk(
-                        text=common_pb2.TextChunk(text=interrupted_note(from_step, turn.attempts))
-                    )
-                ],
-            )
+            note = note_message(turn.id, from_step, f"its kernel went away; attempt {turn.attempts}")
         # Committed through a step that called no tool (and no steering came after it): the
         # turn only lacked its seal.
         finished = (

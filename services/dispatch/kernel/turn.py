@@ -181,6 +181,25 @@ def _wrap_up_again(ignored: Sequence[str]) -> common_pb2.Message:
     )
 
 
+def interrupted_note(step_index: int, why: str) -> str:
+    """What the model is told before a step that runs again because it was cut short."""
+    return (
+        f"Note from the runtime: this turn was interrupted while step {step_index + 1} was running "
+        f"({why}), and it now continues. Anything done in that interrupted step may or may not "
+        "have taken effect: tool calls made then may have run, partly or fully, or not at all. "
+        "Check the current state before repeating an action that changes something."
+    )
+
+
+def note_message(turn_id: str, step_index: int, why: str) -> common_pb2.Message:
+    return common_pb2.Message(
+        role=common_pb2.ROLE_SYSTEM,
+        turn_id=turn_id,
+        step_index=step_index,
+        chunks=[common_pb2.Chunk(text=common_pb2.TextChunk(text=interrupted_note(step_index, why)))],
+    )
+
+
 class Handover(Exception):
     """The turn stops here, resumable, for another kernel to continue (this one drains)."""
 
@@ -242,6 +261,10 @@ class TurnRunner:
         # Asked to stop for another kernel: at the next step boundary, or (forced) now.
         self._handover = ""
         self._handover_forced = False
+        # The step was cut because the lease could not be renewed; set again when it is.
+        self._suspended = False
+        self._sure = asyncio.Event()
+        self._sure.set()
         self._step_task: asyncio.Task[None] | None = None
         self._usage = common_pb2.Usage()
         if resume is not None:
@@ -305,9 +328,22 @@ class TurnRunner:
         if self._step_task is not None:
             self._step_task.cancel()
 
+    def lease_unsure(self) -> None:
+        """The lease may expire before a renewal reaches the store: stop running the step (the
+        provider call, its tools) and wait for ``lease_sure``; nothing of the step is kept."""
+        self._sure.clear()
+        if self._step_task is not None and not self._step_task.done():
+            self._suspended = True
+            self._step_task.cancel()
+
+    def lease_sure(self) -> None:
+        """A renewal confirmed the lease again: a suspended turn goes on."""
+        self._sure.set()
+
     def lease_lost(self) -> None:
         """Another kernel holds the turn now: stop at once and write nothing more."""
         self.writer.lost = True
+        self._sure.set()  # a turn waiting for the lease learns it is gone
         if self._slot_wait is not None:
             self._slot_wait.cancel()
         if self._step_task is not None:
@@ -576,6 +612,8 @@ class TurnRunner:
                 return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
             if self._handover:
                 raise Handover
+            if not self._sure.is_set():
+                await self._wait_until_sure(step_index)  # no step starts on a doubtful lease
             wrap_up = self._limit
             step = StepState(step_index, make_step_id(self.turn.id, step_index))
             told = [*history, note] if note is not None else history
@@ -587,6 +625,12 @@ class TurnRunner:
                     raise LeaseLost(f"turn {self.turn.id}: the lease was lost mid-step") from None
                 if self._handover_forced:
                     raise Handover from None  # the step runs again where the turn resumes
+                if self._suspended:
+                    # Cut off from the store: wait until the lease is confirmed, then run the
+                    # step again, with the model told (or give up, past store_outage).
+                    await self._wait_until_sure(step_index)
+                    note = note_message(self.turn.id, step_index, "the store was unreachable")
+                    continue
                 if self.abort_reason is None:
                     raise  # the kernel itself is being cancelled
             except (ProviderError, RetryBudgetSpent):
@@ -660,6 +704,25 @@ class TurnRunner:
         if agent.tool_budget and self._calls_used >= agent.tool_budget:
             self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
         return ""
+
+    async def _wait_until_sure(self, step_index: int) -> None:
+        """A step cut because the lease went unconfirmed: wait for the store to confirm it
+        (``lease_sure``); past ``store_outage`` the turn ends with an error."""
+        log.warning(
+            "turn %s: step %d cut while the store is unreachable; waiting for it", self.turn.id, step_index
+        )
+        try:
+            async with asyncio.timeout(self.deps.store_outage):
+                await self._sure.wait()
+        except TimeoutError:
+            raise StoreFailed(
+                f"the store was unreachable for {self.deps.store_outage:.0f}s while step "
+                f"{step_index} ran; the step was stopped and the turn cannot go on"
+            ) from None
+        finally:
+            self._suspended = False
+        if self.writer.lost:
+            raise LeaseLost(f"turn {self.turn.id}: the lease was lost while the store was away")
 
     def _restore_limits(self, history: Sequence[common_pb2.Message], from_step: int) -> None:
         """A recovered turn's limits as its earlier runs left them: the step cap counts the
