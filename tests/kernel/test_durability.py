@@ -269,13 +269,16 @@ async def test_a_kernel_that_lost_its_lease_writes_nothing_more_into_the_turn(
     watcher = Watcher(a, conv)
     turn_id = await start(a, conv)
     await watcher.until("tool_result")
-    # A stalls (its keeper stops renewing) while its turn goes on; B takes the turn over.
+    # A's renewals stop (as if it were cut off from the store) while its turn goes on: it
+    # stops running the step itself, before its lease runs out; then B takes the turn over.
     await a.leases.close()
     await b.start()
     done = await sealed(stack, turn_id)
     assert done.attempts == 2 and done.state == common_pb2.TURN_STATE_COMPLETED
+    # A gets through to the store again: it learns the lease is gone, and stops for good.
+    a.leases.start()
     async with asyncio.timeout(10):
-        while a._tasks:  # A found out (refused write or lost renewal) and stopped
+        while a._tasks:
             await asyncio.sleep(0.05)
     messages = await history(stack, conv)
     no_dangling_calls(messages)

@@ -220,11 +220,13 @@ class ConversationLog:
             drop += 1
         del self.unpersisted[:drop]
 
-    def sealed(self) -> None:
-        """The turn that numbered events ended, and the store lowered the reservation to
-        the last persisted event: nothing past it was sent."""
-        if not self.unpersisted and self.reserved != UNBOUNDED:
-            self.reserved = self.persisted_seq
+    def sealed(self, reserved_event_seq: int) -> None:
+        """The turn that numbered events ended (or was handed over): the store lowered the
+        reservation to the last persisted event, then raised it to ``reserved_event_seq``
+        for the next turn it started, if any. That figure is the reservation now, never
+        what this log held before: numbers past it are not reserved any more."""
+        if self.reserved != UNBOUNDED:
+            self.reserved = max(reserved_event_seq, self.persisted_seq)
 
     def refresh(self, last_event_seq: int, reserved_event_seq: int) -> None:
         """Take the store's word for the conversation's numbering, before this kernel starts

@@ -375,9 +375,10 @@ class Kernel:
             self.deps,
             events,
             writer,
+            confident=lambda: self.leases.confident(turn.id),
             user_messages=user_messages,
             on_sealed=lambda resp: self._sealed(events, turn.id, resp),
-            next_turn=self._next_turn_spec,
+            next_turn=lambda: self._next_turn_spec(events),
             agent=agent,
             slots=None if has_slot else self.slots,
             resume=resume,
@@ -386,10 +387,14 @@ class Kernel:
             runner.request_handover(HANDOVER)
         return runner
 
-    def _next_turn_spec(self) -> store_pb2.NextTurn:
-        """How the commit that seals a turn starts the next one, when messages are queued."""
+    def _next_turn_spec(self, events: ConversationLog) -> store_pb2.NextTurn:
+        """How the commit that seals a turn starts the next one, when messages are queued: its
+        lease, and event numbers reserved for it (the seal lowers the reservation first)."""
         state = common_pb2.TURN_STATE_RUNNING if self.slots.unlimited else common_pb2.TURN_STATE_QUEUED
-        return store_pb2.NextTurn(state=state, lease_ttl=self.leases.ttl_proto)
+        # The seal's own turn_sealed is numbered already: the next turn's come after it.
+        return store_pb2.NextTurn(
+            state=state, lease_ttl=self.leases.ttl_proto, reserve_event_seq=events.wanted_reservation()
+        )
 
     def _start(self, events: ConversationLog, runner: TurnRunner, has_slot: bool) -> None:
         """Run ``runner``'s turn as the conversation's active one, its lease renewed."""

@@ -125,6 +125,19 @@ class LeaseKeeper:
     async def close(self) -> None:
         await self._beat.close()
 
+    def confident(self, turn_id: str) -> bool:
+        """Whether ``turn_id`` may go on running now: its lease was confirmed within 3/4 of
+        its time to live. If not (the kernel was paused, or cut off, longer than its beat
+        noticed), the turn is told at once (``on_unsure``): asked before a tool starts, so
+        a kernel that wakes up late never starts one on a lease it may have lost."""
+        lease = self._leases.get(turn_id)
+        if lease is None:
+            return True  # not renewed by this keeper (its own writes are fenced all the same)
+        if not lease.unsure and lease.confirmed_at >= self._now() - 0.75 * self.ttl:
+            return True
+        self._doubt()
+        return False
+
     async def _renew_or_stop(self) -> None:
         self._doubt()
         await self.renew()

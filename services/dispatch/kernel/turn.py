@@ -238,6 +238,7 @@ class TurnRunner:
         agent: Agent | None = None,
         slots: RunSlots | None = None,
         resume: Resume | None = None,
+        confident: Callable[[], bool] = lambda: True,
     ):
         """``writer`` holds the turn (leased to this kernel); its user messages (``user_messages``
         of them, from ``turn.user_message_seq``) are committed. ``on_sealed`` gets the seal's
@@ -245,6 +246,9 @@ class TurnRunner:
         ``next_turn`` says how to start the next turn from queued messages (None: don't)."""
         self.deps = deps
         self.writer = writer
+        # Whether the turn's lease is confirmed enough to start something (a step, a tool);
+        # when it is not, the runner has already been told (lease_unsure).
+        self._confident = confident
         turn = writer.turn
         self.agent = agent or deps.agents[turn.agent or deps.default_agent]
         self._on_sealed = on_sealed
@@ -612,7 +616,7 @@ class TurnRunner:
                 return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
             if self._handover:
                 raise Handover
-            if not self._sure.is_set():
+            if not self._confident() or not self._sure.is_set():
                 await self._wait_until_sure(step_index)  # no step starts on a doubtful lease
             wrap_up = self._limit
             step = StepState(step_index, make_step_id(self.turn.id, step_index))
@@ -816,6 +820,10 @@ class TurnRunner:
         started: dict[str, float] = {}
 
         async def run_call(call: ToolCall) -> ToolResult:
+            if not self._confident():
+                # The lease may have been lost while this kernel was away (paused): the step
+                # is cut now (lease_unsure cancels it), and runs again once it is confirmed.
+                return ToolResult("not run: this kernel could not confirm the turn's lease", is_error=True)
             started[call.id] = time.monotonic()
             return await self._run_tool(step, call)
 

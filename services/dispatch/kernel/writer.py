@@ -100,9 +100,9 @@ class TurnWriter:
         """``call()``, retried on transient failures for ``outage`` seconds (``forever``:
         until it succeeds). Raises ``LeaseLost`` and ``StoreFailed``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.outage
+        # The outage is counted from the first failure, and given up on only once it lasted.
+        failing_since: float | None = None
         delay = FIRST_BACKOFF
-        warned = False
         while True:
             try:
                 return await call()
@@ -112,14 +112,17 @@ class TurnWriter:
                     raise LeaseLost(f"turn {self.turn.id}: {exc.details()}") from None
                 if exc.code() not in TRANSIENT:
                     raise StoreFailed(f"the store refused to {what}: {rpc_detail(exc)}") from exc
-                if not forever and loop.time() + delay > deadline:
-                    raise StoreFailed(
-                        f"the store was unavailable for {self.outage:.0f}s ({what}): {rpc_detail(exc)}"
-                    ) from exc
-                if not warned:
+                now = loop.time()
+                if failing_since is None:
+                    failing_since = now
                     log.warning("turn %s: could not %s (%s); retrying", self.turn.id, what, rpc_detail(exc))
-                    warned = True
-            await asyncio.sleep(delay)
+                left = failing_since + self.outage - now
+                if not forever and left <= 0:
+                    lasted = now - failing_since
+                    raise StoreFailed(
+                        f"the store was unavailable for {lasted:.0f}s ({what}): {rpc_detail(exc)}"
+                    ) from exc
+            await asyncio.sleep(delay if forever else max(0.0, min(delay, left)))
             delay = min(delay * 2, MAX_BACKOFF)
 
     # ------------------------------------------------------------------ appends
@@ -174,9 +177,12 @@ class TurnWriter:
                 self.done = True
             if pending:
                 self.events.mark_persisted(last_event)
-            if (seal is not None or release) and not resp.HasField("next_turn"):
-                self.events.sealed()
-            self.events.reserve(resp.reserved_event_seq)
+            if seal is not None or release:
+                # The store lowered the reservation to what is persisted (and, starting the
+                # next turn, raised it again for that turn): take its figure, never a higher one.
+                self.events.sealed(resp.reserved_event_seq)
+            else:
+                self.events.reserve(resp.reserved_event_seq)
             return resp
 
     async def _landed(

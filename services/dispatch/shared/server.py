@@ -46,6 +46,10 @@ def channel_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", min(keepalive_ms, 20_000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # A peer that restarts (a store back from an outage) is found within a second or two,
+        # not after grpc's default back-off, which grows to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
 
 
