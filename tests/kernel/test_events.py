@@ -283,7 +283,19 @@ def test_a_sealed_turn_lowers_the_reservation_so_the_next_load_continues_without
     log.reserve(10_000)
     emit_text(log, 3)
     log.mark_persisted(3)
-    log.sealed()
+    log.sealed(3)  # the store's reservation after the seal: what is persisted
     assert log.reserved == 3
     again = ConversationLog("t", "c", log.persisted_seq, reserved_event_seq=log.reserved)
     assert again.announce_lost() is None and again.last_seq == 3
+
+
+def test_a_seal_that_starts_the_next_turn_keeps_only_the_reservation_the_store_made_for_it() -> None:
+    log = ConversationLog("t", "c", 0, reserved_event_seq=0)
+    log.reserve(10_000)
+    emit_text(log, 3)
+    log.mark_persisted(3)
+    # The store lowered the reservation to 3, then reserved up to 50 for the next turn.
+    log.sealed(50)
+    assert log.reserved == 50
+    emit_text(log, 60)  # the next turn's: past 50, they wait for a reservation
+    assert log.delivered_seq == 50
