@@ -296,10 +296,7 @@ class TurnWriter:
             )
             return turn
 
-        try:
-            self.turn = await self.retrying("record the turn's state", call)
-        except grpc.aio.AioRpcError as exc:  # pragma: no cover - _retrying maps every error
-            raise StoreFailed(rpc_detail(exc)) from exc
+        self.turn = await self.retrying("record the turn's state", call)
 
     async def close(self) -> None:
         if self._reserving is not None:
