@@ -11,7 +11,7 @@ import datetime
 
 from google.protobuf import duration_pb2
 
-from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
+from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, grpc_errors
 from dispatch.shared.ids import require_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
@@ -416,6 +416,12 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     ) -> store_pb2.ListTurnsResponse:
         turns = await self.store.list_expired_leases(limit=_not_negative(request.limit, "limit"))
         return store_pb2.ListTurnsResponse(turns=turns)
+
+    @grpc_errors
+    async def GetApproval(
+        self, request: store_pb2.GetApprovalRequest, context: Context
+    ) -> common_pb2.Approval:
+        raise Unimplemented("ConversationStore.GetApproval: not implemented yet")
 
     @grpc_errors
     async def RenewLeases(

@@ -349,6 +349,13 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         raise Unimplemented("Dispatch.ResolveApproval: approvals are not implemented yet")
 
     @grpc_errors
+    async def ListApprovals(
+        self, request: transport_pb2.PublicListApprovalsRequest, context: Context
+    ) -> store_pb2.ListApprovalsResponse:
+        await self._tenant(context)
+        raise Unimplemented("Dispatch.ListApprovals: not implemented yet")
+
+    @grpc_errors
     async def History(
         self, request: transport_pb2.HistoryRequest, context: Context
     ) -> transport_pb2.HistoryResponse:

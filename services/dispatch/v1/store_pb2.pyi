@@ -34,12 +34,15 @@ class CreateWorkspaceRequest(_message.Message):
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     name: _builtins.str
     root: _builtins.str
     default_computer_id: _builtins.str
     default_agent: _builtins.str
     confine_tools: _builtins.bool
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PermissionRule]: ...
     def __init__(
         self,
         *,
@@ -49,10 +52,11 @@ class CreateWorkspaceRequest(_message.Message):
         default_computer_id: _builtins.str = ...,
         default_agent: _builtins.str = ...,
         confine_tools: _builtins.bool = ...,
+        permissions: _abc.Iterable[_common_pb2.PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "permissions", b"permissions", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -139,6 +143,7 @@ class UpdateWorkspaceRequest(_message.Message):
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     workspace_id: _builtins.str
     name: _builtins.str
@@ -146,6 +151,10 @@ class UpdateWorkspaceRequest(_message.Message):
     default_computer_id: _builtins.str
     default_agent: _builtins.str
     confine_tools: _builtins.bool
+    @_builtins.property
+    def permissions(self) -> Global___PermissionRules:
+        """Replaces the workspace's rules when set."""
+
     def __init__(
         self,
         *,
@@ -156,10 +165,11 @@ class UpdateWorkspaceRequest(_message.Message):
         default_computer_id: _builtins.str | None = ...,
         default_agent: _builtins.str | None = ...,
         confine_tools: _builtins.bool | None = ...,
+        permissions: Global___PermissionRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_permissions", b"_permissions", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "permissions", b"permissions", "root", b"root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root", "tenant_id", b"tenant_id", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools", "_default_agent", b"_default_agent", "_default_computer_id", b"_default_computer_id", "_name", b"_name", "_permissions", b"_permissions", "_root", b"_root", "confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "permissions", b"permissions", "root", b"root", "tenant_id", b"tenant_id", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confine_tools: _TypeAlias = _typing.Literal["confine_tools"]  # noqa: Y015
     _WhichOneofArgType__confine_tools: _TypeAlias = _typing.Literal["_confine_tools", b"_confine_tools"]  # noqa: Y015
@@ -169,6 +179,8 @@ class UpdateWorkspaceRequest(_message.Message):
     _WhichOneofArgType__default_computer_id: _TypeAlias = _typing.Literal["_default_computer_id", b"_default_computer_id"]  # noqa: Y015
     _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
     _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__permissions: _TypeAlias = _typing.Literal["permissions"]  # noqa: Y015
+    _WhichOneofArgType__permissions: _TypeAlias = _typing.Literal["_permissions", b"_permissions"]  # noqa: Y015
     _WhichOneofReturnType__root: _TypeAlias = _typing.Literal["root"]  # noqa: Y015
     _WhichOneofArgType__root: _TypeAlias = _typing.Literal["_root", b"_root"]  # noqa: Y015
     @_typing.overload
@@ -180,9 +192,31 @@ class UpdateWorkspaceRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__permissions) -> _WhichOneofReturnType__permissions | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__root) -> _WhichOneofReturnType__root | None: ...
 
 Global___UpdateWorkspaceRequest: _TypeAlias = UpdateWorkspaceRequest  # noqa: Y015
+
+@_typing.final
+class PermissionRules(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PermissionRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[_common_pb2.PermissionRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRules: _TypeAlias = PermissionRules  # noqa: Y015
 
 @_typing.final
 class CreateConversationRequest(_message.Message):
@@ -428,7 +462,8 @@ class AppendRequest(_message.Message):
     @_builtins.property
     def seal(self) -> Global___TurnSeal:
         """Set: end the fenced turn in the same transaction (its state, finish
-        reason and error), release its lease, and lower reserved_event_seq to
+        reason and error), release its lease, close its pending approvals
+        (decision CLOSED, decided_by "kernel"), and lower reserved_event_seq to
         the conversation's last_event_seq (nothing past it was sent).
         """
 
@@ -1442,6 +1477,12 @@ Global___CreateApprovalRequest: _TypeAlias = CreateApprovalRequest  # noqa: Y015
 
 @_typing.final
 class ResolveApprovalRequest(_message.Message):
+    """Decides a pending approval once: a second decision is FAILED_PRECONDITION
+    (message starting "already decided"). With remember, the conversation
+    remembers an allow rule for the call's tool and pattern in the same
+    transaction.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -1449,11 +1490,20 @@ class ResolveApprovalRequest(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     EDITED_INPUT_JSON_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    REMEMBERED_RULE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     approval_id: _builtins.str
     decision: _common_pb2.ApprovalDecision.ValueType
     edited_input_json: _builtins.str
     reason: _builtins.str
+    decided_by: _builtins.str
+    remember: _builtins.bool
+    @_builtins.property
+    def remembered_rule(self) -> _common_pb2.PermissionRule:
+        """With remember: the rule to remember (tool and pattern; action allow)."""
+
     def __init__(
         self,
         *,
@@ -1462,10 +1512,13 @@ class ResolveApprovalRequest(_message.Message):
         decision: _common_pb2.ApprovalDecision.ValueType = ...,
         edited_input_json: _builtins.str = ...,
         reason: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        remember: _builtins.bool = ...,
+        remembered_rule: _common_pb2.PermissionRule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["remembered_rule", b"remembered_rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decided_by", b"decided_by", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason", "remember", b"remember", "remembered_rule", b"remembered_rule", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1478,23 +1531,49 @@ class ListApprovalsRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     PENDING_ONLY_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
+    """Empty with turn_id set: that turn's."""
     pending_only: _builtins.bool
+    turn_id: _builtins.str
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
         pending_only: _builtins.bool = ...,
+        turn_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "pending_only", b"pending_only", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "pending_only", b"pending_only", "tenant_id", b"tenant_id", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListApprovalsRequest: _TypeAlias = ListApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class GetApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    approval_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalRequest: _TypeAlias = GetApprovalRequest  # noqa: Y015
 
 @_typing.final
 class ListApprovalsResponse(_message.Message):

@@ -191,6 +191,11 @@ class ConversationStoreStub:
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
                 _registered_method=True)
+        self.GetApproval = channel.unary_unary(
+                '/dispatch.v1.ConversationStore/GetApproval',
+                request_serializer=dispatch_dot_v1_dot_store__pb2.GetApprovalRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.Approval.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/CreateApiKey',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.CreateApiKeyRequest.SerializeToString,
@@ -421,6 +426,12 @@ class ConversationStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetApproval(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """API keys, stored hashed, mapped to tenants.
         """
@@ -611,6 +622,11 @@ def add_ConversationStoreServicer_to_server(servicer, server):
                     servicer.ListApprovals,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'GetApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApproval,
+                    request_deserializer=dispatch_dot_v1_dot_store__pb2.GetApprovalRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.Approval.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -1475,6 +1491,33 @@ class ConversationStore:
             '/dispatch.v1.ConversationStore/ListApprovals',
             dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.SerializeToString,
             dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.ConversationStore/GetApproval',
+            dispatch_dot_v1_dot_store__pb2.GetApprovalRequest.SerializeToString,
+            dispatch_dot_v1_dot_common__pb2.Approval.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,7 @@ class ConversationStoreStub:
     """Approvals."""
     ResolveApproval: _grpc.UnaryUnaryMultiCallable[_store_pb2.ResolveApprovalRequest, _common_pb2.Approval]
     ListApprovals: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _store_pb2.ListApprovalsResponse]
+    GetApproval: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetApprovalRequest, _common_pb2.Approval]
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]
     """API keys, stored hashed, mapped to tenants."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]
@@ -143,6 +144,7 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     """Approvals."""
     ResolveApproval: _aio.UnaryUnaryMultiCallable[_store_pb2.ResolveApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     ListApprovals: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _store_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    GetApproval: _aio.UnaryUnaryMultiCallable[_store_pb2.GetApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """API keys, stored hashed, mapped to tenants."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApiKeysRequest, _store_pb2.ListApiKeysResponse]  # type: ignore[assignment]
@@ -386,6 +388,13 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.ListApprovalsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.ListApprovalsResponse, _abc.Awaitable[_store_pb2.ListApprovalsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetApproval(
+        self,
+        request: _store_pb2.GetApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Approval, _abc.Awaitable[_common_pb2.Approval]]: ...
 
     @_abc_1.abstractmethod
     def CreateApiKey(

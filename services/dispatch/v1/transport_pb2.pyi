@@ -32,12 +32,17 @@ class PublicCreateWorkspaceRequest(_message.Message):
     DEFAULT_COMPUTER_ID_FIELD_NUMBER: _builtins.int
     DEFAULT_AGENT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     root: _builtins.str
     default_computer_id: _builtins.str
     default_agent: _builtins.str
     confine_tools: _builtins.bool
     """Confine tools to root (see Workspace.confine_tools)."""
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PermissionRule]:
+        """Permission rules over the agents' (see PermissionRule)."""
+
     def __init__(
         self,
         *,
@@ -46,10 +51,11 @@ class PublicCreateWorkspaceRequest(_message.Message):
         default_computer_id: _builtins.str = ...,
         default_agent: _builtins.str = ...,
         confine_tools: _builtins.bool = ...,
+        permissions: _abc.Iterable[_common_pb2.PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "root", b"root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "name", b"name", "permissions", b"permissions", "root", b"root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,10 +467,15 @@ class PublicResolveApprovalRequest(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     EDITED_INPUT_JSON_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
     decision: _common_pb2.ApprovalDecision.ValueType
     edited_input_json: _builtins.str
     reason: _builtins.str
+    remember: _builtins.bool
+    """With approve: the same tool and pattern run without asking for the rest
+    of the conversation.
+    """
     def __init__(
         self,
         *,
@@ -472,14 +483,37 @@ class PublicResolveApprovalRequest(_message.Message):
         decision: _common_pb2.ApprovalDecision.ValueType = ...,
         edited_input_json: _builtins.str = ...,
         reason: _builtins.str = ...,
+        remember: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason", "remember", b"remember"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublicResolveApprovalRequest: _TypeAlias = PublicResolveApprovalRequest  # noqa: Y015
+
+@_typing.final
+class PublicListApprovalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    PENDING_ONLY_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    pending_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        pending_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "pending_only", b"pending_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicListApprovalsRequest: _TypeAlias = PublicListApprovalsRequest  # noqa: Y015
 
 @_typing.final
 class HistoryRequest(_message.Message):

@@ -102,6 +102,11 @@ class DispatchStub:
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicResolveApprovalRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_common__pb2.Approval.FromString,
                 _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/dispatch.v1.Dispatch/ListApprovals',
+                request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
         self.History = channel.unary_unary(
                 '/dispatch.v1.Dispatch/History',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.HistoryRequest.SerializeToString,
@@ -205,7 +210,16 @@ class DispatchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveApproval(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Decides a pending approval: approve (optionally remembered for the rest of
+        the conversation), reject with a reason, or edit the input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovals(self, request, context):
+        """A conversation's approvals, pending ones only if asked.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -302,6 +316,11 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.ResolveApproval,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicResolveApprovalRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_common__pb2.Approval.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.SerializeToString,
             ),
             'History': grpc.unary_unary_rpc_method_handler(
                     servicer.History,
@@ -675,6 +694,33 @@ class Dispatch:
             '/dispatch.v1.Dispatch/ResolveApproval',
             dispatch_dot_v1_dot_transport__pb2.PublicResolveApprovalRequest.SerializeToString,
             dispatch_dot_v1_dot_common__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.Dispatch/ListApprovals',
+            dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class DispatchStub:
     ListTurns: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]
     """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]
+    """Decides a pending approval: approve (optionally remembered for the rest of
+    the conversation), reject with a reason, or edit the input.
+    """
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _store_pb2.ListApprovalsResponse]
+    """A conversation's approvals, pending ones only if asked."""
     History: _grpc.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]
     """Committed messages with seq > after_seq."""
     Metrics: _grpc.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _store_pb2.GetMetricsResponse]
@@ -82,6 +87,11 @@ class DispatchAsyncStub(DispatchStub):
     ListTurns: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
     """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
+    """Decides a pending approval: approve (optionally remembered for the rest of
+    the conversation), reject with a reason, or edit the input.
+    """
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _store_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """A conversation's approvals, pending ones only if asked."""
     History: _aio.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]  # type: ignore[assignment]
     """Committed messages with seq > after_seq."""
     Metrics: _aio.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _store_pb2.GetMetricsResponse]  # type: ignore[assignment]
@@ -183,7 +193,18 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicResolveApprovalRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_common_pb2.Approval, _abc.Awaitable[_common_pb2.Approval]]: ...
+    ) -> _typing.Union[_common_pb2.Approval, _abc.Awaitable[_common_pb2.Approval]]:
+        """Decides a pending approval: approve (optionally remembered for the rest of
+        the conversation), reject with a reason, or edit the input.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _transport_pb2.PublicListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListApprovalsResponse, _abc.Awaitable[_store_pb2.ListApprovalsResponse]]:
+        """A conversation's approvals, pending ones only if asked."""
 
     @_abc_1.abstractmethod
     def History(

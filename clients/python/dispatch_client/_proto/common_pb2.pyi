@@ -205,6 +205,10 @@ class _ApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Appr
     APPROVAL_DECISION_REJECT: _ApprovalDecision.ValueType  # 2
     APPROVAL_DECISION_EDIT: _ApprovalDecision.ValueType  # 3
     """Approve with edited input (`edited_input_json`)."""
+    APPROVAL_DECISION_EXPIRED: _ApprovalDecision.ValueType  # 4
+    """Nobody decided in time (the agent's approval timeout): as a rejection."""
+    APPROVAL_DECISION_CLOSED: _ApprovalDecision.ValueType  # 5
+    """The turn ended while it waited (cancelled, interrupted): the call never ran."""
 
 class ApprovalDecision(_ApprovalDecision, metaclass=_ApprovalDecisionEnumTypeWrapper):
     """-------------------------------------------------------------- approvals"""
@@ -214,7 +218,34 @@ APPROVAL_DECISION_APPROVE: ApprovalDecision.ValueType  # 1
 APPROVAL_DECISION_REJECT: ApprovalDecision.ValueType  # 2
 APPROVAL_DECISION_EDIT: ApprovalDecision.ValueType  # 3
 """Approve with edited input (`edited_input_json`)."""
+APPROVAL_DECISION_EXPIRED: ApprovalDecision.ValueType  # 4
+"""Nobody decided in time (the agent's approval timeout): as a rejection."""
+APPROVAL_DECISION_CLOSED: ApprovalDecision.ValueType  # 5
+"""The turn ended while it waited (cancelled, interrupted): the call never ran."""
 Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
+
+class _PermissionAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PermissionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PermissionAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PERMISSION_ACTION_UNSPECIFIED: _PermissionAction.ValueType  # 0
+    PERMISSION_ACTION_ALLOW: _PermissionAction.ValueType  # 1
+    PERMISSION_ACTION_ASK: _PermissionAction.ValueType  # 2
+    """The call waits for a person's decision (an approval)."""
+    PERMISSION_ACTION_DENY: _PermissionAction.ValueType  # 3
+    """The call does not run; the model gets an error result naming the rule."""
+
+class PermissionAction(_PermissionAction, metaclass=_PermissionActionEnumTypeWrapper): ...
+
+PERMISSION_ACTION_UNSPECIFIED: PermissionAction.ValueType  # 0
+PERMISSION_ACTION_ALLOW: PermissionAction.ValueType  # 1
+PERMISSION_ACTION_ASK: PermissionAction.ValueType  # 2
+"""The call waits for a person's decision (an approval)."""
+PERMISSION_ACTION_DENY: PermissionAction.ValueType  # 3
+"""The call does not run; the model gets an error result naming the rule."""
+Global___PermissionAction: _TypeAlias = PermissionAction  # noqa: Y015
 
 class _OutputStream:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -579,6 +610,7 @@ class Workspace(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     name: _builtins.str
@@ -597,6 +629,10 @@ class Workspace(_message.Message):
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def permissions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionRule]:
+        """Permission rules of the workspace's conversations, over their agent's."""
+
     def __init__(
         self,
         *,
@@ -609,10 +645,11 @@ class Workspace(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         confine_tools: _builtins.bool = ...,
         is_default: _builtins.bool = ...,
+        permissions: _abc.Iterable[Global___PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "created_at", b"created_at", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "id", b"id", "is_default", b"is_default", "name", b"name", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confine_tools", b"confine_tools", "created_at", b"created_at", "default_agent", b"default_agent", "default_computer_id", b"default_computer_id", "id", b"id", "is_default", b"is_default", "name", b"name", "permissions", b"permissions", "root", b"root", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,6 +671,7 @@ class Conversation(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     RESERVED_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    REMEMBERED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant_id: _builtins.str
     workspace_id: _builtins.str
@@ -656,6 +694,12 @@ class Conversation(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def remembered(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionRule]:
+        """Rules remembered from approvals ("approve for the rest of the
+        conversation"), over the workspace's and the agent's.
+        """
+
     def __init__(
         self,
         *,
@@ -671,10 +715,11 @@ class Conversation(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         reserved_event_seq: _builtins.int = ...,
+        remembered: _abc.Iterable[Global___PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "created_at", b"created_at", "cwd", b"cwd", "id", b"id", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "reserved_event_seq", b"reserved_event_seq", "tenant_id", b"tenant_id", "title", b"title", "updated_at", b"updated_at", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "computer_id", b"computer_id", "created_at", b"created_at", "cwd", b"cwd", "id", b"id", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "remembered", b"remembered", "reserved_event_seq", b"reserved_event_seq", "tenant_id", b"tenant_id", "title", b"title", "updated_at", b"updated_at", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -846,6 +891,36 @@ class TurnMetrics(_message.Message):
 Global___TurnMetrics: _TypeAlias = TurnMetrics  # noqa: Y015
 
 @_typing.final
+class PermissionRule(_message.Message):
+    """What may run without asking: a tool ("*": any), optionally only for inputs
+    matching a glob pattern (shell: the command; file tools: the path relative
+    to the workspace root; empty: any input).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    pattern: _builtins.str
+    action: Global___PermissionAction.ValueType
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        pattern: _builtins.str = ...,
+        action: Global___PermissionAction.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "pattern", b"pattern", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRule: _TypeAlias = PermissionRule  # noqa: Y015
+
+@_typing.final
 class Approval(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -861,6 +936,11 @@ class Approval(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     RESOLVED_AT_FIELD_NUMBER: _builtins.int
     STEP_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     conversation_id: _builtins.str
     turn_id: _builtins.str
@@ -872,10 +952,23 @@ class Approval(_message.Message):
     edited_input_json: _builtins.str
     reason: _builtins.str
     step_id: _builtins.str
+    rule: _builtins.str
+    """The rule that asked, as written ("shell `git push*` = ask")."""
+    decided_by: _builtins.str
+    """Who decided: the API key's id (or "kernel" for expiry and closing)."""
+    remember: _builtins.bool
+    """Approved for the rest of the conversation: the same tool and pattern run
+    without asking from then on.
+    """
+    tenant_id: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def resolved_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: no expiry."""
+
     def __init__(
         self,
         *,
@@ -891,10 +984,15 @@ class Approval(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         resolved_at: _timestamp_pb2.Timestamp | None = ...,
         step_id: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        remember: _builtins.bool = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        tenant_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "resolved_at", b"resolved_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "resolved_at", b"resolved_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "created_at", b"created_at", "decision", b"decision", "edited_input_json", b"edited_input_json", "id", b"id", "input_json", b"input_json", "reason", b"reason", "resolved_at", b"resolved_at", "step_id", b"step_id", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "created_at", b"created_at", "decided_by", b"decided_by", "decision", b"decision", "edited_input_json", b"edited_input_json", "expires_at", b"expires_at", "id", b"id", "input_json", b"input_json", "reason", b"reason", "remember", b"remember", "resolved_at", b"resolved_at", "rule", b"rule", "step_id", b"step_id", "tenant_id", b"tenant_id", "tool_call_id", b"tool_call_id", "tool_name", b"tool_name", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1020,6 +1118,36 @@ class ToolOutput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolOutput: _TypeAlias = ToolOutput  # noqa: Y015
+
+@_typing.final
+class ToolStarted(_message.Message):
+    """A call starts running: after its approval, or after waiting behind an
+    exclusive tool or a concurrency cap.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    COMPUTER_ID_FIELD_NUMBER: _builtins.int
+    tool_call_id: _builtins.str
+    name: _builtins.str
+    computer_id: _builtins.str
+    """Where it runs: an SSH Host alias, empty for this machine."""
+    def __init__(
+        self,
+        *,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        computer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer_id", b"computer_id", "name", b"name", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolStarted: _TypeAlias = ToolStarted  # noqa: Y015
 
 @_typing.final
 class ToolResultEvent(_message.Message):
@@ -1440,6 +1568,7 @@ class AgentEvent(_message.Message):
     TURN_RESUMED_FIELD_NUMBER: _builtins.int
     TURN_INTERRUPTED_FIELD_NUMBER: _builtins.int
     EVENTS_LOST_FIELD_NUMBER: _builtins.int
+    TOOL_STARTED_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     turn_id: _builtins.str
     event_seq: _builtins.int
@@ -1486,6 +1615,8 @@ class AgentEvent(_message.Message):
     def turn_interrupted(self) -> Global___TurnInterrupted: ...
     @_builtins.property
     def events_lost(self) -> Global___EventsLost: ...
+    @_builtins.property
+    def tool_started(self) -> Global___ToolStarted: ...
     def __init__(
         self,
         *,
@@ -1513,12 +1644,13 @@ class AgentEvent(_message.Message):
         turn_resumed: Global___TurnResumed | None = ...,
         turn_interrupted: Global___TurnInterrupted | None = ...,
         events_lost: Global___EventsLost | None = ...,
+        tool_started: Global___ToolStarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "error", b"error", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "error", b"error", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed", "turn_resumed", "turn_interrupted", "events_lost"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed", "turn_resumed", "turn_interrupted", "events_lost", "tool_started"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

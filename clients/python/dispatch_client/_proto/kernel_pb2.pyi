@@ -172,11 +172,15 @@ class KernelResolveApprovalRequest(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     EDITED_INPUT_JSON_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     approval_id: _builtins.str
     decision: _common_pb2.ApprovalDecision.ValueType
     edited_input_json: _builtins.str
     reason: _builtins.str
+    decided_by: _builtins.str
+    remember: _builtins.bool
     def __init__(
         self,
         *,
@@ -185,10 +189,12 @@ class KernelResolveApprovalRequest(_message.Message):
         decision: _common_pb2.ApprovalDecision.ValueType = ...,
         edited_input_json: _builtins.str = ...,
         reason: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        remember: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "decided_by", b"decided_by", "decision", b"decision", "edited_input_json", b"edited_input_json", "reason", b"reason", "remember", b"remember", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
