@@ -429,6 +429,8 @@ class AppendRequest(_message.Message):
     SEAL_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_FIELD_NUMBER: _builtins.int
     NEXT_TURN_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    MOVE_TO_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     take_queue_for_turn: _builtins.str
@@ -441,6 +443,10 @@ class AppendRequest(_message.Message):
     release_lease: _builtins.bool
     """Release the fenced turn's lease without ending it: it can be claimed at
     once (a kernel handing it over); reserved_event_seq is lowered as for seal.
+    """
+    move_to: _common_pb2.TurnState.ValueType
+    """With a fence: move the fenced turn to this state that has not ended
+    (WAITING_FOR_APPROVAL, RESUMING, RUNNING) in the same transaction.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
@@ -474,6 +480,12 @@ class AppendRequest(_message.Message):
         the queued messages appended (after `messages`) as its user messages.
         """
 
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Approval]:
+        """With a fence: approvals created pending in the same transaction (for the
+        fenced turn; their ids are assigned and answered in `approvals`).
+        """
+
     def __init__(
         self,
         *,
@@ -487,10 +499,12 @@ class AppendRequest(_message.Message):
         seal: Global___TurnSeal | None = ...,
         release_lease: _builtins.bool = ...,
         next_turn: Global___NextTurn | None = ...,
+        approvals: _abc.Iterable[_common_pb2.Approval] | None = ...,
+        move_to: _common_pb2.TurnState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "next_turn", b"next_turn", "seal", b"seal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "events", b"events", "fence", b"fence", "messages", b"messages", "next_turn", b"next_turn", "release_lease", b"release_lease", "reserve_event_seq", b"reserve_event_seq", "seal", b"seal", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "conversation_id", b"conversation_id", "events", b"events", "fence", b"fence", "messages", b"messages", "move_to", b"move_to", "next_turn", b"next_turn", "release_lease", b"release_lease", "reserve_event_seq", b"reserve_event_seq", "seal", b"seal", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -592,6 +606,7 @@ class AppendResponse(_message.Message):
     NEXT_TURN_FIELD_NUMBER: _builtins.int
     NEXT_TURN_MESSAGES_FIELD_NUMBER: _builtins.int
     RESERVED_EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """The seq range of the appended messages; both 0 when the call carried
     only events.
@@ -618,6 +633,10 @@ class AppendResponse(_message.Message):
 
     @_builtins.property
     def next_turn_messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]: ...
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Approval]:
+        """The approvals the call created, with their ids."""
+
     def __init__(
         self,
         *,
@@ -630,10 +649,11 @@ class AppendResponse(_message.Message):
         next_turn: _common_pb2.Turn | None = ...,
         next_turn_messages: _abc.Iterable[_common_pb2.Message] | None = ...,
         reserved_event_seq: _builtins.int = ...,
+        approvals: _abc.Iterable[_common_pb2.Approval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["next_turn", b"next_turn", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dequeued", b"dequeued", "first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages", "next_turn", b"next_turn", "next_turn_messages", b"next_turn_messages", "reserved_event_seq", b"reserved_event_seq", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "dequeued", b"dequeued", "first_seq", b"first_seq", "last_event_seq", b"last_event_seq", "last_seq", b"last_seq", "messages", b"messages", "next_turn", b"next_turn", "next_turn_messages", b"next_turn_messages", "reserved_event_seq", b"reserved_event_seq", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
