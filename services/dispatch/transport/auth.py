@@ -1,4 +1,4 @@
-"""API keys: ``authorization: Bearer <key>`` in, the key's tenant out.
+"""API keys: ``authorization: Bearer <key>`` in, the key's tenant (and the key's id) out.
 
 The store keeps only each key's SHA-256 and answers ``Authenticate``. A tenant
 found here is cached for a few seconds so a subscription storm does not become
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import grpc
 
@@ -41,6 +42,14 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return ""
 
 
+class Caller(NamedTuple):
+    """Who makes a call: the key's tenant, and the key's id (what an approval records as
+    ``decided_by``; never the key itself)."""
+
+    tenant_id: str
+    key_id: str
+
+
 class Authenticator:
     """Maps API keys to tenants through the store."""
 
@@ -53,11 +62,15 @@ class Authenticator:
         self.store = store
         self.rpc_timeout = rpc_timeout
         self.cache_seconds = cache_seconds
-        # sha256(key) -> (tenant, good until); the key itself is not kept.
-        self._cache: dict[str, tuple[str, float]] = {}
+        # sha256(key) -> (caller, good until); the key itself is not kept.
+        self._cache: dict[str, tuple[Caller, float]] = {}
 
     async def tenant(self, key: str) -> str:
         """The tenant of ``key``; ``Unauthenticated`` if it is missing, unknown or revoked."""
+        return (await self.caller(key)).tenant_id
+
+    async def caller(self, key: str) -> Caller:
+        """The tenant and id of ``key``; ``Unauthenticated`` if it is missing, unknown or revoked."""
         if not key:
             raise Unauthenticated(MISSING)
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -75,5 +88,6 @@ class Authenticator:
             raise Unavailable(f"could not check the API key: the store answered {exc.code().name}") from None
         if len(self._cache) >= CACHE_ENTRIES:
             self._cache.clear()
-        self._cache[digest] = (resp.tenant_id, now + self.cache_seconds)
-        return str(resp.tenant_id)
+        caller = Caller(str(resp.tenant_id), str(resp.key_id))
+        self._cache[digest] = (caller, now + self.cache_seconds)
+        return caller

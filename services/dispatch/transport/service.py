@@ -6,7 +6,8 @@ tenant scopes everything the call touches.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+import json
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -15,13 +16,12 @@ from dispatch.shared.errors import (
     Context,
     InvalidArgument,
     NotFound,
-    Unimplemented,
     from_rpc_error,
     grpc_errors,
 )
 from dispatch.shared.ids import require_id
 from dispatch.shared.limits import MAX_MESSAGE_CHARS
-from dispatch.store.backend import CONVERSATION_PREFIX, TURN_PREFIX
+from dispatch.store.backend import APPROVAL_PREFIX, CONVERSATION_PREFIX, TURN_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
 from dispatch.transport.fanout import Fanout
 from dispatch.v1 import (
@@ -69,6 +69,65 @@ def _message_chunks(request: transport_pb2.SendRequest) -> list[common_pb2.Chunk
     return chunks
 
 
+# A permission rule's pattern, at most (the kernel refuses longer ones too).
+MAX_PATTERN_CHARS = 500
+_ACTIONS = {
+    common_pb2.PERMISSION_ACTION_ALLOW,
+    common_pb2.PERMISSION_ACTION_ASK,
+    common_pb2.PERMISSION_ACTION_DENY,
+}
+# What a client may decide; EXPIRED and CLOSED are the kernel's own decisions.
+_CLIENT_DECISIONS = {
+    common_pb2.APPROVAL_DECISION_APPROVE: "approve",
+    common_pb2.APPROVAL_DECISION_REJECT: "reject",
+    common_pb2.APPROVAL_DECISION_EDIT: "edit",
+}
+
+
+def _permission_rules(rules: Sequence[common_pb2.PermissionRule]) -> list[common_pb2.PermissionRule]:
+    """``rules`` if each names a tool and an action and has a pattern within the limit; else
+    ``InvalidArgument`` naming the rule (its index, tool and pattern)."""
+    for i, rule in enumerate(rules):
+        shown = f"{rule.tool[:80]!r}" + (f" {rule.pattern[:80]!r}" if rule.pattern else "")
+        where = f"permissions[{i}] ({shown})"
+        if not rule.tool.strip():
+            raise InvalidArgument(f"{where}: tool is required: a tool's name, or * for any tool")
+        if rule.action not in _ACTIONS:
+            raise InvalidArgument(f"{where}: action must be allow, ask or deny")
+        if len(rule.pattern) > MAX_PATTERN_CHARS:
+            raise InvalidArgument(f"{where}: the pattern is longer than {MAX_PATTERN_CHARS} characters")
+        if "\x00" in rule.pattern:
+            raise InvalidArgument(f"{where}: the pattern holds a NUL character")
+    return list(rules)
+
+
+def _check_resolution(request: transport_pb2.PublicResolveApprovalRequest) -> None:
+    """``InvalidArgument`` unless the decision is one a client makes (approve, reject, edit),
+    edited input (a JSON object) comes exactly with edit, and remember only with approve or
+    edit. Whether the edited input fits the tool's schema is the kernel's to say."""
+    decision = request.decision
+    if decision not in _CLIENT_DECISIONS:
+        got = (
+            common_pb2.ApprovalDecision.Name(decision).removeprefix("APPROVAL_DECISION_").lower()
+            if decision in common_pb2.ApprovalDecision.values()
+            else str(decision)
+        )
+        raise InvalidArgument(f"decision must be approve, reject or edit, got {got}")
+    if decision == common_pb2.APPROVAL_DECISION_EDIT:
+        if not request.edited_input_json:
+            raise InvalidArgument("an edit decision needs edited_input_json: the tool's new input")
+        try:
+            edited = json.loads(request.edited_input_json)
+        except ValueError as exc:
+            raise InvalidArgument(f"edited_input_json is not valid JSON: {exc}") from None
+        if not isinstance(edited, dict):
+            raise InvalidArgument(f"edited_input_json must be a JSON object, got {type(edited).__name__}")
+    elif request.edited_input_json:
+        raise InvalidArgument("edited_input_json is only taken with an edit decision")
+    if request.remember and decision == common_pb2.APPROVAL_DECISION_REJECT:
+        raise InvalidArgument("remember is only taken with approve or edit")
+
+
 T = TypeVar("T")
 
 
@@ -114,6 +173,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self, request: transport_pb2.PublicCreateWorkspaceRequest, context: Context
     ) -> common_pb2.Workspace:
         tenant = await self._tenant(context)
+        permissions = _permission_rules(request.permissions)
         await self._require_agent(request.default_agent, "default_agent")
         return await self._call(
             "could not create the workspace",
@@ -125,6 +185,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
                     default_computer_id=request.default_computer_id,
                     default_agent=request.default_agent,
                     confine_tools=request.confine_tools,
+                    permissions=permissions,
                 ),
                 timeout=self.timeout,
             ),
@@ -345,15 +406,44 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def ResolveApproval(
         self, request: transport_pb2.PublicResolveApprovalRequest, context: Context
     ) -> common_pb2.Approval:
-        await self._tenant(context)  # authenticated, though not tenant-scoped
-        raise Unimplemented("Dispatch.ResolveApproval: approvals are not implemented yet")
+        """Decide a pending approval, as the caller's key: the kernel records it (``decided_by``
+        is the key's id) and lets the waiting call run, run with the edited input, or fail."""
+        caller = await self.auth.caller(bearer(context.invocation_metadata()))
+        approval_id = require_id(request.approval_id, "approval_id", APPROVAL_PREFIX)
+        _check_resolution(request)
+        return await self._call(
+            "could not resolve the approval",
+            self.kernel.ResolveApproval(
+                kernel_pb2.KernelResolveApprovalRequest(
+                    tenant_id=caller.tenant_id,
+                    approval_id=approval_id,
+                    decision=request.decision,
+                    edited_input_json=request.edited_input_json,
+                    reason=request.reason,
+                    decided_by=caller.key_id,
+                    remember=request.remember,
+                ),
+                timeout=self.timeout,
+            ),
+        )
 
     @grpc_errors
     async def ListApprovals(
         self, request: transport_pb2.PublicListApprovalsRequest, context: Context
     ) -> store_pb2.ListApprovalsResponse:
-        await self._tenant(context)
-        raise Unimplemented("Dispatch.ListApprovals: not implemented yet")
+        """The conversation's approvals, oldest first; only the pending ones when asked."""
+        tenant = await self._tenant(context)
+        return await self._call(
+            "could not list approvals",
+            self.store.ListApprovals(
+                store_pb2.ListApprovalsRequest(
+                    tenant_id=tenant,
+                    conversation_id=_conversation_id(request.conversation_id),
+                    pending_only=request.pending_only,
+                ),
+                timeout=self.timeout,
+            ),
+        )
 
     @grpc_errors
     async def History(
