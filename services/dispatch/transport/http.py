@@ -13,7 +13,7 @@ bytes base64, timestamps RFC 3339, and fields at their default are left out.
 Routes::
 
     GET    /v1/workspaces                           ListWorkspaces       ?page_size=&page_token=
-    POST   /v1/workspaces                           CreateWorkspace
+    POST   /v1/workspaces                           CreateWorkspace      {"name", "root", ..., "permissions"}
     POST   /v1/conversations                        CreateConversation
     GET    /v1/conversations                        ListConversations    ?workspace_id=&page_size=&page_token=
     GET    /v1/conversations/{id}                   GetConversation
@@ -26,13 +26,18 @@ Routes::
     GET    /v1/conversations/{id}/metrics           Metrics              ?turn_id=
     GET    /v1/conversations/{id}/turns             ListTurns            ?state=&page_size=&page_token=
     GET    /v1/conversations/{id}/turns/{turn_id}   GetTurn
-    POST   /v1/approvals/{id}/resolve               ResolveApproval      {"decision", "reason", ...}
+    GET    /v1/conversations/{id}/approvals         ListApprovals        ?pending=true|false
+    POST   /v1/approvals/{id}/resolve               ResolveApproval      {"decision", "reason",
+                                                                          "edited_input_json", "remember"}
     GET    /v1/models                               Models
     GET    /v1/computers                            Computers
 
-Enum fields of a body (``policy``, ``decision``) also take the short lower-case
-name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``, and so does ``?state=``
-(``running`` or ``TURN_STATE_RUNNING``; repeat it for several states). A query
+Enum fields of a body (``policy``, ``decision``, a permission rule's ``action``) also
+take the short lower-case name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``,
+``"approve"``, ``"reject"``, ``"edit"``; ``"ask"`` for ``PERMISSION_ACTION_ASK``
+(``"permissions": [{"tool": "shell", "pattern": "git push*", "action": "ask"}]``), and so
+does ``?state=`` (``running`` or ``TURN_STATE_RUNNING``; repeat it for several states).
+``?pending=true`` lists only the approvals still waiting for a decision. A query
 parameter a route does not take is a 400 naming it.
 
 The event stream is Server-Sent Events when ``Accept`` names
@@ -213,6 +218,27 @@ def _states(request: web.Request) -> list[common_pb2.TurnState.ValueType]:
     return states
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    """A ``?name=true|false`` query parameter (any case; absent: false)."""
+    value = request.query.get(name, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise _bad_request(f"{name} must be true or false, got {value[:80]!r}")
+    return value == "true"
+
+
+def _permission_actions(data: dict[str, Any]) -> None:
+    """Expand the short names of the permission rules' actions in a workspace body."""
+    rules = data.get("permissions")
+    if not isinstance(rules, list):
+        return  # absent, or the wrong type: the proto parser says so
+    for i, rule in enumerate(rules):
+        if isinstance(rule, dict):
+            try:
+                _enum_field(rule, "action", "PERMISSION_ACTION_", ("allow", "ask", "deny"))
+            except HttpError as exc:
+                raise _bad_request(f"permissions[{i}].{exc.message}") from None
+
+
 def _seq(value: str, name: str) -> int:
     text = value.strip()
     if not text.isdigit() or not text.isascii() or int(text) > _MAX_INT64:
@@ -367,6 +393,7 @@ class HttpBridge:
             web.get(conv + "/metrics", q(self._metrics, "turn_id"), allow_head=False),
             web.get(conv + "/turns", q(self._list_turns, "state", *_LIST), allow_head=False),
             web.get(conv + "/turns/{turn_id}", q(self._get_turn), allow_head=False),
+            web.get(conv + "/approvals", q(self._list_approvals, "pending"), allow_head=False),
             web.post("/v1/approvals/{id}/resolve", q(self._resolve_approval)),
             web.get("/v1/models", q(self._models), allow_head=False),
             web.get("/v1/computers", q(self._computers), allow_head=False),
@@ -425,7 +452,9 @@ class HttpBridge:
         return await self._unary(request, self._stub.ListWorkspaces, message)
 
     async def _create_workspace(self, request: web.Request) -> web.StreamResponse:
-        message = _parse(await _body(request), transport_pb2.PublicCreateWorkspaceRequest())
+        body = await _body(request)
+        _permission_actions(body)
+        message = _parse(body, transport_pb2.PublicCreateWorkspaceRequest())
         return await self._unary(request, self._stub.CreateWorkspace, message)
 
     async def _create_conversation(self, request: web.Request) -> web.StreamResponse:
@@ -496,6 +525,12 @@ class HttpBridge:
             conversation_id=request.match_info["id"], turn_id=request.match_info["turn_id"]
         )
         return await self._unary(request, self._stub.GetTurn, message)
+
+    async def _list_approvals(self, request: web.Request) -> web.StreamResponse:
+        message = transport_pb2.PublicListApprovalsRequest(
+            conversation_id=request.match_info["id"], pending_only=_flag(request, "pending")
+        )
+        return await self._unary(request, self._stub.ListApprovals, message)
 
     async def _resolve_approval(self, request: web.Request) -> web.StreamResponse:
         body = await _body(request)
