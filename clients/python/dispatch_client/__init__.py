@@ -20,6 +20,7 @@ from dispatch_client._calls import (
     TURN_STATE_NAMES,
     find_address,
     find_api_key,
+    permission_rules,
 )
 from dispatch_client._proto import common_pb2 as types
 from dispatch_client._proto import store_pb2, transport_pb2
@@ -72,6 +73,7 @@ __all__ = [
     "error_for",
     "find_address",
     "find_api_key",
+    "permission_rules",
     "store_pb2",
     "transport_pb2",
     "types",

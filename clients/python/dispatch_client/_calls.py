@@ -8,8 +8,9 @@ travels (awaited or blocking), so a method is written once, here, for both.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeAlias, TypeVar
@@ -30,6 +31,11 @@ SendPolicyLike: TypeAlias = "str | common_pb2.SendPolicy.ValueType"
 UntilLike: TypeAlias = "str | common_pb2.SubscribeUntil.ValueType"
 DecisionLike: TypeAlias = "str | common_pb2.ApprovalDecision.ValueType"
 TurnStateLike: TypeAlias = "str | common_pb2.TurnState.ValueType"
+# Permission rules: as the config writes them (``{"shell": {"git status*": "allow", "*": "ask"},
+# "read_file": "allow"}``), or as ``PermissionRule`` messages.
+# (The mapping's values are ``object``: a narrower type makes mypy refuse a literal mixing
+# ``"allow"`` and ``{"*": "ask"}``; ``permission_rules`` checks them.)
+PermissionsLike: TypeAlias = "Mapping[str, object] | Iterable[common_pb2.PermissionRule]"
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,53 @@ def approval_decision(value: DecisionLike) -> common_pb2.ApprovalDecision.ValueT
     )
 
 
+def _rule_action(value: object, where: str) -> common_pb2.PermissionAction.ValueType:
+    if isinstance(value, (str, int)):
+        try:
+            return common_pb2.PermissionAction.ValueType(
+                _enum_value(
+                    value, common_pb2.PermissionAction.DESCRIPTOR, "PERMISSION_ACTION_", "permission action"
+                )
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    raise ValueError(f"{where}: expected allow, ask or deny, or a table of pattern: action, got {value!r}")
+
+
+def permission_rules(permissions: PermissionsLike) -> list[common_pb2.PermissionRule]:
+    """``permissions`` as ``PermissionRule`` messages, in order. The mapping form is the
+    config's: ``tool: action`` (every call of the tool), or ``tool: {pattern: action}``,
+    where the pattern ``"*"`` means every call (an empty pattern); an action is
+    ``"allow"|"ask"|"deny"`` (any case) or a ``PermissionAction`` value. A bad one is a
+    ``ValueError`` naming the rule."""
+    if not isinstance(permissions, Mapping):
+        return [
+            common_pb2.PermissionRule(tool=r.tool, pattern=r.pattern, action=r.action) for r in permissions
+        ]
+    rules: list[common_pb2.PermissionRule] = []
+    for tool, value in permissions.items():
+        if isinstance(value, Mapping):
+            for pattern, action in value.items():
+                rule = common_pb2.PermissionRule(tool=tool, pattern="" if pattern == "*" else str(pattern))
+                rule.action = _rule_action(action, f"permissions: {tool} {pattern!r}")
+                rules.append(rule)
+        else:
+            rules.append(
+                common_pb2.PermissionRule(tool=tool, action=_rule_action(value, f"permissions: {tool}"))
+            )
+    return rules
+
+
+def input_json(value: str | Mapping[str, object]) -> str:
+    """A tool's input as JSON text: a mapping is encoded, a string is taken as it is (the
+    server checks it is a JSON object the tool's schema takes)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return json.dumps(value)
+    raise TypeError(f"the input must be a dict or a JSON string, not {type(value).__name__}")
+
+
 TURN_STATE_NAMES = [
     v.name.removeprefix("TURN_STATE_").lower() for v in common_pb2.TurnState.DESCRIPTOR.values if v.number
 ]
@@ -152,16 +205,20 @@ def create_workspace(
     default_computer_id: str = "",
     default_agent: str = "",
     confine_tools: bool = False,
+    permissions: PermissionsLike = (),
     timeout: float | None = None,
 ) -> Call[common_pb2.Workspace]:
     """Create a workspace: a ``root`` directory tools resolve paths against (confined to it
-    with ``confine_tools``), and the computer and agent its conversations default to."""
+    with ``confine_tools``), the computer and agent its conversations default to, and
+    ``permissions``, rules over the agents' (``{"shell": {"git status*": "allow", "*": "ask"}}``
+    or ``PermissionRule`` messages; see ``permission_rules``)."""
     request = transport_pb2.PublicCreateWorkspaceRequest(
         name=name,
         root=root,
         default_computer_id=default_computer_id,
         default_agent=default_agent,
         confine_tools=confine_tools,
+        permissions=permission_rules(permissions),
     )
     return Call("CreateWorkspace", request, timeout)
 
@@ -345,17 +402,59 @@ def resolve_approval(
     *,
     edited_input_json: str = "",
     reason: str = "",
+    remember: bool = False,
     timeout: float | None = None,
 ) -> Call[common_pb2.Approval]:
-    """Answer a tool call's approval request: ``approve``, ``reject`` or ``edit`` (with
-    ``edited_input_json``)."""
+    """Answer a tool call's approval request: ``approve``, ``reject`` (with a ``reason`` the
+    model is told) or ``edit`` (with ``edited_input_json``, the call's new input); ``remember``
+    (approve or edit) lets the same call run without asking for the rest of the conversation.
+    Answers the decided ``Approval``; deciding one twice is ``FailedPrecondition``."""
     request = transport_pb2.PublicResolveApprovalRequest(
         approval_id=approval_id,
         decision=approval_decision(decision),
         edited_input_json=edited_input_json,
         reason=reason,
+        remember=remember,
     )
     return Call("ResolveApproval", request, timeout)
+
+
+def approve(
+    approval_id: str, *, remember: bool = False, timeout: float | None = None
+) -> Call[common_pb2.Approval]:
+    """Let the waiting call run; with ``remember``, the same call runs without asking for the
+    rest of the conversation."""
+    return resolve_approval(approval_id, "approve", remember=remember, timeout=timeout)
+
+
+def reject(approval_id: str, reason: str = "", *, timeout: float | None = None) -> Call[common_pb2.Approval]:
+    """Refuse the waiting call: it does not run, and the model gets an error result with ``reason``."""
+    return resolve_approval(approval_id, "reject", reason=reason, timeout=timeout)
+
+
+def edit(
+    approval_id: str,
+    input: str | Mapping[str, object],
+    *,
+    remember: bool = False,
+    timeout: float | None = None,
+) -> Call[common_pb2.Approval]:
+    """Run the waiting call with ``input`` instead (a dict, or a JSON object as a string); input
+    the tool's schema does not take is ``InvalidArgument``, and the approval stays open."""
+    return resolve_approval(
+        approval_id, "edit", edited_input_json=input_json(input), remember=remember, timeout=timeout
+    )
+
+
+def list_approvals(
+    conversation_id: str, *, pending_only: bool = False, timeout: float | None = None
+) -> Call[store_pb2.ListApprovalsResponse]:
+    """The conversation's approvals, oldest first; only those still waiting for a decision with
+    ``pending_only``."""
+    request = transport_pb2.PublicListApprovalsRequest(
+        conversation_id=conversation_id, pending_only=pending_only
+    )
+    return Call("ListApprovals", request, timeout)
 
 
 def history(
