@@ -827,6 +827,33 @@ def check_pending(approval: common_pb2.Approval) -> None:
         raise FailedPrecondition(f"approval {approval.id} was already resolved ({decision.lower()})")
 
 
+# ------------------------------------------------------- permission rules
+
+PERMISSION_ACTIONS: frozenset[int] = frozenset(
+    {common_pb2.PERMISSION_ACTION_ALLOW, common_pb2.PERMISSION_ACTION_ASK, common_pb2.PERMISSION_ACTION_DENY}
+)
+
+
+def action_name(action: int) -> str:
+    """``PERMISSION_ACTION_ASK`` → ``ask``; the unset action reads ``unspecified``."""
+    try:
+        return common_pb2.PermissionAction.Name(action).removeprefix("PERMISSION_ACTION_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown action {action}"
+
+
+def check_permission_rules(rules: Sequence[common_pb2.PermissionRule], field: str = "permissions") -> None:
+    """``InvalidArgument`` naming the rule's index unless every rule names a tool and an
+    action. Only the shape: what a pattern means is the kernel's (kernel/permissions.py)."""
+    for i, rule in enumerate(rules):
+        if not rule.tool:
+            raise InvalidArgument(f'{field}[{i}].tool is required: a tool\'s name, or "*" for any tool')
+        if rule.action not in PERMISSION_ACTIONS:
+            raise InvalidArgument(
+                f"{field}[{i}].action must be allow, ask or deny, got {action_name(rule.action)}"
+            )
+
+
 # --------------------------------------------------------------- api keys
 
 
@@ -870,8 +897,10 @@ class Store(abc.ABC):
         default_computer_id: str = "",
         default_agent: str = "",
         confine_tools: bool = False,
+        permissions: Sequence[common_pb2.PermissionRule] = (),
     ) -> common_pb2.Workspace:
-        """Create a workspace rooted at ``root``."""
+        """Create a workspace rooted at ``root``, with its permission rules
+        (``check_permission_rules``)."""
 
     @abc.abstractmethod
     async def get_workspace(self, tenant_id: str, workspace_id: str) -> common_pb2.Workspace:
@@ -899,8 +928,10 @@ class Store(abc.ABC):
         default_computer_id: str | None = None,
         default_agent: str | None = None,
         confine_tools: bool | None = None,
+        permissions: Sequence[common_pb2.PermissionRule] | None = None,
     ) -> common_pb2.Workspace:
-        """Set the fields that are not ``None``; answer the workspace as updated."""
+        """Set the fields that are not ``None`` (``permissions`` replaces every rule);
+        answer the workspace as updated."""
 
     # --------------------------------------------------------- conversations
 

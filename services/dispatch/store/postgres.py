@@ -44,6 +44,7 @@ from dispatch.store.backend import (
     api_key_prefix,
     check_new_approval,
     check_pending,
+    check_permission_rules,
     check_resolution,
     check_turn_metrics,
     decode_cursor,
@@ -63,6 +64,9 @@ from dispatch.store.rows import (
 )
 from dispatch.store.rows import (
     queued_from_row as _queued,
+)
+from dispatch.store.rows import (
+    rules_column,
 )
 from dispatch.store.rows import (
     turn_from_row as _turn,
@@ -243,6 +247,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             " WHERE state NOT IN (5, 6, 7, 8)",
             "CREATE INDEX turns_unended_by_conversation ON turns (conversation_id, created_at, id)"
             " WHERE state NOT IN (5, 6, 7, 8)",
+        ),
+    ),
+    (
+        5,
+        (
+            # Approvals and permission rules. The approval's body stays the whole Approval;
+            # these columns are copies of its new fields, written with it (rows.approval_columns).
+            "ALTER TABLE approvals ADD COLUMN rule TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE approvals ADD COLUMN decided_by TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE approvals ADD COLUMN remember BOOLEAN NOT NULL DEFAULT FALSE",
+            "ALTER TABLE approvals ADD COLUMN expires_at BIGINT NOT NULL DEFAULT 0",
+            # Serialized PermissionRules; empty bytes are no rules.
+            "ALTER TABLE workspaces ADD COLUMN permissions BYTEA NOT NULL DEFAULT ''::bytea",
+            "ALTER TABLE conversations ADD COLUMN remembered BYTEA NOT NULL DEFAULT ''::bytea",
         ),
     ),
 )
@@ -520,11 +538,13 @@ class PostgresStore(SQLStore):
         default_computer_id: str,
         default_agent: str,
         confine_tools: bool,
+        permissions: Sequence[common_pb2.PermissionRule],
     ) -> str:
         workspace_id = new_id(WORKSPACE_PREFIX)
         await cur.execute(
             "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
-            " confine_tools, is_default, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, FALSE, %s)",
+            " confine_tools, permissions, is_default, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, FALSE, %s)",
             (
                 workspace_id,
                 tenant_id,
@@ -533,6 +553,7 @@ class PostgresStore(SQLStore):
                 default_computer_id,
                 default_agent,
                 confine_tools,
+                rules_column(permissions),
                 self._now_ns(),
             ),
         )
@@ -558,7 +579,9 @@ class PostgresStore(SQLStore):
         default_computer_id: str = "",
         default_agent: str = "",
         confine_tools: bool = False,
+        permissions: Sequence[common_pb2.PermissionRule] = (),
     ) -> common_pb2.Workspace:
+        check_permission_rules(permissions)
         async with self._tx(write=True) as cur:
             workspace_id = await self._insert_workspace(
                 cur,
@@ -568,6 +591,7 @@ class PostgresStore(SQLStore):
                 default_computer_id=default_computer_id,
                 default_agent=default_agent,
                 confine_tools=confine_tools,
+                permissions=permissions,
             )
             return _workspace(await self._workspace_row(cur, tenant_id, workspace_id))
 
@@ -606,6 +630,7 @@ class PostgresStore(SQLStore):
         default_computer_id: str | None = None,
         default_agent: str | None = None,
         confine_tools: bool | None = None,
+        permissions: Sequence[common_pb2.PermissionRule] | None = None,
     ) -> common_pb2.Workspace:
         given = {
             "name": name,
@@ -615,6 +640,9 @@ class PostgresStore(SQLStore):
             "confine_tools": confine_tools,
         }
         fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+        if permissions is not None:
+            check_permission_rules(permissions)
+            fields["permissions"] = rules_column(permissions)
         async with self._tx(write=True) as cur:
             await self._workspace_row(cur, tenant_id, workspace_id)
             if fields:

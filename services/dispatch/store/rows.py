@@ -26,6 +26,16 @@ def set_timestamp(field: Any, ns: int) -> None:
         field.FromNanoseconds(ns)
 
 
+def rules_column(rules: Sequence[common_pb2.PermissionRule]) -> bytes:
+    """Permission rules as their column holds them: a serialized ``PermissionRules``
+    (no rules: empty bytes, the column's default)."""
+    return store_pb2.PermissionRules(rules=rules).SerializeToString()
+
+
+def rules_from_column(data: bytes) -> list[common_pb2.PermissionRule]:
+    return list(store_pb2.PermissionRules.FromString(bytes(data)).rules)
+
+
 def workspace_from_row(row: Row) -> common_pb2.Workspace:
     ws = common_pb2.Workspace(
         id=row["id"],
@@ -36,6 +46,7 @@ def workspace_from_row(row: Row) -> common_pb2.Workspace:
         default_agent=row["default_agent"],
         confine_tools=bool(row["confine_tools"]),
         is_default=bool(row["is_default"]),
+        permissions=rules_from_column(row["permissions"]),
     )
     set_timestamp(ws.created_at, row["created_at"])
     return ws
@@ -53,6 +64,7 @@ def conversation_from_row(row: Row) -> common_pb2.Conversation:
         last_seq=row["last_seq"],
         last_event_seq=row["last_event_seq"],
         reserved_event_seq=row["reserved_event_seq"],
+        remembered=rules_from_column(row["remembered"]),
     )
     set_timestamp(conv.created_at, row["created_at"])
     set_timestamp(conv.updated_at, row["updated_at"])

@@ -137,6 +137,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             default_computer_id=request.default_computer_id,
             default_agent=request.default_agent,
             confine_tools=request.confine_tools,
+            permissions=request.permissions,
         )
 
     @grpc_errors
@@ -173,6 +174,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             else None,
             default_agent=request.default_agent if request.HasField("default_agent") else None,
             confine_tools=request.confine_tools if request.HasField("confine_tools") else None,
+            permissions=request.permissions.rules if request.HasField("permissions") else None,
         )
 
     # --------------------------------------------------------- conversations

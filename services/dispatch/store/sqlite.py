@@ -43,6 +43,7 @@ from dispatch.store.backend import (
     api_key_prefix,
     check_new_approval,
     check_pending,
+    check_permission_rules,
     check_resolution,
     check_turn_metrics,
     decode_cursor,
@@ -62,6 +63,9 @@ from dispatch.store.rows import (
 )
 from dispatch.store.rows import (
     queued_from_row as _queued,
+)
+from dispatch.store.rows import (
+    rules_column,
 )
 from dispatch.store.rows import (
     turn_from_row as _turn,
@@ -233,6 +237,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             " WHERE state NOT IN (5, 6, 7, 8)",
             "CREATE INDEX turns_unended_by_conversation ON turns (conversation_id, created_at, id)"
             " WHERE state NOT IN (5, 6, 7, 8)",
+        ),
+    ),
+    (
+        5,
+        (
+            # Approvals and permission rules. The approval's body stays the whole Approval;
+            # these columns are copies of its new fields, written with it (rows.approval_columns).
+            "ALTER TABLE approvals ADD COLUMN rule TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE approvals ADD COLUMN decided_by TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE approvals ADD COLUMN remember INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE approvals ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0",
+            # Serialized PermissionRules; empty bytes are no rules.
+            "ALTER TABLE workspaces ADD COLUMN permissions BLOB NOT NULL DEFAULT x''",
+            "ALTER TABLE conversations ADD COLUMN remembered BLOB NOT NULL DEFAULT x''",
         ),
     ),
 )
@@ -495,11 +513,12 @@ class SQLiteStore(SQLStore):
         default_agent: str,
         is_default: bool,
         confine_tools: bool = False,
+        permissions: Sequence[common_pb2.PermissionRule] = (),
     ) -> str:
         workspace_id = new_id(WORKSPACE_PREFIX)
         conn.execute(
             "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
-            " confine_tools, is_default, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " confine_tools, permissions, is_default, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 workspace_id,
                 tenant_id,
@@ -508,6 +527,7 @@ class SQLiteStore(SQLStore):
                 default_computer_id,
                 default_agent,
                 int(confine_tools),
+                rules_column(permissions),
                 int(is_default),
                 self._now_ns(),
             ),
@@ -531,7 +551,10 @@ class SQLiteStore(SQLStore):
         default_computer_id: str = "",
         default_agent: str = "",
         confine_tools: bool = False,
+        permissions: Sequence[common_pb2.PermissionRule] = (),
     ) -> common_pb2.Workspace:
+        check_permission_rules(permissions)
+
         def run() -> common_pb2.Workspace:
             with self._tx(write=True) as conn:
                 workspace_id = self._insert_workspace(
@@ -542,6 +565,7 @@ class SQLiteStore(SQLStore):
                     default_computer_id=default_computer_id,
                     default_agent=default_agent,
                     confine_tools=confine_tools,
+                    permissions=permissions,
                     is_default=False,
                 )
                 return _workspace(self._workspace_row(conn, tenant_id, workspace_id))
@@ -596,6 +620,7 @@ class SQLiteStore(SQLStore):
         default_computer_id: str | None = None,
         default_agent: str | None = None,
         confine_tools: bool | None = None,
+        permissions: Sequence[common_pb2.PermissionRule] | None = None,
     ) -> common_pb2.Workspace:
         given = {
             "name": name,
@@ -605,6 +630,9 @@ class SQLiteStore(SQLStore):
             "confine_tools": confine_tools,
         }
         fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+        if permissions is not None:
+            check_permission_rules(permissions)
+            fields["permissions"] = rules_column(permissions)
 
         def run() -> common_pb2.Workspace:
             with self._tx(write=True) as conn:
