@@ -11,7 +11,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from dispatch.shared.config import StoreConfig
+from dispatch.shared.errors import FailedPrecondition
 from dispatch.shared.server import GRPC_OPTIONS, Hosted
+from dispatch.store.backend import Store
 from dispatch.store.server import start as start_store
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
 
@@ -127,3 +129,66 @@ def seconds(value: float) -> duration_pb2.Duration:
     ttl = duration_pb2.Duration()
     ttl.FromNanoseconds(round(value * 1e9))
     return ttl
+
+
+# ------------------------------------------------------------ migration 5
+
+# Approvals as the code of schema version 4 stored them: the whole Approval as the body
+# (without the fields version 5 added), ids the tests name.
+V4_PENDING = common_pb2.Approval(
+    id="apr_v4_pending",
+    conversation_id="conv_v4",
+    turn_id="turn_v4",
+    tool_call_id="call_1",
+    tool_name="shell",
+    input_json='{"command": "git push"}',
+    step_id="turn_v4#0",
+)
+V4_DECIDED = common_pb2.Approval(
+    id="apr_v4_decided",
+    conversation_id="conv_v4",
+    turn_id="turn_v4",
+    tool_call_id="call_2",
+    tool_name="shell",
+    decision=common_pb2.APPROVAL_DECISION_APPROVE,
+    reason="ok",
+    step_id="turn_v4#0",
+)
+V4_DECIDED.created_at.FromNanoseconds(2)
+V4_DECIDED.resolved_at.FromNanoseconds(3)
+V4_PENDING.created_at.FromNanoseconds(1)
+
+
+async def check_upgraded_from_v4(store: Store) -> None:
+    """What a database written by schema version 4 (workspace ws_v4, conversation conv_v4,
+    running turn turn_v4, approvals V4_PENDING and V4_DECIDED) holds after migration 5: no
+    rules anywhere, the approvals with their tenant and nothing of the new fields, the
+    pending one decidable once (remembering its rule), the decided one not again."""
+    ws = await store.get_workspace(TENANT, "ws_v4")
+    assert (list(ws.permissions), ws.confine_tools) == ([], True)
+    conv = await store.get_conversation(TENANT, "conv_v4")
+    assert list(conv.remembered) == []
+    pending = await store.get_approval(TENANT, V4_PENDING.id)
+    assert (pending.tenant_id, pending.rule, pending.decided_by, pending.remember) == (TENANT, "", "", False)
+    assert not pending.HasField("expires_at") and pending.input_json == V4_PENDING.input_json
+    listed = await store.list_approvals(TENANT, turn_id="turn_v4")
+    assert [a.id for a in listed] == [V4_PENDING.id, V4_DECIDED.id]
+    assert [a.id for a in await store.list_approvals(TENANT, "conv_v4", pending_only=True)] == [V4_PENDING.id]
+    with pytest.raises(FailedPrecondition, match="already decided: approval apr_v4_decided was approved by"):
+        await store.resolve_approval(TENANT, V4_DECIDED.id, common_pb2.APPROVAL_DECISION_REJECT)
+
+    push = common_pb2.PermissionRule(
+        tool="shell", pattern="git push", action=common_pb2.PERMISSION_ACTION_ALLOW
+    )
+    decided = await store.resolve_approval(
+        TENANT,
+        V4_PENDING.id,
+        common_pb2.APPROVAL_DECISION_APPROVE,
+        decided_by="key_v5",
+        remember=True,
+        remembered_rule=push,
+    )
+    assert (decided.decided_by, decided.remember) == ("key_v5", True)
+    assert list((await store.get_conversation(TENANT, "conv_v4")).remembered) == [push]
+    ask = common_pb2.PermissionRule(tool="shell", pattern="rm *", action=common_pb2.PERMISSION_ACTION_ASK)
+    assert list((await store.update_workspace(TENANT, "ws_v4", permissions=[ask])).permissions) == [ask]

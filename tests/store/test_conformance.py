@@ -712,7 +712,7 @@ async def test_an_approval_is_created_pending_and_resolved_once(store_stub: Stub
 
     err = await rpc_error(resolve(store_stub, created.id, S.APPROVAL_DECISION_REJECT))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "already resolved" in (err.details() or "")
+    assert (err.details() or "").startswith("already decided")
     assert (await approvals(store_stub, conv.id))[0].decision == S.APPROVAL_DECISION_APPROVE
 
 
@@ -917,6 +917,12 @@ SCOPED: dict[str, Scoped] = {
     ),
     "ListApprovals": lambda s, r, t: s.ListApprovals(
         store_pb2.ListApprovalsRequest(tenant_id=t, conversation_id=r.conversation_id)
+    ),
+    "ListApprovals-of-a-turn": lambda s, r, t: s.ListApprovals(
+        store_pb2.ListApprovalsRequest(tenant_id=t, turn_id=r.turn_id)
+    ),
+    "GetApproval": lambda s, r, t: s.GetApproval(
+        store_pb2.GetApprovalRequest(tenant_id=t, approval_id=r.approval_id)
     ),
 }
 

@@ -23,9 +23,12 @@ from dispatch.v1 import common_pb2, store_pb2
 from tests.store.harness import (
     OTHER_TENANT,
     TENANT,
+    V4_DECIDED,
+    V4_PENDING,
     FakeClock,
     RunningStore,
     append,
+    check_upgraded_from_v4,
     delta_event,
     new_conversation,
     text_message,
@@ -413,6 +416,67 @@ async def test_a_version_3_database_upgrades_to_durable_turns(
         indexes = {r[0] for r in await cur.fetchall()}
     assert {"turns_unended_by_lease_expiry", "turns_unended_by_conversation"} <= indexes
     assert "turns_by_lease_expiry" not in indexes
+
+
+async def test_a_version_4_database_upgrades_to_approvals_and_permission_rules(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_backend, "MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr(postgres_backend, "SCHEMA_VERSION", 4)
+    await (await PostgresStore.open(postgres_url, default_workspace_root="/w")).close()
+    # Rows as version 4's code wrote them: a workspace, a conversation, a leased turn and two
+    # approvals, one pending and one decided.
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in await cur.fetchall()] == [1, 2, 3, 4]
+        await conn.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, confine_tools, created_at)"
+            " VALUES ('ws_v4', %s, 'default', '/w', TRUE, TRUE, 1)",
+            (TENANT,),
+        )
+        await conn.execute(
+            "INSERT INTO conversations (id, tenant_id, workspace_id, created_at, updated_at)"
+            " VALUES ('conv_v4', %s, 'ws_v4', 1, 1)",
+            (TENANT,),
+        )
+        await conn.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, lease_owner, lease_expires_at,"
+            " lease_epoch, attempts, created_at, started_at) VALUES ('turn_v4', %s, 'conv_v4', %s, 'k', 5,"
+            " 1, 1, 1, 1)",
+            (TENANT, S.TURN_STATE_WAITING_FOR_APPROVAL),
+        )
+        for approval in (V4_PENDING, V4_DECIDED):
+            await conn.execute(
+                "INSERT INTO approvals (id, tenant_id, conversation_id, decision, created_at, body)"
+                " VALUES (%s, %s, 'conv_v4', %s, %s, %s)",
+                (
+                    approval.id,
+                    TENANT,
+                    approval.decision,
+                    approval.created_at.ToNanoseconds(),
+                    approval.SerializeToString(),
+                ),
+            )
+
+    monkeypatch.undo()
+    # Two stores at once: migration 5 is applied once, under the lock.
+    first, second = await asyncio.gather(
+        PostgresStore.open(postgres_url, default_workspace_root="/w"),
+        PostgresStore.open(postgres_url, default_workspace_root="/w"),
+    )
+    try:
+        await check_upgraded_from_v4(first)
+        assert await first.migrate() == 0 and await second.migrate() == 0
+        assert (await second.get_workspace(TENANT, "ws_v4")).permissions[0].pattern == "rm *"
+    finally:
+        await first.close()
+        await second.close()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        cur = await conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in await cur.fetchall()] == [v for v, _ in MIGRATIONS]
+        cur = await conn.execute("SELECT decided_by, remember FROM approvals WHERE id = %s", (V4_PENDING.id,))
+        # The copies are written with the body.
+        assert await cur.fetchall() == [("key_v5", True)]
 
 
 async def test_open_store_takes_both_url_schemes(postgres_url: str) -> None:

@@ -16,7 +16,7 @@ from dispatch.shared.errors import FailedPrecondition, Unavailable
 from dispatch.store import sqlite as sqlite_backend
 from dispatch.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, sqlite_path
 from dispatch.v1 import common_pb2
-from tests.store.harness import TENANT, text_message
+from tests.store.harness import TENANT, V4_DECIDED, V4_PENDING, check_upgraded_from_v4, text_message
 
 
 def url_of(path: Path) -> str:
@@ -261,6 +261,66 @@ async def test_a_version_3_database_upgrades_to_durable_turns(
     db.close()
     assert {"turns_unended_by_lease_expiry", "turns_unended_by_conversation"} <= indexes
     assert "turns_by_lease_expiry" not in indexes
+
+
+async def test_a_version_4_database_upgrades_to_approvals_and_permission_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    monkeypatch.setattr(sqlite_backend, "MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr(sqlite_backend, "SCHEMA_VERSION", 4)
+    await (await SQLiteStore.open(url_of(path), default_workspace_root="/w")).close()
+    assert schema_versions(path) == [1, 2, 3, 4]
+    # Rows as version 4's code wrote them: a workspace, a conversation, a leased turn and two
+    # approvals, one pending and one decided.
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, confine_tools, created_at)"
+            " VALUES ('ws_v4', ?, 'default', '/w', 1, 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO conversations (id, tenant_id, workspace_id, created_at, updated_at)"
+            " VALUES ('conv_v4', ?, 'ws_v4', 1, 1)",
+            (TENANT,),
+        )
+        db.execute(
+            "INSERT INTO turns (id, tenant_id, conversation_id, state, lease_owner, lease_expires_at,"
+            " lease_epoch, attempts, created_at, started_at) VALUES ('turn_v4', ?, 'conv_v4', ?, 'k', 5,"
+            " 1, 1, 1, 1)",
+            (TENANT, common_pb2.TURN_STATE_WAITING_FOR_APPROVAL),
+        )
+        for approval in (V4_PENDING, V4_DECIDED):
+            db.execute(
+                "INSERT INTO approvals (id, tenant_id, conversation_id, decision, created_at, body)"
+                " VALUES (?, ?, 'conv_v4', ?, ?, ?)",
+                (
+                    approval.id,
+                    TENANT,
+                    approval.decision,
+                    approval.created_at.ToNanoseconds(),
+                    approval.SerializeToString(),
+                ),
+            )
+    db.close()
+
+    monkeypatch.undo()
+    store = await SQLiteStore.open(url_of(path), default_workspace_root="/w")
+    try:
+        await check_upgraded_from_v4(store)
+        assert await store.migrate() == 0
+    finally:
+        await store.close()
+    assert schema_versions(path) == [v for v, _ in MIGRATIONS]
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(approvals)")}
+        [(decided_by, remember)] = db.execute(
+            "SELECT decided_by, remember FROM approvals WHERE id = ?", (V4_PENDING.id,)
+        ).fetchall()
+    db.close()
+    assert {"rule", "decided_by", "remember", "expires_at"} <= columns
+    # The copies are written with the body.
+    assert (decided_by, remember) == ("key_v5", 1)
 
 
 async def test_secrets_are_stored_only_as_hashes(tmp_path: Path) -> None:

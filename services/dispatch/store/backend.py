@@ -74,6 +74,15 @@ INITIAL_STATES: frozenset[TurnState] = frozenset(
     {common_pb2.TURN_STATE_QUEUED, common_pb2.TURN_STATE_RUNNING}
 )
 
+# Where an append's move_to may take its fenced turn (from where, ``TRANSITIONS`` says).
+MOVABLE_STATES: frozenset[TurnState] = frozenset(
+    {
+        common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+        common_pb2.TURN_STATE_RESUMING,
+        common_pb2.TURN_STATE_RUNNING,
+    }
+)
+
 TRANSITIONS: dict[TurnState, frozenset[TurnState]] = {
     common_pb2.TURN_STATE_QUEUED: frozenset({common_pb2.TURN_STATE_RUNNING, common_pb2.TURN_STATE_ABORTED}),
     common_pb2.TURN_STATE_RUNNING: frozenset(
@@ -134,6 +143,8 @@ class Appended:
     next_turn_messages: list[common_pb2.Message] = dataclasses.field(default_factory=list)
     # The conversation's after the call.
     reserved_event_seq: int = 0
+    # The approvals the call created, in the order asked, as they stand after it.
+    approvals: list[common_pb2.Approval] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -291,6 +302,7 @@ def validate_append(
     max_bytes: int = MAX_APPEND_BYTES,
     *,
     allow_empty: bool = False,
+    extra_bytes: int = 0,
 ) -> None:
     """Check an append's content before it touches the database.
 
@@ -325,7 +337,7 @@ def validate_append(
             raise InvalidArgument(
                 f"event {i} belongs to conversation {event.conversation_id}, not {conversation_id}"
             )
-    size = sum(m.ByteSize() for m in messages) + sum(e.ByteSize() for e in events)
+    size = sum(m.ByteSize() for m in messages) + sum(e.ByteSize() for e in events) + extra_bytes
     if size > max_bytes:
         raise ResourceExhausted(
             f"append of {size} bytes is over the store's limit of {max_bytes} bytes "
@@ -660,17 +672,24 @@ def check_append_request(
     seal: TurnSeal | None = None,
     release_lease: bool = False,
     next_turn: NextTurn | None = None,
-) -> None:
+    approvals: Sequence[common_pb2.Approval] = (),
+    move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
+) -> list[common_pb2.Approval]:
     """Check an append request before it touches the database: its content
-    (``validate_append``) and how its parts go together. seal, release_lease and next_turn
-    act on a fenced turn; next_turn only with seal; a fenced append steers only its own turn;
-    a seal ends the turn (a terminal state); a next turn starts queued or running."""
+    (``validate_append``) and how its parts go together. seal, release_lease, next_turn,
+    approvals and move_to act on a fenced turn; next_turn only with seal; a fenced append
+    steers only its own turn; a seal ends the turn (a terminal state); move_to keeps it going
+    (``MOVABLE_STATES``), so not with a seal; a next turn starts queued or running.
+
+    Answers the approvals to create (``check_appended_approvals``)."""
     check_reservation(reserve_event_seq, "reserve_event_seq")
     if fence is None:
         for name, given in (
             ("seal", seal is not None),
             ("release_lease", release_lease),
             ("next_turn", next_turn is not None),
+            ("approvals", bool(approvals)),
+            ("move_to", move_to != common_pb2.TURN_STATE_UNSPECIFIED),
         ):
             if given:
                 raise InvalidArgument(
@@ -688,26 +707,55 @@ def check_append_request(
             "seal.state must be a terminal state (completed, failed, aborted or interrupted), "
             f"got {state_name(seal.state)}"
         )
+    if move_to != common_pb2.TURN_STATE_UNSPECIFIED:
+        if move_to not in MOVABLE_STATES:
+            raise InvalidArgument(
+                "move_to must be a state that has not ended (waiting_for_approval, resuming or "
+                f"running), got {state_name(move_to)}; a seal ends a turn"
+            )
+        if seal is not None:
+            raise InvalidArgument(
+                "move_to and seal both set the turn's state: a seal ends it, move_to does not"
+            )
     if next_turn is not None:
         if seal is None:
             raise InvalidArgument("next_turn needs seal: the next turn starts only as this one ends")
         initial_state(next_turn.state)
         lease_ttl_ns(next_turn.lease_ttl, "next_turn.lease_ttl")
         check_reservation(next_turn.reserve_event_seq, "next_turn.reserve_event_seq")
-    acts = bool(take_queue_for_turn) or seal is not None or release_lease or reserve_event_seq > 0
-    validate_append(conversation_id, messages, events, max_bytes, allow_empty=acts)
+    created = check_appended_approvals(approvals, conversation_id, fence.turn_id) if fence is not None else []
+    acts = (
+        bool(take_queue_for_turn)
+        or seal is not None
+        or release_lease
+        or reserve_event_seq > 0
+        or bool(created)
+        or move_to != common_pb2.TURN_STATE_UNSPECIFIED
+    )
+    validate_append(
+        conversation_id,
+        messages,
+        events,
+        max_bytes,
+        allow_empty=acts,
+        extra_bytes=sum(a.ByteSize() for a in created),
+    )
+    return created
 
 
 # -------------------------------------------------------------- reconcile
 
 
-def synthesize_missing_results(history: Sequence[common_pb2.Message]) -> list[common_pb2.Message]:
+def synthesize_missing_results(
+    history: Sequence[common_pb2.Message], waiting: Collection[tuple[str, str]] = ()
+) -> list[common_pb2.Message]:
     """Tool messages answering every tool call in ``history`` that has no result.
 
     One ROLE_TOOL message per message that carried dangling calls (a step), with
     that message's turn and step, each result an error with the call's name and
     step_id. Empty when nothing dangles. seq and conversation are left for the
-    append to fill in.
+    append to fill in. A call in ``waiting`` (turn id, tool call id: it has an approval
+    and its turn goes on) is its turn's to answer, and is left alone.
     """
     answered = {
         chunk.tool_result.tool_call_id
@@ -720,6 +768,8 @@ def synthesize_missing_results(history: Sequence[common_pb2.Message]) -> list[co
         results = []
         for chunk in msg.chunks:
             if chunk.WhichOneof("kind") != "tool_call" or chunk.tool_call.id in answered:
+                continue
+            if (msg.turn_id, chunk.tool_call.id) in waiting:
                 continue
             call = chunk.tool_call
             answered.add(call.id)
@@ -795,36 +845,185 @@ def _json_object(text: str, field: str) -> None:
         raise InvalidArgument(f"{field} must be a JSON object, got {type(value).__name__}")
 
 
-def check_new_approval(approval: common_pb2.Approval) -> None:
+def decision_name(decision: int) -> str:
+    """``APPROVAL_DECISION_EDIT`` → ``edit``, for messages people read."""
+    try:
+        return common_pb2.ApprovalDecision.Name(decision).removeprefix("APPROVAL_DECISION_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown decision {decision}"
+
+
+def check_new_approval(approval: common_pb2.Approval, field: str = "approval") -> None:
     """``InvalidArgument`` unless the approval names its conversation, turn and call and is pending."""
-    for field in ("conversation_id", "turn_id", "tool_call_id", "tool_name"):
-        if not getattr(approval, field):
-            raise InvalidArgument(f"approval.{field} is required")
+    for name in ("conversation_id", "turn_id", "tool_call_id", "tool_name"):
+        if not getattr(approval, name):
+            raise InvalidArgument(f"{field}.{name} is required")
     if approval.input_json:
-        _json_object(approval.input_json, "approval.input_json")
+        _json_object(approval.input_json, f"{field}.input_json")
     if approval.decision != common_pb2.APPROVAL_DECISION_UNSPECIFIED:
-        raise InvalidArgument("a new approval is pending: leave decision unset and resolve it later")
+        raise InvalidArgument(f"{field} is new, so pending: leave decision unset and resolve it later")
 
 
-def check_resolution(decision: ApprovalDecision, edited_input_json: str) -> None:
-    """``InvalidArgument`` unless the decision is one, and edited input comes exactly with EDIT."""
-    if decision not in common_pb2.ApprovalDecision.values() or (
-        decision == common_pb2.APPROVAL_DECISION_UNSPECIFIED
-    ):
-        raise InvalidArgument(f"decision must be approve, reject or edit, got {decision}")
+def check_appended_approvals(
+    approvals: Sequence[common_pb2.Approval], conversation_id: str, turn_id: str
+) -> list[common_pb2.Approval]:
+    """The approvals an append creates, for the fenced turn and its conversation: copies with
+    both filled in where empty; ``InvalidArgument`` (naming the index) for one of another
+    turn or conversation, one ``check_new_approval`` refuses, or a call asked about twice."""
+    copies: list[common_pb2.Approval] = []
+    seen: set[str] = set()
+    for i, approval in enumerate(approvals):
+        field = f"approvals[{i}]"
+        copy = common_pb2.Approval()
+        copy.CopyFrom(approval)
+        for name, wanted in (("conversation_id", conversation_id), ("turn_id", turn_id)):
+            given = getattr(copy, name)
+            if given and given != wanted:
+                raise InvalidArgument(
+                    f"{field}.{name} is {given}, not {wanted}: an append creates approvals "
+                    "for its fenced turn only"
+                )
+            setattr(copy, name, wanted)
+        check_new_approval(copy, field)
+        if copy.tool_call_id in seen:
+            raise InvalidArgument(f"{field} asks about tool call {copy.tool_call_id} again")
+        seen.add(copy.tool_call_id)
+        copies.append(copy)
+    return copies
+
+
+def new_approval(
+    approval: common_pb2.Approval, approval_id: str, tenant_id: str, now_ns: int
+) -> common_pb2.Approval:
+    """A pending approval as stored: its id, tenant and creation time; nothing decided yet
+    (decision, edited input, reason, who decided, remember, resolved_at cleared). Its rule,
+    step and expiry are kept as given."""
+    stored = common_pb2.Approval()
+    stored.CopyFrom(approval)
+    stored.id = approval_id
+    stored.tenant_id = tenant_id
+    for name in ("decision", "edited_input_json", "reason", "decided_by", "remember", "resolved_at"):
+        stored.ClearField(name)
+    stored.created_at.FromNanoseconds(now_ns)
+    return stored
+
+
+# Who decides the approvals that nobody did: closed with their turn, or expired.
+KERNEL_DECIDER = "kernel"
+CLOSED_REASON = "the turn ended before it was decided"
+
+APPROVAL_DECISIONS: frozenset[ApprovalDecision] = frozenset(
+    d for d in common_pb2.ApprovalDecision.values() if d != common_pb2.APPROVAL_DECISION_UNSPECIFIED
+)
+# The decisions that let the call run, so the only ones that may be remembered.
+APPROVING: frozenset[ApprovalDecision] = frozenset(
+    {common_pb2.APPROVAL_DECISION_APPROVE, common_pb2.APPROVAL_DECISION_EDIT}
+)
+
+
+def check_resolution(
+    decision: ApprovalDecision,
+    edited_input_json: str,
+    *,
+    remember: bool = False,
+    remembered_rule: common_pb2.PermissionRule | None = None,
+) -> None:
+    """``InvalidArgument`` unless the decision is one, edited input comes exactly with EDIT
+    (a JSON object), and a remembered rule comes exactly with remember, which only an
+    approval (approve or edit) takes; the rule names its tool and allows."""
+    if decision not in APPROVAL_DECISIONS:
+        raise InvalidArgument(
+            f"decision must be approve, reject, edit, expired or closed, got {decision_name(decision)}"
+        )
     if decision == common_pb2.APPROVAL_DECISION_EDIT:
         if not edited_input_json:
             raise InvalidArgument("an edit decision needs edited_input_json")
         _json_object(edited_input_json, "edited_input_json")
     elif edited_input_json:
         raise InvalidArgument("edited_input_json is only taken with an edit decision")
+    given = remembered_rule is not None and remembered_rule.ByteSize() > 0
+    if not remember:
+        if given:
+            raise InvalidArgument("remembered_rule is only taken with remember")
+        return
+    if decision not in APPROVING:
+        raise InvalidArgument(f"remember is only taken with approve or edit, not {decision_name(decision)}")
+    if remembered_rule is None or not given:
+        raise InvalidArgument("remember needs remembered_rule: the tool and pattern to allow from now on")
+    if not remembered_rule.tool:
+        raise InvalidArgument("remembered_rule.tool is required")
+    if remembered_rule.action != common_pb2.PERMISSION_ACTION_ALLOW:
+        raise InvalidArgument(
+            f"remembered_rule.action must be allow, got {action_name(remembered_rule.action)}"
+        )
+
+
+_DECIDED: dict[int, str] = {
+    common_pb2.APPROVAL_DECISION_APPROVE: "approved",
+    common_pb2.APPROVAL_DECISION_REJECT: "rejected",
+    common_pb2.APPROVAL_DECISION_EDIT: "approved with edited input",
+    common_pb2.APPROVAL_DECISION_EXPIRED: "expired",
+    common_pb2.APPROVAL_DECISION_CLOSED: "closed",
+}
 
 
 def check_pending(approval: common_pb2.Approval) -> None:
-    """``FailedPrecondition`` when the approval has already been resolved."""
-    if approval.decision != common_pb2.APPROVAL_DECISION_UNSPECIFIED:
-        decision = common_pb2.ApprovalDecision.Name(approval.decision).removeprefix("APPROVAL_DECISION_")
-        raise FailedPrecondition(f"approval {approval.id} was already resolved ({decision.lower()})")
+    """``FailedPrecondition`` ("already decided: ...", saying what and by whom) unless the
+    approval is pending."""
+    if approval.decision == common_pb2.APPROVAL_DECISION_UNSPECIFIED:
+        return
+    who = approval.decided_by or "a caller that gave no name"
+    when = (
+        f" at {_format_ns(approval.resolved_at.ToNanoseconds())}" if approval.HasField("resolved_at") else ""
+    )
+    why = f" ({approval.reason})" if approval.reason else ""
+    raise FailedPrecondition(
+        f"already decided: approval {approval.id} was {_DECIDED.get(approval.decision, 'decided')} "
+        f"by {who}{when}{why}"
+    )
+
+
+def decided_approval(
+    approval: common_pb2.Approval,
+    decision: ApprovalDecision,
+    now_ns: int,
+    *,
+    edited_input_json: str = "",
+    reason: str = "",
+    decided_by: str = "",
+    remember: bool = False,
+) -> common_pb2.Approval:
+    """The approval after its decision (``check_resolution`` and ``check_pending`` applied)."""
+    stored = common_pb2.Approval()
+    stored.CopyFrom(approval)
+    stored.decision = decision
+    stored.edited_input_json = edited_input_json
+    stored.reason = reason
+    stored.decided_by = decided_by
+    stored.remember = remember
+    stored.resolved_at.FromNanoseconds(now_ns)
+    return stored
+
+
+def closed_approval(approval: common_pb2.Approval, error_message: str, now_ns: int) -> common_pb2.Approval:
+    """A pending approval whose turn ended: closed by the kernel, with the turn's error as
+    the reason (else ``CLOSED_REASON``)."""
+    return decided_approval(
+        approval,
+        common_pb2.APPROVAL_DECISION_CLOSED,
+        now_ns,
+        reason=error_message or CLOSED_REASON,
+        decided_by=KERNEL_DECIDER,
+    )
+
+
+def check_approvable_turn(turn_id: str, state: TurnState) -> None:
+    """``FailedPrecondition`` for an approval on a turn that has ended: nobody would run the
+    call, and nothing would ever close it."""
+    if state in TERMINAL_STATES:
+        raise FailedPrecondition(
+            f"turn {turn_id} has ended ({state_name(state)}); an approval needs a turn that goes on"
+        )
 
 
 # ------------------------------------------------------- permission rules
@@ -852,6 +1051,16 @@ def check_permission_rules(rules: Sequence[common_pb2.PermissionRule], field: st
             raise InvalidArgument(
                 f"{field}[{i}].action must be allow, ask or deny, got {action_name(rule.action)}"
             )
+
+
+def remembered_after(
+    remembered: Sequence[common_pb2.PermissionRule], rule: common_pb2.PermissionRule
+) -> list[common_pb2.PermissionRule] | None:
+    """The conversation's remembered rules with ``rule`` appended, or None when an identical
+    rule is already there."""
+    if any(r == rule for r in remembered):
+        return None
+    return [*remembered, rule]
 
 
 # --------------------------------------------------------------- api keys
@@ -992,6 +1201,8 @@ class Store(abc.ABC):
         seal: TurnSeal | None = None,
         release_lease: bool = False,
         next_turn: NextTurn | None = None,
+        approvals: Sequence[common_pb2.Approval] = (),
+        move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
     ) -> Appended:
         """Commit messages and events in one transaction (``check_append_request``).
 
@@ -1007,6 +1218,9 @@ class Store(abc.ABC):
         queue (``next_turn``), in the same transaction. reserved_event_seq is
         raised to ``reserve_event_seq`` and never left below last_event_seq; a
         seal or release lowers it to last_event_seq (``reservation_after_append``).
+        A fenced append may also create pending ``approvals`` for its turn and move
+        the turn to ``move_to`` (``check_transition``); a seal closes the turn's pending
+        approvals (``closed_approval``).
         """
 
     @abc.abstractmethod
@@ -1193,8 +1407,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
-        """Store a pending approval (``check_new_approval``) under a new ``apr_`` id, stamped
-        ``created_at``; its turn must belong to its conversation."""
+        """Store a pending approval (``check_new_approval``, ``new_approval``) under a new
+        ``apr_`` id; its turn must belong to its conversation and not have ended."""
 
     @abc.abstractmethod
     async def resolve_approval(
@@ -1205,15 +1419,25 @@ class Store(abc.ABC):
         *,
         edited_input_json: str = "",
         reason: str = "",
+        decided_by: str = "",
+        remember: bool = False,
+        remembered_rule: common_pb2.PermissionRule | None = None,
     ) -> common_pb2.Approval:
-        """Record the decision (``check_resolution``) on a pending approval (``check_pending``),
-        stamped ``resolved_at``."""
+        """Decide a pending approval once (``check_resolution``; a compare-and-set on it
+        being pending, else ``check_pending``'s "already decided"), stamped ``resolved_at``.
+        With ``remember``, ``remembered_rule`` joins the conversation's remembered rules in
+        the same transaction (``remembered_after``)."""
+
+    @abc.abstractmethod
+    async def get_approval(self, tenant_id: str, approval_id: str) -> common_pb2.Approval:
+        """The approval, or ``NotFound``."""
 
     @abc.abstractmethod
     async def list_approvals(
-        self, tenant_id: str, conversation_id: str, *, pending_only: bool = False
+        self, tenant_id: str, conversation_id: str = "", *, turn_id: str = "", pending_only: bool = False
     ) -> list[common_pb2.Approval]:
-        """The conversation's approvals, oldest first; only the pending ones when asked."""
+        """The conversation's approvals, or the turn's (``turn_id``; with both, the turn must
+        be the conversation's), oldest first; only the pending ones when asked."""
 
     # ---------------------------------------------------------------- api keys
 

@@ -7,7 +7,7 @@ this process or another, queue on that row and seq stays gap-free without retry
 loops. Reads run REPEATABLE READ, so a conversation row and the history read
 with it come from one snapshot.
 
-Appends, turns, leases, the queue and reconcile are ``sql.SQLStore``'s logic over
+Appends, turns, leases, the queue, approvals and reconcile are ``sql.SQLStore``'s logic over
 ``_PostgresTx``, this dialect's statements; the rest is written here.
 """
 
@@ -30,22 +30,17 @@ from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
-    APPROVAL_PREFIX,
     CONVERSATION_PREFIX,
     DEFAULT_WORKSPACE_NAME,
     MAX_APPEND_BYTES,
     WORKSPACE_PREFIX,
-    ApprovalDecision,
     EventHistory,
     Execution,
     History,
     Page,
     TurnState,
     api_key_prefix,
-    check_new_approval,
-    check_pending,
     check_permission_rules,
-    check_resolution,
     check_turn_metrics,
     decode_cursor,
     effective_page_size,
@@ -903,77 +898,6 @@ class PostgresStore(SQLStore):
             answer.append(metrics)
         return answer
 
-    # ------------------------------------------------------------- approvals
-
-    async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
-        check_new_approval(approval)
-        async with self._tx(write=True) as cur:
-            await self._turn_in_conversation(cur, tenant_id, approval.conversation_id, approval.turn_id)
-            stored = common_pb2.Approval()
-            stored.CopyFrom(approval)
-            stored.id = new_id(APPROVAL_PREFIX)
-            stored.ClearField("resolved_at")
-            stored.edited_input_json = ""
-            stored.reason = ""
-            now = self._now_ns()
-            stored.created_at.FromNanoseconds(now)
-            await cur.execute(
-                "INSERT INTO approvals (id, tenant_id, conversation_id, decision, created_at, body)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                (
-                    stored.id,
-                    tenant_id,
-                    stored.conversation_id,
-                    stored.decision,
-                    now,
-                    stored.SerializeToString(),
-                ),
-            )
-        return stored
-
-    async def resolve_approval(
-        self,
-        tenant_id: str,
-        approval_id: str,
-        decision: ApprovalDecision,
-        *,
-        edited_input_json: str = "",
-        reason: str = "",
-    ) -> common_pb2.Approval:
-        check_resolution(decision, edited_input_json)
-        async with self._tx(write=True) as cur:
-            row = await self._one(
-                cur,
-                "SELECT body FROM approvals WHERE id = %s AND tenant_id = %s FOR UPDATE",
-                (approval_id, tenant_id),
-            )
-            if row is None:
-                raise NotFound(f"approval {approval_id} not found")
-            approval = common_pb2.Approval.FromString(row["body"])
-            check_pending(approval)
-            approval.decision = decision
-            approval.edited_input_json = edited_input_json
-            approval.reason = reason
-            approval.resolved_at.FromNanoseconds(self._now_ns())
-            await self._update(
-                cur, "approvals", approval_id, {"decision": decision, "body": approval.SerializeToString()}
-            )
-        return approval
-
-    async def list_approvals(
-        self, tenant_id: str, conversation_id: str, *, pending_only: bool = False
-    ) -> list[common_pb2.Approval]:
-        async with self._tx(write=False) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id)
-            rows = await self._all(
-                cur,
-                "SELECT body FROM approvals WHERE conversation_id = %s"
-                + (" AND decision = 0" if pending_only else "")
-                + " ORDER BY created_at, id",
-                (conversation_id,),
-            )
-        return [common_pb2.Approval.FromString(r["body"]) for r in rows]
-
     # -------------------------------------------------------------- api keys
 
     async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
@@ -1149,3 +1073,34 @@ class _PostgresTx:
         )
         assert row is not None
         return int(row["id"])
+
+    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
+        return await self._one(
+            "SELECT * FROM approvals WHERE id = %s AND tenant_id = %s", (approval_id, tenant_id)
+        )
+
+    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
+        pending = " AND decision = 0" if pending_only else ""
+        return await self._all(
+            f"SELECT * FROM approvals WHERE conversation_id = %s{pending} ORDER BY created_at, id",
+            (conversation_id,),
+        )
+
+    async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = list(rows[0])
+        await self._cur.executemany(
+            f"INSERT INTO approvals ({', '.join(columns)}) VALUES ({', '.join('%s' for _ in columns)})",
+            [tuple(row[c] for c in columns) for row in rows],
+        )
+
+    async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
+        # The compare-and-set: under READ COMMITTED a racing decision that committed first
+        # leaves no pending row to update here.
+        assignments = ", ".join(f"{column} = %s" for column in fields)
+        await self._cur.execute(
+            f"UPDATE approvals SET {assignments} WHERE id = %s AND decision = 0",
+            (*fields.values(), approval_id),
+        )
+        return self._cur.rowcount == 1

@@ -106,6 +106,31 @@ def lease_from_row(row: Row) -> Lease:
     )
 
 
+def approval_from_row(row: Row) -> common_pb2.Approval:
+    # The body is the whole Approval; its tenant is the row's (bodies from before
+    # migration 5 lack it).
+    approval = common_pb2.Approval.FromString(bytes(row["body"]))
+    approval.tenant_id = row["tenant_id"]
+    return approval
+
+
+def approval_columns(approval: common_pb2.Approval) -> dict[str, Any]:
+    """Every column of an approval's row, from the approval as it stands: the body, and the
+    copies of its fields that queries filter on (or that a person reading the table wants)."""
+    return {
+        "id": approval.id,
+        "tenant_id": approval.tenant_id,
+        "conversation_id": approval.conversation_id,
+        "decision": approval.decision,
+        "created_at": approval.created_at.ToNanoseconds(),
+        "rule": approval.rule,
+        "decided_by": approval.decided_by,
+        "remember": approval.remember,
+        "expires_at": approval.expires_at.ToNanoseconds() if approval.HasField("expires_at") else 0,
+        "body": approval.SerializeToString(),
+    }
+
+
 def api_key_from_row(row: Row) -> store_pb2.ApiKey:
     return store_pb2.ApiKey(
         id=row["id"],

@@ -11,7 +11,7 @@ import datetime
 
 from google.protobuf import duration_pb2
 
-from dispatch.shared.errors import Context, InvalidArgument, Unimplemented, grpc_errors
+from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
 from dispatch.shared.ids import require_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
@@ -108,6 +108,19 @@ def _next_turn(request: store_pb2.AppendRequest) -> NextTurn | None:
         agent=wanted.agent,
         reserve_event_seq=wanted.reserve_event_seq,
     )
+
+
+def _move_to(value: int) -> TurnState:
+    # Which states an append may move its turn to is the backend's rule (MOVABLE_STATES).
+    if value == common_pb2.TURN_STATE_UNSPECIFIED:
+        return common_pb2.TURN_STATE_UNSPECIFIED
+    return _state(value, "move_to")
+
+
+def _approval_ids(approval: common_pb2.Approval, field: str) -> None:
+    # An append's approvals may leave these empty (they are its fenced turn's).
+    _optional_id(approval.conversation_id, f"{field}.conversation_id", CONVERSATION_PREFIX)
+    _optional_id(approval.turn_id, f"{field}.turn_id", TURN_PREFIX)
 
 
 def _lease_ref(index: int, ref: store_pb2.LeaseRef) -> LeaseRef:
@@ -240,6 +253,8 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
 
     @grpc_errors
     async def Append(self, request: store_pb2.AppendRequest, context: Context) -> store_pb2.AppendResponse:
+        for i, approval in enumerate(request.approvals):
+            _approval_ids(approval, f"approvals[{i}]")
         done = await self.store.append(
             _tenant(request.tenant_id),
             _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
@@ -251,6 +266,8 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             seal=_seal(request),
             release_lease=request.release_lease,
             next_turn=_next_turn(request),
+            approvals=request.approvals,
+            move_to=_move_to(request.move_to),
         )
         return store_pb2.AppendResponse(
             messages=done.messages,
@@ -262,6 +279,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             next_turn=done.next_turn,
             next_turn_messages=done.next_turn_messages,
             reserved_event_seq=done.reserved_event_seq,
+            approvals=done.approvals,
         )
 
     @grpc_errors
@@ -420,12 +438,6 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
         return store_pb2.ListTurnsResponse(turns=turns)
 
     @grpc_errors
-    async def GetApproval(
-        self, request: store_pb2.GetApprovalRequest, context: Context
-    ) -> common_pb2.Approval:
-        raise Unimplemented("ConversationStore.GetApproval: not implemented yet")
-
-    @grpc_errors
     async def RenewLeases(
         self, request: store_pb2.RenewLeasesRequest, context: Context
     ) -> store_pb2.RenewLeasesResponse:
@@ -517,15 +529,30 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             request.decision,
             edited_input_json=request.edited_input_json,
             reason=request.reason,
+            decided_by=request.decided_by,
+            remember=request.remember,
+            remembered_rule=request.remembered_rule if request.HasField("remembered_rule") else None,
+        )
+
+    @grpc_errors
+    async def GetApproval(
+        self, request: store_pb2.GetApprovalRequest, context: Context
+    ) -> common_pb2.Approval:
+        return await self.store.get_approval(
+            _tenant(request.tenant_id), _id(request.approval_id, "approval_id", APPROVAL_PREFIX)
         )
 
     @grpc_errors
     async def ListApprovals(
         self, request: store_pb2.ListApprovalsRequest, context: Context
     ) -> store_pb2.ListApprovalsResponse:
+        tenant_id = _tenant(request.tenant_id)
+        if not request.conversation_id and not request.turn_id:
+            raise InvalidArgument("conversation_id or turn_id is required")
         approvals = await self.store.list_approvals(
-            _tenant(request.tenant_id),
-            _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            tenant_id,
+            _optional_id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
+            turn_id=_optional_id(request.turn_id, "turn_id", TURN_PREFIX),
             pending_only=request.pending_only,
         )
         return store_pb2.ListApprovalsResponse(approvals=approvals)

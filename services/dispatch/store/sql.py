@@ -1,6 +1,6 @@
 """The store logic both SQL backends share, written once over ``Tx``.
 
-Appends, turns, leases, the queue and reconcile are each one transaction here: a
+Appends, turns, leases, the queue, approvals and reconcile are each one transaction here: a
 sequence of reads and writes through a ``Tx`` that the dialect supplies (its SQL,
 its row locks, its type conversions), deciding with the rules of ``backend``.
 So SQLite and PostgreSQL differ only in what a ``Tx`` method sends to the
@@ -16,7 +16,10 @@ Locks, on a database that takes them (PostgreSQL; SQLite's write transactions
 exclude each other whole): an operation that writes to a conversation locks the
 conversation row first and the turn row after it, always in that order, so two
 operations can wait on each other but never deadlock. Renewals lock only turn
-rows, in id order.
+rows, in id order. Approvals are decided by a compare-and-set on their row being
+pending (``Tx.decide_approval``), under their conversation's lock, so a decision,
+a racing one and the seal that closes the turn's pending approvals come one after
+the other, and only the first of them decides.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
-from dispatch.shared.errors import AlreadyExists, InvalidArgument, NotFound
+from dispatch.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
+    APPROVAL_PREFIX,
     TERMINAL_STATES,
     TURN_PREFIX,
     Appended,
+    ApprovalDecision,
     FinishReason,
     Lease,
     LeaseFence,
@@ -42,24 +47,32 @@ from dispatch.store.backend import (
     TurnSeal,
     TurnState,
     check_append_request,
+    check_approvable_turn,
     check_event_seqs,
     check_fence,
     check_lease_claim,
     check_lease_held,
     check_lease_release,
+    check_new_approval,
     check_new_turn_lease,
     check_no_turn_in_flight,
+    check_pending,
     check_queued_message,
     check_reservation,
+    check_resolution,
     check_transition,
     check_turn_in_flight,
     claimed_lease_fields,
+    closed_approval,
+    decided_approval,
     holds_lease,
     initial_state,
     lease_ttl_ns,
+    new_approval,
     new_turn_row,
     raised_reservation,
     released_lease_fields,
+    remembered_after,
     reservation_after_append,
     sealed_fields,
     steering_messages,
@@ -67,7 +80,14 @@ from dispatch.store.backend import (
     transition_fields,
     turn_user_messages,
 )
-from dispatch.store.rows import lease_from_row, turn_from_row
+from dispatch.store.rows import (
+    approval_columns,
+    approval_from_row,
+    lease_from_row,
+    rules_column,
+    rules_from_column,
+    turn_from_row,
+)
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -135,6 +155,19 @@ class Tx(Protocol):
     ) -> int:
         """Queue a message body; answer its id."""
 
+    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
+        """The approval's row in this tenant, or None."""
+
+    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
+        """The conversation's approvals (only the pending ones when asked), oldest first."""
+
+    async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert approvals with every column given (``rows.approval_columns``)."""
+
+    async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
+        """Set ``fields`` on the approval only if it is still pending (decision 0); answer
+        whether it was."""
+
 
 def run_to_completion(operation: Coroutine[Any, Any, T]) -> T:
     """The result of a coroutine that never suspends: an operation over a synchronous ``Tx``."""
@@ -189,6 +222,28 @@ async def _unended(tx: Tx, conversation_id: str) -> Lease | None:
     return None if row is None else lease_from_row(row)
 
 
+def _decision_columns(approval: common_pb2.Approval) -> dict[str, Any]:
+    """The columns a decision changes."""
+    columns = approval_columns(approval)
+    return {name: columns[name] for name in ("decision", "decided_by", "remember", "body")}
+
+
+async def _close_pending_approvals(
+    tx: Tx, conversation_id: str, turn_id: str, error_message: str, now_ns: int
+) -> dict[str, common_pb2.Approval]:
+    """Close the turn's pending approvals (``closed_approval``), as its end requires: a call
+    nobody will run must not stay open. Answers them by id, as closed."""
+    closed: dict[str, common_pb2.Approval] = {}
+    for row in await tx.approvals(conversation_id, pending_only=True):
+        approval = approval_from_row(row)
+        if approval.turn_id != turn_id:
+            continue
+        done = closed_approval(approval, error_message, now_ns)
+        if await tx.decide_approval(approval.id, _decision_columns(done)):
+            closed[approval.id] = done
+    return closed
+
+
 class SQLStore(Store):
     """The operations of ``Store`` that both SQL dialects share, over ``_run``."""
 
@@ -214,8 +269,10 @@ class SQLStore(Store):
         seal: TurnSeal | None = None,
         release_lease: bool = False,
         next_turn: NextTurn | None = None,
+        approvals: Sequence[common_pb2.Approval] = (),
+        move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
     ) -> Appended:
-        check_append_request(
+        asked = check_append_request(
             conversation_id,
             messages,
             events,
@@ -226,7 +283,10 @@ class SQLStore(Store):
             seal=seal,
             release_lease=release_lease,
             next_turn=next_turn,
+            approvals=approvals,
+            move_to=move_to,
         )
+        approval_ids = [new_id(APPROVAL_PREFIX) for _ in asked]
         next_turn_id = new_id(TURN_PREFIX) if next_turn is not None else ""
         next_ttl_ns = lease_ttl_ns(next_turn.lease_ttl) if next_turn is not None else 0
 
@@ -242,8 +302,14 @@ class SQLStore(Store):
                 assert fenced is not None
                 if seal is not None:
                     turn_fields = sealed_fields(lease_from_row(fenced), fenced["started_at"], seal, now)
-                elif release_lease:
-                    turn_fields = released_lease_fields()
+                else:
+                    if move_to != common_pb2.TURN_STATE_UNSPECIFIED:
+                        check_transition(fence.turn_id, fenced["state"], move_to)
+                        turn_fields = transition_fields(
+                            started_at=fenced["started_at"], to=move_to, now_ns=now
+                        )
+                    if release_lease:
+                        turn_fields.update(released_lease_fields())
             check_event_seqs(events, conv["last_event_seq"])
 
             taken = await tx.take_queue(conversation_id, now) if take_queue_for_turn else []
@@ -260,10 +326,23 @@ class SQLStore(Store):
             last_event_seq = events[-1].event_seq if events else int(conv["last_event_seq"])
 
             turn = None
+            created: list[common_pb2.Approval] = []
             if fence is not None and fenced is not None:
+                # Each its own instant, so that they list in the order asked (oldest first).
+                created = [
+                    new_approval(a, approval_id, tenant_id, tx.now_ns())
+                    for a, approval_id in zip(asked, approval_ids, strict=True)
+                ]
+                if created:
+                    await tx.insert_approvals([approval_columns(a) for a in created])
                 if turn_fields:
                     await tx.update("turns", fence.turn_id, turn_fields)
                 turn = turn_from_row({**fenced, **turn_fields})
+                if seal is not None:
+                    closed = await _close_pending_approvals(
+                        tx, conversation_id, fence.turn_id, seal.error_message, now
+                    )
+                    created = [closed.get(a.id, a) for a in created]
 
             started = None
             started_messages: list[common_pb2.Message] = []
@@ -318,6 +397,7 @@ class SQLStore(Store):
                 next_turn=started,
                 next_turn_messages=started_messages,
                 reserved_event_seq=reserved,
+                approvals=created,
             )
 
         return await self._run(op)
@@ -405,20 +485,30 @@ class SQLStore(Store):
         if lease_epoch and not lease_owner:
             raise InvalidArgument("lease_epoch needs lease_owner: the epoch is of that owner's claim")
 
+        ends = to in TERMINAL_STATES
+
         async def op(tx: Tx) -> common_pb2.Turn:
+            if ends:
+                # Its end closes its pending approvals: the conversation's row before the
+                # turn's, as every writer locks them.
+                unlocked = await _turn(tx, tenant_id, turn_id)
+                await tx.conversation(tenant_id, unlocked["conversation_id"], lock=True)
             row = await _turn(tx, tenant_id, turn_id, lock=True)
             check_transition(turn_id, row["state"], to)
             if lease_owner:
                 check_lease_held(lease_from_row(row), lease_owner, lease_epoch)
+            now = tx.now_ns()
             fields = transition_fields(
                 started_at=row["started_at"],
                 to=to,
-                now_ns=tx.now_ns(),
+                now_ns=now,
                 finish_reason=finish_reason,
                 error_message=error_message,
                 user_message_seq=user_message_seq,
             )
             await tx.update("turns", turn_id, fields)
+            if ends:
+                await _close_pending_approvals(tx, row["conversation_id"], turn_id, error_message, now)
             return turn_from_row({**row, **fields})
 
         return await self._run(op)
@@ -429,7 +519,16 @@ class SQLStore(Store):
         async def op(tx: Tx) -> list[common_pb2.Message]:
             # Locked like an append, so no append slips in between the read and the write.
             conv = await tx.conversation(tenant_id, conversation_id, lock=True)
-            missing = synthesize_missing_results(await tx.history(conversation_id))
+            # A call with an approval, in a turn that goes on, is the turn's to answer: it waits
+            # for its decision, or runs (or is refused) as decided when its turn is recovered.
+            asked = list(map(approval_from_row, await tx.approvals(conversation_id)))
+            going_on = {
+                row["id"]
+                for row in (await tx.turns(sorted({a.turn_id for a in asked})) if asked else [])
+                if row["state"] not in TERMINAL_STATES
+            }
+            waiting = {(a.turn_id, a.tool_call_id) for a in asked if a.turn_id in going_on}
+            missing = synthesize_missing_results(await tx.history(conversation_id), waiting)
             if not missing:
                 return []
             now = tx.now_ns()
@@ -587,3 +686,107 @@ class SQLStore(Store):
             return await tx.take_queue(conversation_id, tx.now_ns())
 
         return await self._run(op)
+
+    # ------------------------------------------------------------- approvals
+
+    async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
+        check_new_approval(approval)
+        approval_id = new_id(APPROVAL_PREFIX)
+
+        async def op(tx: Tx) -> common_pb2.Approval:
+            # Locked, so a seal of the turn comes wholly before (refused here) or after (closed there).
+            await tx.conversation(tenant_id, approval.conversation_id, lock=True)
+            turn = await tx.turn(tenant_id, approval.turn_id)
+            if turn is None or turn["conversation_id"] != approval.conversation_id:
+                raise NotFound(
+                    f"turn {approval.turn_id} not found in conversation {approval.conversation_id}"
+                )
+            check_approvable_turn(approval.turn_id, turn["state"])
+            stored = new_approval(approval, approval_id, tenant_id, tx.now_ns())
+            await tx.insert_approvals([approval_columns(stored)])
+            return stored
+
+        return await self._run(op)
+
+    async def resolve_approval(
+        self,
+        tenant_id: str,
+        approval_id: str,
+        decision: ApprovalDecision,
+        *,
+        edited_input_json: str = "",
+        reason: str = "",
+        decided_by: str = "",
+        remember: bool = False,
+        remembered_rule: common_pb2.PermissionRule | None = None,
+    ) -> common_pb2.Approval:
+        check_resolution(decision, edited_input_json, remember=remember, remembered_rule=remembered_rule)
+        rule = common_pb2.PermissionRule()
+        if remember and remembered_rule is not None:
+            rule.CopyFrom(remembered_rule)
+
+        async def op(tx: Tx) -> common_pb2.Approval:
+            row = await tx.approval(tenant_id, approval_id)
+            if row is None:
+                raise NotFound(f"approval {approval_id} not found")
+            current = approval_from_row(row)
+            # The conversation's row first, as every writer locks it: its remembered rules
+            # change with the decision, and a seal closing this approval waits or is waited for.
+            conv = await tx.conversation(tenant_id, current.conversation_id, lock=True)
+            check_pending(current)
+            now = tx.now_ns()
+            decided = decided_approval(
+                current,
+                decision,
+                now,
+                edited_input_json=edited_input_json,
+                reason=reason,
+                decided_by=decided_by,
+                remember=remember,
+            )
+            if not await tx.decide_approval(approval_id, _decision_columns(decided)):
+                # Decided since it was read: by a racing call, or closed by its turn's end.
+                again = await tx.approval(tenant_id, approval_id)
+                check_pending(approval_from_row(again if again is not None else row))
+                raise FailedPrecondition(f"already decided: approval {approval_id} is no longer pending")
+            if remember:
+                rules = remembered_after(rules_from_column(conv["remembered"]), rule)
+                if rules is not None:
+                    await tx.update(
+                        "conversations",
+                        current.conversation_id,
+                        {"remembered": rules_column(rules), "updated_at": now},
+                    )
+            return decided
+
+        return await self._run(op)
+
+    async def get_approval(self, tenant_id: str, approval_id: str) -> common_pb2.Approval:
+        async def op(tx: Tx) -> common_pb2.Approval:
+            row = await tx.approval(tenant_id, approval_id)
+            if row is None:
+                raise NotFound(f"approval {approval_id} not found")
+            return approval_from_row(row)
+
+        return await self._run(op, write=False)
+
+    async def list_approvals(
+        self, tenant_id: str, conversation_id: str = "", *, turn_id: str = "", pending_only: bool = False
+    ) -> list[common_pb2.Approval]:
+        if not conversation_id and not turn_id:
+            raise InvalidArgument("conversation_id or turn_id is required")
+
+        async def op(tx: Tx) -> list[common_pb2.Approval]:
+            of = conversation_id
+            if turn_id:
+                turn = await tx.turn(tenant_id, turn_id)
+                if turn is None or (conversation_id and turn["conversation_id"] != conversation_id):
+                    where = f" in conversation {conversation_id}" if conversation_id else ""
+                    raise NotFound(f"turn {turn_id} not found{where}")
+                of = turn["conversation_id"]
+            else:
+                await tx.conversation(tenant_id, conversation_id)
+            found = [approval_from_row(r) for r in await tx.approvals(of, pending_only=pending_only)]
+            return [a for a in found if a.turn_id == turn_id] if turn_id else found
+
+        return await self._run(op, write=False)

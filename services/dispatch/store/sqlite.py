@@ -6,7 +6,7 @@ what makes seq assignment race-free without retry loops. Write transactions
 still begin IMMEDIATE so a second process on the same file waits for the lock
 instead of failing at commit.
 
-Appends, turns, leases, the queue and reconcile are ``sql.SQLStore``'s logic over
+Appends, turns, leases, the queue, approvals and reconcile are ``sql.SQLStore``'s logic over
 ``_SQLiteTx``, this dialect's statements; the rest is written here.
 """
 
@@ -29,22 +29,17 @@ from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     API_KEY_PREFIX,
-    APPROVAL_PREFIX,
     CONVERSATION_PREFIX,
     DEFAULT_WORKSPACE_NAME,
     MAX_APPEND_BYTES,
     WORKSPACE_PREFIX,
-    ApprovalDecision,
     EventHistory,
     Execution,
     History,
     Page,
     TurnState,
     api_key_prefix,
-    check_new_approval,
-    check_pending,
     check_permission_rules,
-    check_resolution,
     check_turn_metrics,
     decode_cursor,
     effective_page_size,
@@ -952,89 +947,6 @@ class SQLiteStore(SQLStore):
 
         return await self._call(run)
 
-    # ------------------------------------------------------------- approvals
-
-    def _approval_row(self, conn: sqlite3.Connection, tenant_id: str, approval_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = conn.execute(
-            "SELECT * FROM approvals WHERE id = ? AND tenant_id = ?", (approval_id, tenant_id)
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"approval {approval_id} not found")
-        return row
-
-    async def create_approval(self, tenant_id: str, approval: common_pb2.Approval) -> common_pb2.Approval:
-        check_new_approval(approval)
-
-        def run() -> common_pb2.Approval:
-            with self._tx(write=True) as conn:
-                self._turn_in_conversation(conn, tenant_id, approval.conversation_id, approval.turn_id)
-                now = self._now_ns()
-                stored = common_pb2.Approval()
-                stored.CopyFrom(approval)
-                stored.id = new_id(APPROVAL_PREFIX)
-                stored.ClearField("resolved_at")
-                stored.edited_input_json = ""
-                stored.reason = ""
-                stored.created_at.FromNanoseconds(now)
-                conn.execute(
-                    "INSERT INTO approvals (id, tenant_id, conversation_id, decision, created_at, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        stored.id,
-                        tenant_id,
-                        stored.conversation_id,
-                        stored.decision,
-                        now,
-                        stored.SerializeToString(),
-                    ),
-                )
-                return stored
-
-        return await self._call(run)
-
-    async def resolve_approval(
-        self,
-        tenant_id: str,
-        approval_id: str,
-        decision: ApprovalDecision,
-        *,
-        edited_input_json: str = "",
-        reason: str = "",
-    ) -> common_pb2.Approval:
-        check_resolution(decision, edited_input_json)
-
-        def run() -> common_pb2.Approval:
-            with self._tx(write=True) as conn:
-                approval = common_pb2.Approval.FromString(
-                    self._approval_row(conn, tenant_id, approval_id)["body"]
-                )
-                check_pending(approval)
-                approval.decision = decision
-                approval.edited_input_json = edited_input_json
-                approval.reason = reason
-                approval.resolved_at.FromNanoseconds(self._now_ns())
-                conn.execute(
-                    "UPDATE approvals SET decision = ?, body = ? WHERE id = ?",
-                    (decision, approval.SerializeToString(), approval_id),
-                )
-                return approval
-
-        return await self._call(run)
-
-    async def list_approvals(
-        self, tenant_id: str, conversation_id: str, *, pending_only: bool = False
-    ) -> list[common_pb2.Approval]:
-        def run() -> list[common_pb2.Approval]:
-            sql = "SELECT body FROM approvals WHERE conversation_id = ?"
-            if pending_only:
-                sql += " AND decision = 0"
-            with self._tx(write=False) as conn:
-                self._conversation_row(conn, tenant_id, conversation_id)
-                rows = conn.execute(sql + " ORDER BY created_at, id", (conversation_id,)).fetchall()
-            return [common_pb2.Approval.FromString(r["body"]) for r in rows]
-
-        return await self._call(run)
-
     # -------------------------------------------------------------- api keys
 
     async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
@@ -1216,3 +1128,28 @@ class _SQLiteTx:
             (conversation_id, idempotency_key, body, now_ns),
         )
         return int(cursor.lastrowid or 0)
+
+    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
+        return self._one("SELECT * FROM approvals WHERE id = ? AND tenant_id = ?", (approval_id, tenant_id))
+
+    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
+        pending = " AND decision = 0" if pending_only else ""
+        return self._all(
+            f"SELECT * FROM approvals WHERE conversation_id = ?{pending} ORDER BY created_at, id",
+            (conversation_id,),
+        )
+
+    async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self._conn.execute(
+                f"INSERT INTO approvals ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                tuple(row.values()),
+            )
+
+    async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        cursor = self._conn.execute(
+            f"UPDATE approvals SET {assignments} WHERE id = ? AND decision = 0",
+            (*fields.values(), approval_id),
+        )
+        return cursor.rowcount == 1
