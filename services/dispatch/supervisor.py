@@ -337,6 +337,10 @@ def up(args: argparse.Namespace, env: Mapping[str, str], file: Mapping[str, Any]
     # Everything that can be refused is refused here, before any service starts, naming its key.
     peers = {"DISPATCH_STORE_ADDRESS": "-", "DISPATCH_EXEC_ADDRESS": "-"}  # known later
     kernel = config.kernel_config(vars(args), {**env, **peers}, file)
+    from dispatch.kernel.agents import check_agents  # the agents' tools and permission rules
+    from dispatch.kernel.tools import BUILTIN_TOOLS
+
+    check_agents(kernel, BUILTIN_TOOLS)
     agent = kernel.all_agents()[kernel.default_agent]
     provider = kernel.all_providers()[agent.provider]
     store = config.store_config({"workspace": args.workspace}, env, file)

@@ -36,6 +36,7 @@ from tests.transport.test_approvals_api import (
     a_turn,
     kernel_supports,
     new_key,
+    output,
     recording,
     stored_approval,
 )
@@ -182,7 +183,7 @@ async def asking(tmp_path: Path) -> AsyncIterator[Stack]:
 
 def results(events: list[types.AgentEvent]) -> list[tuple[str, bool]]:
     return [
-        (e.tool_result.content.strip(), e.tool_result.is_error) for e in events if e.HasField("tool_result")
+        (output(e.tool_result.content), e.tool_result.is_error) for e in events if e.HasField("tool_result")
     ]
 
 

@@ -17,7 +17,6 @@ from dispatch_client import (
     NotFound,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
     types,
 )
 from tests.clients.conftest import ENDLESS, SLOW, MakeStack
@@ -97,7 +96,7 @@ async def test_errors_carry_the_status(stack: Stack) -> None:
             await client.history("conv_00000000000000000000000000")
         with pytest.raises(InvalidArgument, match="message is empty"):
             await client.send(conv.id, "")
-        with pytest.raises(Unimplemented):
+        with pytest.raises(InvalidArgument, match="expected apr_"):
             await client.resolve_approval("appr_x", "approve")
         with pytest.raises(ValueError, match=r"expected one of enqueue\|interrupt\|reject"):
             await client.send(conv.id, "hi", policy="later")

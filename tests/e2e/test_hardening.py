@@ -248,3 +248,23 @@ def test_dispatchd_has_a_version() -> None:
 
     result = dispatchd("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"dispatchd {dispatch.__version__}")
+
+
+@pytest.mark.parametrize(
+    "permissions, words",
+    [
+        ('shel = "ask"', "config key kernel.permissions.shel: no tool 'shel'; did you mean 'shell'?"),
+        ('shell = "maybe"', "config key kernel.permissions.shell must be allow, ask or deny, got 'maybe'"),
+        ('shell = { "" = "ask" }', 'config key kernel.permissions.shell."": an empty pattern'),
+    ],
+)
+def test_a_bad_permission_rule_is_refused_at_start_naming_its_key(
+    tmp_path: Path, permissions: str, words: str
+) -> None:
+    config = tmp_path / "dispatch.toml"
+    config.write_text(f"[kernel.permissions]\n{permissions}\n")
+    result = dispatchd(
+        "up", "--config", str(config), "--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 2, result.stderr
+    assert words in one_line(result.stderr)

@@ -230,6 +230,8 @@ class KernelSettings:
     sweep_interval: float = 0.1
     max_attempts: int = 4
     store_outage: float = 60.0
+    # The default agent's [kernel.permissions] table, as TOML lines (``shell = "ask"``).
+    permissions: str = ""
 
     def toml(self) -> str:
         return (
@@ -238,7 +240,7 @@ class KernelSettings:
             f"sweep_interval = {self.sweep_interval}\n"
             f"max_attempts = {self.max_attempts}\n"
             f"store_outage = {self.store_outage}\n"
-        )
+        ) + (f"[kernel.permissions]\n{self.permissions}\n" if self.permissions else "")
 
 
 class Cluster:

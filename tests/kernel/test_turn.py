@@ -54,6 +54,7 @@ async def test_two_step_turn_streams_commits_and_seals(make_stack: Any) -> None:
         "reasoning_delta",
         "tool_call",
         "usage",
+        "tool_started",
         "tool_result",
         "messages_committed",  # step 0: assistant + tool result
         "step_completed",

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import KernelConfig, TransportConfig
@@ -67,6 +68,14 @@ async def new_key(stack: Stack, tenant: str = TENANT) -> Key:
 MakeStack = Callable[..., Awaitable[Stack]]
 
 
+def kernel_supports(**kernel_options: Any) -> None:
+    """Fail the test unless KernelConfig takes ``kernel_options``; checked before any server
+    starts, since a stack that fails half-way leaks the servers it started."""
+    unknown = set(kernel_options) - {f.name for f in dataclasses.fields(KernelConfig)}
+    if unknown:
+        pytest.fail(f"KernelConfig has no {', '.join(sorted(unknown))} (the kernel's approval flow)")
+
+
 @pytest.fixture
 async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     """A stack with a transport whose model follows ``script``; ``kernel_options`` (such as the
@@ -74,10 +83,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     stacks: list[Stack] = []
 
     async def make(script: Mapping[str, Any] = SIMPLE, **kernel_options: Any) -> Stack:
-        unknown = set(kernel_options) - {f.name for f in dataclasses.fields(KernelConfig)}
-        if unknown:
-            # Before any server starts: a stack that fails half-way leaks its servers.
-            pytest.fail(f"KernelConfig has no {', '.join(sorted(unknown))} (the kernel's approval flow)")
+        kernel_supports(**kernel_options)
         stack = await start_stack(
             tmp_path, ScriptedProvider.from_data(script), transport=True, **kernel_options
         )
@@ -219,11 +225,20 @@ async def test_the_kernel_is_asked_for_the_callers_tenant_as_the_callers_key(rec
 
 
 async def a_turn(stack: Stack, api: transport_pb2_grpc.DispatchAsyncStub) -> tuple[str, str]:
-    """A conversation of ``api``'s tenant with one sealed turn: (conversation id, turn id)."""
+    """A conversation of ``api``'s tenant (TENANT) with a turn that goes on, held in the store
+    for a kernel of the test's own (approvals are made only for such a turn): (conversation
+    id, turn id)."""
     conv = (await api.CreateConversation(transport_pb2.PublicCreateConversationRequest())).id
-    sent = await api.Send(transport_pb2.SendRequest(conversation_id=conv, text="hello"))
-    await events_until(api, conv, 0, lambda e: e.HasField("turn_sealed"))
-    return conv, sent.turn_id
+    turn = await stack.store.CreateTurn(
+        store_pb2.CreateTurnRequest(
+            tenant_id=TENANT,
+            conversation_id=conv,
+            state=common_pb2.TURN_STATE_RUNNING,
+            lease_owner="kernel-of-the-test",
+            lease_ttl=duration_pb2.Duration(seconds=600),
+        )
+    )
+    return conv, turn.id
 
 
 async def stored_approval(stack: Stack, conv: str, turn: str, call: str, tenant: str = TENANT) -> str:
@@ -406,9 +421,19 @@ async def rest_of_turn(
     return await events_until(api, waiting.conv, waiting.seq, lambda e: e.HasField("turn_sealed"))
 
 
+def output(content: str) -> str:
+    """A shell result's output: without the exit-code line, or the note an edited call gets."""
+    lines = [
+        line
+        for line in content.strip().splitlines()
+        if not line.startswith(("[exit code", "(run with the input a person edited"))
+    ]
+    return "\n".join(lines).strip()
+
+
 def results(events: list[common_pb2.AgentEvent]) -> list[tuple[str, bool]]:
     return [
-        (e.tool_result.content.strip(), e.tool_result.is_error) for e in events if e.HasField("tool_result")
+        (output(e.tool_result.content), e.tool_result.is_error) for e in events if e.HasField("tool_result")
     ]
 
 

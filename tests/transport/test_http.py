@@ -377,8 +377,13 @@ REFUSALS = {
     "too large": Refusal(
         "POST", "/v1/conversations", b"{}" + b" " * (5 << 20), 413, "limit", "RESOURCE_EXHAUSTED"
     ),
-    "unimplemented": Refusal(
-        "POST", "/v1/approvals/a/resolve", b'{"decision": "approve"}', 501, "approvals", "UNIMPLEMENTED"
+    "malformed approval id": Refusal(
+        "POST",
+        "/v1/approvals/a/resolve",
+        b'{"decision": "approve"}',
+        400,
+        "expected apr_",
+        "INVALID_ARGUMENT",
     ),
     "bad decision": Refusal(
         "POST", "/v1/approvals/a/resolve", b'{"decision": "maybe"}', 400, "decision must be"

@@ -124,10 +124,15 @@ async def test_send_validation(
     assert phrase in (err.value.details() or "")
 
 
-async def test_unimplemented_calls_say_so(stack: Stack) -> None:
+async def test_a_malformed_approval_id_is_invalid_argument_saying_what_one_looks_like(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stack.transport.ResolveApproval(transport_pb2.PublicResolveApprovalRequest(approval_id="a"))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await stack.transport.ResolveApproval(
+            transport_pb2.PublicResolveApprovalRequest(
+                approval_id="a", decision=common_pb2.APPROVAL_DECISION_APPROVE
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected apr_" in (err.value.details() or "")
 
 
 async def test_models_and_computers(stack: Stack) -> None:

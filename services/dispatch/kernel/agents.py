@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from dispatch.kernel.permissions import Rule, RuleError, parse
 from dispatch.kernel.providers import Provider, build_provider
 from dispatch.kernel.tools import Tool
 from dispatch.shared.config import AgentConfig, ConfigError, DispatchPolicy, KernelConfig
@@ -26,6 +27,10 @@ class Agent:
     tool_budget: int
     doom_loop: int
     policy: DispatchPolicy
+    # Which of its calls run, ask or are refused (kernel/permissions.py).
+    rules: tuple[Rule, ...] = ()
+    # Seconds an approval may wait; 0: forever.
+    approval_timeout: float = 0.0
 
     @property
     def text_only(self) -> bool:
@@ -49,23 +54,49 @@ def build_agents(
             built[name] = build_provider(cfg.all_providers()[name])
         return built[name]
 
-    agents = {name: _agent(name, a, tools, provider_named) for name, a in cfg.all_agents().items()}
+    check_agents(cfg, tools)
+    agents = {
+        name: _agent(name, a, tools, provider_named, _rules(cfg, name, a, tools))
+        for name, a in cfg.all_agents().items()
+    }
     return agents, ([provider] if provider is not None else list(built.values()))
 
 
+def _rules_key(cfg: KernelConfig, name: str) -> str:
+    return "kernel.permissions" if not cfg.agents else f"agents.{name}.permissions"
+
+
+def _rules(cfg: KernelConfig, name: str, a: AgentConfig, tools: Mapping[str, Tool]) -> tuple[Rule, ...]:
+    try:
+        return tuple(
+            parse(a.permissions, tools, f"config key {_rules_key(cfg, name)}", source=f"agent {name}")
+        )
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_agents(cfg: KernelConfig, tools: Mapping[str, Tool]) -> None:
+    """What ``build_agents`` would refuse about the agents' tools and rules, without
+    building anything (``dispatchd up`` asks before it starts the kernel)."""
+    for name, a in cfg.all_agents().items():
+        if a.tools is not None:
+            unknown = sorted(set(a.tools) - set(tools))
+            if unknown:
+                raise ConfigError(
+                    f"config key agents.{name}.tools: unknown tool(s) {', '.join(unknown)}; "
+                    f"the tools are {', '.join(sorted(tools))}"
+                )
+        _rules(cfg, name, a, tools)
+
+
 def _agent(
-    name: str, a: AgentConfig, tools: Mapping[str, Tool], provider_named: Callable[[str], Provider]
+    name: str,
+    a: AgentConfig,
+    tools: Mapping[str, Tool],
+    provider_named: Callable[[str], Provider],
+    rules: tuple[Rule, ...],
 ) -> Agent:
-    if a.tools is None:
-        offered = dict(tools)
-    else:
-        unknown = sorted(set(a.tools) - set(tools))
-        if unknown:
-            raise ConfigError(
-                f"config key agents.{name}.tools: unknown tool(s) {', '.join(unknown)}; "
-                f"the tools are {', '.join(sorted(tools))}"
-            )
-        offered = {t: tools[t] for t in a.tools}
+    offered = dict(tools) if a.tools is None else {t: tools[t] for t in a.tools}
     provider = provider_named(a.provider)
     return Agent(
         name=name,
@@ -77,6 +108,8 @@ def _agent(
         tool_budget=a.tool_budget,
         doom_loop=a.doom_loop,
         policy=a.dispatch,
+        rules=rules,
+        approval_timeout=a.approval_timeout,
     )
 
 

@@ -14,8 +14,10 @@ import grpc
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.events import ConversationLog, replay_and_follow
 from dispatch.kernel.leases import LeaseKeeper
+from dispatch.kernel.permissions import Rule, remembered_rule, subject_of
 from dispatch.kernel.recovery import Recovery
 from dispatch.kernel.slots import RunSlots
+from dispatch.kernel.tools import Tool
 from dispatch.kernel.turn import Resume, TurnDeps, TurnRunner
 from dispatch.kernel.writer import TurnWriter
 from dispatch.shared.errors import (
@@ -496,6 +498,90 @@ class Kernel:
 
     def busy(self, conversation_id: str) -> bool:
         return conversation_id in self._active
+
+    # ------------------------------------------------------------------ approvals
+
+    async def resolve_approval(
+        self,
+        tenant_id: str,
+        approval_id: str,
+        decision: common_pb2.ApprovalDecision.ValueType,
+        *,
+        edited_input_json: str = "",
+        reason: str = "",
+        decided_by: str = "",
+        remember: bool = False,
+    ) -> common_pb2.Approval:
+        """Decide a pending approval in the store (once), and wake the call behind it if it
+        waits here (a turn on another kernel finds the decision in the store). An edit is
+        checked against the tool's schema first: invalid, the approval stays open."""
+        store, timeout = self.deps.store, self.deps.rpc_timeout
+        try:
+            approval = await store.GetApproval(
+                store_pb2.GetApprovalRequest(tenant_id=tenant_id, approval_id=approval_id), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not load the approval") from None
+        if decision == common_pb2.APPROVAL_DECISION_EDIT:
+            tool = await self._tool_of(tenant_id, approval)
+            invalid = tool.check_input(edited_input_json) if tool is not None else ""
+            if invalid:
+                raise InvalidArgument(f"edited_input_json: {invalid}; the approval stays open")
+        remembered = common_pb2.PermissionRule()
+        if remember:
+            remembered = (await self._remembered(tenant_id, approval, edited_input_json)).to_proto()
+        try:
+            decided = await store.ResolveApproval(
+                store_pb2.ResolveApprovalRequest(
+                    tenant_id=tenant_id,
+                    approval_id=approval_id,
+                    decision=decision,
+                    edited_input_json=edited_input_json,
+                    reason=reason,
+                    decided_by=decided_by,
+                    remember=remember,
+                    remembered_rule=remembered if remember else None,
+                ),
+                timeout=timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not record the decision") from None
+        self.deps.approvals.decided(decided)
+        return decided
+
+    async def _tool_of(self, tenant_id: str, approval: common_pb2.Approval) -> Tool | None:
+        """The tool an approval's call names, as the turn's agent has it."""
+        try:
+            turn = await self.deps.store.GetTurn(
+                store_pb2.GetTurnRequest(tenant_id=tenant_id, turn_id=approval.turn_id),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not load the approval's turn") from None
+        agent = self.agent_named(turn.agent)
+        return agent.tools.get(approval.tool_name) if agent is not None else None
+
+    async def _remembered(
+        self, tenant_id: str, approval: common_pb2.Approval, edited_input_json: str
+    ) -> Rule:
+        """What approving for the rest of the conversation remembers: this call's tool and
+        subject (its command, its path, as the rules see it)."""
+        try:
+            where = await self.deps.store.ResolveExecution(
+                store_pb2.ResolveExecutionRequest(
+                    tenant_id=tenant_id, conversation_id=approval.conversation_id, turn_id=approval.turn_id
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "the store could not resolve where the call runs") from None
+        subject = subject_of(
+            approval.tool_name,
+            edited_input_json or approval.input_json,
+            root=where.workspace_root,
+            cwd=where.cwd or where.workspace_root,
+        )
+        return remembered_rule(approval.tool_name, subject)
 
     # ------------------------------------------------------------------ subscribing
 

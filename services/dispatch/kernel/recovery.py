@@ -151,6 +151,12 @@ class Recovery:
             usage.cache_read_tokens += step.usage.cache_read_tokens
             usage.cache_write_tokens += step.usage.cache_write_tokens
             usage.reasoning_tokens += step.usage.reasoning_tokens
+        waiting = await self._waiting(turn, mine)
+        if waiting:
+            # Its last step committed calls that wait for approvals (or were decided while
+            # nobody ran the turn): it goes on from there, waiting; nothing was cut short, so
+            # a kernel that went away while it waited spends none of its attempts.
+            return Resume(attempt=turn.attempts, from_step=max(steps), usage=usage, waiting=waiting), last_seq
         handed_over = await self._handed_over(turn)
         never_ran = stale.state == common_pb2.TURN_STATE_QUEUED and not steps
         note = None
@@ -182,6 +188,32 @@ class Recovery:
             ),
             last_seq,
         )
+
+    async def _waiting(
+        self, turn: common_pb2.Turn, mine: list[common_pb2.Message]
+    ) -> list[common_pb2.Approval]:
+        """The approvals of the turn's last step whose calls have no result yet."""
+        if not mine:
+            return []
+        last = max(m.step_index for m in mine)
+        calls = {
+            c.tool_call.id for m in mine if m.step_index == last for c in m.chunks if c.HasField("tool_call")
+        }
+        answered = {
+            c.tool_result.tool_call_id
+            for m in mine
+            if m.step_index == last
+            for c in m.chunks
+            if c.HasField("tool_result")
+        }
+        if not calls - answered:
+            return []
+        deps = self.kernel.deps
+        found = await deps.store.ListApprovals(
+            store_pb2.ListApprovalsRequest(tenant_id=turn.tenant_id, turn_id=turn.id),
+            timeout=deps.rpc_timeout,
+        )
+        return [a for a in found.approvals if a.tool_call_id in calls - answered]
 
     async def _handed_over(self, turn: common_pb2.Turn) -> bool:
         """Whether the turn's last persisted event says its kernel handed it over at a step

@@ -8,7 +8,7 @@ import grpc
 
 from dispatch.kernel.agents import model_infos
 from dispatch.kernel.kernel import Kernel
-from dispatch.shared.errors import Context, Unimplemented, from_rpc_error, grpc_errors
+from dispatch.shared.errors import Context, from_rpc_error, grpc_errors
 from dispatch.v1 import common_pb2, exec_pb2, kernel_pb2, kernel_pb2_grpc
 
 
@@ -66,4 +66,12 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def ResolveApproval(
         self, request: kernel_pb2.KernelResolveApprovalRequest, context: Context
     ) -> common_pb2.Approval:
-        raise Unimplemented("Kernel.ResolveApproval: approvals are not implemented yet")
+        return await self.kernel.resolve_approval(
+            request.tenant_id,
+            request.approval_id,
+            request.decision,
+            edited_input_json=request.edited_input_json,
+            reason=request.reason,
+            decided_by=request.decided_by,
+            remember=request.remember,
+        )

@@ -77,17 +77,25 @@ class Tool:
     def spec(self) -> ToolSpec:
         return ToolSpec(self.name, self.description, self.parameters)
 
-    async def run(self, ctx: ToolContext, input_json: str) -> ToolResult:
-        """Validate the input, run the tool, and turn every failure into an error result."""
+    def check_input(self, input_json: str) -> str:
+        """Why ``input_json`` is not a valid input of this tool ("" if it is)."""
         try:
             args = json.loads(input_json or "{}")
         except json.JSONDecodeError as exc:
-            return ToolResult(f"invalid input for {self.name}: not valid JSON ({exc})", is_error=True)
+            return f"invalid input for {self.name}: not valid JSON ({exc})"
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(args))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
             at = f" at '{where}'" if where else ""
-            return ToolResult(f"invalid input for {self.name}{at}: {error.message}", is_error=True)
+            return f"invalid input for {self.name}{at}: {error.message}"
+        return ""
+
+    async def run(self, ctx: ToolContext, input_json: str) -> ToolResult:
+        """Validate the input, run the tool, and turn every failure into an error result."""
+        invalid = self.check_input(input_json)
+        if invalid:
+            return ToolResult(invalid, is_error=True)
+        args = json.loads(input_json or "{}")
         try:
             return await self.run_fn(ctx, args)
         except ToolError as exc:

@@ -24,9 +24,11 @@ import grpc
 
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
+from dispatch.kernel.approvals import RUNS, ApprovalBoard, StepApprovals, why_not_run
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.leases import new_instance_id
+from dispatch.kernel.permissions import ASK, DENY, Permissions, Rule, remembered_rule
 from dispatch.kernel.providers.base import (
     Finish,
     ProviderError,
@@ -78,6 +80,8 @@ class TurnDeps:
     sweep_interval: float = 5.0
     max_attempts: int = 3
     store_outage: float = 60.0
+    # The approvals this kernel's turns wait for (ResolveApproval wakes them).
+    approvals: ApprovalBoard = field(default_factory=ApprovalBoard)
 
 
 @dataclass
@@ -99,6 +103,16 @@ class StepState:
     stream_end: float | None = None
     # Tools the model called where none may run (a wrap-up, a text-only agent): not run.
     ignored_calls: list[str] = field(default_factory=list)
+    # Calls the permission rules ask about: (call, the rule that asked), decided later.
+    asks: list[tuple[ToolCall, str]] = field(default_factory=list)
+    # Its assistant message is committed already (it asked for approvals): the step's last
+    # commit holds only the results; ``committed``, what history lacks of it.
+    assistant_committed: bool = False
+    committed: list[common_pb2.Message] = field(default_factory=list)
+    # Calls run with input a person edited: the result says so.
+    edited: dict[str, str] = field(default_factory=dict)
+    # Calls whose results history has already (a recovered step): not committed again.
+    answered: set[str] = field(default_factory=set)
 
     def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
         chunks: list[common_pb2.Chunk] = []
@@ -124,20 +138,24 @@ class StepState:
             role=common_pb2.ROLE_ASSISTANT, chunks=chunks, turn_id=turn_id, step_index=self.index
         )
 
-    def tool_message(self, turn_id: str) -> common_pb2.Message | None:
-        if not self.calls:
+    def tool_message(self, turn_id: str, missing: str = "") -> common_pb2.Message | None:
+        """The results of the step's calls; a call without one gets ``missing`` as an error
+        result (a turn that ends while calls wait), so none dangles."""
+        calls = [c for c in self.calls if c.id not in self.answered]
+        if not calls:
             return None
+        gone = ToolResult(missing or "not run", is_error=True)
         chunks = [
             common_pb2.Chunk(
                 tool_result=common_pb2.ToolResultChunk(
                     tool_call_id=c.id,
                     name=c.name,
-                    content=self.results[c.id].content,
-                    is_error=self.results[c.id].is_error,
+                    content=self.results.get(c.id, gone).content,
+                    is_error=self.results.get(c.id, gone).is_error,
                     step_id=self.step_id,
                 )
             )
-            for c in self.calls
+            for c in calls
         ]
         return common_pb2.Message(
             role=common_pb2.ROLE_TOOL, chunks=chunks, turn_id=turn_id, step_index=self.index
@@ -221,6 +239,9 @@ class Resume:
     give_up: str = ""
     # Its last step was committed and called no tool: only the seal is missing.
     finished: bool = False
+    # Its step ``from_step`` is committed with calls that wait for these approvals (or were
+    # decided while no kernel ran the turn): it goes on waiting, nothing runs again.
+    waiting: list[common_pb2.Approval] = field(default_factory=list)
 
 
 class TurnRunner:
@@ -284,6 +305,8 @@ class TurnRunner:
         self._last_call: tuple[str, bytes] | None = None
         self._repeats = 0
         self._limit: common_pb2.FinishReason.ValueType | None = None
+        # The agent's rules until the turn loads the workspace's and the conversation's.
+        self._permissions = Permissions([], [], list(self.agent.rules))
         self._step_metrics: list[common_pb2.StepMetrics] = []
 
     @property
@@ -357,15 +380,28 @@ class TurnRunner:
         self.events.emit(self.turn.id, step_id, after_persist=after_persist, **kind)
 
     async def _append(
-        self, messages: Sequence[common_pb2.Message], *, take_queue: bool = False
+        self,
+        messages: Sequence[common_pb2.Message],
+        *,
+        take_queue: bool = False,
+        move_to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_UNSPECIFIED,
     ) -> store_pb2.AppendResponse:
         """Commit messages with every event not yet persisted (``TurnWriter.append``); with
         ``take_queue``, the queued messages too (appended last, as this turn's)."""
-        resp = await self.writer.append(messages, take_queue=take_queue)
+        resp = await self.writer.append(messages, take_queue=take_queue, move_to=move_to)
         if resp.last_seq:
             self._last_seq = resp.last_seq
             self._committed(resp.first_seq, resp.last_seq)
         return resp
+
+    async def _resumed(self) -> common_pb2.TurnState.ValueType:
+        """The ``move_to`` of the commit that ends a step which waited for approvals: the
+        turn goes waiting_for_approval → resuming (every call decided) → running with it."""
+        if self.writer.turn.state == common_pb2.TURN_STATE_WAITING_FOR_APPROVAL:
+            await self._append([], move_to=common_pb2.TURN_STATE_RESUMING)
+        if self.writer.turn.state == common_pb2.TURN_STATE_RESUMING:
+            return common_pb2.TURN_STATE_RUNNING
+        return common_pb2.TURN_STATE_UNSPECIFIED
 
     def _committed(self, first_seq: int, last_seq: int) -> None:
         self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=first_seq, last_seq=last_seq))
@@ -581,6 +617,7 @@ class TurnRunner:
 
         resp, where = await self.writer.retrying("load the conversation", load)
         self.writer.committed_through(resp.last_seq)
+        self._permissions = await self._load_permissions(where)
         self._computer_id, self._cwd = where.computer_id, where.cwd
         if where.confine_tools or self.deps.confine_tools:
             # Without a root, confinement would silently mean none at all: refuse the turn.
@@ -592,6 +629,31 @@ class TurnRunner:
                 )
             self._root = where.workspace_root or where.cwd
         return list(resp.messages)
+
+    async def _load_permissions(self, where: store_pb2.ResolveExecutionResponse) -> Permissions:
+        """The turn's rules: what the conversation remembered, its workspace's, its agent's."""
+
+        async def load() -> tuple[common_pb2.Conversation, common_pb2.Workspace]:
+            conv = await self.deps.store.GetConversation(
+                store_pb2.GetConversationRequest(
+                    tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id
+                ),
+                timeout=self.deps.rpc_timeout,
+            )
+            ws = await self.deps.store.GetWorkspace(
+                store_pb2.GetWorkspaceRequest(tenant_id=self.tenant_id, workspace_id=conv.workspace_id),
+                timeout=self.deps.rpc_timeout,
+            )
+            return conv, ws
+
+        conv, ws = await self.writer.retrying("load the permission rules", load)
+        return Permissions(
+            [Rule.from_proto(r, "remembered") for r in conv.remembered],
+            [Rule.from_proto(r, f"workspace {ws.id}") for r in ws.permissions],
+            list(self.agent.rules),
+            root=where.workspace_root,
+            cwd=where.cwd or where.workspace_root,
+        )
 
     def _step_cap(self) -> int:
         """Steps this turn may take before it must wrap up; 0: no cap."""
@@ -621,7 +683,11 @@ class TurnRunner:
             wrap_up = self._limit
             step = StepState(step_index, make_step_id(self.turn.id, step_index))
             told = [*history, note] if note is not None else history
-            self._step_task = asyncio.create_task(self._run_step(step, told, wrap_up))
+            waiting = self.resume.waiting if self.resume is not None else []
+            if waiting:
+                self.resume.waiting = []  # type: ignore[union-attr]
+                self._waiting_step(step, history)
+            self._step_task = asyncio.create_task(self._run_step(step, told, wrap_up, waiting))
             try:
                 await self._step_task
             except asyncio.CancelledError:
@@ -646,15 +712,21 @@ class TurnRunner:
             if self.abort_reason is not None:
                 await self._commit_partial(step)
                 return common_pb2.FINISH_REASON_ABORTED, step_index + 1, step.usage.to_proto()
-            messages = [
-                m
-                for m in (
-                    note,
-                    step.assistant_message(self.turn.id, with_calls=True),
-                    step.tool_message(self.turn.id),
-                )
-                if m is not None
-            ]
+            if step.assistant_committed:
+                # It asked for approvals: note and assistant message are in; the results follow.
+                history.extend(step.committed)
+                messages = [m for m in (step.tool_message(self.turn.id),) if m is not None]
+                back = await self._resumed()
+            else:
+                messages = [
+                    m
+                    for m in (
+                        note,
+                        step.assistant_message(self.turn.id, with_calls=True),
+                        step.tool_message(self.turn.id),
+                    )
+                    if m is not None
+                ]
             note = None
             cap = self._step_cap()
             if step.calls and wrap_up is None and self._limit is None and cap and step_index + 1 >= cap:
@@ -663,7 +735,9 @@ class TurnRunner:
             # ran join it as user messages (steering), taken by the store in this same commit,
             # so none is lost or taken twice.
             steer = bool(step.calls) and wrap_up is None and self._limit is None
-            committed = await self._append(messages, take_queue=steer)
+            if not step.assistant_committed:
+                back = common_pb2.TURN_STATE_UNSPECIFIED
+            committed = await self._append(messages, take_queue=steer, move_to=back)
             history.extend(committed.messages)
             last_usage = step.usage.to_proto()
             await self._record_metrics(step=self._complete_step(step, last_usage))
@@ -753,6 +827,16 @@ class TurnRunner:
             self._limit = self._limit or common_pb2.FINISH_REASON_TOOL_BUDGET
 
     async def _commit_partial(self, step: StepState) -> None:
+        if step.assistant_committed:
+            # Its calls are committed (it waited for approvals): each gets a result now.
+            why = "not run: the turn ended before this call was decided or finished"
+            results = step.tool_message(self.turn.id, missing=why)
+            # The turn stays waiting (or resuming) until its seal ends it from there.
+            await self._append([results] if results is not None else [])
+            return
+        await self._commit_partial_text(step)
+
+    async def _commit_partial_text(self, step: StepState) -> None:
         message = step.assistant_message(self.turn.id, with_calls=False)
         await self._append([message] if message is not None else [])
 
@@ -800,12 +884,33 @@ class TurnRunner:
         self._call_ids.add(renamed.id)
         return renamed
 
+    def _waiting_step(self, step: StepState, history: Sequence[common_pb2.Message]) -> None:
+        """A recovered turn's step that waits for approvals, as history has it: its calls (and
+        text) committed, and the results it has so far."""
+        mine = [m for m in history if m.turn_id == self.turn.id and m.step_index == step.index]
+        for message in mine:
+            for chunk in message.chunks:
+                if chunk.HasField("tool_call"):
+                    c = chunk.tool_call
+                    step.calls.append(ToolCall(c.id, c.name, c.input_json))
+                    self._call_ids.add(c.id)
+                elif chunk.HasField("tool_result"):
+                    r = chunk.tool_result
+                    step.results[r.tool_call_id] = ToolResult(r.content, is_error=r.is_error)
+                    step.answered.add(r.tool_call_id)
+                elif chunk.HasField("text") and message.role == common_pb2.ROLE_ASSISTANT:
+                    step.text.append(chunk.text.text)
+        step.assistant_committed = True
+
     async def _run_step(
         self,
         step: StepState,
         history: Sequence[common_pb2.Message],
         wrap_up: common_pb2.FinishReason.ValueType | None = None,
+        waiting: Sequence[common_pb2.Approval] = (),
     ) -> None:
+        """Stream one provider response and run its calls; ``waiting``: the step is committed
+        and waits for these approvals (a recovered turn), so nothing is streamed."""
         agent = self.agent
         messages = list(history)
         if wrap_up is not None:
@@ -825,13 +930,30 @@ class TurnRunner:
                 # is cut now (lease_unsure cancels it), and runs again once it is confirmed.
                 return ToolResult("not run: this kernel could not confirm the turn's lease", is_error=True)
             started[call.id] = time.monotonic()
+            self._emit(
+                step.step_id,
+                tool_started=common_pb2.ToolStarted(
+                    tool_call_id=call.id, name=call.name, computer_id=self._computer_id
+                ),
+            )
             return await self._run_tool(step, call)
 
         def on_result(call: ToolCall, result: ToolResult, duplicate_of: str) -> None:
             elapsed = time.monotonic() - started[call.id] if call.id in started else 0.0
+            if call.id in step.edited:
+                note = f"(run with the input a person edited: {step.edited[call.id]})\n"
+                result = ToolResult(note + result.content, is_error=result.is_error)
             self._record_result(step, call, result, elapsed, duplicate_of)
 
         dispatcher = StepDispatcher(agent.policy, agent.tools, run_call, on_result)
+        if waiting:
+            try:
+                await self._decide(step, history, dispatcher, approvals=waiting)
+                await dispatcher.wait()
+            except BaseException:
+                await dispatcher.abort()
+                raise
+            return
         try:
             await self._stream_step(step, request, dispatcher, tools_allowed=wrap_up is None)
             if wrap_up is not None and not "".join(step.text).strip():
@@ -839,12 +961,62 @@ class TurnRunner:
             if not agent.policy.eager:
                 for call in step.calls:
                     self._submit(step, call, dispatcher)
+            if step.asks:
+                await self._decide(step, history, dispatcher)
             await dispatcher.wait()
         except BaseException:
             # Aborted, or the provider failed while eager calls ran: nothing
             # keeps running, and every unresolved call reads "Aborted".
             await dispatcher.abort()
             raise
+
+    async def _decide(
+        self,
+        step: StepState,
+        history: Sequence[common_pb2.Message],
+        dispatcher: StepDispatcher,
+        approvals: Sequence[common_pb2.Approval] | None = None,
+    ) -> None:
+        """The calls of ``step`` that wait for approval: asked for (committed with the step's
+        assistant message, the turn waiting), then run or answered as each is decided. A
+        recovered turn passes the ``approvals`` it found instead of asking again."""
+        asking = StepApprovals(
+            self.deps.approvals,
+            self.deps.store,
+            self.writer,
+            step_id=step.step_id,
+            timeout=self.agent.approval_timeout,
+            rpc_timeout=self.deps.rpc_timeout,
+            emit=self._emit,
+        )
+        recovered = approvals is not None
+        if approvals is None:
+            # A recovered turn's note, told with this step and not committed yet, goes first.
+            first = [m for m in history[-1:] if m.role == common_pb2.ROLE_SYSTEM and not m.seq]
+            message = step.assistant_message(self.turn.id, with_calls=True)
+            resp, approvals = await asking.ask([*first, *([message] if message else [])], step.asks)
+            step.assistant_committed = True
+            step.committed = list(resp.messages)
+            if resp.last_seq:
+                self._last_seq = resp.last_seq
+                self._committed(resp.first_seq, resp.last_seq)
+        calls = {c.id: c for c in step.calls}
+        async for decided in asking.decisions(approvals, announce=recovered):
+            call = calls.get(decided.tool_call_id)
+            if call is None:
+                continue
+            if decided.decision in RUNS:
+                if decided.decision == common_pb2.APPROVAL_DECISION_EDIT:
+                    call = ToolCall(call.id, call.name, decided.edited_input_json)
+                    step.edited[call.id] = decided.edited_input_json
+                if decided.remember:
+                    subject = self._permissions.decide(call.name, call.input_json).subject
+                    self._permissions.remember(remembered_rule(call.name, subject))
+                self._submit_allowed(step, call, dispatcher)
+            else:
+                self._record_result(step, call, ToolResult(why_not_run(decided), is_error=True), 0.0)
+        # Every call is decided: what runs now, runs with the turn resuming.
+        await self._resumed()
 
     async def _stream_step(
         self, step: StepState, request: ProviderRequest, dispatcher: StepDispatcher, *, tools_allowed: bool
@@ -903,7 +1075,23 @@ class TurnRunner:
         )
 
     def _submit(self, step: StepState, call: ToolCall, dispatcher: StepDispatcher) -> None:
-        """Hand ``call`` to the dispatcher, or answer it with an error if a limit refuses it."""
+        """Hand ``call`` to the dispatcher, unless a rule refuses it (an error result naming
+        the rule) or asks about it (it waits for a decision: ``_decide``), or a limit refuses
+        it (an error result)."""
+        decision = self._permissions.decide(call.name, call.input_json)
+        if decision.action == DENY:
+            rule = decision.rule.describe() if decision.rule is not None else "a rule"
+            self._record_result(
+                step, call, ToolResult(f"not run: denied by the rule {rule}", is_error=True), 0.0
+            )
+            return
+        if decision.action == ASK:
+            rule = decision.rule.describe() if decision.rule is not None else "a rule"
+            step.asks.append((call, rule))
+            return
+        self._submit_allowed(step, call, dispatcher)
+
+    def _submit_allowed(self, step: StepState, call: ToolCall, dispatcher: StepDispatcher) -> None:
         refused = self._gate(call)
         if refused:
             self._record_result(step, call, ToolResult(refused, is_error=True), 0.0)

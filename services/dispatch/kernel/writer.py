@@ -135,6 +135,8 @@ class TurnWriter:
         seal: store_pb2.TurnSeal | None = None,
         release: bool = False,
         next_turn: store_pb2.NextTurn | None = None,
+        approvals: Sequence[common_pb2.Approval] = (),
+        move_to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_UNSPECIFIED,
         forever: bool = False,
     ) -> store_pb2.AppendResponse:
         """Commit ``messages`` and every event not yet persisted, in one fenced transaction
@@ -143,7 +145,7 @@ class TurnWriter:
         for it."""
         async with self.events.commit_lock:
             pending = list(self.events.unpersisted)
-            if not (messages or pending or take_queue or seal or release):
+            if not (messages or pending or take_queue or seal or release or approvals or move_to):
                 return store_pb2.AppendResponse()
             request = store_pb2.AppendRequest(
                 tenant_id=self.tenant_id,
@@ -156,6 +158,8 @@ class TurnWriter:
                 seal=seal,
                 release_lease=release,
                 next_turn=next_turn,
+                approvals=approvals,
+                move_to=move_to,
             )
             last_event = pending[-1].event_seq if pending else 0
             attempts = 0
@@ -172,6 +176,8 @@ class TurnWriter:
 
             what = "seal the turn" if seal else "hand the turn over" if release else "commit the turn's step"
             resp = await self.retrying(what, attempt, forever=forever)
+            if resp.HasField("turn"):
+                self.turn = resp.turn  # its state (waiting, running, sealed) as the store has it
             self.committed_through(max([resp.last_seq, *(m.seq for m in resp.next_turn_messages)]))
             if seal is not None or release:
                 self.done = True
@@ -228,6 +234,15 @@ class TurnWriter:
             store_pb2.GetTurnRequest(tenant_id=self.tenant_id, turn_id=self.turn.id), timeout=self.rpc_timeout
         )
         resp.turn.CopyFrom(turn)
+        if request.approvals:
+            found = await self.store.ListApprovals(
+                store_pb2.ListApprovalsRequest(tenant_id=self.tenant_id, turn_id=self.turn.id),
+                timeout=self.rpc_timeout,
+            )
+            by_call = {a.tool_call_id: a for a in found.approvals}
+            resp.approvals.extend(
+                by_call[a.tool_call_id] for a in request.approvals if a.tool_call_id in by_call
+            )
         if theirs:
             next_turn = await self.store.GetTurn(
                 store_pb2.GetTurnRequest(tenant_id=self.tenant_id, turn_id=theirs[0].turn_id),

@@ -151,6 +151,11 @@ class AgentConfig:
     # The same call (tool and canonical input) this many times in a row ends the turn; 0: off.
     doom_loop: int = 3
     dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+    # Permission rules, as the config table has them (``tool = "allow"|"ask"|"deny"`` or
+    # ``tool = { pattern = action }``); checked against the tools by the kernel's agents.
+    permissions: Mapping[str, Any] = field(default_factory=dict)
+    # Seconds an approval may wait before it expires (a rejection); 0: it never does.
+    approval_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,10 @@ class KernelConfig:
     # How long a turn retries a write the store does not take (it is unavailable) before
     # the turn ends with an error; its end is still written once the store is back.
     store_outage: float = 60.0
+    # The default agent's permission rules and approval timeout ([kernel.permissions],
+    # [kernel] approval_timeout) when `agents` does not say otherwise.
+    permissions: Mapping[str, Any] = field(default_factory=dict)
+    approval_timeout: float = 0.0
 
     def all_providers(self) -> Mapping[str, ProviderConfig]:
         """``providers``, or ``provider`` as the one named ``default``."""
@@ -206,7 +215,11 @@ class KernelConfig:
         provider = "default" if "default" in providers else next(iter(providers))
         return {
             "default": AgentConfig(
-                provider=provider, system_prompt=self.system_prompt, dispatch=self.dispatch
+                provider=provider,
+                system_prompt=self.system_prompt,
+                dispatch=self.dispatch,
+                permissions=self.permissions,
+                approval_timeout=self.approval_timeout,
             )
         }
 
@@ -274,6 +287,8 @@ SCHEMA: Mapping[str, Any] = {
                 ("provider", "model", "system_prompt", "tools", "steps", "tool_budget", "doom_loop")
             ),
             "dispatch": _DISPATCH,
+            "permissions": ANY,
+            "approval_timeout": None,
         }
     },
     "kernel": {
@@ -292,8 +307,10 @@ SCHEMA: Mapping[str, Any] = {
                 "sweep_interval",
                 "max_attempts",
                 "store_outage",
+                "approval_timeout",
             )
         ),
+        "permissions": ANY,
         "dispatch": _DISPATCH,
         "retry": dict.fromkeys(("schedule", "budget")),
     },
@@ -502,7 +519,11 @@ def agent_config(
         dispatch=dispatch_policy(
             env, {"kernel": {"dispatch": sec.get("dispatch", {})}}, key=f"{key}.dispatch"
         ),
+        permissions=_permissions(sec.get("permissions"), f"{key}.permissions"),
+        approval_timeout=_float(sec.get("approval_timeout", 0.0), f"{key}.approval_timeout"),
     )
+    if agent.approval_timeout < 0:
+        raise ConfigError(f"config key {key}.approval_timeout must be 0 (never) or more seconds")
     for field_name in ("steps", "tool_budget", "doom_loop"):
         value = getattr(agent, field_name)
         if value is not None and value < 0:
@@ -510,6 +531,15 @@ def agent_config(
     if agent.doom_loop == 1:
         raise ConfigError(f"config key {key}.doom_loop must be 0 (off) or 2 or more: 1 refuses every call")
     return agent
+
+
+def _permissions(value: Any, key: str) -> Mapping[str, Any]:
+    """A permissions table's shape (the kernel checks tools, patterns and actions)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key [{key}] must be a table of tool = action")
+    return dict(value)
 
 
 def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> StoreConfig:
@@ -646,7 +676,11 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         sweep_interval=_float(sec.get("sweep_interval", 5.0), "kernel.sweep_interval"),
         max_attempts=_int(sec.get("max_attempts", 3), "kernel.max_attempts"),
         store_outage=_float(sec.get("store_outage", 60.0), "kernel.store_outage"),
+        permissions=_permissions(sec.get("permissions"), "kernel.permissions"),
+        approval_timeout=_float(sec.get("approval_timeout", 0.0), "kernel.approval_timeout"),
     )
+    if cfg.approval_timeout < 0:
+        raise ConfigError("config key kernel.approval_timeout must be 0 (never) or more seconds")
     for key, value in (
         ("lease_ttl", cfg.lease_ttl),
         ("sweep_interval", cfg.sweep_interval),
