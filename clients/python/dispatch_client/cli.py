@@ -8,12 +8,18 @@ dispatch watch CONV --until-sealed                  # ... until the running turn
 dispatch history CONV                               # committed messages
 dispatch cancel CONV                                # abort the running turn
 dispatch turns CONV --state running                 # the turns running now
+dispatch approvals CONV --pending                   # the tool calls waiting for a decision
+dispatch approve apr_... [--remember]               # let one run (--edit JSON: with other input)
+dispatch reject apr_... --reason "not on main"      # refuse it; the model is told why
 
 The key comes from ``--api-key``, else the ``api_key`` file in ``--data-dir``,
 else ``DISPATCH_API_KEY``, else the file ``dispatchd up`` writes
 (``$DISPATCH_DATA_DIR/api_key``, default ``.dispatch/api_key``). Failures print
 ``dispatch: STATUS: message`` to stderr. Ctrl-C while ``chat`` or ``send``
 follows a turn cancels that turn on the server; a second Ctrl-C exits at once.
+When the turn's tool call waits for approval, ``chat`` and ``send`` ask at the
+terminal (``[y]es / [a]lways / [n]o / [e]dit``); without one, or with
+``--no-prompt``, they say how to decide it and keep following the turn.
 
 Exit status:
 
@@ -43,7 +49,8 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -53,9 +60,10 @@ from google.protobuf.message import Message
 
 from dispatch_client import __version__
 from dispatch_client._calls import DEFAULT_TIMEOUT, POLICY_NAMES, TURN_STATE_NAMES, UNTIL_NAMES
+from dispatch_client._prompt import LineReader, TerminalReader, ask
 from dispatch_client._proto import common_pb2, transport_pb2
 from dispatch_client.client import DEFAULT_ADDRESS, DispatchClient
-from dispatch_client.errors import DispatchError
+from dispatch_client.errors import DispatchError, InvalidArgument
 
 EXIT_OK = 0
 EXIT_TURN_FAILED = 1
@@ -149,6 +157,9 @@ class Renderer:
         self._reasoning = False
         self.finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
         self.sealed = False
+        # Calls that waited for an approval: their tool_started gets a line (other calls'
+        # would only repeat their tool_call's).
+        self._asked: set[str] = set()
 
     def _style(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color and code and text else text
@@ -208,6 +219,24 @@ class Renderer:
             result = event.tool_result
             mark, code = ("✗", _RED) if result.is_error else ("←", _GREEN)
             self._line(f"{mark} {result.name}: {_preview(result.content)}", code)
+        elif kind == "approval_requested":
+            approval = event.approval_requested.approval
+            self._asked.add(approval.tool_call_id)
+            self._line(approval_requested_line(approval), _YELLOW)
+        elif kind == "approval_resolved":
+            approval = event.approval_resolved.approval
+            ran = approval.decision in (
+                common_pb2.APPROVAL_DECISION_APPROVE,
+                common_pb2.APPROVAL_DECISION_EDIT,
+            )
+            if not ran:
+                self._asked.discard(approval.tool_call_id)
+            self._line(approval_resolved_line(approval), _GREEN if ran else _RED)
+        elif kind == "tool_started" and event.tool_started.tool_call_id in self._asked:
+            began = event.tool_started
+            self._asked.discard(began.tool_call_id)
+            where = f" on {began.computer_id}" if began.computer_id else ""
+            self._line(f"▸ {began.name} started{where}", _DIM)
         elif kind == "provider_retry":
             retry = event.provider_retry
             self._line(f"(provider retry {retry.attempt}: {retry.reason})", _YELLOW)
@@ -271,6 +300,52 @@ def _compact(input_json: str) -> str:
         return json.dumps(json.loads(input_json), separators=(", ", ": "))
     except json.JSONDecodeError:
         return input_json
+
+
+def _short(text: str, width: int = 160) -> str:
+    """``text`` on one line, at most ``width`` characters (``…`` where it was cut)."""
+    flat = " ⏎ ".join(text.splitlines())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _call_subject(tool: str, input_json: str) -> str:
+    """What a call does, for people: a shell's command, else its input."""
+    try:
+        value = json.loads(input_json)
+    except json.JSONDecodeError:
+        return _short(input_json)
+    if tool == "shell" and isinstance(value, dict) and isinstance(value.get("command"), str):
+        return _short(value["command"])
+    return _short(json.dumps(value, separators=(", ", ": "), ensure_ascii=False))
+
+
+def approval_requested_line(approval: common_pb2.Approval) -> str:
+    """``? shell wants to run: git push (rule: shell `git push*` = ask) — approval apr_…``"""
+    rule = f" (rule: {approval.rule})" if approval.rule else ""
+    subject = _call_subject(approval.tool_name, approval.input_json)
+    return f"? {approval.tool_name} wants to run: {subject}{rule} — approval {approval.id}"
+
+
+def approval_resolved_line(approval: common_pb2.Approval) -> str:
+    """How an approval was decided, and by whom: ``✓ shell approved by key_… (remembered)``,
+    ``✗ shell rejected by key_…: not on main``, expired or closed by the kernel."""
+    decision = approval.decision
+    by = f" by {approval.decided_by}" if approval.decided_by and approval.decided_by != "kernel" else ""
+    remembered = " (remembered)" if approval.remember else ""
+    tool = approval.tool_name or "the call"
+    why = f": {_short(approval.reason)}" if approval.reason else ""
+    if decision == common_pb2.APPROVAL_DECISION_APPROVE:
+        return f"✓ {tool} approved{by}{remembered}"
+    if decision == common_pb2.APPROVAL_DECISION_EDIT:
+        edited = _call_subject(approval.tool_name, approval.edited_input_json)
+        return f"✓ {tool} approved with other input{by}{remembered}: {edited}"
+    if decision == common_pb2.APPROVAL_DECISION_REJECT:
+        return f"✗ {tool} rejected{by}{why}"
+    if decision == common_pb2.APPROVAL_DECISION_EXPIRED:
+        return f"✗ {tool}: the approval expired, nobody decided in time{why}"
+    if decision == common_pb2.APPROVAL_DECISION_CLOSED:
+        return f"✗ {tool}: the approval closed, the turn ended before a decision{why}"
+    return f"? {tool}: approval {approval.id} is still pending"
 
 
 def _preview(content: str, lines: int = 3, width: int = 160) -> str:
@@ -360,6 +435,55 @@ def turn_json(turn: common_pb2.Turn) -> str:
     return json.dumps(_as_dict(turn, **first), ensure_ascii=False)
 
 
+_APPROVAL_STATES = {
+    common_pb2.APPROVAL_DECISION_UNSPECIFIED: "pending",
+    common_pb2.APPROVAL_DECISION_APPROVE: "approved",
+    common_pb2.APPROVAL_DECISION_REJECT: "rejected",
+    common_pb2.APPROVAL_DECISION_EDIT: "edited",
+    common_pb2.APPROVAL_DECISION_EXPIRED: "expired",
+    common_pb2.APPROVAL_DECISION_CLOSED: "closed",
+}
+
+
+def approval_line(approval: common_pb2.Approval) -> str:
+    """One approval for people: id, state (pending, approved, rejected, edited, expired,
+    closed), the call (tool and what it runs), the rule that asked, who decided, whether it
+    was remembered, the reason or the edited input, and when it was created (UTC) and decided."""
+    state = _APPROVAL_STATES.get(approval.decision, "decided")
+    parts: list[str] = [
+        approval.id,
+        f"{state:<8}",
+        approval.tool_name,
+        _call_subject(approval.tool_name, approval.input_json),
+    ]
+    if approval.rule:
+        parts.append(f"rule: {approval.rule}")
+    if approval.decided_by:
+        parts.append(f"by {approval.decided_by}")
+    if approval.remember:
+        parts.append("remembered")
+    if approval.edited_input_json:
+        parts.append(f"input: {_call_subject(approval.tool_name, approval.edited_input_json)}")
+    if approval.reason:
+        parts.append(f"reason: {_short(approval.reason)}")
+    if approval.HasField("created_at"):
+        parts.append(f"created {approval.created_at.ToDatetime().strftime('%Y-%m-%d %H:%M:%S')}")
+        if approval.HasField("resolved_at"):
+            parts.append(f"decided {_since(approval.created_at, approval.resolved_at)}")
+    return "  ".join(part for part in parts if part)
+
+
+def approval_json(approval: common_pb2.Approval) -> str:
+    """One approval as a JSON line: protobuf's JSON mapping, with ``state`` (as ``approval_line``
+    names it) first and ``decision`` as its short name (``"approve"``; absent while pending)."""
+    first: dict[str, Any] = {"id": approval.id, "state": _APPROVAL_STATES.get(approval.decision, "decided")}
+    if approval.decision:
+        first["decision"] = (
+            common_pb2.ApprovalDecision.Name(approval.decision).removeprefix("APPROVAL_DECISION_").lower()
+        )
+    return json.dumps(_as_dict(approval, **first), ensure_ascii=False)
+
+
 def _chunk_line(chunk: common_pb2.Chunk) -> str:
     kind = chunk.WhichOneof("kind")
     if kind == "text":
@@ -430,12 +554,186 @@ async def _cancel_turn(client: DispatchClient, conversation_id: str, turn_id: st
         print(f"dispatch: turn {turn_id} had already ended", file=sys.stderr, flush=True)
 
 
+# ------------------------------------------------------------------ approvals
+
+# Decides one approval request of the turn shown (asks at the terminal, or says how).
+Decide = Callable[[common_pb2.Approval], Awaitable[None]]
+
+
+class AskingSink:
+    """A sink that has each approval request of its turn decided by ``decide``, one at a time,
+    in the order they come. While one is being decided the events after it are held and
+    written once it is, so nothing is printed over the question; one decided elsewhere
+    (another client, its expiry, the turn ending) withdraws its question."""
+
+    def __init__(self, sink: Sink, decide: Decide):
+        self.sink = sink
+        self.decide = decide
+        self._waiting: deque[common_pb2.Approval] = deque()
+        self._current = ""
+        self._task: asyncio.Future[None] | None = None
+        self._held: list[common_pb2.AgentEvent] = []
+        # Approvals known to be decided, held events included: never asked.
+        self._resolved: set[str] = set()
+        self._closed = False
+        # What went wrong deciding (not a refusal of the server's: ``decide`` reports those).
+        self._failure: BaseException | None = None
+
+    @property
+    def finish(self) -> common_pb2.FinishReason.ValueType:
+        return self.sink.finish
+
+    @property
+    def sealed(self) -> bool:
+        return self.sink.sealed
+
+    @property
+    def deciding(self) -> str:
+        """The id of the approval being decided now, or ""."""
+        return self._current
+
+    def end_line(self) -> None:
+        self.sink.end_line()
+
+    def event(self, event: common_pb2.AgentEvent) -> None:
+        if event.HasField("approval_resolved"):
+            self._resolved.add(event.approval_resolved.approval.id)
+        if self._task is None:
+            self._show(event)
+            return
+        if event.HasField("approval_resolved") and event.approval_resolved.approval.id == self._current:
+            self._task.cancel()  # decided (here, or elsewhere): the question is over
+        self._held.append(event)
+
+    def _show(self, event: common_pb2.AgentEvent) -> None:
+        self.sink.event(event)
+        if event.HasField("approval_requested"):
+            self._waiting.append(event.approval_requested.approval)
+        self._waiting = deque(a for a in self._waiting if a.id not in self._resolved)
+        if self._task is None and self._waiting and not self._closed:
+            approval = self._waiting.popleft()
+            self._current = approval.id
+            self.sink.end_line()
+            self._task = asyncio.ensure_future(self.decide(approval))
+            self._task.add_done_callback(self._decided)
+
+    def _decided(self, task: asyncio.Future[None]) -> None:
+        self._task, self._current = None, ""
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = self._failure or task.exception()
+        held, self._held = self._held, []
+        for i, event in enumerate(held):
+            if self._task is not None:  # another question: the rest waits for it
+                self._held.extend(held[i:])
+                return
+            self._show(event)
+
+    async def close(self) -> None:
+        """Withdraw the question still open, if any, and write what was held."""
+        self._closed = True
+        self._waiting.clear()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self._task is task:  # its done callback has not run yet
+                self._decided(task)
+        for event in self._held:
+            self.sink.event(event)
+        self._held = []
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+
+def decide_hint(args: argparse.Namespace, approval_id: str) -> str:
+    """How to decide ``approval_id`` from another terminal, with the options this run needed to
+    reach the server (never the API key)."""
+
+    def command(*words: str) -> str:
+        line = ["dispatch", *words]
+        if args.address_given:
+            line += ["--address", args.address]
+        if args.data_dir:
+            line += ["--data-dir", os.path.abspath(Path(args.data_dir).expanduser())]
+        return " ".join(shlex.quote(w) for w in line)
+
+    return (
+        f"approval {approval_id} waits for a decision: {command('approve', approval_id)} "
+        f"[--remember] [--edit JSON], or {command('reject', approval_id)} [--reason TEXT]"
+    )
+
+
+class TerminalDecider:
+    """Decides approvals by asking at the terminal (``read``, questions on ``say``); when the
+    input ends, or ``read`` is None, it says how to decide them elsewhere instead. An edit the
+    server refuses (not the tool's schema) asks again; any other failure is reported, and the
+    turn goes on being followed."""
+
+    def __init__(
+        self, client: DispatchClient, args: argparse.Namespace, read: LineReader | None, say: TextIO
+    ):
+        self.client = client
+        self.args = args
+        self.read = read
+        self.say = say
+
+    async def __call__(self, approval: common_pb2.Approval) -> None:
+        while self.read is not None:
+            try:
+                answer = await ask(approval, self.read, self.say)
+            except asyncio.CancelledError:
+                print(file=self.say, flush=True)  # the prompt's line ends; the stream says why
+                raise
+            if answer is None:
+                self.read = None  # the input ended: no more questions
+                break
+            try:
+                await self.client.resolve_approval(
+                    approval.id,
+                    answer.decision,
+                    edited_input_json=answer.edited_input_json,
+                    reason=answer.reason,
+                    remember=answer.remember,
+                )
+                return
+            except InvalidArgument as exc:
+                print(f"dispatch: {exc}", file=self.say, flush=True)
+            except DispatchError as exc:
+                print(f"dispatch: could not decide approval {approval.id}: {exc}", file=self.say, flush=True)
+                return
+        print(f"dispatch: {decide_hint(self.args, approval.id)}", file=self.say, flush=True)
+
+
+def _on_a_terminal(*streams: TextIO) -> bool:
+    try:
+        return all(stream.isatty() for stream in streams)
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _decider(args: argparse.Namespace, client: DispatchClient) -> TerminalDecider:
+    """Ask at the terminal when stdin and stderr are one and ``--no-prompt`` is not given;
+    else only say how to decide."""
+    prompt = not getattr(args, "no_prompt", False) and _on_a_terminal(sys.stdin, sys.stderr)
+    read = TerminalReader(sys.stdin.fileno(), sys.stderr) if prompt else None
+    return TerminalDecider(client, args, read, sys.stderr)
+
+
 async def _follow_turn(
-    client: DispatchClient, conversation_id: str, text: str, sink: Sink, **send_options: Any
+    client: DispatchClient,
+    conversation_id: str,
+    text: str,
+    sink: Sink,
+    *,
+    decide: Decide | None = None,
+    **send_options: Any,
 ) -> transport_pb2.SendResponse:
     """Send ``text`` and write the events of the turn that takes it to ``sink``, up to its
-    seal. Ctrl-C (the task cancelled) cancels the turn being shown on the server, then
-    lets the cancellation through."""
+    seal; its approval requests go to ``decide``, one at a time (see ``AskingSink``). Ctrl-C
+    (the task cancelled) cancels the turn being shown on the server, then lets the
+    cancellation through."""
     sending = asyncio.ensure_future(client.send(conversation_id, text, **send_options))
     try:
         sent = await asyncio.shield(sending)
@@ -450,16 +748,22 @@ async def _follow_turn(
         raise
     shown = sent.turn_id
     events = client.follow_turn(conversation_id, sent)
+    asking = AskingSink(sink, decide) if decide is not None else None
     try:
         async with contextlib.aclosing(events):
             async for event in events:
                 shown = event.turn_id or shown
-                sink.event(event)
+                (asking or sink).event(event)
     except asyncio.CancelledError:
         _interrupted()
+        if asking is not None:
+            await asking.close()
         sink.end_line()
         await _cancel_turn(client, conversation_id, shown)
         raise
+    finally:
+        if asking is not None:
+            await asking.close()
     return sent
 
 
@@ -500,7 +804,7 @@ async def _chat(args: argparse.Namespace, out: TextIO) -> int:
             conversation_id = (await client.create_conversation()).id
             print(f"conversation {conversation_id}", file=sys.stderr)
         sink = _sink(args, out)
-        await _follow_turn(client, conversation_id, args.message, sink)
+        await _follow_turn(client, conversation_id, args.message, sink, decide=_decider(args, client))
         print(f"continue with: {_continue_hint(args, conversation_id)}", file=sys.stderr)
         return turn_status(sink)
 
@@ -518,7 +822,9 @@ async def _send(args: argparse.Namespace, out: TextIO) -> int:
                     print(f"queued behind the running turn {sent.turn_id}", file=sys.stderr)
             return EXIT_OK
         sink = _sink(args, out, as_json=args.json)
-        await _follow_turn(client, args.conversation, args.text, sink, **options)
+        await _follow_turn(
+            client, args.conversation, args.text, sink, decide=_decider(args, client), **options
+        )
         return turn_status(sink)
 
 
@@ -607,6 +913,31 @@ async def _turns(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def _approvals(args: argparse.Namespace, out: TextIO) -> int:
+    async with _client(args) as client:
+        listed = await client.list_approvals(args.conversation, pending_only=args.pending)
+    for approval in listed.approvals:
+        print(approval_json(approval) if args.json else approval_line(approval), file=out)
+    return EXIT_OK
+
+
+async def _approve(args: argparse.Namespace, out: TextIO) -> int:
+    async with _client(args) as client:
+        if args.edit is not None:
+            decided = await client.edit(args.approval, args.edit, remember=args.remember)
+        else:
+            decided = await client.approve(args.approval, remember=args.remember)
+    print(approval_line(decided), file=out)
+    return EXIT_OK
+
+
+async def _reject(args: argparse.Namespace, out: TextIO) -> int:
+    async with _client(args) as client:
+        decided = await client.reject(args.approval, args.reason)
+    print(approval_line(decided), file=out)
+    return EXIT_OK
+
+
 Command = Callable[[argparse.Namespace, TextIO], Coroutine[Any, Any, int]]
 
 _COMMANDS: dict[str, Command] = {
@@ -617,6 +948,9 @@ _COMMANDS: dict[str, Command] = {
     "conversations": _conversations,
     "cancel": _cancel,
     "turns": _turns,
+    "approvals": _approvals,
+    "approve": _approve,
+    "reject": _reject,
 }
 
 
@@ -673,9 +1007,11 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
+    no_prompt = "on a tool call waiting for approval, only say how to decide it (default: ask, on a terminal)"
     p = command("chat", "send a message and stream the turn (Ctrl-C cancels it)")
     p.add_argument("message")
     p.add_argument("--conversation", "-c", default="", help="continue this conversation (default: a new one)")
+    p.add_argument("--no-prompt", action="store_true", help=no_prompt)
 
     p = command("send", "send a message to a conversation and render its turn (Ctrl-C cancels it)")
     p.add_argument("conversation")
@@ -686,6 +1022,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", default="", help="a repeat with this key does not start another turn")
     p.add_argument("--no-wait", action="store_true", help="print the turn id and return at once")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.add_argument("--no-prompt", action="store_true", help=no_prompt)
 
     p = command("watch", "follow a conversation's events (reconnecting by itself)")
     p.add_argument("conversation")
@@ -746,6 +1083,24 @@ def parser() -> argparse.ArgumentParser:
         help=f"only turns in this state; repeat for several ({', '.join(TURN_STATE_NAMES)})",
     )
     p.add_argument("--json", action="store_true", help="one JSON turn per line")
+
+    p = command("approvals", "list a conversation's approvals (oldest first)")
+    p.add_argument("conversation")
+    p.add_argument("--pending", action="store_true", help="only those waiting for a decision")
+    p.add_argument("--json", action="store_true", help="one JSON approval per line")
+
+    p = command("approve", "let a tool call waiting for approval run")
+    p.add_argument("approval", metavar="APPROVAL_ID")
+    p.add_argument(
+        "--remember",
+        action="store_true",
+        help="and the same call, without asking, for the rest of the conversation",
+    )
+    p.add_argument("--edit", metavar="JSON", help="run it with this input instead (a JSON object)")
+
+    p = command("reject", "refuse a tool call waiting for approval (the model gets an error result)")
+    p.add_argument("approval", metavar="APPROVAL_ID")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why, for the model")
     return top
 
 
