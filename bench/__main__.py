@@ -1,7 +1,8 @@
-"""``python -m bench [dispatcher|store|exec|transport|steps] [options]``: run one benchmark, or every one.
+"""``python -m bench [dispatcher|store|exec|transport|steps|turn] [options]``: one benchmark, or every one.
 
 Without a name, every benchmark runs with its defaults (options, as before, go
-to the tool-dispatch scheduler benchmark alone).
+to the tool-dispatch scheduler benchmark alone), except ``turn``, whose peers
+(LangGraph, the OpenAI Agents SDK) are an optional install: run it by name.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import dispatcher, exec, steps, store, transport
+from bench import dispatcher, exec, steps, store, transport, turn
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "dispatcher": dispatcher.main,
@@ -17,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "exec": exec.main,
     "transport": transport.main,
     "steps": steps.main,
+    "turn": turn.main,
 }
 
 
