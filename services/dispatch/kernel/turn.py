@@ -20,8 +20,6 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.approvals import RUNS, ApprovalBoard, StepApprovals, why_not_run
@@ -385,10 +383,13 @@ class TurnRunner:
         *,
         take_queue: bool = False,
         move_to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_UNSPECIFIED,
+        step_metrics: Sequence[common_pb2.StepMetrics] = (),
     ) -> store_pb2.AppendResponse:
         """Commit messages with every event not yet persisted (``TurnWriter.append``); with
         ``take_queue``, the queued messages too (appended last, as this turn's)."""
-        resp = await self.writer.append(messages, take_queue=take_queue, move_to=move_to)
+        resp = await self.writer.append(
+            messages, take_queue=take_queue, move_to=move_to, step_metrics=step_metrics
+        )
         if resp.last_seq:
             self._last_seq = resp.last_seq
             self._committed(resp.first_seq, resp.last_seq)
@@ -516,20 +517,18 @@ class TurnRunner:
                 steps=steps,
             )
         )
-        await self._record_metrics(
-            turn=common_pb2.TurnMetrics(
-                turn_id=self.turn.id,
-                conversation_id=self.turn.conversation_id,
-                duration=duration(time.monotonic() - started),
-                usage=self._usage,
-                steps=steps,
-                tool_calls=sum(m.tool_calls for m in self._step_metrics),
-                context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
-                finish_reason=finish,
-            )
+        metrics = common_pb2.TurnMetrics(
+            turn_id=self.turn.id,
+            conversation_id=self.turn.conversation_id,
+            duration=duration(time.monotonic() - started),
+            usage=self._usage,
+            steps=steps,
+            tool_calls=sum(m.tool_calls for m in self._step_metrics),
+            context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
+            finish_reason=finish,
         )
         state = self.abort_reason or TERMINAL_STATE.get(finish, common_pb2.TURN_STATE_COMPLETED)
-        await self._seal(state, finish, error)
+        await self._seal(state, finish, error, metrics)
 
     async def _hand_over(self, *, mid_step: bool) -> None:
         """Release the lease with the turn unfinished: another kernel (or this one, restarted)
@@ -551,44 +550,26 @@ class TurnRunner:
                 "turn %s: could not hand it over (%s); it resumes when its lease expires", self.turn.id, exc
             )
 
-    async def _record_metrics(
-        self, *, step: common_pb2.StepMetrics | None = None, turn: common_pb2.TurnMetrics | None = None
-    ) -> None:
-        """Persist a step's or the turn's metrics. A failure is logged, not fatal: metrics
-        never cost a turn its answer."""
-        try:
-            if step is not None:
-                await self.deps.store.RecordStepMetrics(
-                    store_pb2.RecordStepMetricsRequest(
-                        tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id, metrics=step
-                    ),
-                    timeout=self.deps.rpc_timeout,
-                )
-            if turn is not None:
-                await self.deps.store.RecordTurnMetrics(
-                    store_pb2.RecordTurnMetricsRequest(tenant_id=self.tenant_id, metrics=turn),
-                    timeout=self.deps.rpc_timeout,
-                )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("turn %s: metrics not recorded: %s: %s", self.turn.id, exc.code().name, exc.details())
-
     async def _seal(
         self,
         state: common_pb2.TurnState.ValueType,
         finish: common_pb2.FinishReason.ValueType,
         error: str,
+        metrics: common_pb2.TurnMetrics | None = None,
     ) -> None:
-        """End the turn in one commit with everything not yet persisted: its state, its lease
-        released, and the next turn started if messages are queued. ``turn_sealed`` rides in
-        that commit and is sent only once it succeeded. A store that is down is waited out:
-        the turn's end is written once it is back."""
+        """End the turn in one commit with everything not yet persisted: its state and
+        ``metrics``, its lease released, and the next turn started if messages are queued.
+        ``turn_sealed`` rides in that commit and is sent only once it succeeded. A store that
+        is down is waited out: the turn's end is written once it is back."""
         self._emit(
             after_persist=True, turn_sealed=common_pb2.TurnSealed(state=state, last_seq=self._last_seq)
         )
         seal = store_pb2.TurnSeal(state=state, finish_reason=finish, error_message=error)
         try:
             next_turn = self._next_turn() if self._start_next else None
-            resp = await self.writer.append(seal=seal, next_turn=next_turn, forever=True)
+            resp = await self.writer.append(
+                seal=seal, next_turn=next_turn, turn_metrics=metrics, forever=True
+            )
         except StoreFailed as exc:
             # Refused, not unavailable: a defect. The lease runs out and the turn is recovered.
             log.error("turn %s could not be sealed: %s", self.turn.id, exc)  # noqa: TRY400 - the cause is in exc
@@ -737,10 +718,12 @@ class TurnRunner:
             steer = bool(step.calls) and wrap_up is None and self._limit is None
             if not step.assistant_committed:
                 back = common_pb2.TURN_STATE_UNSPECIFIED
-            committed = await self._append(messages, take_queue=steer, move_to=back)
-            history.extend(committed.messages)
             last_usage = step.usage.to_proto()
-            await self._record_metrics(step=self._complete_step(step, last_usage))
+            # The step's metrics ride in its commit: one round trip to the store per step.
+            metrics = self._step_metrics_of(step, last_usage)
+            committed = await self._append(messages, take_queue=steer, move_to=back, step_metrics=[metrics])
+            history.extend(committed.messages)
+            self._complete_step(step, metrics)
             step_index += 1
             if committed.dequeued:
                 self._emit(
@@ -840,36 +823,38 @@ class TurnRunner:
         message = step.assistant_message(self.turn.id, with_calls=False)
         await self._append([message] if message is not None else [])
 
-    def _complete_step(self, step: StepState, usage: common_pb2.Usage) -> common_pb2.StepMetrics:
+    def _step_metrics_of(self, step: StepState, usage: common_pb2.Usage) -> common_pb2.StepMetrics:
+        """The step's timings, usage and calls, as recorded with its commit."""
         end = step.stream_end or time.monotonic()
         first = step.first_token or end
         ttft, decode, generation = first - step.started, end - first, end - step.started
+        return common_pb2.StepMetrics(
+            turn_id=self.turn.id,
+            step_index=step.index,
+            step_id=step.step_id,
+            ttft=duration(ttft),
+            decode=duration(decode),
+            generation=duration(generation),
+            usage=usage,
+            tool_calls=len(step.calls),
+            finish_reason=step.finish,
+        )
+
+    def _complete_step(self, step: StepState, metrics: common_pb2.StepMetrics) -> None:
+        """The step is committed: ``step_completed`` says so, with its metrics."""
         self._emit(
             step.step_id,
             step_completed=common_pb2.StepCompleted(
                 step_index=step.index,
                 finish_reason=step.finish,
-                ttft=duration(ttft),
-                decode=duration(decode),
-                generation=duration(generation),
-                usage=usage,
-                tool_calls=len(step.calls),
+                ttft=metrics.ttft,
+                decode=metrics.decode,
+                generation=metrics.generation,
+                usage=metrics.usage,
+                tool_calls=metrics.tool_calls,
             ),
         )
-        self._step_metrics.append(
-            metrics := common_pb2.StepMetrics(
-                turn_id=self.turn.id,
-                step_index=step.index,
-                step_id=step.step_id,
-                ttft=duration(ttft),
-                decode=duration(decode),
-                generation=duration(generation),
-                usage=usage,
-                tool_calls=len(step.calls),
-                finish_reason=step.finish,
-            )
-        )
-        return metrics
+        self._step_metrics.append(metrics)
 
     def _unique(self, call: ToolCall) -> ToolCall:
         """The call with an id no earlier call of this turn has: a provider that

@@ -137,6 +137,8 @@ class TurnWriter:
         next_turn: store_pb2.NextTurn | None = None,
         approvals: Sequence[common_pb2.Approval] = (),
         move_to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_UNSPECIFIED,
+        step_metrics: Sequence[common_pb2.StepMetrics] = (),
+        turn_metrics: common_pb2.TurnMetrics | None = None,
         forever: bool = False,
     ) -> store_pb2.AppendResponse:
         """Commit ``messages`` and every event not yet persisted, in one fenced transaction
@@ -145,7 +147,9 @@ class TurnWriter:
         for it."""
         async with self.events.commit_lock:
             pending = list(self.events.unpersisted)
-            if not (messages or pending or take_queue or seal or release or approvals or move_to):
+            if not (
+                messages or pending or take_queue or seal or release or approvals or move_to or step_metrics
+            ):
                 return store_pb2.AppendResponse()
             request = store_pb2.AppendRequest(
                 tenant_id=self.tenant_id,
@@ -160,6 +164,8 @@ class TurnWriter:
                 next_turn=next_turn,
                 approvals=approvals,
                 move_to=move_to,
+                step_metrics=step_metrics,
+                turn_metrics=turn_metrics,
             )
             last_event = pending[-1].event_seq if pending else 0
             attempts = 0

@@ -674,6 +674,8 @@ def check_append_request(
     next_turn: NextTurn | None = None,
     approvals: Sequence[common_pb2.Approval] = (),
     move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
+    step_metrics: Sequence[common_pb2.StepMetrics] = (),
+    turn_metrics: common_pb2.TurnMetrics | None = None,
 ) -> list[common_pb2.Approval]:
     """Check an append request before it touches the database: its content
     (``validate_append``) and how its parts go together. seal, release_lease, next_turn,
@@ -690,6 +692,8 @@ def check_append_request(
             ("next_turn", next_turn is not None),
             ("approvals", bool(approvals)),
             ("move_to", move_to != common_pb2.TURN_STATE_UNSPECIFIED),
+            ("step_metrics", bool(step_metrics)),
+            ("turn_metrics", turn_metrics is not None),
         ):
             if given:
                 raise InvalidArgument(
@@ -731,6 +735,8 @@ def check_append_request(
         or reserve_event_seq > 0
         or bool(created)
         or move_to != common_pb2.TURN_STATE_UNSPECIFIED
+        or bool(step_metrics)
+        or turn_metrics is not None
     )
     validate_append(
         conversation_id,
@@ -805,6 +811,39 @@ def check_turn_metrics(metrics: common_pb2.TurnMetrics) -> None:
         raise InvalidArgument("metrics.turn_id is required")
     if metrics.step_metrics:
         raise InvalidArgument("turn metrics carry no step_metrics; record each step with RecordStepMetrics")
+
+
+def appended_metrics(
+    conversation_id: str,
+    fence: LeaseFence | None,
+    step_metrics: Sequence[common_pb2.StepMetrics],
+    turn_metrics: common_pb2.TurnMetrics | None,
+) -> tuple[list[common_pb2.StepMetrics], common_pb2.TurnMetrics | None]:
+    """The metrics a fenced append records, as stored: each must be the fenced turn's
+    (``InvalidArgument`` naming the one that is not; the fence check makes the turn the
+    conversation's); a turn's may leave its turn_id out."""
+    if fence is None:
+        return [], None
+    steps = []
+    for i, metrics in enumerate(step_metrics):
+        stored = normalized_step_metrics(metrics)
+        if stored.turn_id != fence.turn_id:
+            raise InvalidArgument(
+                f"step_metrics[{i}].turn_id is {stored.turn_id}, not the fenced turn {fence.turn_id}"
+            )
+        steps.append(stored)
+    if turn_metrics is None:
+        return steps, None
+    if turn_metrics.turn_id and turn_metrics.turn_id != fence.turn_id:
+        raise InvalidArgument(
+            f"turn_metrics.turn_id is {turn_metrics.turn_id}, not the fenced turn {fence.turn_id}"
+        )
+    totals = common_pb2.TurnMetrics()
+    totals.CopyFrom(turn_metrics)
+    totals.turn_id = fence.turn_id
+    totals.conversation_id = conversation_id
+    check_turn_metrics(totals)
+    return steps, totals
 
 
 def normalized_step_metrics(metrics: common_pb2.StepMetrics) -> common_pb2.StepMetrics:
@@ -1203,6 +1242,8 @@ class Store(abc.ABC):
         next_turn: NextTurn | None = None,
         approvals: Sequence[common_pb2.Approval] = (),
         move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
+        step_metrics: Sequence[common_pb2.StepMetrics] = (),
+        turn_metrics: common_pb2.TurnMetrics | None = None,
     ) -> Appended:
         """Commit messages and events in one transaction (``check_append_request``).
 
@@ -1220,7 +1261,9 @@ class Store(abc.ABC):
         seal or release lowers it to last_event_seq (``reservation_after_append``).
         A fenced append may also create pending ``approvals`` for its turn and move
         the turn to ``move_to`` (``check_transition``); a seal closes the turn's pending
-        approvals (``closed_approval``).
+        approvals (``closed_approval``). It may record the fenced turn's ``step_metrics``
+        and ``turn_metrics`` too (``appended_metrics``), as RecordStepMetrics and
+        RecordTurnMetrics would, so a step costs the store one round trip.
         """
 
     @abc.abstractmethod

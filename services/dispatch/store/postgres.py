@@ -1095,6 +1095,22 @@ class _PostgresTx:
             [tuple(row[c] for c in columns) for row in rows],
         )
 
+    async def upsert_step_metrics(
+        self, conversation_id: str, metrics: Sequence[common_pb2.StepMetrics]
+    ) -> None:
+        await self._cur.executemany(
+            "INSERT INTO step_metrics (turn_id, step_index, conversation_id, body) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (turn_id, step_index) DO UPDATE SET body = EXCLUDED.body",
+            [(m.turn_id, m.step_index, conversation_id, m.SerializeToString()) for m in metrics],
+        )
+
+    async def upsert_turn_metrics(self, conversation_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        await self._cur.execute(
+            "INSERT INTO turn_metrics (turn_id, conversation_id, body) VALUES (%s, %s, %s)"
+            " ON CONFLICT (turn_id) DO UPDATE SET body = EXCLUDED.body",
+            (metrics.turn_id, conversation_id, metrics.SerializeToString()),
+        )
+
     async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
         # The compare-and-set: under READ COMMITTED a racing decision that committed first
         # leaves no pending row to update here.

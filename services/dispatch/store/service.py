@@ -268,6 +268,8 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             next_turn=_next_turn(request),
             approvals=request.approvals,
             move_to=_move_to(request.move_to),
+            step_metrics=request.step_metrics,
+            turn_metrics=request.turn_metrics if request.HasField("turn_metrics") else None,
         )
         return store_pb2.AppendResponse(
             messages=done.messages,

@@ -46,6 +46,7 @@ from dispatch.store.backend import (
     Store,
     TurnSeal,
     TurnState,
+    appended_metrics,
     check_append_request,
     check_approvable_turn,
     check_event_seqs,
@@ -164,6 +165,15 @@ class Tx(Protocol):
     async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert approvals with every column given (``rows.approval_columns``)."""
 
+    async def upsert_step_metrics(
+        self, conversation_id: str, metrics: Sequence[common_pb2.StepMetrics]
+    ) -> None:
+        """Record step metrics as ``normalized_step_metrics`` made them (one row per turn
+        and step; again replaces it)."""
+
+    async def upsert_turn_metrics(self, conversation_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        """Record a turn's metrics (one row per turn; again replaces it)."""
+
     async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
         """Set ``fields`` on the approval only if it is still pending (decision 0); answer
         whether it was."""
@@ -271,6 +281,8 @@ class SQLStore(Store):
         next_turn: NextTurn | None = None,
         approvals: Sequence[common_pb2.Approval] = (),
         move_to: TurnState = common_pb2.TURN_STATE_UNSPECIFIED,
+        step_metrics: Sequence[common_pb2.StepMetrics] = (),
+        turn_metrics: common_pb2.TurnMetrics | None = None,
     ) -> Appended:
         asked = check_append_request(
             conversation_id,
@@ -285,7 +297,10 @@ class SQLStore(Store):
             next_turn=next_turn,
             approvals=approvals,
             move_to=move_to,
+            step_metrics=step_metrics,
+            turn_metrics=turn_metrics,
         )
+        steps, turn_totals = appended_metrics(conversation_id, fence, step_metrics, turn_metrics)
         approval_ids = [new_id(APPROVAL_PREFIX) for _ in asked]
         next_turn_id = new_id(TURN_PREFIX) if next_turn is not None else ""
         next_ttl_ns = lease_ttl_ns(next_turn.lease_ttl) if next_turn is not None else 0
@@ -335,6 +350,10 @@ class SQLStore(Store):
                 ]
                 if created:
                     await tx.insert_approvals([approval_columns(a) for a in created])
+                if steps:
+                    await tx.upsert_step_metrics(conversation_id, steps)
+                if turn_totals is not None:
+                    await tx.upsert_turn_metrics(conversation_id, turn_totals)
                 if turn_fields:
                     await tx.update("turns", fence.turn_id, turn_fields)
                 turn = turn_from_row({**fenced, **turn_fields})

@@ -1146,6 +1146,22 @@ class _SQLiteTx:
                 tuple(row.values()),
             )
 
+    async def upsert_step_metrics(
+        self, conversation_id: str, metrics: Sequence[common_pb2.StepMetrics]
+    ) -> None:
+        self._conn.executemany(
+            "INSERT INTO step_metrics (turn_id, step_index, conversation_id, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (turn_id, step_index) DO UPDATE SET body = excluded.body",
+            [(m.turn_id, m.step_index, conversation_id, m.SerializeToString()) for m in metrics],
+        )
+
+    async def upsert_turn_metrics(self, conversation_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        self._conn.execute(
+            "INSERT INTO turn_metrics (turn_id, conversation_id, body) VALUES (?, ?, ?)"
+            " ON CONFLICT (turn_id) DO UPDATE SET body = excluded.body",
+            (metrics.turn_id, conversation_id, metrics.SerializeToString()),
+        )
+
     async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
         assignments = ", ".join(f"{column} = ?" for column in fields)
         cursor = self._conn.execute(

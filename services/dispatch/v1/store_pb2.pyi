@@ -431,6 +431,8 @@ class AppendRequest(_message.Message):
     NEXT_TURN_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
     MOVE_TO_FIELD_NUMBER: _builtins.int
+    STEP_METRICS_FIELD_NUMBER: _builtins.int
+    TURN_METRICS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     take_queue_for_turn: _builtins.str
@@ -486,6 +488,19 @@ class AppendRequest(_message.Message):
         fenced turn; their ids are assigned and answered in `approvals`).
         """
 
+    @_builtins.property
+    def step_metrics(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StepMetrics]:
+        """With a fence: metrics of the fenced turn's steps, recorded in the same
+        transaction as RecordStepMetrics records them (one per step; again
+        replaces), so a step costs one round trip to the store.
+        """
+
+    @_builtins.property
+    def turn_metrics(self) -> _common_pb2.TurnMetrics:
+        """With a fence: the fenced turn's metrics, recorded in the same transaction
+        as RecordTurnMetrics records them (turn_id may be left empty).
+        """
+
     def __init__(
         self,
         *,
@@ -501,10 +516,12 @@ class AppendRequest(_message.Message):
         next_turn: Global___NextTurn | None = ...,
         approvals: _abc.Iterable[_common_pb2.Approval] | None = ...,
         move_to: _common_pb2.TurnState.ValueType = ...,
+        step_metrics: _abc.Iterable[_common_pb2.StepMetrics] | None = ...,
+        turn_metrics: _common_pb2.TurnMetrics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "next_turn", b"next_turn", "seal", b"seal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "next_turn", b"next_turn", "seal", b"seal", "turn_metrics", b"turn_metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "conversation_id", b"conversation_id", "events", b"events", "fence", b"fence", "messages", b"messages", "move_to", b"move_to", "next_turn", b"next_turn", "release_lease", b"release_lease", "reserve_event_seq", b"reserve_event_seq", "seal", b"seal", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "conversation_id", b"conversation_id", "events", b"events", "fence", b"fence", "messages", b"messages", "move_to", b"move_to", "next_turn", b"next_turn", "release_lease", b"release_lease", "reserve_event_seq", b"reserve_event_seq", "seal", b"seal", "step_metrics", b"step_metrics", "take_queue_for_turn", b"take_queue_for_turn", "tenant_id", b"tenant_id", "turn_metrics", b"turn_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
