@@ -87,6 +87,9 @@ async def store_calls(stack: Stack, k: int) -> collections.Counter[str]:
 async def test_each_tool_step_costs_one_store_call_with_its_metrics_inside(stack: Stack) -> None:
     two, six = await store_calls(stack, 2), await store_calls(stack, 6)
     assert "RecordStepMetrics" not in six and "RecordTurnMetrics" not in six
+    # The permission rules come with where the turn runs (ResolveExecution), not in calls of
+    # their own: the one GetWorkspace is the start's (the workspace's default agent).
+    assert (six["ResolveExecution"], six["GetWorkspace"], six["GetConversation"]) == (1, 1, 2), six
     extra = six - two
     # Only the lease keeper's renewals may differ with the turn's length.
     extra.pop("RenewLeases", None)

@@ -939,3 +939,26 @@ async def test_reconcile_of_a_conversation_without_approvals_works_as_before(sto
         )
     )
     assert closed_results(await reconcile(store_stub, conv.id)) == {"c1"}
+
+
+async def test_resolve_execution_answers_the_rules_a_turn_applies(store_stub: Stub) -> None:
+    """Where a turn runs and the rules besides its agent's, in one call (issue 14)."""
+    ws = await store_stub.CreateWorkspace(
+        store_pb2.CreateWorkspaceRequest(tenant_id=TENANT, name="w", root="/srv/w", permissions=RULES)
+    )
+    conv = await new_conversation(store_stub, workspace_id=ws.id)
+    turn = await leased_turn(store_stub, conv.id)
+    where = await store_stub.ResolveExecution(
+        store_pb2.ResolveExecutionRequest(tenant_id=TENANT, conversation_id=conv.id, turn_id=turn.id)
+    )
+    assert (where.workspace_id, list(where.workspace_permissions), list(where.remembered)) == (
+        ws.id,
+        RULES,
+        [],
+    )
+    [approval] = (await asking(store_stub, conv.id, turn, "call_1")).approvals
+    await resolve(store_stub, approval.id, remember=True, remembered_rule=allow("shell", "git push"))
+    where = await store_stub.ResolveExecution(
+        store_pb2.ResolveExecutionRequest(tenant_id=TENANT, conversation_id=conv.id, turn_id=turn.id)
+    )
+    assert list(where.remembered) == [allow("shell", "git push")]

@@ -598,7 +598,7 @@ class TurnRunner:
 
         resp, where = await self.writer.retrying("load the conversation", load)
         self.writer.committed_through(resp.last_seq)
-        self._permissions = await self._load_permissions(where)
+        self._permissions = self._turn_permissions(where)
         self._computer_id, self._cwd = where.computer_id, where.cwd
         if where.confine_tools or self.deps.confine_tools:
             # Without a root, confinement would silently mean none at all: refuse the turn.
@@ -611,26 +611,12 @@ class TurnRunner:
             self._root = where.workspace_root or where.cwd
         return list(resp.messages)
 
-    async def _load_permissions(self, where: store_pb2.ResolveExecutionResponse) -> Permissions:
-        """The turn's rules: what the conversation remembered, its workspace's, its agent's."""
-
-        async def load() -> tuple[common_pb2.Conversation, common_pb2.Workspace]:
-            conv = await self.deps.store.GetConversation(
-                store_pb2.GetConversationRequest(
-                    tenant_id=self.tenant_id, conversation_id=self.turn.conversation_id
-                ),
-                timeout=self.deps.rpc_timeout,
-            )
-            ws = await self.deps.store.GetWorkspace(
-                store_pb2.GetWorkspaceRequest(tenant_id=self.tenant_id, workspace_id=conv.workspace_id),
-                timeout=self.deps.rpc_timeout,
-            )
-            return conv, ws
-
-        conv, ws = await self.writer.retrying("load the permission rules", load)
+    def _turn_permissions(self, where: store_pb2.ResolveExecutionResponse) -> Permissions:
+        """The turn's rules: what the conversation remembered, its workspace's, its agent's
+        (the store answers the first two with where the turn runs)."""
         return Permissions(
-            [Rule.from_proto(r, "remembered") for r in conv.remembered],
-            [Rule.from_proto(r, f"workspace {ws.id}") for r in ws.permissions],
+            [Rule.from_proto(r, "remembered") for r in where.remembered],
+            [Rule.from_proto(r, f"workspace {where.workspace_id}") for r in where.workspace_permissions],
             list(self.agent.rules),
             root=where.workspace_root,
             cwd=where.cwd or where.workspace_root,

@@ -171,6 +171,10 @@ class Execution:
     cwd: str
     workspace_root: str
     confine_tools: bool = False
+    # The rules a turn applies besides its agent's (kernel/permissions.py).
+    workspace_id: str = ""
+    workspace_permissions: list[common_pb2.PermissionRule] = dataclasses.field(default_factory=list)
+    remembered: list[common_pb2.PermissionRule] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -388,6 +388,9 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             cwd=where.cwd,
             workspace_root=where.workspace_root,
             confine_tools=where.confine_tools,
+            workspace_id=where.workspace_id,
+            workspace_permissions=where.workspace_permissions,
+            remembered=where.remembered,
         )
 
     # ------------------------------------------------------------- reconcile

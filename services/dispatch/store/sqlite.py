@@ -61,6 +61,7 @@ from dispatch.store.rows import (
 )
 from dispatch.store.rows import (
     rules_column,
+    rules_from_column,
 )
 from dispatch.store.rows import (
     turn_from_row as _turn,
@@ -855,6 +856,9 @@ class SQLiteStore(SQLStore):
                 cwd=turn_cwd or conv["cwd"] or ws["root"],
                 workspace_root=ws["root"],
                 confine_tools=bool(ws["confine_tools"]),
+                workspace_id=ws["id"],
+                workspace_permissions=rules_from_column(ws["permissions"]),
+                remembered=rules_from_column(conv["remembered"]),
             )
 
         return await self._call(run)

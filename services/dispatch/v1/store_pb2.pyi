@@ -1864,6 +1864,9 @@ class ResolveExecutionResponse(_message.Message):
     CWD_FIELD_NUMBER: _builtins.int
     WORKSPACE_ROOT_FIELD_NUMBER: _builtins.int
     CONFINE_TOOLS_FIELD_NUMBER: _builtins.int
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    WORKSPACE_PERMISSIONS_FIELD_NUMBER: _builtins.int
+    REMEMBERED_FIELD_NUMBER: _builtins.int
     computer_id: _builtins.str
     """Empty: local."""
     cwd: _builtins.str
@@ -1871,6 +1874,14 @@ class ResolveExecutionResponse(_message.Message):
     """The workspace root, for confinement."""
     confine_tools: _builtins.bool
     """The workspace confines tools to workspace_root."""
+    workspace_id: _builtins.str
+    """The permission rules the turn applies besides its agent's: the
+    workspace's, and what the conversation remembered from approvals.
+    """
+    @_builtins.property
+    def workspace_permissions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PermissionRule]: ...
+    @_builtins.property
+    def remembered(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PermissionRule]: ...
     def __init__(
         self,
         *,
@@ -1878,10 +1889,13 @@ class ResolveExecutionResponse(_message.Message):
         cwd: _builtins.str = ...,
         workspace_root: _builtins.str = ...,
         confine_tools: _builtins.bool = ...,
+        workspace_id: _builtins.str = ...,
+        workspace_permissions: _abc.Iterable[_common_pb2.PermissionRule] | None = ...,
+        remembered: _abc.Iterable[_common_pb2.PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer_id", b"computer_id", "confine_tools", b"confine_tools", "cwd", b"cwd", "workspace_root", b"workspace_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer_id", b"computer_id", "confine_tools", b"confine_tools", "cwd", b"cwd", "remembered", b"remembered", "workspace_id", b"workspace_id", "workspace_permissions", b"workspace_permissions", "workspace_root", b"workspace_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
