@@ -41,9 +41,12 @@ from tests.stack import TENANT, start_stack, text_chunks
 STEPS, TURNS = int(sys.argv[1]), int(sys.argv[2])
 
 async def main():
-    calls = [[{"type": "tool_call", "name": "list_dir", "input": {}}] for _ in range(STEPS)]
+    # Each step lists another directory: the same call three times in a row is a doom loop.
+    calls = [[{"type": "tool_call", "name": "list_dir", "input": {"path": f"d{i}"}}] for i in range(STEPS)]
     provider = ScriptedProvider.from_data({"steps": [*calls, [{"type": "text_delta", "text": "done"}]]})
     stack = await start_stack(Path(tempfile.mkdtemp(prefix="dispatch-bench-steps-")), provider)
+    for i in range(STEPS):
+        (stack.workspace / f"d{i}").mkdir()
     per_step = []
     try:
         for i in range(TURNS + 1):  # the first turn warms up
