@@ -21,7 +21,8 @@ from dispatch.kernel.tools import BUILTIN_TOOLS
 from dispatch.kernel.turn import TurnDeps
 from dispatch.shared.config import KernelConfig
 from dispatch.v1 import common_pb2, exec_pb2_grpc, kernel_pb2, store_pb2
-from tests.kernel.test_durability import LEASE_TTL, QUIET, SWEEP, Watcher, crash, start
+from tests.kernel.test_durability import LEASE_TTL, QUIET, SWEEP, Watcher, crash, start, turn_of
+from tests.kernel.test_durability import sealed as turn_ended
 from tests.stack import TENANT, Stack, start_stack, text_chunks
 
 S = common_pb2
@@ -39,7 +40,6 @@ TWO_CALLS = ScriptedProvider.from_data(
     }
 )
 RULES = {"shell": {"echo *": "ask", "rm *": "deny"}, "list_dir": "allow"}
-TERMINAL = {S.TURN_STATE_COMPLETED, S.TURN_STATE_FAILED, S.TURN_STATE_ABORTED, S.TURN_STATE_INTERRUPTED}
 
 
 async def stack_with(tmp_path: Path, provider: ScriptedProvider = TWO_CALLS, **options: Any) -> Stack:
@@ -406,13 +406,13 @@ async def test_a_turn_waiting_when_its_kernel_dies_waits_on_another_and_runs_onc
     await b.start()
     # B takes the turn over and waits for the same approval: nothing asked twice, nothing run.
     async with asyncio.timeout(20):
-        while (await turn_durable(stack, turn_id)).attempts < 2:
+        while (await turn_of(stack, turn_id)).attempts < 2:
             await asyncio.sleep(0.05)
-    assert (await turn_durable(stack, turn_id)).state == S.TURN_STATE_WAITING_FOR_APPROVAL
+    assert (await turn_of(stack, turn_id)).state == S.TURN_STATE_WAITING_FOR_APPROVAL
     assert not (stack.workspace / "out.txt").exists()
     decided = await b.resolve_approval(TENANT, pending.id, S.APPROVAL_DECISION_APPROVE, decided_by="key_test")
     assert decided.decision == S.APPROVAL_DECISION_APPROVE
-    done = await sealed_durable(stack, turn_id)
+    done = await turn_ended(stack, turn_id)
     assert done.state == S.TURN_STATE_COMPLETED
     assert (stack.workspace / "out.txt").read_text() == "hi\n"
     messages = await history(stack, conv)
@@ -430,7 +430,7 @@ async def test_a_turn_waiting_when_its_kernel_dies_waits_on_another_and_runs_onc
     # The conversation takes its next message.
     again = await start(b, conv, "again")
     await b.resolve_approval(TENANT, (await first_approval(stack, again)).id, S.APPROVAL_DECISION_REJECT)
-    assert (await sealed_durable(stack, again)).state == S.TURN_STATE_COMPLETED
+    assert (await turn_ended(stack, again)).state == S.TURN_STATE_COMPLETED
 
 
 async def test_a_decision_made_while_no_kernel_runs_the_turn_is_carried_out_when_one_does(
@@ -442,25 +442,12 @@ async def test_a_decision_made_while_no_kernel_runs_the_turn_is_carried_out_when
     await b.resolve_approval(TENANT, pending.id, S.APPROVAL_DECISION_APPROVE, decided_by="key_test")
     assert not (stack.workspace / "out.txt").exists()
     await b.start()
-    done = await sealed_durable(stack, turn_id)
+    done = await turn_ended(stack, turn_id)
     assert (done.state, done.attempts) == (S.TURN_STATE_COMPLETED, 2)
     assert (stack.workspace / "out.txt").read_text() == "hi\n"
     messages = await history(stack, conv)
     no_dangling_calls(messages)
     assert not results(messages)["sh"].is_error
-
-
-async def turn_durable(stack: Stack, turn_id: str) -> common_pb2.Turn:
-    return await stack.store.GetTurn(store_pb2.GetTurnRequest(tenant_id=TENANT, turn_id=turn_id))
-
-
-async def sealed_durable(stack: Stack, turn_id: str, within: float = 20.0) -> common_pb2.Turn:
-    async with asyncio.timeout(within):
-        while True:
-            turn = await turn_durable(stack, turn_id)
-            if turn.state in TERMINAL and not turn.lease_owner:
-                return turn
-            await asyncio.sleep(0.05)
 
 
 async def first_approval(stack: Stack, turn_id: str) -> common_pb2.Approval:

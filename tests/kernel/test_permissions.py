@@ -21,7 +21,7 @@ from dispatch.kernel.permissions import (
 )
 
 TOOLS = ["shell", "read_file", "write_file", "edit_file", "list_dir", "glob", "grep", "calculator"]
-NAMES = {ALLOW: "allow", ASK: "ask", DENY: "deny"}
+NAMES: dict[int, str] = {ALLOW: "allow", ASK: "ask", DENY: "deny"}
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ CODER = {
 def test_the_most_specific_rule_decides(tool: str, args: dict[str, Any], action: int, rule: str) -> None:
     permissions = Permissions([], [], parse(CODER, TOOLS, "agents.coder.permissions"), root="/w", cwd="/w")
     decision = permissions.decide(tool, json.dumps(args))
-    assert NAMES[decision.action] == NAMES[action]  # type: ignore[index]
+    assert NAMES[decision.action] == NAMES[action]
     assert decision.rule is not None and decision.rule.describe() == rule
 
 
