@@ -35,7 +35,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         async for batch in self.kernel.subscribe(
             request.tenant_id, request.conversation_id, request.after_event_seq, request.until
         ):
-            yield common_pb2.EventBatch(events=batch)
+            yield common_pb2.EventBatch(events=batch, event_seqs=[e.event_seq for e in batch])
 
     @grpc_errors
     async def Cancel(

@@ -1077,14 +1077,14 @@ class TurnRunner:
             step.first_token = time.monotonic()
         if isinstance(ev, TextDelta):
             step.text.append(ev.text)
-            self._emit(sid, text_delta=common_pb2.TextDelta(text=ev.text))
+            self._emit(sid, text_delta={"text": ev.text})  # filled in place, not copied
         elif isinstance(ev, ReasoningDelta):
             if not step.thinking or step.thinking[-1][1]:  # none yet, or the last one is signed
                 step.thinking.append(([], ""))
             pieces, _ = step.thinking[-1]
             if ev.text:
                 pieces.append(ev.text)
-                self._emit(sid, reasoning_delta=common_pb2.ReasoningDelta(text=ev.text))
+                self._emit(sid, reasoning_delta={"text": ev.text})
             if ev.signature:
                 step.thinking[-1] = (pieces, ev.signature)
         elif isinstance(ev, ToolCall):

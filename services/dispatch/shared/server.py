@@ -234,9 +234,23 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+def _encoded_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serializer``, except that a response already encoded (bytes) goes out as it is: a
+    streaming handler may yield its messages pre-encoded (the transport's Subscribe does)."""
+    if serializer is None:
+        return None
+
+    def serialize(message: Any) -> bytes:
+        return message if type(message) is bytes else serializer(message)
+
+    return serialize
+
+
 def _guarded(handler: Any) -> Any:
     deserializer = _lenient(handler.request_deserializer)
     serializer = handler.response_serializer
+    if handler.unary_stream is not None or handler.stream_stream is not None:
+        serializer = _encoded_or(serializer)
     if handler.unary_unary is not None:
         unary_unary = handler.unary_unary
 

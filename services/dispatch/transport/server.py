@@ -6,6 +6,7 @@ import grpc
 
 from dispatch.shared.config import TransportConfig
 from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, bound_address, start_server
+from dispatch.transport.fanout import event_view
 from dispatch.transport.http import HttpBridge, start_http
 from dispatch.transport.service import DispatchServicer
 from dispatch.v1 import kernel_pb2_grpc, store_pb2_grpc, transport_pb2_grpc
@@ -18,6 +19,7 @@ async def start(cfg: TransportConfig) -> Hosted:
         kernel_pb2_grpc.KernelStub(kernel_channel),
         store_pb2_grpc.ConversationStoreStub(store_channel),
         cfg.rpc_timeout,
+        kernel_events=event_view(kernel_channel),
     )
     hosted = await start_server(
         [

@@ -23,7 +23,7 @@ from dispatch.shared.ids import require_id
 from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.store.backend import APPROVAL_PREFIX, CONVERSATION_PREFIX, TURN_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
-from dispatch.transport.fanout import Fanout
+from dispatch.transport.fanout import Fanout, OpenStream
 from dispatch.v1 import (
     common_pb2,
     kernel_pb2,
@@ -137,12 +137,16 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         kernel: kernel_pb2_grpc.KernelAsyncStub,
         store: store_pb2_grpc.ConversationStoreAsyncStub,
         rpc_timeout: float,
+        *,
+        kernel_events: OpenStream | None = None,
     ):
+        """``kernel_events``: the kernel's Subscribe decoded as ``EventBatchView`` (see
+        ``fanout.event_view``); without it events are decoded and encoded again."""
         self.kernel = kernel
         self.store = store
         self.timeout = rpc_timeout
         self.auth = Authenticator(store, rpc_timeout)
-        self.fanout = Fanout(kernel)
+        self.fanout = Fanout(kernel, open_stream=kernel_events)
 
     async def _tenant(self, context: Context) -> str:
         return await self.auth.tenant(bearer(context.invocation_metadata()))
@@ -321,9 +325,9 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         )
 
     @grpc_errors
-    async def Subscribe(
+    async def Subscribe(  # type: ignore[override]  # it yields pre-encoded responses too
         self, request: transport_pb2.SubscribeRequest, context: Context
-    ) -> AsyncIterator[transport_pb2.SubscribeResponse]:
+    ) -> AsyncIterator[transport_pb2.SubscribeResponse | bytes]:
         tenant = await self._tenant(context)
         conversation_id = _conversation_id(request.conversation_id)
         if request.after_event_seq < 0:
@@ -338,7 +342,8 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
                     resync=transport_pb2.Resync(after_event_seq=batch.resync_after)
                 )
             else:
-                yield transport_pb2.SubscribeResponse(events=batch.events)
+                # Already a SubscribeResponse's bytes: the hub encoded each event once.
+                yield batch.payload
 
     @grpc_errors
     async def Cancel(
