@@ -8,7 +8,9 @@ SQLite lives in a temporary directory; PostgreSQL is a throwaway server
 
 The baseline is the same server's ``grpc.health.v1.Health/Check``: a unary
 round trip that does no work, measured the same way in the same run, so every
-rate also reads as a share of what the channel itself allows.
+rate also reads as a share of what the channel itself allows. The AppendStream rows
+are the same one-message appends sent as the kernel sends them, as messages on one
+long-lived stream (``dispatch.shared.mux``), beside the unary Append rows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dispatch.shared.config import StoreConfig
+from dispatch.shared.mux import MuxClient
 from dispatch.shared.server import GRPC_OPTIONS, bound_address
 from dispatch.store.server import start
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
@@ -166,6 +169,38 @@ async def measure_backend(name: str, database_url: str, workdir: str, seconds: f
                     callers=CONCURRENT,
                 )
             )
+            # The same appends as messages on one AppendStream (as the kernel sends them).
+            appends: MuxClient[store_pb2.AppendStreamRequest, store_pb2.AppendStreamResponse] = MuxClient(
+                store.AppendStream, "store append"
+            )
+
+            def streamer(conversation_id: str) -> Call:
+                def call() -> Awaitable[object]:
+                    request = store_pb2.AppendRequest(
+                        tenant_id=TENANT, conversation_id=conversation_id, messages=[message()]
+                    )
+                    return appends.call(store_pb2.AppendStreamRequest(append=request), 30.0)
+
+                return call
+
+            streamed = streamer(await conversation())
+            await rate([streamed], min(0.3, seconds))  # warm-up (opens the stream)
+            rows.append(
+                timed(
+                    name, "AppendStream 1 msg, 1 caller", *await rate([streamed], seconds), chunks_per_call=1
+                )
+            )
+            on_one_stream = [streamer(await conversation()) for _ in range(CONCURRENT)]
+            rows.append(
+                timed(
+                    name,
+                    f"AppendStream 1 msg, {CONCURRENT} callers",
+                    *await rate(on_one_stream, seconds),
+                    chunks_per_call=1,
+                    callers=CONCURRENT,
+                )
+            )
+            await appends.close()
             batched = appender(await conversation(), BATCH)
             rows.append(
                 timed(
@@ -235,7 +270,7 @@ def baseline(rows: Sequence[Row], backend: str, callers: int) -> float:
 
 
 HEADER = (
-    f"{'backend':<9} {'measurement':<28} {'calls/s':>9} {'chunks/s':>9} {'vs health':>9}"
+    f"{'backend':<9} {'measurement':<30} {'calls/s':>9} {'chunks/s':>9} {'vs health':>9}"
     f" {'p50 ms':>7} {'p99 ms':>7}"
 )
 
@@ -243,7 +278,7 @@ HEADER = (
 def format_row(row: Row, health_per_s: float) -> str:
     chunks = f"{row.chunks_per_s:>9.0f}" if row.chunks_per_call else f"{'':>9}"
     return (
-        f"{row.backend:<9} {row.what:<28} {row.calls_per_s:>9.0f} {chunks}"
+        f"{row.backend:<9} {row.what:<30} {row.calls_per_s:>9.0f} {chunks}"
         f" {row.calls_per_s / health_per_s:>9.2f} {row.p50_ms:>7.2f} {row.p99_ms:>7.2f}"
     )
 

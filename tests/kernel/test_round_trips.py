@@ -1,6 +1,7 @@
 """What a step costs in calls to the store (issue 14): a tool step is one Append, with its
-messages, its events and its metrics; the seal carries the turn's metrics. Counted, not
-timed: each extra step of a turn must add exactly one store call."""
+messages, its events and its metrics; the seal carries the turn's metrics; and the appends
+are messages on the kernel's one AppendStream, never unary calls. Counted, not timed: each
+extra step of a turn must add exactly one store message."""
 
 from __future__ import annotations
 
@@ -23,8 +24,25 @@ from tests.kernel.test_durability import QUIET, crash, start
 from tests.stack import TENANT, Stack, start_stack
 
 
+class CountingStream:
+    """A stream call that counts the messages written on it."""
+
+    def __init__(self, call: Any, calls: collections.Counter[str], name: str):
+        self._call = call
+        self._calls = calls
+        self._name = name
+
+    async def write(self, message: Any) -> None:
+        self._calls[f"{self._name} message"] += 1
+        await self._call.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
 class Counting:
-    """A store stub that counts the calls made through it, by method."""
+    """A store stub that counts the calls made through it, by method, and the messages
+    written on the streams it opens (as "<method> message")."""
 
     def __init__(self, stub: Any):
         self._stub = stub
@@ -35,6 +53,8 @@ class Counting:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls[name] += 1
+            if name.endswith("Stream"):
+                return CountingStream(method(*args, **kwargs), self.calls, name)
             return method(*args, **kwargs)
 
         return call
@@ -90,7 +110,9 @@ async def test_each_tool_step_costs_one_store_call_with_its_metrics_inside(stack
     # The permission rules come with where the turn runs (ResolveExecution), not in calls of
     # their own: the one GetWorkspace is the start's (the workspace's default agent).
     assert (six["ResolveExecution"], six["GetWorkspace"], six["GetConversation"]) == (1, 1, 2), six
+    # Every append of the turn is a message on the one stream its kernel opened.
+    assert "Append" not in six and six["AppendStream"] == 1, six
     extra = six - two
     # Only the lease keeper's renewals may differ with the turn's length.
     extra.pop("RenewLeases", None)
-    assert dict(extra) == {"Append": 4}, (two, six)
+    assert dict(extra) == {"AppendStream message": 4}, (two, six)

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -16,11 +16,15 @@ from dispatch.exec.server import start as start_exec
 from dispatch.kernel import tools
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.kernel.server import start as start_kernel
+from dispatch.kernel.streams import ExecClient
 from dispatch.kernel.tools import BUILTIN_TOOLS, ToolContext, ToolResult
 from dispatch.shared.config import ExecConfig, KernelConfig, StoreConfig
 from dispatch.store.server import start as start_store
 from dispatch.v1 import exec_pb2_grpc, store_pb2
 from tests.stack import TENANT, Stack, run_turn, start_stack
+
+if TYPE_CHECKING:
+    from dispatch.kernel.streams import Exec
 
 MakeCtx = Callable[..., ToolContext]
 
@@ -41,11 +45,24 @@ def ws(tmp_path: Path) -> Path:
     return workspace
 
 
+@pytest.fixture(params=["stub", "session"])
+async def exec_client(request: pytest.FixtureRequest, exec_channel: grpc.aio.Channel) -> AsyncIterator[Exec]:
+    """Every tool test runs on the unary stub and on the session stream the kernel uses:
+    a tool cannot tell them apart."""
+    stub = exec_pb2_grpc.ExecStub(exec_channel)
+    if request.param == "stub":
+        yield stub
+        return
+    session = ExecClient(stub)
+    yield session
+    await session.close()
+
+
 @pytest.fixture
-def make_ctx(exec_channel: grpc.aio.Channel, ws: Path) -> MakeCtx:
+def make_ctx(exec_client: Exec, ws: Path) -> MakeCtx:
     def make(root: str | None = None, cwd: Path | None = None) -> ToolContext:
         return ToolContext(
-            exec=exec_pb2_grpc.ExecStub(exec_channel),
+            exec=exec_client,
             computer_id="",
             cwd=str(cwd or ws),
             rpc_timeout=10.0,

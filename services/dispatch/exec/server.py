@@ -21,5 +21,7 @@ async def start(cfg: ExecConfig) -> Hosted:
         exec_pb2_grpc.add_ExecServicer_to_server(servicer, server)
 
     hosted = await start_server([Service(name="dispatch.v1.Exec", register=register)], cfg.listen)
+    # A stopping exec ends the kernels' sessions at once instead of waiting out its grace.
+    hosted.on_stop.append(servicer.sessions.drain)
     hosted.closers.append(computers.aclose)
     return hosted

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 from dispatch.exec.backend import Exit, FileInfo, FileType, OutputBatch, SpawnEvent, Stream
 from dispatch.exec.computers import Computers
-from dispatch.shared.errors import Context, grpc_errors
+from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
+from dispatch.shared.mux import MuxServer
 from dispatch.shared.timeutil import duration, ts_from_ns
 from dispatch.v1 import common_pb2, exec_pb2, exec_pb2_grpc
 
@@ -25,6 +26,11 @@ class ExecServicer(exec_pb2_grpc.ExecServicer):
 
     def __init__(self, computers: Computers):
         self.computers = computers
+        # Session's calls: each answered by its unary method itself, so checks, computer
+        # selection and errors are the same either way.
+        self.sessions: MuxServer[exec_pb2.ExecSessionRequest, exec_pb2.ExecSessionResponse] = MuxServer(
+            self._session_call, exec_pb2.ExecSessionResponse, what="exec session"
+        )
 
     @grpc_errors
     async def Spawn(
@@ -71,6 +77,27 @@ class ExecServicer(exec_pb2_grpc.ExecServicer):
         backend = self.computers.resolve(request.computer_id)
         entries = await backend.list_dir(request.path)
         return exec_pb2.ListDirResponse(entries=[_file_info(e) for e in entries])
+
+    async def Session(
+        self, request_iterator: AsyncIterator[exec_pb2.ExecSessionRequest], context: Context
+    ) -> AsyncIterator[exec_pb2.ExecSessionResponse]:
+        async for reply in self.sessions.serve(request_iterator, context):
+            yield reply
+
+    @grpc_errors
+    async def _session_call(
+        self, request: exec_pb2.ExecSessionRequest, context: Context
+    ) -> exec_pb2.ExecSessionResponse:
+        kind = request.WhichOneof("call")
+        if kind == "read_file":
+            return exec_pb2.ExecSessionResponse(read_file=await self.ReadFile(request.read_file, context))
+        if kind == "write_file":
+            return exec_pb2.ExecSessionResponse(write_file=await self.WriteFile(request.write_file, context))
+        if kind == "stat":
+            return exec_pb2.ExecSessionResponse(stat=await self.Stat(request.stat, context))
+        if kind == "list_dir":
+            return exec_pb2.ExecSessionResponse(list_dir=await self.ListDir(request.list_dir, context))
+        raise InvalidArgument("an exec session request needs one of read_file, write_file, stat, list_dir")
 
     @grpc_errors
     async def ListComputers(

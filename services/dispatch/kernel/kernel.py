@@ -17,6 +17,7 @@ from dispatch.kernel.leases import LeaseKeeper
 from dispatch.kernel.permissions import Rule, remembered_rule, subject_of
 from dispatch.kernel.recovery import Recovery
 from dispatch.kernel.slots import RunSlots
+from dispatch.kernel.streams import StoreAppends
 from dispatch.kernel.tools import Tool
 from dispatch.kernel.turn import Resume, TurnDeps, TurnRunner
 from dispatch.kernel.writer import TurnWriter
@@ -64,6 +65,8 @@ class Kernel:
         self.slots = RunSlots(max_concurrent_turns)
         self.leases = LeaseKeeper(deps.store, deps.owner, deps.lease_ttl, deps.rpc_timeout)
         self.recovery = Recovery(self)
+        # Every turn's appends travel on this one stream (opened at the first).
+        self.appends = StoreAppends(deps.store)
 
     @property
     def owner(self) -> str:
@@ -360,6 +363,7 @@ class Kernel:
             self.owner,
             rpc_timeout=self.deps.rpc_timeout,
             outage=self.deps.store_outage,
+            appends=self.appends,
         )
 
     def _runner(
@@ -662,3 +666,4 @@ class Kernel:
         """Stop the background work (tests that never drain)."""
         await self.recovery.close()
         await self.leases.close()
+        await self.appends.close()

@@ -10,6 +10,7 @@ from dispatch.kernel.agents import build_agents
 from dispatch.kernel.kernel import Kernel
 from dispatch.kernel.providers import Provider
 from dispatch.kernel.service import KernelServicer
+from dispatch.kernel.streams import ExecClient
 from dispatch.kernel.tools import BUILTIN_TOOLS, Tool
 from dispatch.kernel.turn import TurnDeps
 from dispatch.shared.config import KernelConfig
@@ -23,10 +24,11 @@ async def start(
     """Start the kernel on ``cfg.listen``; ``provider`` and ``tools`` override the configured ones (tests)."""
     store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
     exec_channel = grpc.aio.insecure_channel(cfg.exec_address, options=GRPC_OPTIONS)
+    exec_client = ExecClient(exec_pb2_grpc.ExecStub(exec_channel))
     agents, providers = build_agents(cfg, BUILTIN_TOOLS if tools is None else tools, provider)
     deps = TurnDeps(
         store=store_pb2_grpc.ConversationStoreStub(store_channel),
-        exec=exec_pb2_grpc.ExecStub(exec_channel),
+        exec=exec_client,
         agents=agents,
         default_agent=cfg.default_agent,
         max_steps=cfg.max_steps,
@@ -58,6 +60,7 @@ async def start(
         await kernel.close()
         for p in providers:
             await p.aclose()
+        await exec_client.close()
         await store_channel.close()
         await exec_channel.close()
 

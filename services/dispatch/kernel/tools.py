@@ -13,7 +13,7 @@ import json
 import posixpath
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import jsonschema
@@ -21,7 +21,10 @@ import jsonschema
 from dispatch.kernel.providers.base import ToolSpec
 from dispatch.shared.errors import scrub_addresses
 from dispatch.shared.timeutil import duration
-from dispatch.v1 import common_pb2, exec_pb2, exec_pb2_grpc
+from dispatch.v1 import common_pb2, exec_pb2
+
+if TYPE_CHECKING:
+    from dispatch.kernel.streams import Exec
 
 # The model sees at most this much of a tool's output; the rest is streamed
 # to subscribers as tool_output but not fed back.
@@ -38,7 +41,7 @@ class ToolResult:
 class ToolContext:
     """What a running tool may use: the exec service, where to run, and where to stream output."""
 
-    exec: exec_pb2_grpc.ExecAsyncStub
+    exec: Exec
     computer_id: str
     cwd: str
     rpc_timeout: float

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
@@ -44,7 +45,10 @@ from dispatch.kernel.writer import LeaseLost, StoreFailed, TurnWriter
 from dispatch.shared.config import RetryPolicy
 from dispatch.shared.ids import step_id as make_step_id
 from dispatch.shared.timeutil import duration
-from dispatch.v1 import common_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
+from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
+
+if TYPE_CHECKING:
+    from dispatch.kernel.streams import Exec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,8 @@ class TurnDeps:
     """What every turn of a kernel shares."""
 
     store: store_pb2_grpc.ConversationStoreAsyncStub
-    exec: exec_pb2_grpc.ExecAsyncStub
+    # The stub, or (in a served kernel) the client whose file calls share one session stream.
+    exec: Exec
     agents: Mapping[str, Agent]
     default_agent: str = "default"
     max_steps: int = 0

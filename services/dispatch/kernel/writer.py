@@ -25,6 +25,7 @@ from typing import TypeVar
 import grpc
 
 from dispatch.kernel.events import ConversationLog
+from dispatch.kernel.streams import StoreAppends
 from dispatch.shared.errors import rpc_detail
 from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
 
@@ -74,8 +75,11 @@ class TurnWriter:
         *,
         rpc_timeout: float,
         outage: float,
+        appends: StoreAppends | None = None,
     ):
         self.store = store
+        # Where appends go: the kernel's shared append stream, or (alone, in tests) unary calls.
+        self.appends: StoreAppends | store_pb2_grpc.ConversationStoreAsyncStub = appends or store
         self.events = events
         self.turn = turn
         self.owner = owner
@@ -177,7 +181,7 @@ class TurnWriter:
                     landed = await self._landed(request, last_event)
                     if landed is not None:
                         return landed
-                resp: store_pb2.AppendResponse = await self.store.Append(request, timeout=self.rpc_timeout)
+                resp: store_pb2.AppendResponse = await self.appends.Append(request, timeout=self.rpc_timeout)
                 return resp
 
             what = "seal the turn" if seal else "hand the turn over" if release else "commit the turn's step"
@@ -295,7 +299,7 @@ class TurnWriter:
         )
 
         async def call() -> store_pb2.AppendResponse:
-            resp: store_pb2.AppendResponse = await self.store.Append(request, timeout=self.rpc_timeout)
+            resp: store_pb2.AppendResponse = await self.appends.Append(request, timeout=self.rpc_timeout)
             return resp
 
         resp = await self.retrying("reserve event numbers", call)

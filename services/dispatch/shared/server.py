@@ -90,6 +90,9 @@ class Hosted:
     names: list[str]
     drain: Callable[[float], Awaitable[None]] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Called as the stop begins, before the drain: what ends at once (long-lived streams
+    # whose in-flight calls the server's grace then lets finish).
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
     # The transport's HTTP bridge, when it runs one.
     http_port: int = 0
 
@@ -97,6 +100,8 @@ class Hosted:
         """Turn NOT_SERVING, drain in-flight work, then stop the server within ``grace``."""
         for name in ["", *self.names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for stopping in self.on_stop:
+            stopping()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self.drain is not None:

@@ -69,5 +69,8 @@ async def serve(store: Store, listen: str) -> Hosted:
     except BaseException:
         await store.close()
         raise
+    # A stopping store ends the kernels' append streams at once (they open new ones, here
+    # after a restart or elsewhere) instead of waiting out its grace for them.
+    hosted.on_stop.append(servicer.append_streams.drain)
     hosted.closers.append(store.close)
     return hosted

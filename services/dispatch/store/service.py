@@ -8,11 +8,13 @@ backend, so every backend enforces them alike.
 from __future__ import annotations
 
 import datetime
+from collections.abc import AsyncIterator
 
 from google.protobuf import duration_pb2
 
 from dispatch.shared.errors import Context, InvalidArgument, grpc_errors
 from dispatch.shared.ids import require_id
+from dispatch.shared.mux import MuxServer
 from dispatch.store.backend import (
     API_KEY_PREFIX,
     APPROVAL_PREFIX,
@@ -136,6 +138,11 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # AppendStream's calls: each answered by Append itself, so nothing about an append
+        # (checks, fence, synced commit before the answer, errors) differs between the two.
+        self.append_streams: MuxServer[store_pb2.AppendStreamRequest, store_pb2.AppendStreamResponse] = (
+            MuxServer(self._append_one, store_pb2.AppendStreamResponse, what="store append")
+        )
 
     # ------------------------------------------------------------ workspaces
 
@@ -283,6 +290,17 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             reserved_event_seq=done.reserved_event_seq,
             approvals=done.approvals,
         )
+
+    async def AppendStream(
+        self, request_iterator: AsyncIterator[store_pb2.AppendStreamRequest], context: Context
+    ) -> AsyncIterator[store_pb2.AppendStreamResponse]:
+        async for reply in self.append_streams.serve(request_iterator, context):
+            yield reply
+
+    async def _append_one(
+        self, request: store_pb2.AppendStreamRequest, context: Context
+    ) -> store_pb2.AppendStreamResponse:
+        return store_pb2.AppendStreamResponse(append=await self.Append(request.append, context))
 
     @grpc_errors
     async def Load(self, request: store_pb2.LoadRequest, context: Context) -> store_pb2.LoadResponse:

@@ -9,6 +9,7 @@ value is a Host alias of the SSH config.
 
 from collections import abc as _abc
 from dispatch.v1 import common_pb2 as _common_pb2
+from dispatch.v1 import mux_pb2 as _mux_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -46,6 +47,89 @@ FILE_TYPE_DIRECTORY: FileType.ValueType  # 2
 FILE_TYPE_SYMLINK: FileType.ValueType  # 3
 FILE_TYPE_OTHER: FileType.ValueType  # 4
 Global___FileType: _TypeAlias = FileType  # noqa: Y015
+
+@_typing.final
+class ExecSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    READ_FILE_FIELD_NUMBER: _builtins.int
+    WRITE_FILE_FIELD_NUMBER: _builtins.int
+    STAT_FIELD_NUMBER: _builtins.int
+    LIST_DIR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, unique among its calls in flight on the stream."""
+    timeout_ms: _builtins.int
+    """The call's deadline, from when exec reads it; 0: none."""
+    @_builtins.property
+    def read_file(self) -> Global___ReadFileRequest: ...
+    @_builtins.property
+    def write_file(self) -> Global___WriteFileRequest: ...
+    @_builtins.property
+    def stat(self) -> Global___StatRequest: ...
+    @_builtins.property
+    def list_dir(self) -> Global___ListDirRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        read_file: Global___ReadFileRequest | None = ...,
+        write_file: Global___WriteFileRequest | None = ...,
+        stat: Global___StatRequest | None = ...,
+        list_dir: Global___ListDirRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "list_dir", b"list_dir", "read_file", b"read_file", "stat", b"stat", "write_file", b"write_file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "id", b"id", "list_dir", b"list_dir", "read_file", b"read_file", "stat", b"stat", "timeout_ms", b"timeout_ms", "write_file", b"write_file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["read_file", "write_file", "stat", "list_dir"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___ExecSessionRequest: _TypeAlias = ExecSessionRequest  # noqa: Y015
+
+@_typing.final
+class ExecSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    READ_FILE_FIELD_NUMBER: _builtins.int
+    WRITE_FILE_FIELD_NUMBER: _builtins.int
+    STAT_FIELD_NUMBER: _builtins.int
+    LIST_DIR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def error(self) -> _mux_pb2.CallStatus: ...
+    @_builtins.property
+    def read_file(self) -> Global___ReadFileResponse: ...
+    @_builtins.property
+    def write_file(self) -> Global___WriteFileResponse: ...
+    @_builtins.property
+    def stat(self) -> Global___FileInfo: ...
+    @_builtins.property
+    def list_dir(self) -> Global___ListDirResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        error: _mux_pb2.CallStatus | None = ...,
+        read_file: Global___ReadFileResponse | None = ...,
+        write_file: Global___WriteFileResponse | None = ...,
+        stat: Global___FileInfo | None = ...,
+        list_dir: Global___ListDirResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "list_dir", b"list_dir", "read_file", b"read_file", "result", b"result", "stat", b"stat", "write_file", b"write_file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "list_dir", b"list_dir", "read_file", b"read_file", "result", b"result", "stat", b"stat", "write_file", b"write_file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["read_file", "write_file", "stat", "list_dir"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ExecSessionResponse: _TypeAlias = ExecSessionResponse  # noqa: Y015
 
 @_typing.final
 class SpawnRequest(_message.Message):

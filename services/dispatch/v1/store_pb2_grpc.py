@@ -86,6 +86,11 @@ class ConversationStoreStub:
                 request_serializer=dispatch_dot_v1_dot_store__pb2.AppendRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_store__pb2.AppendResponse.FromString,
                 _registered_method=True)
+        self.AppendStream = channel.stream_stream(
+                '/dispatch.v1.ConversationStore/AppendStream',
+                request_serializer=dispatch_dot_v1_dot_store__pb2.AppendStreamRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.AppendStreamResponse.FromString,
+                _registered_method=True)
         self.Load = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/Load',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.LoadRequest.SerializeToString,
@@ -286,6 +291,16 @@ class ConversationStoreServicer:
         """Messages. Append assigns seq inside its transaction; it is atomic per
         call, and the events passed with it are persisted in the same
         transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendStream(self, request_iterator, context):
+        """Append over one long-lived stream: each request carries an id, each
+        answer the id it answers, in any order. Every append is answered exactly
+        as Append answers it (fenced, validated, committed and synced before its
+        answer); a failed one carries Append's status code and details.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -517,6 +532,11 @@ def add_ConversationStoreServicer_to_server(servicer, server):
                     servicer.Append,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.AppendRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_store__pb2.AppendResponse.SerializeToString,
+            ),
+            'AppendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendStream,
+                    request_deserializer=dispatch_dot_v1_dot_store__pb2.AppendStreamRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.AppendStreamResponse.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
@@ -924,6 +944,33 @@ class ConversationStore:
             '/dispatch.v1.ConversationStore/Append',
             dispatch_dot_v1_dot_store__pb2.AppendRequest.SerializeToString,
             dispatch_dot_v1_dot_store__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dispatch.v1.ConversationStore/AppendStream',
+            dispatch_dot_v1_dot_store__pb2.AppendStreamRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.AppendStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

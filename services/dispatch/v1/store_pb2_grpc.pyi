@@ -52,6 +52,12 @@ class ConversationStoreStub:
     call, and the events passed with it are persisted in the same
     transaction.
     """
+    AppendStream: _grpc.StreamStreamMultiCallable[_store_pb2.AppendStreamRequest, _store_pb2.AppendStreamResponse]
+    """Append over one long-lived stream: each request carries an id, each
+    answer the id it answers, in any order. Every append is answered exactly
+    as Append answers it (fenced, validated, committed and synced before its
+    answer); a failed one carries Append's status code and details.
+    """
     Load: _grpc.UnaryUnaryMultiCallable[_store_pb2.LoadRequest, _store_pb2.LoadResponse]
     LoadSince: _grpc.UnaryUnaryMultiCallable[_store_pb2.LoadSinceRequest, _store_pb2.LoadResponse]
     Reconcile: _grpc.UnaryUnaryMultiCallable[_store_pb2.ReconcileRequest, _store_pb2.ReconcileResponse]
@@ -112,6 +118,12 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     """Messages. Append assigns seq inside its transaction; it is atomic per
     call, and the events passed with it are persisted in the same
     transaction.
+    """
+    AppendStream: _aio.StreamStreamMultiCallable[_store_pb2.AppendStreamRequest, _store_pb2.AppendStreamResponse]  # type: ignore[assignment]
+    """Append over one long-lived stream: each request carries an id, each
+    answer the id it answers, in any order. Every append is answered exactly
+    as Append answers it (fenced, validated, committed and synced before its
+    answer); a failed one carries Append's status code and details.
     """
     Load: _aio.UnaryUnaryMultiCallable[_store_pb2.LoadRequest, _store_pb2.LoadResponse]  # type: ignore[assignment]
     LoadSince: _aio.UnaryUnaryMultiCallable[_store_pb2.LoadSinceRequest, _store_pb2.LoadResponse]  # type: ignore[assignment]
@@ -230,6 +242,18 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         """Messages. Append assigns seq inside its transaction; it is atomic per
         call, and the events passed with it are persisted in the same
         transaction.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_store_pb2.AppendStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_store_pb2.AppendStreamResponse], _abc.AsyncIterator[_store_pb2.AppendStreamResponse]]:
+        """Append over one long-lived stream: each request carries an id, each
+        answer the id it answers, in any order. Every append is answered exactly
+        as Append answers it (fenced, validated, committed and synced before its
+        answer); a failed one carries Append's status code and details.
         """
 
     @_abc_1.abstractmethod

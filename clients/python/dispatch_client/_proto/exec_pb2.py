@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 
 from . import common_pb2 as dispatch_dot_v1_dot_common__pb2
+from . import mux_pb2 as dispatch_dot_v1_dot_mux__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64ispatch/v1/exec.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf0\x01\n\x0cSpawnRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12/\n\x03\x65nv\x18\x04 \x03(\x0b\x32\".dispatch.v1.SpawnRequest.EnvEntry\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x07 \x01(\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0bOutputChunk\x12)\n\x06stream\x18\x01 \x01(\x0e\x32\x19.dispatch.v1.OutputStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x9f\x01\n\x04\x45xit\x12\x16\n\texit_code\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_exit_codeB\t\n\x07_signal\"f\n\rSpawnResponse\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x18.dispatch.v1.OutputBatchH\x00\x12!\n\x04\x65xit\x18\x02 \x01(\x0b\x32\x11.dispatch.v1.ExitH\x00\x42\x06\n\x04kind\"7\n\x0bOutputBatch\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.dispatch.v1.OutputChunk\"S\n\x0fReadFileRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"A\n\x10ReadFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"Q\n\x10WriteFileRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04mode\x18\x04 \x01(\r\"*\n\x11WriteFileResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x03\"\xb0\x01\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.dispatch.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12/\n\x0bmodified_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\"0\n\x0bStatRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"3\n\x0eListDirRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"9\n\x0fListDirResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.FileInfo\"\x16\n\x14ListComputersRequest\"A\n\x15ListComputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04\x32\xb4\x03\n\x04\x45xec\x12@\n\x05Spawn\x12\x19.dispatch.v1.SpawnRequest\x1a\x1a.dispatch.v1.SpawnResponse0\x01\x12G\n\x08ReadFile\x12\x1c.dispatch.v1.ReadFileRequest\x1a\x1d.dispatch.v1.ReadFileResponse\x12J\n\tWriteFile\x12\x1d.dispatch.v1.WriteFileRequest\x1a\x1e.dispatch.v1.WriteFileResponse\x12\x37\n\x04Stat\x12\x18.dispatch.v1.StatRequest\x1a\x15.dispatch.v1.FileInfo\x12\x44\n\x07ListDir\x12\x1b.dispatch.v1.ListDirRequest\x1a\x1c.dispatch.v1.ListDirResponse\x12V\n\rListComputers\x12!.dispatch.v1.ListComputersRequest\x1a\".dispatch.v1.ListComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64ispatch/v1/exec.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x15\x64ispatch/v1/mux.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\x12\x45xecSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\x31\n\tread_file\x18\x03 \x01(\x0b\x32\x1c.dispatch.v1.ReadFileRequestH\x00\x12\x33\n\nwrite_file\x18\x04 \x01(\x0b\x32\x1d.dispatch.v1.WriteFileRequestH\x00\x12(\n\x04stat\x18\x05 \x01(\x0b\x32\x18.dispatch.v1.StatRequestH\x00\x12/\n\x08list_dir\x18\x06 \x01(\x0b\x32\x1b.dispatch.v1.ListDirRequestH\x00\x42\x06\n\x04\x63\x61ll\"\x96\x02\n\x13\x45xecSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.dispatch.v1.CallStatus\x12\x32\n\tread_file\x18\x03 \x01(\x0b\x32\x1d.dispatch.v1.ReadFileResponseH\x00\x12\x34\n\nwrite_file\x18\x04 \x01(\x0b\x32\x1e.dispatch.v1.WriteFileResponseH\x00\x12%\n\x04stat\x18\x05 \x01(\x0b\x32\x15.dispatch.v1.FileInfoH\x00\x12\x30\n\x08list_dir\x18\x06 \x01(\x0b\x32\x1c.dispatch.v1.ListDirResponseH\x00\x42\x08\n\x06result\"\xf0\x01\n\x0cSpawnRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12/\n\x03\x65nv\x18\x04 \x03(\x0b\x32\".dispatch.v1.SpawnRequest.EnvEntry\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x07 \x01(\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0bOutputChunk\x12)\n\x06stream\x18\x01 \x01(\x0e\x32\x19.dispatch.v1.OutputStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x9f\x01\n\x04\x45xit\x12\x16\n\texit_code\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\n_exit_codeB\t\n\x07_signal\"f\n\rSpawnResponse\x12*\n\x06output\x18\x01 \x01(\x0b\x32\x18.dispatch.v1.OutputBatchH\x00\x12!\n\x04\x65xit\x18\x02 \x01(\x0b\x32\x11.dispatch.v1.ExitH\x00\x42\x06\n\x04kind\"7\n\x0bOutputBatch\x12(\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x18.dispatch.v1.OutputChunk\"S\n\x0fReadFileRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x03\"A\n\x10ReadFileResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"Q\n\x10WriteFileRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04mode\x18\x04 \x01(\r\"*\n\x11WriteFileResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x03\"\xb0\x01\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.dispatch.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12/\n\x0bmodified_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\"0\n\x0bStatRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"3\n\x0eListDirRequest\x12\x13\n\x0b\x63omputer_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"9\n\x0fListDirResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.FileInfo\"\x16\n\x14ListComputersRequest\"A\n\x15ListComputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04\x32\x86\x04\n\x04\x45xec\x12@\n\x05Spawn\x12\x19.dispatch.v1.SpawnRequest\x1a\x1a.dispatch.v1.SpawnResponse0\x01\x12G\n\x08ReadFile\x12\x1c.dispatch.v1.ReadFileRequest\x1a\x1d.dispatch.v1.ReadFileResponse\x12J\n\tWriteFile\x12\x1d.dispatch.v1.WriteFileRequest\x1a\x1e.dispatch.v1.WriteFileResponse\x12\x37\n\x04Stat\x12\x18.dispatch.v1.StatRequest\x1a\x15.dispatch.v1.FileInfo\x12\x44\n\x07ListDir\x12\x1b.dispatch.v1.ListDirRequest\x1a\x1c.dispatch.v1.ListDirResponse\x12V\n\rListComputers\x12!.dispatch.v1.ListComputersRequest\x1a\".dispatch.v1.ListComputersResponse\x12P\n\x07Session\x12\x1f.dispatch.v1.ExecSessionRequest\x1a .dispatch.v1.ExecSessionResponse(\x01\x30\x01\x42\x43ZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,40 +39,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1'
   _globals['_SPAWNREQUEST_ENVENTRY']._loaded_options = None
   _globals['_SPAWNREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_FILETYPE']._serialized_start=1479
-  _globals['_FILETYPE']._serialized_end=1605
-  _globals['_SPAWNREQUEST']._serialized_start=131
-  _globals['_SPAWNREQUEST']._serialized_end=371
-  _globals['_SPAWNREQUEST_ENVENTRY']._serialized_start=329
-  _globals['_SPAWNREQUEST_ENVENTRY']._serialized_end=371
-  _globals['_OUTPUTCHUNK']._serialized_start=373
-  _globals['_OUTPUTCHUNK']._serialized_end=443
-  _globals['_EXIT']._serialized_start=446
-  _globals['_EXIT']._serialized_end=605
-  _globals['_SPAWNRESPONSE']._serialized_start=607
-  _globals['_SPAWNRESPONSE']._serialized_end=709
-  _globals['_OUTPUTBATCH']._serialized_start=711
-  _globals['_OUTPUTBATCH']._serialized_end=766
-  _globals['_READFILEREQUEST']._serialized_start=768
-  _globals['_READFILEREQUEST']._serialized_end=851
-  _globals['_READFILERESPONSE']._serialized_start=853
-  _globals['_READFILERESPONSE']._serialized_end=918
-  _globals['_WRITEFILEREQUEST']._serialized_start=920
-  _globals['_WRITEFILEREQUEST']._serialized_end=1001
-  _globals['_WRITEFILERESPONSE']._serialized_start=1003
-  _globals['_WRITEFILERESPONSE']._serialized_end=1045
-  _globals['_FILEINFO']._serialized_start=1048
-  _globals['_FILEINFO']._serialized_end=1224
-  _globals['_STATREQUEST']._serialized_start=1226
-  _globals['_STATREQUEST']._serialized_end=1274
-  _globals['_LISTDIRREQUEST']._serialized_start=1276
-  _globals['_LISTDIRREQUEST']._serialized_end=1327
-  _globals['_LISTDIRRESPONSE']._serialized_start=1329
-  _globals['_LISTDIRRESPONSE']._serialized_end=1386
-  _globals['_LISTCOMPUTERSREQUEST']._serialized_start=1388
-  _globals['_LISTCOMPUTERSREQUEST']._serialized_end=1410
-  _globals['_LISTCOMPUTERSRESPONSE']._serialized_start=1412
-  _globals['_LISTCOMPUTERSRESPONSE']._serialized_end=1477
-  _globals['_EXEC']._serialized_start=1608
-  _globals['_EXEC']._serialized_end=2044
+  _globals['_FILETYPE']._serialized_start=2041
+  _globals['_FILETYPE']._serialized_end=2167
+  _globals['_EXECSESSIONREQUEST']._serialized_start=154
+  _globals['_EXECSESSIONREQUEST']._serialized_end=409
+  _globals['_EXECSESSIONRESPONSE']._serialized_start=412
+  _globals['_EXECSESSIONRESPONSE']._serialized_end=690
+  _globals['_SPAWNREQUEST']._serialized_start=693
+  _globals['_SPAWNREQUEST']._serialized_end=933
+  _globals['_SPAWNREQUEST_ENVENTRY']._serialized_start=891
+  _globals['_SPAWNREQUEST_ENVENTRY']._serialized_end=933
+  _globals['_OUTPUTCHUNK']._serialized_start=935
+  _globals['_OUTPUTCHUNK']._serialized_end=1005
+  _globals['_EXIT']._serialized_start=1008
+  _globals['_EXIT']._serialized_end=1167
+  _globals['_SPAWNRESPONSE']._serialized_start=1169
+  _globals['_SPAWNRESPONSE']._serialized_end=1271
+  _globals['_OUTPUTBATCH']._serialized_start=1273
+  _globals['_OUTPUTBATCH']._serialized_end=1328
+  _globals['_READFILEREQUEST']._serialized_start=1330
+  _globals['_READFILEREQUEST']._serialized_end=1413
+  _globals['_READFILERESPONSE']._serialized_start=1415
+  _globals['_READFILERESPONSE']._serialized_end=1480
+  _globals['_WRITEFILEREQUEST']._serialized_start=1482
+  _globals['_WRITEFILEREQUEST']._serialized_end=1563
+  _globals['_WRITEFILERESPONSE']._serialized_start=1565
+  _globals['_WRITEFILERESPONSE']._serialized_end=1607
+  _globals['_FILEINFO']._serialized_start=1610
+  _globals['_FILEINFO']._serialized_end=1786
+  _globals['_STATREQUEST']._serialized_start=1788
+  _globals['_STATREQUEST']._serialized_end=1836
+  _globals['_LISTDIRREQUEST']._serialized_start=1838
+  _globals['_LISTDIRREQUEST']._serialized_end=1889
+  _globals['_LISTDIRRESPONSE']._serialized_start=1891
+  _globals['_LISTDIRRESPONSE']._serialized_end=1948
+  _globals['_LISTCOMPUTERSREQUEST']._serialized_start=1950
+  _globals['_LISTCOMPUTERSREQUEST']._serialized_end=1972
+  _globals['_LISTCOMPUTERSRESPONSE']._serialized_start=1974
+  _globals['_LISTCOMPUTERSRESPONSE']._serialized_end=2039
+  _globals['_EXEC']._serialized_start=2170
+  _globals['_EXEC']._serialized_end=2688
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,11 @@ class ExecStub:
                 request_serializer=dispatch_dot_v1_dot_exec__pb2.ListComputersRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_exec__pb2.ListComputersResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/dispatch.v1.Exec/Session',
+                request_serializer=dispatch_dot_v1_dot_exec__pb2.ExecSessionRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_exec__pb2.ExecSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ExecServicer:
@@ -109,6 +114,16 @@ class ExecServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """ReadFile, WriteFile, Stat and ListDir over one long-lived stream: each
+        request carries an id, each answer the id it answers, in any order. Each
+        call is answered exactly as its unary RPC answers it; a failed one carries
+        that RPC's status code and details.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +156,11 @@ def add_ExecServicer_to_server(servicer, server):
                     servicer.ListComputers,
                     request_deserializer=dispatch_dot_v1_dot_exec__pb2.ListComputersRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_exec__pb2.ListComputersResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=dispatch_dot_v1_dot_exec__pb2.ExecSessionRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_exec__pb2.ExecSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +325,33 @@ class Exec:
             '/dispatch.v1.Exec/ListComputers',
             dispatch_dot_v1_dot_exec__pb2.ListComputersRequest.SerializeToString,
             dispatch_dot_v1_dot_exec__pb2.ListComputersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dispatch.v1.Exec/Session',
+            dispatch_dot_v1_dot_exec__pb2.ExecSessionRequest.SerializeToString,
+            dispatch_dot_v1_dot_exec__pb2.ExecSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

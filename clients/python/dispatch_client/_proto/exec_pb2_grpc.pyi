@@ -45,6 +45,12 @@ class ExecStub:
     Stat: _grpc.UnaryUnaryMultiCallable[_exec_pb2.StatRequest, _exec_pb2.FileInfo]
     ListDir: _grpc.UnaryUnaryMultiCallable[_exec_pb2.ListDirRequest, _exec_pb2.ListDirResponse]
     ListComputers: _grpc.UnaryUnaryMultiCallable[_exec_pb2.ListComputersRequest, _exec_pb2.ListComputersResponse]
+    Session: _grpc.StreamStreamMultiCallable[_exec_pb2.ExecSessionRequest, _exec_pb2.ExecSessionResponse]
+    """ReadFile, WriteFile, Stat and ListDir over one long-lived stream: each
+    request carries an id, each answer the id it answers, in any order. Each
+    call is answered exactly as its unary RPC answers it; a failed one carries
+    that RPC's status code and details.
+    """
 
 @_typing.type_check_only
 class ExecAsyncStub(ExecStub):
@@ -59,6 +65,12 @@ class ExecAsyncStub(ExecStub):
     Stat: _aio.UnaryUnaryMultiCallable[_exec_pb2.StatRequest, _exec_pb2.FileInfo]  # type: ignore[assignment]
     ListDir: _aio.UnaryUnaryMultiCallable[_exec_pb2.ListDirRequest, _exec_pb2.ListDirResponse]  # type: ignore[assignment]
     ListComputers: _aio.UnaryUnaryMultiCallable[_exec_pb2.ListComputersRequest, _exec_pb2.ListComputersResponse]  # type: ignore[assignment]
+    Session: _aio.StreamStreamMultiCallable[_exec_pb2.ExecSessionRequest, _exec_pb2.ExecSessionResponse]  # type: ignore[assignment]
+    """ReadFile, WriteFile, Stat and ListDir over one long-lived stream: each
+    request carries an id, each answer the id it answers, in any order. Each
+    call is answered exactly as its unary RPC answers it; a failed one carries
+    that RPC's status code and details.
+    """
 
 class ExecServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -106,5 +118,17 @@ class ExecServicer(metaclass=_abc_1.ABCMeta):
         request: _exec_pb2.ListComputersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_exec_pb2.ListComputersResponse, _abc.Awaitable[_exec_pb2.ListComputersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_exec_pb2.ExecSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_exec_pb2.ExecSessionResponse], _abc.AsyncIterator[_exec_pb2.ExecSessionResponse]]:
+        """ReadFile, WriteFile, Stat and ListDir over one long-lived stream: each
+        request carries an id, each answer the id it answers, in any order. Each
+        call is answered exactly as its unary RPC answers it; a failed one carries
+        that RPC's status code and details.
+        """
 
 def add_ExecServicer_to_server(servicer: ExecServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
