@@ -86,6 +86,8 @@ _EVENTS_TAG = b"\x0a"  # field 1, wire type 2: `events` in EventBatch and Subscr
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return bytes((n,))
+    if n < 0x4000:  # most events: 128 bytes to 16 KiB
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
