@@ -211,6 +211,9 @@ def stamped(
     """Events as persisted: their conversation, and the commit time unless they carry one."""
     stored: list[common_pb2.AgentEvent] = []
     for event in events:
+        if event.conversation_id == conversation_id and event.HasField("time"):
+            stored.append(event)  # as the kernel sends them: persisted as they are, no copy
+            continue
         copy = common_pb2.AgentEvent()
         copy.CopyFrom(event)
         copy.conversation_id = conversation_id
