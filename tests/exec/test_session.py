@@ -15,7 +15,7 @@ import pytest
 
 from dispatch.kernel.streams import ExecClient
 from dispatch.shared.mux import MuxClient
-from dispatch.v1 import exec_pb2
+from dispatch.v1 import exec_pb2, exec_pb2_grpc
 from tests.exec.helpers import READ_CAP
 
 if TYPE_CHECKING:
@@ -132,3 +132,38 @@ async def test_the_calls_of_a_session_share_one_stream_and_run_side_by_side(
     listed = await session.ListDir(exec_pb2.ListDirRequest(path=str(real_tmp)), timeout=TIMEOUT)
     assert {e.name for e in listed.entries} >= {f"w{i}" for i in range(10)}
     assert session.mux.opened == 1
+
+
+class OlderExec(exec_pb2_grpc.ExecServicer):
+    """An exec of before Session: unary file calls only (forwarded to the real one)."""
+
+    def __init__(self, real: Stub):
+        self.real = real
+
+    async def ReadFile(self, request: exec_pb2.ReadFileRequest, context: object) -> exec_pb2.ReadFileResponse:
+        resp: exec_pb2.ReadFileResponse = await self.real.ReadFile(request, timeout=TIMEOUT)
+        return resp
+
+    async def Stat(self, request: exec_pb2.StatRequest, context: object) -> exec_pb2.FileInfo:
+        resp: exec_pb2.FileInfo = await self.real.Stat(request, timeout=TIMEOUT)
+        return resp
+
+
+async def test_file_calls_fall_back_to_unary_on_an_exec_without_session(stub: Stub, tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_bytes(b"hello")
+    server = grpc.aio.server()
+    exec_pb2_grpc.add_ExecServicer_to_server(OlderExec(stub), server)  # type: ignore[abstract]  # the rest: UNIMPLEMENTED
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = ExecClient(exec_pb2_grpc.ExecStub(channel))
+    try:
+        read = await client.ReadFile(exec_pb2.ReadFileRequest(path=str(tmp_path / "f.txt")), timeout=TIMEOUT)
+        assert read.data == b"hello"
+        assert client.unary and client.mux.unimplemented
+        info = await client.Stat(exec_pb2.StatRequest(path=str(tmp_path / "f.txt")), timeout=TIMEOUT)
+        assert info.size == 5
+    finally:
+        await client.close()
+        await channel.close()
+        await server.stop(0)

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from dispatch.kernel.streams import StoreAppends
 from dispatch.shared.config import StoreConfig
 from dispatch.shared.mux import MuxClient
-from dispatch.v1 import common_pb2, store_pb2
+from dispatch.v1 import common_pb2, store_pb2, store_pb2_grpc
 from tests.store.harness import (
     TENANT,
     FakeClock,
@@ -167,3 +168,36 @@ async def test_what_a_stream_committed_survives_a_restart(store_cfg: StoreConfig
         assert [text_of(m) for m in await history(second.stub, conv.id)] == ["kept"]
     finally:
         await second.stop()
+
+
+class OlderStore(store_pb2_grpc.ConversationStoreServicer):
+    """A store of before AppendStream: unary Append only (forwarded to the real one)."""
+
+    def __init__(self, real: Stub):
+        self.real = real
+
+    async def Append(self, request: store_pb2.AppendRequest, context: object) -> store_pb2.AppendResponse:
+        resp: store_pb2.AppendResponse = await self.real.Append(request, timeout=TIMEOUT)
+        return resp
+
+
+async def test_a_kernel_falls_back_to_unary_appends_on_a_store_without_append_stream(
+    store_stub: Stub,
+) -> None:
+    server = grpc.aio.server()
+    store_pb2_grpc.add_ConversationStoreServicer_to_server(OlderStore(store_stub), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    appends = StoreAppends(store_pb2_grpc.ConversationStoreStub(channel))
+    try:
+        conv = (await new_conversation(store_stub)).id
+        first = await appends.Append(request(conv, "one"), TIMEOUT)
+        assert appends.unary and appends.mux.unimplemented  # learnt once, then unary for good
+        second = await appends.Append(request(conv, "two"), TIMEOUT)
+        assert (first.last_seq, second.last_seq) == (1, 2)
+        assert [text_of(m) for m in await history(store_stub, conv)] == ["one", "two"]
+    finally:
+        await appends.close()
+        await channel.close()
+        await server.stop(0)

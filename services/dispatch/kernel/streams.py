@@ -12,6 +12,7 @@ the same status code and details), so callers written against the stubs need no 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
@@ -19,18 +20,38 @@ import grpc
 from dispatch.shared.mux import MuxClient, rpc_error
 from dispatch.v1 import exec_pb2, exec_pb2_grpc, store_pb2, store_pb2_grpc
 
+log = logging.getLogger(__name__)
+
+# Each Session call's unary method.
+_UNARY = {"read_file": "ReadFile", "write_file": "WriteFile", "stat": "Stat", "list_dir": "ListDir"}
+
 
 class StoreAppends:
-    """``Append`` over ``AppendStream``: every turn of a kernel shares the one stream."""
+    """``Append`` over ``AppendStream``: every turn of a kernel shares the one stream.
+
+    A store without ``AppendStream`` (an older one, mid-upgrade) answers UNIMPLEMENTED:
+    the call that learnt it is made unary (it never ran: the method does not exist there),
+    and so is every later one."""
 
     def __init__(self, store: store_pb2_grpc.ConversationStoreAsyncStub):
+        self.store = store
+        self.unary = False
         self.mux: MuxClient[store_pb2.AppendStreamRequest, store_pb2.AppendStreamResponse] = MuxClient(
             store.AppendStream, "store append"
         )
 
     async def Append(self, request: store_pb2.AppendRequest, timeout: float) -> store_pb2.AppendResponse:
-        reply = await self.mux.call(store_pb2.AppendStreamRequest(append=request), timeout)
-        return reply.append
+        if not self.unary:
+            try:
+                reply = await self.mux.call(store_pb2.AppendStreamRequest(append=request), timeout)
+                return reply.append
+            except grpc.aio.AioRpcError:
+                if not self.mux.unimplemented:
+                    raise
+                self.unary = True
+                log.warning("the store has no AppendStream (an older version?): appending with unary calls")
+        resp: store_pb2.AppendResponse = await self.store.Append(request, timeout=timeout)
+        return resp
 
     async def close(self) -> None:
         await self.mux.close()
@@ -43,6 +64,8 @@ class ExecClient:
 
     def __init__(self, stub: exec_pb2_grpc.ExecAsyncStub):
         self.stub = stub
+        # An exec without Session (older, mid-upgrade): every call unary, as with the stub.
+        self.unary = False
         self.Spawn = stub.Spawn
         self.ListComputers = stub.ListComputers
         self.mux: MuxClient[exec_pb2.ExecSessionRequest, exec_pb2.ExecSessionResponse] = MuxClient(
@@ -53,7 +76,19 @@ class ExecClient:
         self, request: exec_pb2.ExecSessionRequest, timeout: float
     ) -> exec_pb2.ExecSessionResponse:
         kind = request.WhichOneof("call")
-        reply = await self.mux.call(request, timeout)
+        assert kind is not None
+        if not self.unary:
+            try:
+                reply = await self.mux.call(request, timeout)
+            except grpc.aio.AioRpcError:
+                if not self.mux.unimplemented:
+                    raise
+                self.unary = True
+                log.warning("exec has no Session (an older version?): file calls go unary")
+        if self.unary:
+            method = getattr(self.stub, _UNARY[kind])
+            answer = await method(getattr(request, kind), timeout=timeout)
+            return exec_pb2.ExecSessionResponse(**{kind: answer})
         if reply.WhichOneof("result") != kind:
             # Only an exec that speaks another version of the protocol answers this.
             raise rpc_error(

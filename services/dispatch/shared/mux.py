@@ -105,6 +105,8 @@ class MuxClient(Generic[Req, Resp]):
         self._closed = False
         # Streams opened so far (tests and metrics: a broken stream is replaced, not reused).
         self.opened = 0
+        # The peer has no such stream method (an older version): callers fall back to unary.
+        self.unimplemented = False
 
     async def call(self, request: Req, timeout: float) -> Resp:  # noqa: ASYNC109 - the call's own deadline
         """Send ``request`` (its ``id`` and ``timeout_ms`` are set here) and wait for its
@@ -184,6 +186,8 @@ class MuxClient(Generic[Req, Resp]):
         """The stream is unusable: fail everything waiting on it; the next call opens another."""
         if stream.broken is not None:
             return
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            self.unimplemented = True
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             stream.broken = exc
         else:
