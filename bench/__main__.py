@@ -1,4 +1,4 @@
-"""``python -m bench [dispatcher|store|exec|transport|steps|turn] [options]``: one benchmark, or every one.
+"""``python -m bench [dispatcher|store|exec|transport|steps|turn|rpc] [options]``: one benchmark, or all.
 
 Without a name, every benchmark runs with its defaults (options, as before, go
 to the tool-dispatch scheduler benchmark alone), except ``turn``, whose peers
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import dispatcher, exec, steps, store, transport, turn
+from bench import dispatcher, exec, rpc, steps, store, transport, turn
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "dispatcher": dispatcher.main,
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "transport": transport.main,
     "steps": steps.main,
     "turn": turn.main,
+    "rpc": rpc.main,
 }
 
 
