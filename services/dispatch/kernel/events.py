@@ -21,6 +21,9 @@ from dispatch.v1 import common_pb2
 SUBSCRIBER_BUFFER = 10_000
 # Largest batch one stream message carries.
 MAX_BATCH = 256
+# The longest a hold keeps events from subscribers (ConversationLog.hold): a quick tool's
+# run and the step's commit fit inside it; a slow one's start is seen this much later.
+HOLD_CAP = 0.005
 
 
 class Subscription:
@@ -31,8 +34,10 @@ class Subscription:
     ``turn_sealed``.
     """
 
-    def __init__(self, limit: int = SUBSCRIBER_BUFFER):
+    def __init__(self, limit: int = SUBSCRIBER_BUFFER, gate: asyncio.Event | None = None):
+        """``gate``: the log's; while it is clear, what is queued waits (``ConversationLog.hold``)."""
         self._events: list[common_pb2.AgentEvent] = []
+        self._gate = gate
         self._wake = asyncio.Event()
         self._limit = limit
         self.overflowed = False
@@ -74,6 +79,10 @@ class Subscription:
                 return None
             self._wake.clear()
             await self._wake.wait()
+        while self._gate is not None and not self._gate.is_set() and not self.closed:
+            await self._gate.wait()  # what follows at once leaves in the same message
+            if not self._events:  # overflowed or closed meanwhile
+                return await self.next_batch()
         batch = self._events[:MAX_BATCH]
         del self._events[:MAX_BATCH]
         return batch
@@ -150,6 +159,10 @@ class ConversationLog:
         # same events twice.
         self.commit_lock = asyncio.Lock()
         self._subscribers: set[Subscription] = set()
+        # Clear while delivery is held (see `hold`): subscriptions wait, then take it all.
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._hold_timer: asyncio.TimerHandle | None = None
         # Users holding this log (a call in progress, a turn's task); the kernel forgets an
         # idle log, and a later caller reads the conversation's last_event_seq afresh.
         self.pins = 0
@@ -190,6 +203,27 @@ class ConversationLog:
         if self.reserver is not None and self.last_seq > self.reserved - RESERVE_BLOCK // 2:
             self.reserver(self.wanted_reservation())
         return event
+
+    def hold(self, cap: float | None = None) -> None:
+        """Hold delivery to subscribers from now until ``release``, for at most ``cap`` seconds,
+        so that what follows at once leaves in the same message: a step's tool_call and
+        tool_started, its tool result, its commit and step_completed, one message rather
+        than two. Only when events are delivered changes, never which or in what order.
+        Holding while held keeps the first deadline."""
+        if self._gate.is_set():
+            self._gate.clear()
+            wait = HOLD_CAP if cap is None else cap
+            self._hold_timer = asyncio.get_running_loop().call_later(wait, self.release)
+
+    @property
+    def holding(self) -> bool:
+        return not self._gate.is_set()
+
+    def release(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._gate.set()
 
     def _sendable(self, seq: int) -> bool:
         return seq <= self.reserved and (seq not in self._after_persist or seq <= self.persisted_seq)
@@ -268,7 +302,7 @@ class ConversationLog:
         ``until`` bounds the subscription: caught up with the events so far, or (with
         ``running_turn``, the turn running now) that turn's seal; without a running turn,
         TURN_SEALED is caught up too."""
-        sub = Subscription()
+        sub = Subscription(gate=self._gate)
         if until == common_pb2.SUBSCRIBE_UNTIL_CAUGHT_UP or (
             until == common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED and not running_turn
         ):

@@ -715,6 +715,7 @@ class TurnRunner:
             committed = await self._append(messages, take_queue=steer, move_to=back, step_metrics=[metrics])
             history.extend(committed.messages)
             self._complete_step(step, metrics)
+            self.events.release()  # the step is done: what it held goes now
             step_index += 1
             if committed.dequeued:
                 self._emit(
@@ -1082,6 +1083,8 @@ class TurnRunner:
             step.first_token = time.monotonic()
         if isinstance(ev, TextDelta):
             step.text.append(ev.text)
+            if self.events.holding:
+                self.events.release()  # tokens are never held (a model writing after a call)
             self._emit(sid, text_delta={"text": ev.text})  # filled in place, not copied
         elif isinstance(ev, ReasoningDelta):
             if not step.thinking or step.thinking[-1][1]:  # none yet, or the last one is signed
@@ -1089,6 +1092,8 @@ class TurnRunner:
             pieces, _ = step.thinking[-1]
             if ev.text:
                 pieces.append(ev.text)
+                if self.events.holding:
+                    self.events.release()
                 self._emit(sid, reasoning_delta={"text": ev.text})
             if ev.signature:
                 step.thinking[-1] = (pieces, ev.signature)
@@ -1112,6 +1117,9 @@ class TurnRunner:
                 return
             call = self._unique(ev)
             step.calls.append(call)
+            # A quick tool's call, start and result and the step's commit leave together, in
+            # one message instead of two; a slow tool's are seen at most HOLD_CAP later.
+            self.events.hold()
             self._emit(
                 sid,
                 tool_call=common_pb2.ToolCallEvent(
