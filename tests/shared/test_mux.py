@@ -108,6 +108,11 @@ class Peer:
         while name not in self.toy.started:
             await asyncio.sleep(0.005)
 
+    async def close(self) -> None:
+        await self.mux.close()
+        await self.channel.close()
+        await self.hosted.stop(0)
+
 
 async def open_peer(toy: Toy) -> Peer:
     hosted = await serve(toy)
@@ -124,9 +129,7 @@ async def peer() -> AsyncIterator[Peer]:
     for task in p.tasks:
         task.cancel()
     await asyncio.gather(*p.tasks, return_exceptions=True)
-    await p.mux.close()
-    await p.channel.close()
-    await p.hosted.stop(0)
+    await p.close()
 
 
 async def rpc_error(task: asyncio.Future[str]) -> grpc.aio.AioRpcError:
@@ -222,9 +225,7 @@ async def test_a_stopped_server_fails_pending_calls_unavailable_and_a_restart_se
             pytest.fail("no call succeeded after the restart")
         assert peer.mux.opened >= 2
     finally:
-        await peer.mux.close()
-        await peer.channel.close()
-        await peer.hosted.stop(0)
+        await peer.close()
 
 
 async def test_closing_answers_the_calls_in_flight_and_ends_the_stream(peer: Peer) -> None:
@@ -260,9 +261,7 @@ async def test_a_slow_call_holds_up_no_other_and_a_stream_runs_at_most_limit_cal
         peer.toy.gate("a").set()
         assert await a == "a"
     finally:
-        await peer.mux.close()
-        await peer.channel.close()
-        await peer.hosted.stop(0)
+        await peer.close()
 
 
 async def test_a_stopping_server_answers_what_it_read_then_ends_its_streams(peer: Peer) -> None:

@@ -79,8 +79,10 @@ class Subscription:
                 return None
             self._wake.clear()
             await self._wake.wait()
-        while self._gate is not None and not self._gate.is_set() and not self.closed:
-            await self._gate.wait()  # what follows at once leaves in the same message
+        if self._gate is not None and not self._gate.is_set() and not self.closed:
+            # What follows at once leaves in the same message. Once: a hold that begins again
+            # before this runs does not hold these events a second time.
+            await self._gate.wait()
             if not self._events:  # overflowed or closed meanwhile
                 return await self.next_batch()
         batch = self._events[:MAX_BATCH]
@@ -214,10 +216,6 @@ class ConversationLog:
             self._gate.clear()
             wait = HOLD_CAP if cap is None else cap
             self._hold_timer = asyncio.get_running_loop().call_later(wait, self.release)
-
-    @property
-    def holding(self) -> bool:
-        return not self._gate.is_set()
 
     def release(self) -> None:
         if self._hold_timer is not None:

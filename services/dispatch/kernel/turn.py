@@ -1083,8 +1083,7 @@ class TurnRunner:
             step.first_token = time.monotonic()
         if isinstance(ev, TextDelta):
             step.text.append(ev.text)
-            if self.events.holding:
-                self.events.release()  # tokens are never held (a model writing after a call)
+            self.events.release()  # tokens are never held (a model writing after a call)
             self._emit(sid, text_delta={"text": ev.text})  # filled in place, not copied
         elif isinstance(ev, ReasoningDelta):
             if not step.thinking or step.thinking[-1][1]:  # none yet, or the last one is signed
@@ -1092,8 +1091,7 @@ class TurnRunner:
             pieces, _ = step.thinking[-1]
             if ev.text:
                 pieces.append(ev.text)
-                if self.events.holding:
-                    self.events.release()
+                self.events.release()
                 self._emit(sid, reasoning_delta={"text": ev.text})
             if ev.signature:
                 step.thinking[-1] = (pieces, ev.signature)
