@@ -303,8 +303,9 @@ async def test_attempts_are_bounded_and_the_last_ends_the_turn_interrupted_and_s
     conv = await stack.conversation()
     watcher = Watcher(a, conv)
     turn_id = await start(a, conv)
-    await watcher.until("tool_result")
-    # A message queued behind the turn: acknowledged, so it must run.
+    # Past the first step's commit (which takes what is queued as steering): a message
+    # queued now waits behind the turn, acknowledged, so it must run.
+    await watcher.until("step_completed")
     queued = await a.start_turn(TENANT, conv, text_chunks("then this"), common_pb2.SEND_POLICY_ENQUEUE, "")
     assert queued.queued
     await crash(a)
