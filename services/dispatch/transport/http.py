@@ -31,6 +31,8 @@ Routes::
                                                                           "edited_input_json", "remember"}
     GET    /v1/models                               Models
     GET    /v1/computers                            Computers
+    GET    /healthz                                 the process serves HTTP (no key)
+    GET    /readyz                                  the transport and its backends serve (no key)
 
 Enum fields of a body (``policy``, ``decision``, a permission rule's ``action``) also
 take the short lower-case name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``,
@@ -39,6 +41,12 @@ take the short lower-case name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``,
 does ``?state=`` (``running`` or ``TURN_STATE_RUNNING``; repeat it for several states).
 ``?pending=true`` lists only the approvals still waiting for a decision. A query
 parameter a route does not take is a 400 naming it.
+
+``/healthz`` and ``/readyz`` are for probes (a load balancer, Docker, Kubernetes) and take
+no key: ``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 when the
+transport's own gRPC service and every backend it was given (its kernel and store
+channels) answer grpc.health.v1 SERVING, else 503 naming what is not (``kernel: unreachable
+(UNAVAILABLE)``), never an address.
 
 The event stream is Server-Sent Events when ``Accept`` names
 ``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
@@ -62,6 +70,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dispatch.shared.config import ListenError
 from dispatch.shared.server import GRPC_OPTIONS, bind_error
@@ -75,6 +84,8 @@ KEEPALIVE_SECONDS = 15.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # How long stop() lets requests in flight finish.
 STOP_GRACE = 5.0
+# How long /readyz waits for each health answer; a probe's own timeout must be longer.
+READY_TIMEOUT = 2.0
 _MAX_INT64 = 2**63 - 1
 
 # Any other status is a 500.
@@ -327,6 +338,8 @@ class HttpBridge:
         rpc_timeout: float = RPC_TIMEOUT,
         keepalive: float = KEEPALIVE_SECONDS,
         max_body: int = MAX_BODY_BYTES,
+        backends: Mapping[str, grpc.aio.Channel] | None = None,
+        ready_timeout: float = READY_TIMEOUT,
     ):
         if batch_events < 1:
             raise ValueError("batch_events must be 1 or more")
@@ -334,8 +347,12 @@ class HttpBridge:
         self.batch_events = batch_events
         self.rpc_timeout = rpc_timeout
         self.keepalive = keepalive
+        self.ready_timeout = ready_timeout
         self._channel = grpc.aio.insecure_channel(grpc_target, options=GRPC_OPTIONS)
         self._stub: transport_pb2_grpc.DispatchAsyncStub = transport_pb2_grpc.DispatchStub(self._channel)
+        # The transport's own channels (not the bridge's to close): /readyz asks on them, so
+        # it answers for the connections the transport really uses.
+        self._backends = dict(backends or {})
         self._streams: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
         self._closing = asyncio.Event()
         self._stopped = False
@@ -397,7 +414,49 @@ class HttpBridge:
             web.post("/v1/approvals/{id}/resolve", q(self._resolve_approval)),
             web.get("/v1/models", q(self._models), allow_head=False),
             web.get("/v1/computers", q(self._computers), allow_head=False),
+            web.get("/healthz", q(self._healthz), allow_head=False),
+            web.get("/readyz", q(self._readyz), allow_head=False),
         ]
+
+    async def readiness(self) -> dict[str, str]:
+        """What /readyz reports: ``serving``, or why not, for the transport and each backend."""
+        own = ("transport", self._channel, transport_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name)
+        probes = [own, *((name, channel, "") for name, channel in self._backends.items())]
+        states = await asyncio.gather(*(self._health(channel, service) for _, channel, service in probes))
+        checks = {name: state for (name, _, _), state in zip(probes, states, strict=True)}
+        if self._closing.is_set():
+            checks["transport"] = "stopping"
+        return checks
+
+    async def _health(self, channel: grpc.aio.Channel, service: str) -> str:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed omits its methods
+        try:
+            reply: health_pb2.HealthCheckResponse = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.ready_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            return f"unreachable ({exc.code().name})"
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return "serving"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower()
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        checks = await self.readiness()
+        failing = [f"{name}: {state}" for name, state in checks.items() if state != "serving"]
+        if not failing:
+            return web.json_response({"status": "ready", "checks": checks})
+        body = {
+            "status": "not_ready",
+            "checks": checks,
+            "error": {
+                "code": grpc.StatusCode.UNAVAILABLE.name,
+                "message": "not ready: " + "; ".join(failing),
+            },
+        }
+        return web.json_response(body, status=503)
 
     @web.middleware
     async def _errors(
@@ -645,13 +704,15 @@ async def start_http(
     rpc_timeout: float = RPC_TIMEOUT,
     keepalive: float = KEEPALIVE_SECONDS,
     max_body: int = MAX_BODY_BYTES,
+    backends: Mapping[str, grpc.aio.Channel] | None = None,
 ) -> HttpBridge:
     """Serve the bridge on ``listen`` ("host:port"; port 0 picks a free one) in front of the
     Dispatch service at ``grpc_target``.
 
     ``batch_events``: most events per HTTP write; ``rpc_timeout``: deadline of each unary
     call; ``keepalive``: seconds of silence before an SSE keep-alive comment; ``max_body``:
-    largest request body, in bytes.
+    largest request body, in bytes; ``backends``: the channels /readyz checks besides the
+    transport itself, by name (``kernel``, ``store``).
     """
     bridge = HttpBridge(
         grpc_target,
@@ -659,6 +720,7 @@ async def start_http(
         rpc_timeout=rpc_timeout,
         keepalive=keepalive,
         max_body=max_body,
+        backends=backends,
     )
     await bridge.start(listen)
     return bridge

@@ -36,7 +36,10 @@ async def start(cfg: TransportConfig) -> Hosted:
     if cfg.http_listen:
         try:
             bridge = await start_http(
-                cfg.http_listen, bound_address(cfg.listen, hosted.port), rpc_timeout=cfg.rpc_timeout
+                cfg.http_listen,
+                bound_address(cfg.listen, hosted.port),
+                rpc_timeout=cfg.rpc_timeout,
+                backends={"kernel": kernel_channel, "store": store_channel},
             )
         except BaseException:
             await hosted.stop(0)
