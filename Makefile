@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: system-deps install run test lint fmt proto proto-check bench clean
+.PHONY: system-deps deploy-tools install run test lint fmt proto proto-check bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,12 @@ run: install
 system-deps:
 	bash scripts/ensure-system-deps.sh
 
-test: install system-deps
+# Helm and the chart's manifest validator, built with Go once and cached in ~/.cache/dispatch/tools
+# (tests/deploy runs them).
+deploy-tools:
+	bash scripts/ensure-helm.sh >/dev/null
+
+test: install system-deps deploy-tools
 	cargo test -q --manifest-path dispatcher_rs/Cargo.toml
 	$(PY) -m pytest -q
 
