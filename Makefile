@@ -24,10 +24,11 @@ run: install
 system-deps:
 	bash scripts/ensure-system-deps.sh
 
-# Helm and the chart's manifest validator, built with Go once and cached in ~/.cache/dispatch/tools
-# (tests/deploy runs them).
+# Helm and the chart's manifest validator (built with Go once) and Debian's nginx (unpacked),
+# cached in ~/.cache/dispatch/tools; tests/deploy runs them.
 deploy-tools:
 	bash scripts/ensure-helm.sh >/dev/null
+	bash scripts/ensure-nginx.sh >/dev/null
 
 test: install system-deps deploy-tools
 	cargo test -q --manifest-path dispatcher_rs/Cargo.toml
