@@ -80,6 +80,22 @@ def test_every_command_is_one_dispatchd_takes(values: str) -> None:
         for container in containers(obj["spec"]["template"]["spec"]):
             args = cli.parser().parse_args(container["args"])
             assert args.command == container["name"], name
+            # Its environment through dispatchd's own config loaders (a Secret's value: a stand-in).
+            env = {e["name"]: e.get("value", "from-a-secret") for e in container.get("env", [])}
+            flags = vars(args)
+            if args.command == "kernel":
+                cfg = config.kernel_config({**flags, "config": None}, env, {})
+                assert cfg.lease_ttl == 15.0
+                assert cfg.provider.kind == ("openai" if values == "ha" else "demo")
+            elif args.command == "transport":
+                assert config.transport_config(flags, env, {}).http_listen == "0.0.0.0:7610"
+            elif args.command == "exec":
+                ssh_config = env.pop("DISPATCH_SSH_CONFIG", None)  # a file of the mounted Secret
+                if values == "ha":
+                    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                    assert ssh_config == "/etc/dispatch/ssh/config"
+                    assert "/etc/dispatch/ssh" in mounts
+                assert config.exec_config(flags, env, {}).listen == "127.0.0.1:7602"
 
 
 def test_probes_ask_grpc_health_and_readyz() -> None:
