@@ -44,6 +44,8 @@ class Subscription:
         self.closed = False
         # Closed because the kernel is shutting down: the subscriber resumes elsewhere.
         self.shutting_down = False
+        # Closed because another kernel runs the conversation's turn: resume there.
+        self.moved = False
         # Nothing after this event_seq is delivered; None: no such bound (yet).
         self.stop_seq: int | None = None
         # The stream ends with this turn's turn_sealed; empty: with no turn's.
@@ -60,9 +62,10 @@ class Subscription:
             self._events.append(event)
         self._wake.set()
 
-    def close(self, *, shutting_down: bool = False) -> None:
+    def close(self, *, shutting_down: bool = False, moved: bool = False) -> None:
         self.closed = True
         self.shutting_down = shutting_down
+        self.moved = moved
         self._wake.set()
 
     def stop_at(self, seq: int) -> None:
@@ -321,9 +324,15 @@ class ConversationLog:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
-    def close_subscribers(self, *, shutting_down: bool = False) -> None:
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._subscribers)
+
+    def close_subscribers(self, *, shutting_down: bool = False, moved: bool = False) -> None:
+        """End every subscription: ``shutting_down`` (this kernel stops) and ``moved`` (another
+        kernel runs the conversation now) tell its subscriber to resume elsewhere."""
         for sub in list(self._subscribers):
-            sub.close(shutting_down=shutting_down)
+            sub.close(shutting_down=shutting_down, moved=moved)
 
 
 LoadPersisted = Callable[[int, int], Awaitable[list[common_pb2.AgentEvent]]]
@@ -377,6 +386,11 @@ async def replay_and_follow(
                 if sub.overflowed:
                     raise ResourceExhausted(
                         f"subscriber fell more than {SUBSCRIBER_BUFFER} events behind; "
+                        f"subscribe again with after_event_seq={cursor}"
+                    )
+                if sub.moved:
+                    raise Unavailable(
+                        "the conversation's turn runs on another kernel; "
                         f"subscribe again with after_event_seq={cursor}"
                     )
                 if sub.shutting_down:

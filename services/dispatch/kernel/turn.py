@@ -83,6 +83,8 @@ class TurnDeps:
     sweep_interval: float = 5.0
     max_attempts: int = 3
     store_outage: float = 60.0
+    # Scale-out: how often subscribers of a turn run elsewhere are moved (KernelConfig).
+    follow_interval: float = 0.5
     # The approvals this kernel's turns wait for (ResolveApproval wakes them).
     approvals: ApprovalBoard = field(default_factory=ApprovalBoard)
 

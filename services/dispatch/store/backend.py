@@ -1402,6 +1402,21 @@ class Store(abc.ABC):
         """Clear ``owner``'s lease (of ``epoch`` when set) (``check_lease_release``)."""
 
     @abc.abstractmethod
+    async def heartbeat(
+        self, kernel: store_pb2.KernelInfo, ttl: datetime.timedelta
+    ) -> list[store_pb2.KernelInfo]:
+        """Record ``kernel``'s heartbeat (its row, live until now + ``ttl``; its first
+        heartbeat's time kept), and answer every live kernel, oldest first."""
+
+    @abc.abstractmethod
+    async def list_kernels(self) -> list[store_pb2.KernelInfo]:
+        """Every kernel whose heartbeat has not expired, oldest first."""
+
+    @abc.abstractmethod
+    async def retire_kernel(self, owner: str) -> None:
+        """Forget ``owner``'s heartbeat at once (it shuts down); nothing if there is none."""
+
+    @abc.abstractmethod
     async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:
         """Turns of every tenant that have not ended and that nobody holds (their lease
         expired, was released or was never taken), earliest expiry first, at most ``limit``

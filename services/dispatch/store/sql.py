@@ -178,6 +178,29 @@ class Tx(Protocol):
         """Set ``fields`` on the approval only if it is still pending (decision 0); answer
         whether it was."""
 
+    async def put_kernel(self, row: Mapping[str, Any]) -> None:
+        """Insert or replace a kernel's heartbeat row (keeping its ``started_at``)."""
+
+    async def live_kernels(self, now_ns: int) -> list[RowDict]:
+        """The kernel rows whose heartbeat expires after ``now_ns``, oldest first."""
+
+    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
+        """Delete ``owner``'s row, and every row that expired before ``expired_before_ns``."""
+
+
+KERNEL_COLUMNS = ("owner", "address", "run_slots", "running", "started_at", "expires_at")
+
+
+def kernel_from_row(row: Mapping[str, Any]) -> store_pb2.KernelInfo:
+    return store_pb2.KernelInfo(
+        owner=row["owner"],
+        address=row["address"],
+        run_slots=row["run_slots"],
+        running=row["running"],
+        started_at_unix_nanos=row["started_at"],
+        expires_at_unix_nanos=row["expires_at"],
+    )
+
 
 def run_to_completion(operation: Coroutine[Any, Any, T]) -> T:
     """The result of a coroutine that never suspends: an operation over a synchronous ``Tx``."""
@@ -666,6 +689,43 @@ class SQLStore(Store):
             return [turn_from_row(r) for r in await tx.unheld_turns(tx.now_ns(), limit)]
 
         return await self._run(op, write=False)
+
+    # --------------------------------------------------------------- kernels
+
+    async def heartbeat(
+        self, kernel: store_pb2.KernelInfo, ttl: datetime.timedelta
+    ) -> list[store_pb2.KernelInfo]:
+        ttl_ns = lease_ttl_ns(ttl)
+
+        async def op(tx: Tx) -> list[store_pb2.KernelInfo]:
+            now = tx.now_ns()
+            # Rows long dead (ten lease times) are swept here: nothing else writes them.
+            await tx.delete_kernels("", now - 10 * ttl_ns)
+            await tx.put_kernel(
+                {
+                    "owner": kernel.owner,
+                    "address": kernel.address,
+                    "run_slots": kernel.run_slots,
+                    "running": kernel.running,
+                    "started_at": now,
+                    "expires_at": now + ttl_ns,
+                }
+            )
+            return [kernel_from_row(r) for r in await tx.live_kernels(now)]
+
+        return await self._run(op)
+
+    async def list_kernels(self) -> list[store_pb2.KernelInfo]:
+        async def op(tx: Tx) -> list[store_pb2.KernelInfo]:
+            return [kernel_from_row(r) for r in await tx.live_kernels(tx.now_ns())]
+
+        return await self._run(op, write=False)
+
+    async def retire_kernel(self, owner: str) -> None:
+        async def op(tx: Tx) -> None:
+            await tx.delete_kernels(owner, 0)
+
+        await self._run(op)
 
     # ----------------------------------------------------------------- queue
 

@@ -6,20 +6,24 @@ import grpc
 
 from dispatch.shared.config import TransportConfig
 from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, bound_address, start_server
-from dispatch.transport.fanout import event_view
 from dispatch.transport.http import HttpBridge, start_http
+from dispatch.transport.kernels import Kernels
 from dispatch.transport.service import DispatchServicer
-from dispatch.v1 import kernel_pb2_grpc, store_pb2_grpc, transport_pb2_grpc
+from dispatch.v1 import store_pb2_grpc, transport_pb2_grpc
 
 
 async def start(cfg: TransportConfig) -> Hosted:
-    kernel_channel = grpc.aio.insecure_channel(cfg.kernel_address, options=GRPC_OPTIONS)
     store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
+    store = store_pb2_grpc.ConversationStoreStub(store_channel)
+    # One kernel at a fixed address, or every kernel the store knows (--kernel store).
+    kernels = Kernels(cfg.kernel_address, store, cfg.rpc_timeout)
+    one = kernels.static
     servicer = DispatchServicer(
-        kernel_pb2_grpc.KernelStub(kernel_channel),
-        store_pb2_grpc.ConversationStoreStub(store_channel),
+        None if one is None else one.stub,
+        store,
         cfg.rpc_timeout,
-        kernel_events=event_view(kernel_channel),
+        kernel_events=None if one is None else one.open_stream,
+        kernels=kernels if kernels.discover else None,
     )
     hosted = await start_server(
         [
@@ -40,7 +44,7 @@ async def start(cfg: TransportConfig) -> Hosted:
             )
         except BaseException:
             await hosted.stop(0)
-            await kernel_channel.close()
+            await kernels.close()
             await store_channel.close()
             raise
         hosted.http_port = bridge.port
@@ -58,7 +62,7 @@ async def start(cfg: TransportConfig) -> Hosted:
         if bridge is not None:
             await bridge.stop()
         await servicer.fanout.close()
-        await kernel_channel.close()
+        await kernels.close()
         await store_channel.close()
 
     hosted.closers.append(close)
