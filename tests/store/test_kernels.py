@@ -1,15 +1,17 @@
-"""Kernels advertise themselves through the store (issue 15): a heartbeat row per kernel,
-renewed with its leases in one RenewLeases, live until its time to live runs out, gone at
-once when the kernel retires. Every backend; time moves only with ``clock``."""
+"""Scale-out in the store (issue 15). Kernels advertise themselves: a heartbeat row per
+kernel, renewed with its leases in one RenewLeases, live until its time to live runs out,
+gone at once when the kernel retires. A cluster-wide limit on running turns is enforced
+as each queued turn moves to running. Every backend; time moves only with ``clock``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dispatch.v1 import store_pb2
-from tests.store.harness import FakeClock, rpc_error, seconds
+from dispatch.v1 import common_pb2, store_pb2
+from tests.store.harness import TENANT, FakeClock, new_conversation, rpc_error, seconds
 
 if TYPE_CHECKING:
     from tests.store.harness import Stub
@@ -75,3 +77,91 @@ async def test_a_heartbeat_without_an_address_or_with_negative_counts_is_refused
     err = await rpc_error(store_stub.RetireKernel(store_pb2.RetireKernelRequest()))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await live(store_stub) == {}
+
+
+async def test_a_cluster_limit_admits_a_queued_turn_only_while_fewer_turns_run(store_stub: Stub) -> None:
+    convs = [(await new_conversation(store_stub)).id for _ in range(3)]
+
+    async def queued(conv: str) -> str:
+        turn = await store_stub.CreateTurn(
+            store_pb2.CreateTurnRequest(
+                tenant_id=TENANT,
+                conversation_id=conv,
+                state=common_pb2.TURN_STATE_QUEUED,
+                lease_owner="k1",
+                lease_ttl=seconds(30),
+            )
+        )
+        return turn.id
+
+    def admit(turn_id: str, to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_RUNNING) -> Any:
+        return store_stub.TransitionTurn(
+            store_pb2.TransitionTurnRequest(
+                tenant_id=TENANT,
+                turn_id=turn_id,
+                to=to,
+                lease_owner="k1",
+                max_running=2,
+            )
+        )
+
+    first, second, third = [await queued(c) for c in convs]
+    await admit(first)
+    await admit(second)
+    err = await rpc_error(admit(third))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit is 2" in (err.details() or "")
+    # A turn waiting for approval still holds its slot; one that ends frees it.
+    await admit(first, common_pb2.TURN_STATE_WAITING_FOR_APPROVAL)
+    assert (await rpc_error(admit(third))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await admit(second, common_pb2.TURN_STATE_COMPLETED)
+    admitted = await admit(third)
+    assert admitted.state == common_pb2.TURN_STATE_RUNNING
+    # Without a limit nothing is counted; a negative one is refused.
+    err = await rpc_error(
+        store_stub.TransitionTurn(
+            store_pb2.TransitionTurnRequest(
+                tenant_id=TENANT, turn_id=third, to=common_pb2.TURN_STATE_COMPLETED, max_running=-1
+            )
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_racing_admissions_never_pass_the_cluster_limit(store_stub: Stub) -> None:
+    # Ten queued turns race for 3 slots (on PostgreSQL, each on a connection of its own).
+    turns = []
+    for _ in range(10):
+        conv = (await new_conversation(store_stub)).id
+        turns.append(
+            (
+                await store_stub.CreateTurn(
+                    store_pb2.CreateTurnRequest(
+                        tenant_id=TENANT,
+                        conversation_id=conv,
+                        state=common_pb2.TURN_STATE_QUEUED,
+                        lease_owner="k1",
+                        lease_ttl=seconds(30),
+                    )
+                )
+            ).id
+        )
+    results = await asyncio.gather(
+        *(
+            store_stub.TransitionTurn(
+                store_pb2.TransitionTurnRequest(
+                    tenant_id=TENANT,
+                    turn_id=t,
+                    to=common_pb2.TURN_STATE_RUNNING,
+                    lease_owner="k1",
+                    max_running=3,
+                )
+            )
+            for t in turns
+        ),
+        return_exceptions=True,
+    )
+    admitted = [r for r in results if isinstance(r, common_pb2.Turn)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(admitted) == 3 and len(refused) == 7
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)

@@ -343,7 +343,9 @@ class Kernel:
         # the truth (another kernel may have run a turn of it since this log was loaded).
         events.refresh(conv.last_event_seq, conv.reserved_event_seq)
         has_slot = self.slots.try_acquire()
-        state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
+        # Under a cluster-wide limit every turn starts queued: the store admits it.
+        running = has_slot and not self.deps.max_running
+        state = common_pb2.TURN_STATE_RUNNING if running else common_pb2.TURN_STATE_QUEUED
         try:
             turn = await self.deps.store.CreateTurn(
                 store_pb2.CreateTurnRequest(
@@ -442,7 +444,8 @@ class Kernel:
     def _next_turn_spec(self, events: ConversationLog) -> store_pb2.NextTurn:
         """How the commit that seals a turn starts the next one, when messages are queued: its
         lease, and event numbers reserved for it (the seal lowers the reservation first)."""
-        state = common_pb2.TURN_STATE_RUNNING if self.slots.unlimited else common_pb2.TURN_STATE_QUEUED
+        unlimited = self.slots.unlimited and not self.deps.max_running
+        state = common_pb2.TURN_STATE_RUNNING if unlimited else common_pb2.TURN_STATE_QUEUED
         # The seal's own turn_sealed is numbered already: the next turn's come after it.
         return store_pb2.NextTurn(
             state=state, lease_ttl=self.leases.ttl_proto, reserve_event_seq=events.wanted_reservation()

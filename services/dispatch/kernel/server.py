@@ -52,6 +52,7 @@ async def start(
         max_attempts=cfg.max_attempts,
         store_outage=cfg.store_outage,
         follow_interval=cfg.follow_interval,
+        max_running=cfg.cluster_max_concurrent_turns,
     )
     if cfg.instance_id:
         deps.owner = cfg.instance_id

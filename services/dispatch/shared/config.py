@@ -174,6 +174,9 @@ class KernelConfig:
     default_agent: str = "default"
     # Turns running at once across the kernel; more wait, in order, in state queued. 0 = unlimited.
     max_concurrent_turns: int = 0
+    # Turns running at once across every kernel on the store (give every kernel the same
+    # value), enforced by the store as each turn starts; more wait in state queued. 0 = none.
+    cluster_max_concurrent_turns: int = 0
     # Steps per turn, for every agent; 0 = unlimited.
     max_steps: int = 0
     # Deadline on every unary call to the store and exec, in seconds.
@@ -310,6 +313,7 @@ SCHEMA: Mapping[str, Any] = {
                 "system_prompt",
                 "default_agent",
                 "max_concurrent_turns",
+                "cluster_max_concurrent_turns",
                 "max_steps",
                 "confine_tools",
                 "instance_id",
@@ -672,6 +676,16 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
             _pick(None, env, ("DISPATCH_MAX_CONCURRENT_TURNS",), sec.get("max_concurrent_turns"), 0),
             "kernel.max_concurrent_turns",
         ),
+        cluster_max_concurrent_turns=_int(
+            _pick(
+                None,
+                env,
+                ("DISPATCH_CLUSTER_MAX_CONCURRENT_TURNS",),
+                sec.get("cluster_max_concurrent_turns"),
+                0,
+            ),
+            "kernel.cluster_max_concurrent_turns",
+        ),
         max_steps=_int(
             _pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"
         ),
@@ -724,6 +738,10 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         raise ConfigError("kernel needs the exec service's address: --exec or DISPATCH_EXEC_ADDRESS")
     if cfg.max_steps < 0 or cfg.max_concurrent_turns < 0:
         raise ConfigError("config keys kernel.max_steps and kernel.max_concurrent_turns must be 0 or more")
+    if cfg.cluster_max_concurrent_turns < 0:
+        raise ConfigError(
+            "config key kernel.cluster_max_concurrent_turns must be 0 (no cluster-wide limit) or more"
+        )
     if cfg.default_agent not in cfg.all_agents():
         known = ", ".join(sorted(cfg.all_agents()))
         raise ConfigError(

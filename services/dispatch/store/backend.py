@@ -1342,6 +1342,7 @@ class Store(abc.ABC):
         user_message_seq: int = 0,
         lease_owner: str = "",
         lease_epoch: int = 0,
+        max_running: int = 0,
     ) -> common_pb2.Turn:
         """Move the turn to ``to`` if the state machine allows it (else ``FailedPrecondition``).
 
@@ -1349,7 +1350,8 @@ class Store(abc.ABC):
         stamps ``ended_at``. With ``lease_owner`` set the move only happens while
         that owner holds the lease (with ``lease_epoch`` set, that epoch's), as a
         fence would (``check_lease_held``).
-        """
+         ``max_running``: a move from queued to running is refused (``ResourceExhausted``)
+        while that many turns of every tenant have started and not ended."""
 
     # ------------------------------------------------------------- execution
 

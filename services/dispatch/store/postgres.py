@@ -91,6 +91,10 @@ Cursor = AsyncCursor[DictRow]
 
 T = TypeVar("T")
 
+# Taken (transaction-scoped) by an admission under a cluster-wide limit on running turns
+# (``count_started``), so two kernels never both see the last free slot.
+ADMISSION_LOCK = 0x646973706174636B
+
 # Append-only: a released migration is never edited, only followed by a new one.
 # Each runs in its own transaction together with its schema_version row. Same tables
 # and versions as the SQLite backend; timestamps are nanoseconds since the epoch, 0 = unset.
@@ -1138,6 +1142,12 @@ class _PostgresTx:
             (*fields.values(), approval_id),
         )
         return self._cur.rowcount == 1
+
+    async def count_started(self) -> int:
+        await self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
+        found = await self._one("SELECT count(*) AS n FROM turns WHERE state IN (2, 3, 4)", ())
+        assert found is not None
+        return int(found["n"])
 
     async def put_kernel(self, row: Mapping[str, Any]) -> None:
         await self._cur.execute(

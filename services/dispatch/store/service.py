@@ -388,6 +388,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             user_message_seq=_not_negative(request.user_message_seq, "user_message_seq"),
             lease_owner=request.lease_owner,
             lease_epoch=_not_negative(request.lease_epoch, "lease_epoch"),
+            max_running=_not_negative(request.max_running, "max_running"),
         )
 
     # ------------------------------------------------------------- execution

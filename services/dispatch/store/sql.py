@@ -30,7 +30,13 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
-from dispatch.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from dispatch.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     APPROVAL_PREFIX,
@@ -177,6 +183,10 @@ class Tx(Protocol):
     async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
         """Set ``fields`` on the approval only if it is still pending (decision 0); answer
         whether it was."""
+
+    async def count_started(self) -> int:
+        """How many turns of every tenant have started and not ended, holding the lock that
+        serialises admissions until the transaction ends."""
 
     async def put_kernel(self, row: Mapping[str, Any]) -> None:
         """Insert or replace a kernel's heartbeat row (keeping its ``started_at``)."""
@@ -526,6 +536,7 @@ class SQLStore(Store):
         user_message_seq: int = 0,
         lease_owner: str = "",
         lease_epoch: int = 0,
+        max_running: int = 0,
     ) -> common_pb2.Turn:
         if lease_epoch and not lease_owner:
             raise InvalidArgument("lease_epoch needs lease_owner: the epoch is of that owner's claim")
@@ -542,6 +553,17 @@ class SQLStore(Store):
             check_transition(turn_id, row["state"], to)
             if lease_owner:
                 check_lease_held(lease_from_row(row), lease_owner, lease_epoch)
+            if (
+                max_running
+                and row["state"] == common_pb2.TURN_STATE_QUEUED
+                and to == common_pb2.TURN_STATE_RUNNING
+            ):
+                # Admissions one at a time across the cluster, so two never both see a free slot.
+                running = await tx.count_started()
+                if running >= max_running:
+                    raise ResourceExhausted(
+                        f"{running} turns are running in the cluster; its limit is {max_running}"
+                    )
             now = tx.now_ns()
             fields = transition_fields(
                 started_at=row["started_at"],

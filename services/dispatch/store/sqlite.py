@@ -1188,6 +1188,13 @@ class _SQLiteTx:
         )
         return cursor.rowcount == 1
 
+    async def count_started(self) -> int:
+        # Write transactions exclude each other whole: nothing else to lock.
+        row = self._conn.execute(
+            "SELECT count(*) FROM turns WHERE state IN (2, 3, 4)",
+        ).fetchone()
+        return int(row[0])
+
     async def put_kernel(self, row: Mapping[str, Any]) -> None:
         self._conn.execute(
             "INSERT INTO kernels (owner, address, run_slots, running, started_at, expires_at)"

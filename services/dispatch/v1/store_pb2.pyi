@@ -1069,6 +1069,7 @@ class TransitionTurnRequest(_message.Message):
     USER_MESSAGE_SEQ_FIELD_NUMBER: _builtins.int
     LEASE_OWNER_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     to: _common_pb2.TurnState.ValueType
@@ -1080,6 +1081,11 @@ class TransitionTurnRequest(_message.Message):
     (with lease_epoch set, with that epoch).
     """
     lease_epoch: _builtins.int
+    max_running: _builtins.int
+    """A cluster-wide limit on running turns: a move from queued to running is
+    refused with RESOURCE_EXHAUSTED while this many turns (of every tenant,
+    on every kernel) have started and not ended. 0: no limit.
+    """
     def __init__(
         self,
         *,
@@ -1091,10 +1097,11 @@ class TransitionTurnRequest(_message.Message):
         user_message_seq: _builtins.int = ...,
         lease_owner: _builtins.str = ...,
         lease_epoch: _builtins.int = ...,
+        max_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "max_running", b"max_running", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
