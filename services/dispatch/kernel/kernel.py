@@ -111,7 +111,7 @@ class Kernel:
         if not others:
             return
         for conversation_id, events in list(self._logs.items()):
-            if conversation_id in self._active or not events.subscribed:
+            if conversation_id in self._active or not events.movable_subscribers:
                 continue
             try:
                 resp = await self.deps.store.ListTurns(
@@ -644,9 +644,12 @@ class Kernel:
         conversation_id: str,
         after_event_seq: int,
         until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
+        *,
+        movable: bool = False,
     ) -> AsyncGenerator[list[common_pb2.AgentEvent], None]:
         """The conversation's events after ``after_event_seq``, following the live tail, or up
-        to where ``until`` ends them."""
+        to where ``until`` ends them; ``movable``: ended (``Unavailable``) while another
+        kernel runs the conversation's turn."""
         if after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
         if until not in common_pb2.SubscribeUntil.values():
@@ -671,6 +674,7 @@ class Kernel:
                 load,
                 until=until,
                 running_turn=running.runner.turn.id if running is not None else "",
+                movable=movable,
             )
             # Closed before the pin is released, so the log can be forgotten once idle.
             async with contextlib.aclosing(stream):

@@ -58,9 +58,9 @@ LINGER_SECONDS = 10.0
 SHUTTING_DOWN = "the server is shutting down"
 
 
-# A hub whose kernel stream is cut goes on from another kernel (several kernels) for this
-# long without a stream that opens, trying again after RELOCATE_BACKOFF, then twice as
-# long up to a second; then its subscribers are told to subscribe again.
+# A hub whose kernel stream is cut goes on from another kernel (several kernels), trying
+# again after RELOCATE_BACKOFF, then twice as long up to a second, until streams have
+# failed for this long with no event between; then its subscribers subscribe again.
 RELOCATE_FOR = 60.0
 RELOCATE_BACKOFF = 0.05
 # What a kernel says when the conversation's turn runs on another kernel (not an outage).
@@ -324,7 +324,8 @@ class Hub:
         error: DispatchError | None = None
         interrupted = ""
         loop = asyncio.get_running_loop()
-        opened_at = loop.time()
+        # Since when streams fail with no event between (None: the last one delivered).
+        failing_since: float | None = None
         backoff = RELOCATE_BACKOFF
         while True:
             try:
@@ -333,7 +334,8 @@ class Hub:
                 )
             except DispatchError as exc:
                 open_stream, address = None, ""
-                if not self._relocating(opened_at):
+                failing_since = loop.time() if failing_since is None else failing_since
+                if not self._relocating(failing_since):
                     error = exc
                     break
             if open_stream is None:
@@ -342,12 +344,15 @@ class Hub:
                 continue
             call = open_stream(
                 kernel_pb2.KernelSubscribeRequest(
-                    tenant_id=self.tenant_id, conversation_id=self.conversation_id, after_event_seq=last
+                    tenant_id=self.tenant_id,
+                    conversation_id=self.conversation_id,
+                    after_event_seq=last,
+                    movable=self.kernels is not None,
                 )
             )
             try:
                 async for message in call:
-                    opened_at, backoff = loop.time(), RELOCATE_BACKOFF
+                    failing_since, backoff = None, RELOCATE_BACKOFF
                     frames, seqs = frames_of(message)
                     if seqs and seqs[0] <= last:  # a repeat (never expected): skip what we have
                         keep = bisect.bisect_right(seqs, last)
@@ -360,11 +365,11 @@ class Hub:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue  # the hub fell behind the kernel: pick up where it was
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    if self._relocating(opened_at):
-                        # Several kernels: go on from the one running the turn now.
-                        if MOVED in (exc.details() or ""):
-                            opened_at = loop.time()
-                        else:
+                    failing_since = loop.time() if failing_since is None else failing_since
+                    if self._relocating(failing_since):
+                        # Several kernels: go on from the one running the turn now (at once
+                        # when the kernel says where the turn went).
+                        if MOVED not in (exc.details() or ""):
                             assert self.kernels is not None
                             self.kernels.suspect(address)
                             await asyncio.sleep(backoff)
@@ -382,12 +387,12 @@ class Hub:
             break
         self.close(error, interrupted=interrupted)
 
-    def _relocating(self, opened_at: float) -> bool:
-        """Whether a cut stream goes on from another kernel: there are several, and one
-        opened lately."""
+    def _relocating(self, failing_since: float) -> bool:
+        """Whether a cut stream goes on from another kernel: there are several, and streams
+        have not been failing for RELOCATE_FOR."""
         if self.kernels is None or not self.kernels.relocates or self.done:
             return False
-        return asyncio.get_running_loop().time() - opened_at < RELOCATE_FOR
+        return asyncio.get_running_loop().time() - failing_since < RELOCATE_FOR
 
     async def _wait_for_room(self) -> None:
         """Read on from the kernel only as fast as the fastest subscriber takes events.
