@@ -50,6 +50,7 @@ from typing import Any
 from dispatch.transport.kernels import SUSPECT_FOR, home
 from dispatch.v1 import common_pb2, store_pb2, transport_pb2
 from tests.faults.harness import (
+    TENANT,
     TERMINAL,
     Cluster,
     Counts,
@@ -71,6 +72,8 @@ from tests.faults.harness import (
 from tests.postgres import PostgresServer
 
 TOPOLOGIES = {"1x1": (1, 1), "2x2": (2, 2)}
+# How long a throughput turn may take to reach its subscriber's turn_sealed before the run fails.
+SEAL_WITHIN = 30.0
 ANSWER = "done"
 # Throughput runs with the kernel's own defaults (lease_ttl 15 s, sweep_interval 5 s), so
 # lease renewals cost what they cost in a deployment; failover with the harness's short leases.
@@ -237,6 +240,8 @@ class Client:
     """One conversation: a subscription through its transport, and turns sent back to back."""
 
     def __init__(self, cluster: Cluster, conversation_id: str, transport: int, k: int):
+        self.cluster = cluster
+        self.transport = transport
         self.stub = cluster.transport_stub_of(transport)
         self.metadata = cluster.metadata
         self.conversation_id = conversation_id
@@ -246,6 +251,8 @@ class Client:
         self.turns: list[tuple[float, float]] = []  # (sent, sealed), perf_counter
         self.queued = 0
         self.reader: asyncio.Task[None] | None = None
+        self.last_seq = 0
+        self.stuck = ""
 
     async def _read(self) -> None:
         stream = self.stub.Subscribe(
@@ -256,6 +263,7 @@ class Client:
                 if response.HasField("resync"):
                     raise RuntimeError(f"{self.conversation_id}: the subscription was told to resync")
                 for event in response.events:
+                    self.last_seq = max(self.last_seq, event.event_seq)
                     kind = event.WhichOneof("kind")
                     if kind == "tool_result":
                         tally = self.tallies[event.turn_id]
@@ -270,6 +278,7 @@ class Client:
                         self.changed.set()
         finally:
             stream.cancel()
+            self.changed.set()  # a turn waiting for its seal looks at why the stream ended
         raise RuntimeError(f"{self.conversation_id}: the subscription ended")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -285,12 +294,17 @@ class Client:
                 )
                 self.queued += sent.queued
                 tally = self.tallies[sent.turn_id]
-                async with asyncio.timeout(60):
-                    while not tally.sealed_at:
-                        if self.reader.done():
-                            self.reader.result()
-                        self.changed.clear()
-                        await self.changed.wait()
+                try:
+                    async with asyncio.timeout(SEAL_WITHIN):
+                        while not tally.sealed_at:
+                            if self.reader.done():
+                                self.reader.result()
+                            self.changed.clear()
+                            await self.changed.wait()
+                except TimeoutError:
+                    # Reported with the round's figures; this conversation sends no more.
+                    self.stuck = await self._stuck(sent.turn_id)
+                    return
                 if (
                     tally.state != common_pb2.TURN_STATE_COMPLETED
                     or tally.steps != self.k + 1
@@ -309,6 +323,25 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.reader
 
+    async def _stuck(self, turn_id: str) -> str:
+        """What the store says of a turn whose seal the subscriber has not received."""
+        store = self.cluster.store_stub
+        turn = next((t for t in await list_turns(store, self.conversation_id) if t.id == turn_id), None)
+        conv = await store.GetConversation(
+            store_pb2.GetConversationRequest(tenant_id=TENANT, conversation_id=self.conversation_id),
+            timeout=10,
+        )
+        said = (
+            f"{state_name(turn.state)}, attempts {turn.attempts}, lease {turn.lease_owner or '-'}"
+            if turn is not None
+            else "not found"
+        )
+        return (
+            f"{self.conversation_id}: no turn_sealed of turn {turn_id} through transport "
+            f"{self.transport + 1} in {SEAL_WITHIN:g} s; the store: turn {said}, last event_seq "
+            f"{conv.last_event_seq}; the subscriber has events up to {self.last_seq}"
+        )
+
 
 @dataclass
 class Sample:
@@ -323,6 +356,7 @@ class Sample:
     cpu_us_per_step: dict[str, float]  # by group
     split: str  # conversations per (kernel, transport)
     queued: int
+    stuck: list[str]  # turns whose turn_sealed never reached their subscriber, and why
 
 
 async def _conversations(cluster: Cluster, count: int) -> list[tuple[str, int]]:
@@ -410,15 +444,16 @@ async def measure(
         cpu_us_per_step={g: v * 1e6 / steps for g, v in used.items()},
         split=" ".join(f"k{k + 1}t{t + 1}:{n}" for (k, t), n in sorted(split.items())),
         queued=sum(c.queued for c in clients),
+        stuck=[c.stuck for c in clients if c.stuck],
     )
 
 
 async def _watch(tasks: Sequence[asyncio.Task[None]], seconds: float) -> None:
-    """Wait ``seconds``, failing at once if a client fails."""
+    """Wait ``seconds``, failing at once if a client fails (one that gave up on a stuck turn
+    has returned, and is reported)."""
     done, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
     for task in done:
         task.result()
-        raise RuntimeError("a client stopped before it was told to")
 
 
 def _quantile(values: Sequence[float], percent: int) -> float:
@@ -577,7 +612,7 @@ async def _caught_up(cluster: Cluster, recorder: Recorder, conv: str) -> None:
     while time.monotonic() < deadline:
         last = (
             await cluster.store_stub.GetConversation(
-                store_pb2.GetConversationRequest(tenant_id="local", conversation_id=conv), timeout=10
+                store_pb2.GetConversationRequest(tenant_id=TENANT, conversation_id=conv), timeout=10
             )
         ).last_event_seq
         if max(recorder.events[conv], default=0) >= last:
@@ -625,6 +660,8 @@ def _report_throughput(samples: dict[str, list[Sample]], args: argparse.Namespac
                 f"{s.cpu_cores:.2f} cores busy; conversations per kernel and transport {s.split}"
                 + (f"; {s.queued} send(s) queued" if s.queued else "")
             )
+            for stuck in s.stuck:
+                print(f"    STUCK: {stuck}")
     if "1x1" in samples and "2x2" in samples:
         pairs = list(zip(samples["1x1"], samples["2x2"], strict=True))
         print("\nratios 2x2 / 1x1 (median of the rounds' ratios; each round's in brackets):")
@@ -713,11 +750,14 @@ async def run(args: argparse.Namespace) -> int:
     if kills:
         _report_failover(kills)
         notes["failover"].report("failover run")
+    stuck = sum(len(s.stuck) for runs in samples.values() for s in runs)
+    if stuck:
+        print(f"\n{stuck} turn(s) never reached their turn_sealed (STUCK above): the run failed")
     print(
         f"\n{time.monotonic() - began:.0f} s in all; load average {load[0]:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs"
     )
-    return 0
+    return 1 if stuck else 0
 
 
 def main(argv: Sequence[str] = ()) -> int:
