@@ -6,8 +6,9 @@ leases), and a conversation's calls go to the kernel that holds the lease of its
 turn, where its live events are; a conversation with none goes to its home kernel,
 chosen by rendezvous hashing over the live kernels with a free run slot, so every
 transport picks the same one and a new turn starts where its subscribers already listen.
-A kernel a call could not reach is passed over for a while (``suspect``), until its
-heartbeat row expires or it answers again.
+A kernel a call could not reach is passed over for a while (``suspect``), or until a new
+process advertises itself at its address (it was restarted); when every live kernel is
+passed over, they are all tried again.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Kernels:
         self._live: list[store_pb2.KernelInfo] = []
         self._fetched_at = -1e18
         self._refreshing: asyncio.Task[None] | None = None
-        self._suspects: dict[str, float] = {}
+        # Address -> (passed over until, the owners advertised there when it was).
+        self._suspects: dict[str, tuple[float, frozenset[str]]] = {}
         self._static: Route | None = None if self.discover else self._route(address)
 
     @property
@@ -107,8 +109,9 @@ class Kernels:
 
     def suspect(self, address: str) -> None:
         """``address`` could not be reached: pass it over for a while."""
-        if self.discover:
-            self._suspects[address] = self._clock() + SUSPECT_FOR
+        if self.discover and address:
+            owners = frozenset(k.owner for k in self._live if k.address == address)
+            self._suspects[address] = (self._clock() + SUSPECT_FOR, owners)
             self._fetched_at = -1e18  # and look again at who is alive
 
     async def live(self) -> list[store_pb2.KernelInfo]:
@@ -118,7 +121,13 @@ class Kernels:
                 self._refreshing = asyncio.ensure_future(self._refresh())
             await asyncio.shield(self._refreshing)
         now = self._clock()
-        return [k for k in self._live if self._suspects.get(k.address, 0.0) <= now]
+        trusted = [k for k in self._live if not self._suspected(k, now)]
+        return trusted or list(self._live)
+
+    def _suspected(self, kernel: store_pb2.KernelInfo, now: float) -> bool:
+        """Passed over: its time is not up, and the same process is still there."""
+        until, owners = self._suspects.get(kernel.address, (0.0, frozenset()))
+        return until > now and kernel.owner in owners
 
     async def _refresh(self) -> None:
         try:
