@@ -1,8 +1,9 @@
-"""``python -m bench [dispatcher|store|exec|transport|steps|turn|rpc] [options]``: one benchmark, or all.
+"""``python -m bench [dispatcher|store|exec|transport|steps|turn|rpc|scale] [options]``: one, or all.
 
 Without a name, every benchmark runs with its defaults (options, as before, go
 to the tool-dispatch scheduler benchmark alone), except ``turn``, whose peers
-(LangGraph, the OpenAI Agents SDK) are an optional install: run it by name.
+(LangGraph, the OpenAI Agents SDK) are an optional install, and ``scale``, which starts a
+PostgreSQL server and a dozen processes for a few minutes: run them by name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import dispatcher, exec, rpc, steps, store, transport, turn
+from bench import dispatcher, exec, rpc, scale, steps, store, transport, turn
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "dispatcher": dispatcher.main,
@@ -20,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], int]] = {
     "steps": steps.main,
     "turn": turn.main,
     "rpc": rpc.main,
+    "scale": scale.main,
 }
 
 

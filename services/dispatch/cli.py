@@ -87,11 +87,19 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--store", help="store address (env: DISPATCH_STORE_ADDRESS)")
     p.add_argument("--exec", help="exec address (env: DISPATCH_EXEC_ADDRESS)")
+    p.add_argument(
+        "--advertise",
+        help="host:port transports reach this kernel at (env: DISPATCH_KERNEL_ADVERTISE; default: --listen)",
+    )
     _provider_flags(p)
 
     p = sub.add_parser("transport", help="the public API")
     _common(p)
-    p.add_argument("--kernel", help="kernel address (env: DISPATCH_KERNEL_ADDRESS)")
+    p.add_argument(
+        "--kernel",
+        help="kernel address, or 'store': every kernel, found through the store"
+        " (env: DISPATCH_KERNEL_ADDRESS)",
+    )
     p.add_argument("--store", help="store address (env: DISPATCH_STORE_ADDRESS)")
     p.add_argument(
         "--http-listen", help="HTTP bridge address, host:port (env: DISPATCH_HTTP_LISTEN; default off)"

@@ -245,7 +245,8 @@ class KernelSettings:
 
 class Cluster:
     """store, exec, one or more kernels and a transport (pointed at the first kernel), each
-    its own process, over one database."""
+    its own process, over one database. ``transports`` > 1 or ``discover``: that many
+    transports, each finding every kernel through the store (``--kernel store``)."""
 
     def __init__(
         self,
@@ -255,6 +256,8 @@ class Cluster:
         settings: KernelSettings,
         *,
         transport: bool = True,
+        transports: int = 1,
+        discover: bool = False,
     ):
         self.tmp = tmp
         self.workspace = tmp / "workspace"
@@ -288,14 +291,17 @@ class Cluster:
         self.kernels = [
             Service("kernel", f"kernel{i + 1}", tmp, kernel_args(script)) for i, script in enumerate(scripts)
         ]
-        self.transport: Service | None = None
-        if transport:
-            self.transport = Service(
-                "transport",
-                "transport",
-                tmp,
-                lambda: ["--kernel", self.kernels[0].address, "--store", self.store.address],
-            )
+        discover = discover or transports > 1
+
+        def transport_args() -> list[str]:
+            kernel = "store" if discover else self.kernels[0].address
+            return ["--kernel", kernel, "--store", self.store.address]
+
+        names = ["transport"] + [f"transport{i + 1}" for i in range(1, transports)]
+        self.transports = (
+            [Service("transport", name, tmp, transport_args) for name in names] if transport else []
+        )
+        self.transport: Service | None = self.transports[0] if self.transports else None
         self.api_key = ""
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -306,14 +312,12 @@ class Cluster:
 
     @property
     def services(self) -> list[Service]:
-        return [self.store, self.exec, *self.kernels, *([self.transport] if self.transport else [])]
+        return [self.store, self.exec, *self.kernels, *self.transports]
 
     async def start(self) -> None:
         await asyncio.gather(self.store.start(), self.exec.start())
         # The transport connects to its kernel on its first call: they start together.
-        await asyncio.gather(
-            *(k.start() for k in self.kernels), *([self.transport.start()] if self.transport else [])
-        )
+        await asyncio.gather(*(k.start() for k in self.kernels), *(t.start() for t in self.transports))
         if self.transport is not None:
             created = await self.store_stub.CreateApiKey(
                 store_pb2.CreateApiKeyRequest(tenant_id=TENANT, name="faults"), timeout=10
@@ -342,6 +346,16 @@ class Cluster:
     def transport_stub(self) -> transport_pb2_grpc.DispatchAsyncStub:
         assert self.transport is not None
         return transport_pb2_grpc.DispatchStub(self._channel(self.transport.address))
+
+    def transport_stub_of(self, index: int) -> transport_pb2_grpc.DispatchAsyncStub:
+        return transport_pb2_grpc.DispatchStub(self._channel(self.transports[index].address))
+
+    def kernel_owning(self, owner: str) -> Service:
+        """The kernel process whose lease owner name is ``owner`` (it names the pid)."""
+        for kernel in self.kernels:
+            if kernel.running and f"-{kernel.pid}-" in owner:
+                return kernel
+        raise AssertionError(f"no running kernel is {owner!r}")
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -397,9 +411,19 @@ MAX_BACKOFF = 0.4
 Subscribe = Callable[[str, int], AsyncIterator[Sequence[common_pb2.AgentEvent]]]
 
 
-def via_transport(cluster: Cluster) -> Subscribe:
+def _transport(cluster: Cluster, order: Sequence[int]) -> transport_pb2_grpc.DispatchAsyncStub:
+    """The first running transport of ``order`` (a load balancer's pick); the first if none runs."""
+    if not order:
+        return cluster.transport_stub
+    running = [i for i in order if cluster.transports[i].running] or list(order)
+    return cluster.transport_stub_of(running[0])
+
+
+def via_transport(cluster: Cluster, *order: int) -> Subscribe:
+    """Subscribe through the transport (``order``: the first of those transports running)."""
+
     async def subscribe(conversation_id: str, after: int) -> AsyncIterator[Sequence[common_pb2.AgentEvent]]:
-        stream = cluster.transport_stub.Subscribe(
+        stream = _transport(cluster, order).Subscribe(
             transport_pb2.SubscribeRequest(conversation_id=conversation_id, after_event_seq=after),
             metadata=cluster.metadata,
         )
@@ -433,9 +457,9 @@ def via_kernel(cluster: Cluster, index: int) -> Subscribe:
 SendFn = Callable[[str, str, str], Awaitable[tuple[bool, str]]]
 
 
-def send_via_transport(cluster: Cluster) -> SendFn:
+def send_via_transport(cluster: Cluster, *order: int) -> SendFn:
     async def send_one(conversation_id: str, words: str, key: str) -> tuple[bool, str]:
-        resp = await cluster.transport_stub.Send(
+        resp = await _transport(cluster, order).Send(
             transport_pb2.SendRequest(conversation_id=conversation_id, text=words, idempotency_key=key),
             metadata=cluster.metadata,
             timeout=10,

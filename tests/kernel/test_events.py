@@ -299,3 +299,23 @@ def test_a_seal_that_starts_the_next_turn_keeps_only_the_reservation_the_store_m
     assert log.reserved == 50
     emit_text(log, 60)  # the next turn's: past 50, they wait for a reservation
     assert log.delivered_seq == 50
+
+
+def test_a_log_loaded_during_another_kernels_turn_takes_nothing_that_kernel_persisted_as_lost() -> None:
+    # Loaded while another kernel's turn ran: its reservation looks lost from here.
+    log = ConversationLog("t", "c", last_event_seq=10058, reserved_event_seq=20058)
+    assert log.lost == (10059, 20058)
+    # That kernel persisted 10059-10066 and sealed (the store lowered the reservation): only
+    # numbers past what it persisted may be announced lost, and new ones come after them all.
+    log.refresh(10066, 10066)
+    assert log.lost == (10067, 20058)
+    assert log.announce_lost() == (10067, 20058)
+    assert log.last_seq >= 20058
+    # A log whose lost range was all persisted since announces nothing.
+    other = ConversationLog("t", "c", last_event_seq=5, reserved_event_seq=9)
+    other.refresh(12, 12)
+    assert other.lost is None
+    # Reserved past what is persisted again (a kernel that died mid-turn): that range.
+    again = ConversationLog("t", "c", last_event_seq=5, reserved_event_seq=9)
+    again.refresh(7, 30)
+    assert again.lost == (8, 30)

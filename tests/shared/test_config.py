@@ -340,3 +340,23 @@ def test_max_tokens_defaults_to_none_for_openai_and_a_cap_for_anthropic() -> Non
     assert (openai.max_tokens, anthropic.max_tokens) == (0, config.ANTHROPIC_MAX_TOKENS)
     capped = config.provider_config({}, env, {"provider": {"model": "m", "max_tokens": 512}})
     assert capped.max_tokens == 512
+
+
+def test_scale_out_settings_are_read_and_checked() -> None:
+    peers = {"DISPATCH_STORE_ADDRESS": "s:1", "DISPATCH_EXEC_ADDRESS": "x:1"}
+    cfg = config.kernel_config(
+        {"advertise": "10.0.0.5:7601"},
+        {**peers, "DISPATCH_CLUSTER_MAX_CONCURRENT_TURNS": "8"},
+        {"kernel": {"follow_interval": 0.2}},
+    )
+    assert (cfg.advertise, cfg.cluster_max_concurrent_turns, cfg.follow_interval) == ("10.0.0.5:7601", 8, 0.2)
+    for flags, env, file, words in (
+        ({"advertise": "nohost"}, {}, {}, "host:port"),
+        ({"advertise": "h:0"}, {}, {}, "not 0"),
+        ({}, {"DISPATCH_CLUSTER_MAX_CONCURRENT_TURNS": "-1"}, {}, "cluster_max_concurrent_turns"),
+        ({}, {}, {"kernel": {"follow_interval": 0}}, "follow_interval"),
+    ):
+        with pytest.raises(config.ConfigError, match=words):
+            config.kernel_config(flags, {**peers, **env}, file)
+    transport = config.transport_config({"kernel": "store", "store": "s:1"}, {}, {})
+    assert transport.kernel_address == "store"

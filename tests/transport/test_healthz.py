@@ -135,3 +135,66 @@ async def test_transport_stopping_is_not_ready(stack: Stack, http: httpx.AsyncCl
     status, body = await readyz(http)
     assert status == 503
     assert body["checks"]["transport"] == "not_serving"
+
+
+@pytest.fixture
+async def routed(tmp_path: Path) -> AsyncIterator[tuple[Stack, httpx.AsyncClient]]:
+    """As ``stack``, with a transport that finds its kernels through the store (--kernel store)."""
+    s = await start_stack(tmp_path)
+    s.hosted["transport"] = await start_transport(
+        TransportConfig(
+            listen="127.0.0.1:0",
+            kernel_address="store",
+            store_address=s.address("store"),
+            http_listen="127.0.0.1:0",
+        )
+    )
+    port = s.hosted["transport"].http_port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+        yield s, client
+    await s.stop()
+
+
+async def test_kernels_found_through_the_store(routed: tuple[Stack, httpx.AsyncClient]) -> None:
+    stack, http = routed
+    body = await ready_again(http)
+    assert body["checks"] == {"transport": "serving", "kernel": "serving", "store": "serving"}
+
+    # A kernel that stops retires its heartbeat row as it drains: not ready at once (its
+    # address no longer answers), and once the list of live kernels (at most a second old)
+    # is read again, none is live.
+    await stack.hosted.pop("kernel").stop(1.0)
+    seen = []
+    for _ in range(100):
+        status, body = await readyz(http)
+        assert status == 503
+        seen.append(body["checks"]["kernel"])
+        if seen[-1].startswith("none live"):
+            break
+        await asyncio.sleep(0.05)
+    assert set(seen) <= {"unreachable (UNAVAILABLE)", "none live (no kernel heartbeat in the store)"}
+    assert seen[-1] == "none live (no kernel heartbeat in the store)"
+
+    # Another kernel, anywhere: it advertises itself, and the transport is ready again.
+    stack.hosted["kernel"] = await start_kernel(
+        KernelConfig(
+            listen="127.0.0.1:0", store_address=stack.address("store"), exec_address=stack.address("exec")
+        )
+    )
+    body = await ready_again(http)
+    assert body["checks"]["kernel"] == "serving"
+
+
+async def test_store_gone_with_kernels_found_through_it(routed: tuple[Stack, httpx.AsyncClient]) -> None:
+    stack, http = routed
+    await ready_again(http)
+    await stack.hosted.pop("store").stop(0)
+    body: dict[str, Any] = {}
+    for _ in range(100):  # the list of live kernels may be a second old
+        status, body = await readyz(http)
+        if body["checks"]["kernel"] != "serving":
+            break
+        await asyncio.sleep(0.05)
+    assert status == 503
+    assert body["checks"]["store"] == "unreachable (UNAVAILABLE)"
+    assert body["checks"]["kernel"] == "unknown (the store did not list the kernels)"

@@ -44,6 +44,10 @@ class Subscription:
         self.closed = False
         # Closed because the kernel is shutting down: the subscriber resumes elsewhere.
         self.shutting_down = False
+        # Closed because another kernel runs the conversation's turn: resume there. Only a
+        # movable subscription (its subscriber follows the turn to its kernel) is.
+        self.moved = False
+        self.movable = False
         # Nothing after this event_seq is delivered; None: no such bound (yet).
         self.stop_seq: int | None = None
         # The stream ends with this turn's turn_sealed; empty: with no turn's.
@@ -60,9 +64,10 @@ class Subscription:
             self._events.append(event)
         self._wake.set()
 
-    def close(self, *, shutting_down: bool = False) -> None:
+    def close(self, *, shutting_down: bool = False, moved: bool = False) -> None:
         self.closed = True
         self.shutting_down = shutting_down
+        self.moved = moved
         self._wake.set()
 
     def stop_at(self, seq: int) -> None:
@@ -275,10 +280,15 @@ class ConversationLog:
             return
         moved = last_event_seq != self.persisted_seq
         self.persisted_seq = max(self.persisted_seq, last_event_seq)
+        # A range this log took as lost (it was loaded while another kernel's turn ran) is
+        # not lost where that kernel has persisted since: only what lies past it still is.
+        stale = self.lost if self.lost is not None and self.lost[1] > self.persisted_seq else None
         reserved = max(reserved_event_seq, self.persisted_seq)
+        first = self.persisted_seq + 1
         if reserved > self.persisted_seq:
-            first = self.persisted_seq + 1
-            self.lost = (min(first, self.lost[0]) if self.lost else first, reserved)
+            self.lost = (first, max(reserved, stale[1]) if stale else reserved)
+        else:
+            self.lost = (max(first, stale[0]), stale[1]) if stale else None
         self.reserved = max(self.reserved, reserved)
         self.last_seq = max(self.last_seq, self.reserved)
         self.delivered_seq = self.last_seq
@@ -295,12 +305,15 @@ class ConversationLog:
         self,
         until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
         running_turn: str = "",
+        *,
+        movable: bool = False,
     ) -> tuple[Subscription, Snapshot]:
         """Register for live events and take, at the same instant, what came before.
         ``until`` bounds the subscription: caught up with the events so far, or (with
         ``running_turn``, the turn running now) that turn's seal; without a running turn,
         TURN_SEALED is caught up too."""
         sub = Subscription(gate=self._gate)
+        sub.movable = movable
         if until == common_pb2.SUBSCRIBE_UNTIL_CAUGHT_UP or (
             until == common_pb2.SUBSCRIBE_UNTIL_TURN_SEALED and not running_turn
         ):
@@ -321,9 +334,17 @@ class ConversationLog:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
-    def close_subscribers(self, *, shutting_down: bool = False) -> None:
+    @property
+    def movable_subscribers(self) -> bool:
+        return any(sub.movable for sub in self._subscribers)
+
+    def close_subscribers(self, *, shutting_down: bool = False, moved: bool = False) -> None:
+        """End every subscription, telling its subscriber to resume elsewhere when this kernel
+        stops (``shutting_down``); ``moved``: only the movable ones, as another kernel runs the
+        conversation now."""
         for sub in list(self._subscribers):
-            sub.close(shutting_down=shutting_down)
+            if sub.movable or not moved:
+                sub.close(shutting_down=shutting_down, moved=moved)
 
 
 LoadPersisted = Callable[[int, int], Awaitable[list[common_pb2.AgentEvent]]]
@@ -337,6 +358,7 @@ async def replay_and_follow(
     *,
     until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
     running_turn: str = "",
+    movable: bool = False,
 ) -> AsyncGenerator[list[common_pb2.AgentEvent], None]:
     """Batches of every event after ``after_event_seq``: persisted, then in memory, then live,
     until the end ``until`` sets (see ``ConversationLog.subscribe``), if any.
@@ -345,7 +367,7 @@ async def replay_and_follow(
     ``Unavailable`` when the kernel shuts down under a live subscription (resume elsewhere)
     and ``ResourceExhausted`` when the subscriber fell too far behind.
     """
-    sub, snap = log.subscribe(until, running_turn)
+    sub, snap = log.subscribe(until, running_turn, movable=movable)
     cursor = after_event_seq
 
     def ended() -> bool:
@@ -377,6 +399,11 @@ async def replay_and_follow(
                 if sub.overflowed:
                     raise ResourceExhausted(
                         f"subscriber fell more than {SUBSCRIBER_BUFFER} events behind; "
+                        f"subscribe again with after_event_seq={cursor}"
+                    )
+                if sub.moved:
+                    raise Unavailable(
+                        "the conversation's turn runs on another kernel; "
                         f"subscribe again with after_event_seq={cursor}"
                     )
                 if sub.shutting_down:

@@ -13,6 +13,7 @@ import grpc
 
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.events import ConversationLog, replay_and_follow
+from dispatch.kernel.every import Every
 from dispatch.kernel.leases import LeaseKeeper
 from dispatch.kernel.permissions import Rule, remembered_rule, subject_of
 from dispatch.kernel.recovery import Recovery
@@ -32,6 +33,14 @@ from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 
 log = logging.getLogger(__name__)
+
+# The states of a turn that has not ended.
+UNENDED_STATES = (
+    common_pb2.TURN_STATE_QUEUED,
+    common_pb2.TURN_STATE_RUNNING,
+    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+    common_pb2.TURN_STATE_RESUMING,
+)
 
 # The store's words when a conversation's turn runs (or waits for recovery) elsewhere, and
 # when a message would be queued behind a turn that has just ended.
@@ -67,6 +76,8 @@ class Kernel:
         self.recovery = Recovery(self)
         # Every turn's appends travel on this one stream (opened at the first).
         self.appends = StoreAppends(deps.store)
+        # Scale-out: subscribers of a conversation whose turn runs on another kernel move there.
+        self._follow = Every("follower", lambda: deps.follow_interval, self._follow_turns, now=False)
 
     @property
     def owner(self) -> str:
@@ -76,10 +87,45 @@ class Kernel:
     def draining(self) -> bool:
         return self._draining
 
+    def advertise(self, address: str) -> None:
+        """Advertise this kernel at ``address`` through the store (with every lease beat),
+        so that transports find it, and follow turns that other kernels run."""
+        self.leases.advertise = lambda: store_pb2.KernelInfo(
+            address=address, run_slots=self.slots.limit, running=self.slots.running
+        )
+
     async def start(self) -> None:
-        """Renew leases, and look for turns nobody holds: at once, then every sweep_interval."""
+        """Renew leases, and look for turns nobody holds: at once, then every sweep_interval.
+        An advertised kernel beats at once, so transports can reach it from now on."""
+        if self.leases.advertise is not None:
+            await self.leases.renew()
+            self._follow.start()
         self.leases.start()
         self.recovery.start()
+
+    async def _follow_turns(self) -> None:
+        """End the live streams of conversations this kernel has subscribers for but whose
+        turn another live kernel runs: each subscriber subscribes again, and its transport
+        finds that kernel (the live tail is the owner's). Only while other kernels live."""
+        others = self.leases.others()
+        if not others:
+            return
+        for conversation_id, events in list(self._logs.items()):
+            if conversation_id in self._active or not events.movable_subscribers:
+                continue
+            try:
+                resp = await self.deps.store.ListTurns(
+                    store_pb2.ListTurnsRequest(
+                        tenant_id=events.tenant_id, conversation_id=conversation_id, states=UNENDED_STATES
+                    ),
+                    timeout=self.deps.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError:
+                return  # the store is away: the next beat tries again
+            if conversation_id in self._active:
+                continue  # started here meanwhile
+            if any(turn.lease_owner in others for turn in resp.turns):
+                events.close_subscribers(moved=True)
 
     def running(self, turn_id: str) -> bool:
         return any(a.runner.turn.id == turn_id for a in self._active.values())
@@ -297,7 +343,9 @@ class Kernel:
         # the truth (another kernel may have run a turn of it since this log was loaded).
         events.refresh(conv.last_event_seq, conv.reserved_event_seq)
         has_slot = self.slots.try_acquire()
-        state = common_pb2.TURN_STATE_RUNNING if has_slot else common_pb2.TURN_STATE_QUEUED
+        # Under a cluster-wide limit every turn starts queued: the store admits it.
+        running = has_slot and not self.deps.max_running
+        state = common_pb2.TURN_STATE_RUNNING if running else common_pb2.TURN_STATE_QUEUED
         try:
             turn = await self.deps.store.CreateTurn(
                 store_pb2.CreateTurnRequest(
@@ -396,7 +444,8 @@ class Kernel:
     def _next_turn_spec(self, events: ConversationLog) -> store_pb2.NextTurn:
         """How the commit that seals a turn starts the next one, when messages are queued: its
         lease, and event numbers reserved for it (the seal lowers the reservation first)."""
-        state = common_pb2.TURN_STATE_RUNNING if self.slots.unlimited else common_pb2.TURN_STATE_QUEUED
+        unlimited = self.slots.unlimited and not self.deps.max_running
+        state = common_pb2.TURN_STATE_RUNNING if unlimited else common_pb2.TURN_STATE_QUEUED
         # The seal's own turn_sealed is numbered already: the next turn's come after it.
         return store_pb2.NextTurn(
             state=state, lease_ttl=self.leases.ttl_proto, reserve_event_seq=events.wanted_reservation()
@@ -595,9 +644,12 @@ class Kernel:
         conversation_id: str,
         after_event_seq: int,
         until: common_pb2.SubscribeUntil.ValueType = common_pb2.SUBSCRIBE_UNTIL_FOLLOW,
+        *,
+        movable: bool = False,
     ) -> AsyncGenerator[list[common_pb2.AgentEvent], None]:
         """The conversation's events after ``after_event_seq``, following the live tail, or up
-        to where ``until`` ends them."""
+        to where ``until`` ends them; ``movable``: ended (``Unavailable``) while another
+        kernel runs the conversation's turn."""
         if after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
         if until not in common_pb2.SubscribeUntil.values():
@@ -622,6 +674,7 @@ class Kernel:
                 load,
                 until=until,
                 running_turn=running.runner.turn.id if running is not None else "",
+                movable=movable,
             )
             # Closed before the pin is released, so the log can be forgotten once idle.
             async with contextlib.aclosing(stream):
@@ -646,6 +699,8 @@ class Kernel:
         another kernel, or this one restarted, continues it at once from its last committed
         step. Then live event streams end with UNAVAILABLE (subscribe again)."""
         self._draining = True
+        await self.leases.retire()  # transports stop sending it new work at once
+        await self._follow.close()
         await self.recovery.close()
         for active in list(self._active.values()):
             active.runner.request_handover(HANDOVER)
@@ -664,6 +719,7 @@ class Kernel:
 
     async def close(self) -> None:
         """Stop the background work (tests that never drain)."""
+        await self._follow.close()
         await self.recovery.close()
         await self.leases.close()
         await self.appends.close()

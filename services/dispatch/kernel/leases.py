@@ -90,6 +90,11 @@ class LeaseKeeper:
             "lease keeper", lambda: self.ttl / (10 if self._failing else 3), self._renew_or_stop, now=False
         )
         self._failing = False
+        # Scale-out: what this kernel advertises with every beat (None: nothing, as in tests
+        # that run a bare kernel), and the live kernels the store answered with.
+        self.advertise: Callable[[], store_pb2.KernelInfo] | None = None
+        self.peers: dict[str, store_pb2.KernelInfo] = {}
+        self._retired = False
 
     @property
     def ttl_proto(self) -> duration_pb2.Duration:
@@ -124,6 +129,25 @@ class LeaseKeeper:
 
     async def close(self) -> None:
         await self._beat.close()
+        await self.retire()
+
+    def others(self) -> dict[str, store_pb2.KernelInfo]:
+        """The other live kernels, as of the last beat."""
+        return {owner: k for owner, k in self.peers.items() if owner != self.owner}
+
+    async def retire(self) -> None:
+        """Stop advertising this kernel (it shuts down): its heartbeat row goes at once, so
+        transports stop sending it new work. Its leases are still renewed until handed over."""
+        if self.advertise is None or self._retired:
+            return
+        self._retired = True
+        try:
+            await self.store.RetireKernel(
+                store_pb2.RetireKernelRequest(owner=self.owner), timeout=min(self.rpc_timeout, 2.0)
+            )
+        except grpc.aio.AioRpcError as exc:
+            # Its row expires by itself within a lease's time.
+            log.warning("could not retire this kernel's heartbeat: %s: %s", exc.code().name, exc.details())
 
     def confident(self, turn_id: str) -> bool:
         """Whether ``turn_id`` may go on running now: its lease was confirmed within 3/4 of
@@ -143,9 +167,11 @@ class LeaseKeeper:
         await self.renew()
 
     async def renew(self) -> None:
-        """Renew every held lease in one call; hand each lost one to its turn."""
+        """Renew every held lease in one call, with this kernel's heartbeat; hand each lost
+        one to its turn."""
         leases = self.held()
-        if not leases:
+        heartbeat = self.advertise() if self.advertise is not None and not self._retired else None
+        if not leases and heartbeat is None:
             return
         sent = self._now()
         try:
@@ -153,6 +179,7 @@ class LeaseKeeper:
                 store_pb2.RenewLeasesRequest(
                     owner=self.owner,
                     ttl=self.ttl_proto,
+                    kernel=heartbeat,
                     leases=[
                         store_pb2.LeaseRef(
                             tenant_id=lease.tenant_id, turn_id=lease.turn_id, epoch=lease.epoch
@@ -176,6 +203,8 @@ class LeaseKeeper:
         if self._failing:
             log.info("leases renewed again")
         self._failing = False
+        if heartbeat is not None:
+            self.peers = {k.owner: k for k in resp.kernels}
         lost = set(resp.lost_turn_ids)
         for held in leases:
             if held.turn_id not in lost:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 
 import grpc
@@ -13,9 +14,20 @@ from dispatch.kernel.service import KernelServicer
 from dispatch.kernel.streams import ExecClient
 from dispatch.kernel.tools import BUILTIN_TOOLS, Tool
 from dispatch.kernel.turn import TurnDeps
-from dispatch.shared.config import KernelConfig
+from dispatch.shared.config import KernelConfig, parse_listen
 from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, start_server
 from dispatch.v1 import exec_pb2_grpc, kernel_pb2_grpc, store_pb2_grpc
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def advertised_address(listen: str, port: int) -> str:
+    """Where other machines reach a kernel listening on ``listen`` (bound to ``port``): its
+    host, or this machine's name when it listens on every interface."""
+    host, _ = parse_listen(listen)
+    if host in WILDCARD_HOSTS:
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 async def start(
@@ -39,6 +51,8 @@ async def start(
         sweep_interval=cfg.sweep_interval,
         max_attempts=cfg.max_attempts,
         store_outage=cfg.store_outage,
+        follow_interval=cfg.follow_interval,
+        max_running=cfg.cluster_max_concurrent_turns,
     )
     if cfg.instance_id:
         deps.owner = cfg.instance_id
@@ -54,6 +68,7 @@ async def start(
         cfg.listen,
         drain=kernel.drain,
     )
+    kernel.advertise(cfg.advertise or advertised_address(cfg.listen, hosted.port))
     await kernel.start()
 
     async def close() -> None:

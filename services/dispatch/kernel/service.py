@@ -33,7 +33,11 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
         self, request: kernel_pb2.KernelSubscribeRequest, context: Context
     ) -> AsyncIterator[common_pb2.EventBatch]:
         async for batch in self.kernel.subscribe(
-            request.tenant_id, request.conversation_id, request.after_event_seq, request.until
+            request.tenant_id,
+            request.conversation_id,
+            request.after_event_seq,
+            request.until,
+            movable=request.movable,
         ):
             yield common_pb2.EventBatch(events=batch, event_seqs=[e.event_seq for e in batch])
 

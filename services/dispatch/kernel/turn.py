@@ -83,6 +83,11 @@ class TurnDeps:
     sweep_interval: float = 5.0
     max_attempts: int = 3
     store_outage: float = 60.0
+    # Scale-out: how often subscribers of a turn run elsewhere are moved, and the limit on
+    # running turns across every kernel (KernelConfig); a turn waiting for one of those
+    # run slots asks again every follow_interval.
+    follow_interval: float = 0.5
+    max_running: int = 0
     # The approvals this kernel's turns wait for (ResolveApproval wakes them).
     approvals: ApprovalBoard = field(default_factory=ApprovalBoard)
 
@@ -413,21 +418,30 @@ class TurnRunner:
         self._emit(messages_committed=common_pb2.MessagesCommitted(first_seq=first_seq, last_seq=last_seq))
 
     async def _wait_for_slot(self) -> None:
-        """A queued turn waits here for a run slot (an abort ends the wait), then is running."""
-        if self._slots is None:
+        """A queued turn waits here for a run slot of this kernel, then (under a cluster-wide
+        limit) for one of the cluster's, which the store grants as it moves the turn to
+        running; an abort ends the wait."""
+        if self._slots is None and self.turn.state != common_pb2.TURN_STATE_QUEUED:
             return
-        self._slot_wait = asyncio.create_task(self._slots.acquire())
+        self._slot_wait = asyncio.create_task(self._admitted())
         try:
             await self._slot_wait
-            self.has_slot = True
         except asyncio.CancelledError:
             if self.abort_reason is None and not self._handover and not self.writer.lost:
                 raise  # the kernel itself is being cancelled
             return  # aborted, handed over or lost while queued: no step runs
         finally:
             self._slot_wait = None
-        if self.turn.state == common_pb2.TURN_STATE_QUEUED:
-            await self.writer.transition(common_pb2.TURN_STATE_RUNNING)
+
+    async def _admitted(self) -> None:
+        if self._slots is not None:
+            await self._slots.acquire()
+            self.has_slot = True
+        while self.turn.state == common_pb2.TURN_STATE_QUEUED:
+            if not await self.writer.transition(
+                common_pb2.TURN_STATE_RUNNING, max_running=self.deps.max_running
+            ):
+                await asyncio.sleep(self.deps.follow_interval)  # the cluster's slots are taken
 
     async def run(self) -> None:
         """Run the turn to its seal, or until it is handed over or its lease is lost."""

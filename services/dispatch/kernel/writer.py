@@ -305,23 +305,34 @@ class TurnWriter:
         resp = await self.retrying("reserve event numbers", call)
         self.events.reserve(resp.reserved_event_seq)
 
-    async def transition(self, to: common_pb2.TurnState.ValueType) -> None:
-        """Move the turn (queued → running), fenced."""
+    async def transition(self, to: common_pb2.TurnState.ValueType, *, max_running: int = 0) -> bool:
+        """Move the turn (queued → running), fenced; False if ``max_running`` turns run in the
+        cluster already (the store refused: try again later)."""
 
-        async def call() -> common_pb2.Turn:
-            turn: common_pb2.Turn = await self.store.TransitionTurn(
-                store_pb2.TransitionTurnRequest(
-                    tenant_id=self.tenant_id,
-                    turn_id=self.turn.id,
-                    to=to,
-                    lease_owner=self.owner,
-                    lease_epoch=self.turn.lease_epoch,
-                ),
-                timeout=self.rpc_timeout,
-            )
+        async def call() -> common_pb2.Turn | None:
+            try:
+                turn: common_pb2.Turn = await self.store.TransitionTurn(
+                    store_pb2.TransitionTurnRequest(
+                        tenant_id=self.tenant_id,
+                        turn_id=self.turn.id,
+                        to=to,
+                        lease_owner=self.owner,
+                        lease_epoch=self.turn.lease_epoch,
+                        max_running=max_running,
+                    ),
+                    timeout=self.rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if max_running and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return None
+                raise
             return turn
 
-        self.turn = await self.retrying("record the turn's state", call)
+        turn = await self.retrying("record the turn's state", call)
+        if turn is None:
+            return False
+        self.turn = turn
+        return True
 
     async def close(self) -> None:
         if self._reserving is not None:

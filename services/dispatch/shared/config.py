@@ -174,6 +174,9 @@ class KernelConfig:
     default_agent: str = "default"
     # Turns running at once across the kernel; more wait, in order, in state queued. 0 = unlimited.
     max_concurrent_turns: int = 0
+    # Turns running at once across every kernel on the store (give every kernel the same
+    # value), enforced by the store as each turn starts; more wait in state queued. 0 = none.
+    cluster_max_concurrent_turns: int = 0
     # Steps per turn, for every agent; 0 = unlimited.
     max_steps: int = 0
     # Deadline on every unary call to the store and exec, in seconds.
@@ -201,6 +204,14 @@ class KernelConfig:
     # [kernel] approval_timeout) when `agents` does not say otherwise.
     permissions: Mapping[str, Any] = field(default_factory=dict)
     approval_timeout: float = 0.0
+    # Scale-out. Where transports reach this kernel (host:port), advertised through the
+    # store with every lease beat; empty: the address it listens on (its host, when that
+    # is a wildcard, is this machine's name).
+    advertise: str = ""
+    # How often a kernel checks whether a conversation it has subscribers for, but does
+    # not run, has a turn running on another kernel (then those subscribers move there).
+    # Only while other kernels are alive.
+    follow_interval: float = 0.5
 
     def all_providers(self) -> Mapping[str, ProviderConfig]:
         """``providers``, or ``provider`` as the one named ``default``."""
@@ -227,6 +238,8 @@ class KernelConfig:
 @dataclass(frozen=True)
 class TransportConfig:
     listen: str = DEFAULT_TRANSPORT_LISTEN
+    # The kernel's host:port, or "store": every live kernel, found through the store's
+    # heartbeat rows (several kernels; each conversation's calls go to the kernel running it).
     kernel_address: str = ""
     store_address: str = ""
     rpc_timeout: float = 30.0
@@ -300,6 +313,7 @@ SCHEMA: Mapping[str, Any] = {
                 "system_prompt",
                 "default_agent",
                 "max_concurrent_turns",
+                "cluster_max_concurrent_turns",
                 "max_steps",
                 "confine_tools",
                 "instance_id",
@@ -308,6 +322,8 @@ SCHEMA: Mapping[str, Any] = {
                 "max_attempts",
                 "store_outage",
                 "approval_timeout",
+                "advertise",
+                "follow_interval",
             )
         ),
         "permissions": ANY,
@@ -660,6 +676,16 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
             _pick(None, env, ("DISPATCH_MAX_CONCURRENT_TURNS",), sec.get("max_concurrent_turns"), 0),
             "kernel.max_concurrent_turns",
         ),
+        cluster_max_concurrent_turns=_int(
+            _pick(
+                None,
+                env,
+                ("DISPATCH_CLUSTER_MAX_CONCURRENT_TURNS",),
+                sec.get("cluster_max_concurrent_turns"),
+                0,
+            ),
+            "kernel.cluster_max_concurrent_turns",
+        ),
         max_steps=_int(
             _pick(None, env, ("DISPATCH_MAX_STEPS",), sec.get("max_steps"), 0), "kernel.max_steps"
         ),
@@ -678,13 +704,29 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         store_outage=_float(sec.get("store_outage", 60.0), "kernel.store_outage"),
         permissions=_permissions(sec.get("permissions"), "kernel.permissions"),
         approval_timeout=_float(sec.get("approval_timeout", 0.0), "kernel.approval_timeout"),
+        advertise=str(
+            _pick(flags.get("advertise"), env, ("DISPATCH_KERNEL_ADVERTISE",), sec.get("advertise"), "")
+        ),
+        follow_interval=_float(sec.get("follow_interval", 0.5), "kernel.follow_interval"),
     )
+    if cfg.advertise:
+        try:
+            _, port = parse_listen(cfg.advertise)
+        except ListenError as exc:
+            raise ConfigError(
+                f"kernel.advertise (--advertise, DISPATCH_KERNEL_ADVERTISE): {exc.reason}"
+            ) from None
+        if port == 0:
+            raise ConfigError(
+                f"kernel.advertise must name the port transports dial, not 0: {cfg.advertise!r}"
+            )
     if cfg.approval_timeout < 0:
         raise ConfigError("config key kernel.approval_timeout must be 0 (never) or more seconds")
     for key, value in (
         ("lease_ttl", cfg.lease_ttl),
         ("sweep_interval", cfg.sweep_interval),
         ("max_attempts", cfg.max_attempts),
+        ("follow_interval", cfg.follow_interval),
     ):
         if not value > 0:
             raise ConfigError(f"config key kernel.{key} must be more than 0, got {value}")
@@ -696,6 +738,10 @@ def kernel_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mappin
         raise ConfigError("kernel needs the exec service's address: --exec or DISPATCH_EXEC_ADDRESS")
     if cfg.max_steps < 0 or cfg.max_concurrent_turns < 0:
         raise ConfigError("config keys kernel.max_steps and kernel.max_concurrent_turns must be 0 or more")
+    if cfg.cluster_max_concurrent_turns < 0:
+        raise ConfigError(
+            "config key kernel.cluster_max_concurrent_turns must be 0 (no cluster-wide limit) or more"
+        )
     if cfg.default_agent not in cfg.all_agents():
         known = ", ".join(sorted(cfg.all_agents()))
         raise ConfigError(
@@ -728,7 +774,10 @@ def transport_config(
     if cfg.max_request_bytes <= 0:
         raise ConfigError("config key transport.max_request_bytes must be more than 0")
     if not cfg.kernel_address:
-        raise ConfigError("transport needs the kernel's address: --kernel or DISPATCH_KERNEL_ADDRESS")
+        raise ConfigError(
+            "transport needs the kernel's address (or 'store' to find every kernel through the store):"
+            " --kernel or DISPATCH_KERNEL_ADDRESS"
+        )
     if not cfg.store_address:
         raise ConfigError("transport needs the store's address: --store or DISPATCH_STORE_ADDRESS")
     return cfg

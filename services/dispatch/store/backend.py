@@ -1342,6 +1342,7 @@ class Store(abc.ABC):
         user_message_seq: int = 0,
         lease_owner: str = "",
         lease_epoch: int = 0,
+        max_running: int = 0,
     ) -> common_pb2.Turn:
         """Move the turn to ``to`` if the state machine allows it (else ``FailedPrecondition``).
 
@@ -1349,7 +1350,8 @@ class Store(abc.ABC):
         stamps ``ended_at``. With ``lease_owner`` set the move only happens while
         that owner holds the lease (with ``lease_epoch`` set, that epoch's), as a
         fence would (``check_lease_held``).
-        """
+         ``max_running``: a move from queued to running is refused (``ResourceExhausted``)
+        while that many turns of every tenant have started and not ended."""
 
     # ------------------------------------------------------------- execution
 
@@ -1400,6 +1402,21 @@ class Store(abc.ABC):
         self, tenant_id: str, turn_id: str, owner: str, *, epoch: int = 0
     ) -> common_pb2.Turn:
         """Clear ``owner``'s lease (of ``epoch`` when set) (``check_lease_release``)."""
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self, kernel: store_pb2.KernelInfo, ttl: datetime.timedelta
+    ) -> list[store_pb2.KernelInfo]:
+        """Record ``kernel``'s heartbeat (its row, live until now + ``ttl``; its first
+        heartbeat's time kept), and answer every live kernel, oldest first."""
+
+    @abc.abstractmethod
+    async def list_kernels(self) -> list[store_pb2.KernelInfo]:
+        """Every kernel whose heartbeat has not expired, oldest first."""
+
+    @abc.abstractmethod
+    async def retire_kernel(self, owner: str) -> None:
+        """Forget ``owner``'s heartbeat at once (it shuts down); nothing if there is none."""
 
     @abc.abstractmethod
     async def list_expired_leases(self, *, limit: int = 0) -> list[common_pb2.Turn]:

@@ -70,7 +70,7 @@ from dispatch.store.rows import (
 from dispatch.store.rows import (
     workspace_from_row as _workspace,
 )
-from dispatch.store.sql import UNENDED, RowDict, SQLStore, Tx
+from dispatch.store.sql import KERNEL_COLUMNS, UNENDED, RowDict, SQLStore, Tx
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ MIGRATION_LOCK_KEY = 0x6469737061746368
 Cursor = AsyncCursor[DictRow]
 
 T = TypeVar("T")
+
+# Taken (transaction-scoped) by an admission under a cluster-wide limit on running turns
+# (``count_started``), so two kernels never both see the last free slot.
+ADMISSION_LOCK = 0x646973706174636B
 
 # Append-only: a released migration is never edited, only followed by a new one.
 # Each runs in its own transaction together with its schema_version row. Same tables
@@ -257,6 +261,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # Serialized PermissionRules; empty bytes are no rules.
             "ALTER TABLE workspaces ADD COLUMN permissions BYTEA NOT NULL DEFAULT ''::bytea",
             "ALTER TABLE conversations ADD COLUMN remembered BYTEA NOT NULL DEFAULT ''::bytea",
+        ),
+    ),
+    (
+        6,
+        (
+            # Kernels advertise themselves (scale-out): one heartbeat row per kernel process.
+            """CREATE TABLE kernels (
+                owner TEXT PRIMARY KEY,
+                address TEXT NOT NULL,
+                run_slots INTEGER NOT NULL DEFAULT 0,
+                running INTEGER NOT NULL DEFAULT 0,
+                started_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL
+            )""",
         ),
     ),
 )
@@ -1124,3 +1142,29 @@ class _PostgresTx:
             (*fields.values(), approval_id),
         )
         return self._cur.rowcount == 1
+
+    async def count_started(self) -> int:
+        await self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
+        found = await self._one("SELECT count(*) AS n FROM turns WHERE state IN (2, 3, 4)", ())
+        assert found is not None
+        return int(found["n"])
+
+    async def put_kernel(self, row: Mapping[str, Any]) -> None:
+        await self._cur.execute(
+            "INSERT INTO kernels (owner, address, run_slots, running, started_at, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (owner) DO UPDATE SET address = EXCLUDED.address,"
+            " run_slots = EXCLUDED.run_slots, running = EXCLUDED.running, expires_at = EXCLUDED.expires_at",
+            tuple(row[c] for c in KERNEL_COLUMNS),
+        )
+
+    async def live_kernels(self, now_ns: int) -> list[RowDict]:
+        return await self._all(
+            f"SELECT {', '.join(KERNEL_COLUMNS)} FROM kernels WHERE expires_at > %s"
+            " ORDER BY started_at, owner",
+            (now_ns,),
+        )
+
+    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
+        await self._cur.execute(
+            "DELETE FROM kernels WHERE owner = %s OR expires_at < %s", (owner, expired_before_ns)
+        )

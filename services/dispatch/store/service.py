@@ -388,6 +388,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             user_message_seq=_not_negative(request.user_message_seq, "user_message_seq"),
             lease_owner=request.lease_owner,
             lease_epoch=_not_negative(request.lease_epoch, "lease_epoch"),
+            max_running=_not_negative(request.max_running, "max_running"),
         )
 
     # ------------------------------------------------------------- execution
@@ -464,12 +465,34 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     async def RenewLeases(
         self, request: store_pb2.RenewLeasesRequest, context: Context
     ) -> store_pb2.RenewLeasesResponse:
+        owner = _required_text(request.owner, "owner")
+        ttl = _ttl(request.ttl)
+        kernels: list[store_pb2.KernelInfo] = []
+        if request.HasField("kernel"):
+            kernel = store_pb2.KernelInfo()
+            kernel.CopyFrom(request.kernel)
+            kernel.owner = owner
+            _required_text(kernel.address, "kernel.address")
+            if kernel.run_slots < 0 or kernel.running < 0:
+                raise InvalidArgument("kernel.run_slots and kernel.running must be 0 or more")
+            kernels = await self.store.heartbeat(kernel, ttl)
         lost = await self.store.renew_leases(
-            _required_text(request.owner, "owner"),
-            _ttl(request.ttl),
-            [_lease_ref(i, ref) for i, ref in enumerate(request.leases)],
+            owner, ttl, [_lease_ref(i, ref) for i, ref in enumerate(request.leases)]
         )
-        return store_pb2.RenewLeasesResponse(lost_turn_ids=lost)
+        return store_pb2.RenewLeasesResponse(lost_turn_ids=lost, kernels=kernels)
+
+    @grpc_errors
+    async def ListKernels(
+        self, request: store_pb2.ListKernelsRequest, context: Context
+    ) -> store_pb2.ListKernelsResponse:
+        return store_pb2.ListKernelsResponse(kernels=await self.store.list_kernels())
+
+    @grpc_errors
+    async def RetireKernel(
+        self, request: store_pb2.RetireKernelRequest, context: Context
+    ) -> store_pb2.RetireKernelResponse:
+        await self.store.retire_kernel(_required_text(request.owner, "owner"))
+        return store_pb2.RetireKernelResponse()
 
     # --------------------------------------------------------------- metrics
 

@@ -30,7 +30,13 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
-from dispatch.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from dispatch.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
     APPROVAL_PREFIX,
@@ -177,6 +183,33 @@ class Tx(Protocol):
     async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
         """Set ``fields`` on the approval only if it is still pending (decision 0); answer
         whether it was."""
+
+    async def count_started(self) -> int:
+        """How many turns of every tenant have started and not ended, holding the lock that
+        serialises admissions until the transaction ends."""
+
+    async def put_kernel(self, row: Mapping[str, Any]) -> None:
+        """Insert or replace a kernel's heartbeat row (keeping its ``started_at``)."""
+
+    async def live_kernels(self, now_ns: int) -> list[RowDict]:
+        """The kernel rows whose heartbeat expires after ``now_ns``, oldest first."""
+
+    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
+        """Delete ``owner``'s row, and every row that expired before ``expired_before_ns``."""
+
+
+KERNEL_COLUMNS = ("owner", "address", "run_slots", "running", "started_at", "expires_at")
+
+
+def kernel_from_row(row: Mapping[str, Any]) -> store_pb2.KernelInfo:
+    return store_pb2.KernelInfo(
+        owner=row["owner"],
+        address=row["address"],
+        run_slots=row["run_slots"],
+        running=row["running"],
+        started_at_unix_nanos=row["started_at"],
+        expires_at_unix_nanos=row["expires_at"],
+    )
 
 
 def run_to_completion(operation: Coroutine[Any, Any, T]) -> T:
@@ -503,6 +536,7 @@ class SQLStore(Store):
         user_message_seq: int = 0,
         lease_owner: str = "",
         lease_epoch: int = 0,
+        max_running: int = 0,
     ) -> common_pb2.Turn:
         if lease_epoch and not lease_owner:
             raise InvalidArgument("lease_epoch needs lease_owner: the epoch is of that owner's claim")
@@ -519,6 +553,17 @@ class SQLStore(Store):
             check_transition(turn_id, row["state"], to)
             if lease_owner:
                 check_lease_held(lease_from_row(row), lease_owner, lease_epoch)
+            if (
+                max_running
+                and row["state"] == common_pb2.TURN_STATE_QUEUED
+                and to == common_pb2.TURN_STATE_RUNNING
+            ):
+                # Admissions one at a time across the cluster, so two never both see a free slot.
+                running = await tx.count_started()
+                if running >= max_running:
+                    raise ResourceExhausted(
+                        f"{running} turns are running in the cluster; its limit is {max_running}"
+                    )
             now = tx.now_ns()
             fields = transition_fields(
                 started_at=row["started_at"],
@@ -666,6 +711,43 @@ class SQLStore(Store):
             return [turn_from_row(r) for r in await tx.unheld_turns(tx.now_ns(), limit)]
 
         return await self._run(op, write=False)
+
+    # --------------------------------------------------------------- kernels
+
+    async def heartbeat(
+        self, kernel: store_pb2.KernelInfo, ttl: datetime.timedelta
+    ) -> list[store_pb2.KernelInfo]:
+        ttl_ns = lease_ttl_ns(ttl)
+
+        async def op(tx: Tx) -> list[store_pb2.KernelInfo]:
+            now = tx.now_ns()
+            # Rows long dead (ten lease times) are swept here: nothing else writes them.
+            await tx.delete_kernels("", now - 10 * ttl_ns)
+            await tx.put_kernel(
+                {
+                    "owner": kernel.owner,
+                    "address": kernel.address,
+                    "run_slots": kernel.run_slots,
+                    "running": kernel.running,
+                    "started_at": now,
+                    "expires_at": now + ttl_ns,
+                }
+            )
+            return [kernel_from_row(r) for r in await tx.live_kernels(now)]
+
+        return await self._run(op)
+
+    async def list_kernels(self) -> list[store_pb2.KernelInfo]:
+        async def op(tx: Tx) -> list[store_pb2.KernelInfo]:
+            return [kernel_from_row(r) for r in await tx.live_kernels(tx.now_ns())]
+
+        return await self._run(op, write=False)
+
+    async def retire_kernel(self, owner: str) -> None:
+        async def op(tx: Tx) -> None:
+            await tx.delete_kernels(owner, 0)
+
+        await self._run(op)
 
     # ----------------------------------------------------------------- queue
 

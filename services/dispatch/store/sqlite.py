@@ -69,7 +69,7 @@ from dispatch.store.rows import (
 from dispatch.store.rows import (
     workspace_from_row as _workspace,
 )
-from dispatch.store.sql import UNENDED, RowDict, SQLStore, Tx, run_to_completion
+from dispatch.store.sql import KERNEL_COLUMNS, UNENDED, RowDict, SQLStore, Tx, run_to_completion
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # Serialized PermissionRules; empty bytes are no rules.
             "ALTER TABLE workspaces ADD COLUMN permissions BLOB NOT NULL DEFAULT x''",
             "ALTER TABLE conversations ADD COLUMN remembered BLOB NOT NULL DEFAULT x''",
+        ),
+    ),
+    (
+        6,
+        (
+            # Kernels advertise themselves (scale-out): one heartbeat row per kernel process.
+            """CREATE TABLE kernels (
+                owner TEXT PRIMARY KEY,
+                address TEXT NOT NULL,
+                run_slots INTEGER NOT NULL DEFAULT 0,
+                running INTEGER NOT NULL DEFAULT 0,
+                started_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL
+            )""",
         ),
     ),
 )
@@ -1173,3 +1187,30 @@ class _SQLiteTx:
             (*fields.values(), approval_id),
         )
         return cursor.rowcount == 1
+
+    async def count_started(self) -> int:
+        # Write transactions exclude each other whole: nothing else to lock.
+        row = self._conn.execute(
+            "SELECT count(*) FROM turns WHERE state IN (2, 3, 4)",
+        ).fetchone()
+        return int(row[0])
+
+    async def put_kernel(self, row: Mapping[str, Any]) -> None:
+        self._conn.execute(
+            "INSERT INTO kernels (owner, address, run_slots, running, started_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner) DO UPDATE SET address = excluded.address,"
+            " run_slots = excluded.run_slots, running = excluded.running, expires_at = excluded.expires_at",
+            tuple(row[c] for c in KERNEL_COLUMNS),
+        )
+
+    async def live_kernels(self, now_ns: int) -> list[RowDict]:
+        return self._all(
+            f"SELECT {', '.join(KERNEL_COLUMNS)} FROM kernels WHERE expires_at > ?"
+            " ORDER BY started_at, owner",
+            (now_ns,),
+        )
+
+    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
+        self._conn.execute(
+            "DELETE FROM kernels WHERE owner = ? OR expires_at < ?", (owner, expired_before_ns)
+        )

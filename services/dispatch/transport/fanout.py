@@ -30,12 +30,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from dispatch.shared.errors import DispatchError, Unavailable, from_rpc_error
 from dispatch.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, transport_pb2
+
+if TYPE_CHECKING:
+    from dispatch.transport.kernels import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ TRIM_CHUNK = 256
 LINGER_SECONDS = 10.0
 SHUTTING_DOWN = "the server is shutting down"
 
+
+# A hub whose kernel stream is cut goes on from another kernel (several kernels), trying
+# again after RELOCATE_BACKOFF, then twice as long up to a second, until streams have
+# failed for this long with no event between; then its subscribers subscribe again.
+RELOCATE_FOR = 60.0
+RELOCATE_BACKOFF = 0.05
+# What a kernel says when the conversation's turn runs on another kernel (not an outage).
+MOVED = "runs on another kernel"
 
 # Opens the kernel's Subscribe: a call that yields EventBatchView (or EventBatch) messages.
 OpenStream = Callable[[kernel_pb2.KernelSubscribeRequest], Any]
@@ -201,6 +212,27 @@ class Subscriber:
         return batch
 
 
+def _subscribe_of(kernel: kernel_pb2_grpc.KernelAsyncStub | None) -> OpenStream:
+    if kernel is not None:
+        return kernel.Subscribe
+
+    def none(request: kernel_pb2.KernelSubscribeRequest) -> Any:
+        raise Unavailable("no kernel to subscribe to")
+
+    return none
+
+
+async def opener(
+    default: OpenStream, kernels: Kernels | None, tenant_id: str, conversation_id: str
+) -> tuple[OpenStream, str]:
+    """How to open the conversation's kernel stream, and the kernel's address ("": the one
+    kernel): on the kernel running its turn, when there are several."""
+    if kernels is None:
+        return default, ""
+    route = await kernels.for_conversation(tenant_id, conversation_id)
+    return route.open_stream, route.address
+
+
 class Hub:
     """One upstream subscription to a conversation's events and the subscribers it feeds.
 
@@ -210,17 +242,20 @@ class Hub:
 
     def __init__(
         self,
-        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        kernel: kernel_pb2_grpc.KernelAsyncStub | None,
         tenant_id: str,
         conversation_id: str,
         after_event_seq: int,
         on_idle: Callable[[Hub], None],
         *,
         open_stream: OpenStream | None = None,
+        kernels: Kernels | None = None,
     ):
         """``open_stream`` opens the kernel's Subscribe (see ``Fanout``); by default the
-        stub's."""
-        self.open_stream: OpenStream = open_stream or kernel.Subscribe
+        stub's. ``kernels``: several kernels, each stream opened on the one running the
+        conversation's turn (``open_stream`` is not used then)."""
+        self.open_stream: OpenStream = open_stream or _subscribe_of(kernel)
+        self.kernels = kernels
         self.tenant_id = tenant_id
         self.conversation_id = conversation_id
         # Invariant: the hub has every event after `base` (in `frames`, then live).
@@ -288,14 +323,36 @@ class Hub:
         last = self.base
         error: DispatchError | None = None
         interrupted = ""
+        loop = asyncio.get_running_loop()
+        # Since when streams fail with no event between (None: the last one delivered).
+        failing_since: float | None = None
+        backoff = RELOCATE_BACKOFF
         while True:
-            call = self.open_stream(
+            try:
+                open_stream, address = await opener(
+                    self.open_stream, self.kernels, self.tenant_id, self.conversation_id
+                )
+            except DispatchError as exc:
+                open_stream, address = None, ""
+                failing_since = loop.time() if failing_since is None else failing_since
+                if not self._relocating(failing_since):
+                    error = exc
+                    break
+            if open_stream is None:
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, 2 * backoff)
+                continue
+            call = open_stream(
                 kernel_pb2.KernelSubscribeRequest(
-                    tenant_id=self.tenant_id, conversation_id=self.conversation_id, after_event_seq=last
+                    tenant_id=self.tenant_id,
+                    conversation_id=self.conversation_id,
+                    after_event_seq=last,
+                    movable=self.kernels is not None,
                 )
             )
             try:
                 async for message in call:
+                    failing_since, backoff = None, RELOCATE_BACKOFF
                     frames, seqs = frames_of(message)
                     if seqs and seqs[0] <= last:  # a repeat (never expected): skip what we have
                         keep = bisect.bisect_right(seqs, last)
@@ -308,6 +365,16 @@ class Hub:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue  # the hub fell behind the kernel: pick up where it was
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    failing_since = loop.time() if failing_since is None else failing_since
+                    if self._relocating(failing_since):
+                        # Several kernels: go on from the one running the turn now (at once
+                        # when the kernel says where the turn went).
+                        if MOVED not in (exc.details() or ""):
+                            assert self.kernels is not None
+                            self.kernels.suspect(address)
+                            await asyncio.sleep(backoff)
+                            backoff = min(1.0, 2 * backoff)
+                        continue
                     # The kernel shuts down or went away: each subscriber resumes, later or
                     # elsewhere, from its own place.
                     interrupted = "the conversation's event stream was interrupted (kernel unavailable)"
@@ -319,6 +386,13 @@ class Hub:
                 call.cancel()
             break
         self.close(error, interrupted=interrupted)
+
+    def _relocating(self, failing_since: float) -> bool:
+        """Whether a cut stream goes on from another kernel: there are several, and streams
+        have not been failing for RELOCATE_FOR."""
+        if self.kernels is None or not self.kernels.relocates or self.done:
+            return False
+        return asyncio.get_running_loop().time() - failing_since < RELOCATE_FOR
 
     async def _wait_for_room(self) -> None:
         """Read on from the kernel only as fast as the fastest subscriber takes events.
@@ -371,15 +445,17 @@ class Fanout:
 
     def __init__(
         self,
-        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        kernel: kernel_pb2_grpc.KernelAsyncStub | None,
         *,
         open_stream: OpenStream | None = None,
+        kernels: Kernels | None = None,
         subscriber_queue: int | None = None,
         batch_window: float = BATCH_WINDOW,
         batch_max: int = BATCH_MAX,
     ):
         self.kernel = kernel
-        self.open_stream: OpenStream = open_stream or kernel.Subscribe
+        self.open_stream: OpenStream = open_stream or _subscribe_of(kernel)
+        self.kernels = kernels
         self.subscriber_queue = SUBSCRIBER_QUEUE if subscriber_queue is None else subscriber_queue
         self.batch_window = batch_window
         self.batch_max = batch_max
@@ -399,6 +475,7 @@ class Fanout:
                 after_event_seq,
                 self._forget,
                 open_stream=self.open_stream,
+                kernels=self.kernels,
             )
             self.hubs[key] = hub
         return hub
@@ -459,7 +536,8 @@ class Fanout:
     ) -> AsyncIterator[Batch]:
         """A stream of the subscriber's own, straight from the kernel."""
         cursor = after_event_seq
-        call = self.open_stream(
+        open_stream, _ = await opener(self.open_stream, self.kernels, tenant_id, conversation_id)
+        call = open_stream(
             kernel_pb2.KernelSubscribeRequest(
                 tenant_id=tenant_id,
                 conversation_id=conversation_id,

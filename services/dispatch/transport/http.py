@@ -44,9 +44,9 @@ parameter a route does not take is a 400 naming it.
 
 ``/healthz`` and ``/readyz`` are for probes (a load balancer, Docker, Kubernetes) and take
 no key: ``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 when the
-transport's own gRPC service and every backend it was given (its kernel and store
-channels) answer grpc.health.v1 SERVING, else 503 naming what is not (``kernel: unreachable
-(UNAVAILABLE)``), never an address.
+transport's own gRPC service answers grpc.health.v1 SERVING and so does every check it was
+given (the transport gives one for its kernels and one for its store), else 503 naming what
+is not (``kernel: unreachable (UNAVAILABLE)``), never an address.
 
 The event stream is Server-Sent Events when ``Accept`` names
 ``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
@@ -109,6 +109,25 @@ _KEEPALIVE = b": keep-alive\n\n"
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
+
+
+# One /readyz check: "serving", or a few words saying why not (never an address).
+ReadyCheck = Callable[[], Awaitable[str]]
+
+
+async def health_of(channel: grpc.aio.Channel, service: str = "", wait: float = READY_TIMEOUT) -> str:
+    """grpc.health.v1 of ``service`` on ``channel``, as a /readyz check reports it; ``wait``:
+    the call's deadline, in seconds."""
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed omits its methods
+    try:
+        reply: health_pb2.HealthCheckResponse = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=wait
+        )
+    except grpc.aio.AioRpcError as exc:
+        return f"unreachable ({exc.code().name})"
+    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+        return "serving"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower()
 
 
 class HttpError(Exception):
@@ -338,7 +357,7 @@ class HttpBridge:
         rpc_timeout: float = RPC_TIMEOUT,
         keepalive: float = KEEPALIVE_SECONDS,
         max_body: int = MAX_BODY_BYTES,
-        backends: Mapping[str, grpc.aio.Channel] | None = None,
+        checks: Mapping[str, ReadyCheck] | None = None,
         ready_timeout: float = READY_TIMEOUT,
     ):
         if batch_events < 1:
@@ -350,9 +369,7 @@ class HttpBridge:
         self.ready_timeout = ready_timeout
         self._channel = grpc.aio.insecure_channel(grpc_target, options=GRPC_OPTIONS)
         self._stub: transport_pb2_grpc.DispatchAsyncStub = transport_pb2_grpc.DispatchStub(self._channel)
-        # The transport's own channels (not the bridge's to close): /readyz asks on them, so
-        # it answers for the connections the transport really uses.
-        self._backends = dict(backends or {})
+        self._checks = dict(checks or {})
         self._streams: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
         self._closing = asyncio.Event()
         self._stopped = False
@@ -419,26 +436,17 @@ class HttpBridge:
         ]
 
     async def readiness(self) -> dict[str, str]:
-        """What /readyz reports: ``serving``, or why not, for the transport and each backend."""
-        own = ("transport", self._channel, transport_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name)
-        probes = [own, *((name, channel, "") for name, channel in self._backends.items())]
-        states = await asyncio.gather(*(self._health(channel, service) for _, channel, service in probes))
-        checks = {name: state for (name, _, _), state in zip(probes, states, strict=True)}
+        """What /readyz reports: ``serving``, or why not, for the transport and each check."""
+        dispatch = transport_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name
+        names = ["transport", *self._checks]
+        states = await asyncio.gather(
+            health_of(self._channel, dispatch, self.ready_timeout),
+            *(check() for check in self._checks.values()),
+        )
+        checks = dict(zip(names, states, strict=True))
         if self._closing.is_set():
             checks["transport"] = "stopping"
         return checks
-
-    async def _health(self, channel: grpc.aio.Channel, service: str) -> str:
-        stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed omits its methods
-        try:
-            reply: health_pb2.HealthCheckResponse = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self.ready_timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            return f"unreachable ({exc.code().name})"
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            return "serving"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower()
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -704,15 +712,15 @@ async def start_http(
     rpc_timeout: float = RPC_TIMEOUT,
     keepalive: float = KEEPALIVE_SECONDS,
     max_body: int = MAX_BODY_BYTES,
-    backends: Mapping[str, grpc.aio.Channel] | None = None,
+    checks: Mapping[str, ReadyCheck] | None = None,
 ) -> HttpBridge:
     """Serve the bridge on ``listen`` ("host:port"; port 0 picks a free one) in front of the
     Dispatch service at ``grpc_target``.
 
     ``batch_events``: most events per HTTP write; ``rpc_timeout``: deadline of each unary
     call; ``keepalive``: seconds of silence before an SSE keep-alive comment; ``max_body``:
-    largest request body, in bytes; ``backends``: the channels /readyz checks besides the
-    transport itself, by name (``kernel``, ``store``).
+    largest request body, in bytes; ``checks``: what /readyz asks besides the transport
+    itself, by name (``kernel``, ``store``).
     """
     bridge = HttpBridge(
         grpc_target,
@@ -720,7 +728,7 @@ async def start_http(
         rpc_timeout=rpc_timeout,
         keepalive=keepalive,
         max_body=max_body,
-        backends=backends,
+        checks=checks,
     )
     await bridge.start(listen)
     return bridge

@@ -5,21 +5,44 @@ from __future__ import annotations
 import grpc
 
 from dispatch.shared.config import TransportConfig
+from dispatch.shared.errors import Unavailable
 from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, bound_address, start_server
-from dispatch.transport.fanout import event_view
-from dispatch.transport.http import HttpBridge, start_http
+from dispatch.transport.http import HttpBridge, health_of, start_http
+from dispatch.transport.kernels import Kernels
 from dispatch.transport.service import DispatchServicer
-from dispatch.v1 import kernel_pb2_grpc, store_pb2_grpc, transport_pb2_grpc
+from dispatch.v1 import store_pb2_grpc, transport_pb2_grpc
+
+
+async def kernel_ready(kernels: Kernels) -> str:
+    """/readyz's kernel check: the kernel this transport sends calls to answers SERVING (with
+    --kernel store: the first live kernel it would ask; none live is not ready)."""
+    if kernels.discover:
+        try:
+            if not await kernels.live():
+                return "none live (no kernel heartbeat in the store)"
+            route = await kernels.any()
+        except Unavailable:
+            return "unknown (the store did not list the kernels)"
+    else:
+        assert kernels.static is not None
+        route = kernels.static
+    if route.channel is None:
+        return "unreachable (no channel)"
+    return await health_of(route.channel)
 
 
 async def start(cfg: TransportConfig) -> Hosted:
-    kernel_channel = grpc.aio.insecure_channel(cfg.kernel_address, options=GRPC_OPTIONS)
     store_channel = grpc.aio.insecure_channel(cfg.store_address, options=GRPC_OPTIONS)
+    store = store_pb2_grpc.ConversationStoreStub(store_channel)
+    # One kernel at a fixed address, or every kernel the store knows (--kernel store).
+    kernels = Kernels(cfg.kernel_address, store, cfg.rpc_timeout)
+    one = kernels.static
     servicer = DispatchServicer(
-        kernel_pb2_grpc.KernelStub(kernel_channel),
-        store_pb2_grpc.ConversationStoreStub(store_channel),
+        None if one is None else one.stub,
+        store,
         cfg.rpc_timeout,
-        kernel_events=event_view(kernel_channel),
+        kernel_events=None if one is None else one.open_stream,
+        kernels=kernels if kernels.discover else None,
     )
     hosted = await start_server(
         [
@@ -39,11 +62,11 @@ async def start(cfg: TransportConfig) -> Hosted:
                 cfg.http_listen,
                 bound_address(cfg.listen, hosted.port),
                 rpc_timeout=cfg.rpc_timeout,
-                backends={"kernel": kernel_channel, "store": store_channel},
+                checks={"kernel": lambda: kernel_ready(kernels), "store": lambda: health_of(store_channel)},
             )
         except BaseException:
             await hosted.stop(0)
-            await kernel_channel.close()
+            await kernels.close()
             await store_channel.close()
             raise
         hosted.http_port = bridge.port
@@ -61,7 +84,7 @@ async def start(cfg: TransportConfig) -> Hosted:
         if bridge is not None:
             await bridge.stop()
         await servicer.fanout.close()
-        await kernel_channel.close()
+        await kernels.close()
         await store_channel.close()
 
     hosted.closers.append(close)

@@ -24,6 +24,7 @@ from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.store.backend import APPROVAL_PREFIX, CONVERSATION_PREFIX, TURN_PREFIX
 from dispatch.transport.auth import Authenticator, bearer
 from dispatch.transport.fanout import Fanout, OpenStream
+from dispatch.transport.kernels import Kernels
 from dispatch.v1 import (
     common_pb2,
     kernel_pb2,
@@ -134,19 +135,36 @@ T = TypeVar("T")
 class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     def __init__(
         self,
-        kernel: kernel_pb2_grpc.KernelAsyncStub,
+        kernel: kernel_pb2_grpc.KernelAsyncStub | None,
         store: store_pb2_grpc.ConversationStoreAsyncStub,
         rpc_timeout: float,
         *,
         kernel_events: OpenStream | None = None,
+        kernels: Kernels | None = None,
     ):
         """``kernel_events``: the kernel's Subscribe decoded as ``EventBatchView`` (see
-        ``fanout.event_view``); without it events are decoded and encoded again."""
+        ``fanout.event_view``); without it events are decoded and encoded again.
+        ``kernels``: several kernels (found through the store); a conversation's calls go
+        to the one running its turn, and ``kernel`` (then None) is not used."""
+        if kernel is None and kernels is None:
+            raise ValueError("a transport needs a kernel, or kernels found through the store")
         self.kernel = kernel
+        self.kernels = kernels
         self.store = store
         self.timeout = rpc_timeout
         self.auth = Authenticator(store, rpc_timeout)
-        self.fanout = Fanout(kernel, open_stream=kernel_events)
+        self.fanout = Fanout(kernel, open_stream=kernel_events, kernels=kernels)
+
+    async def _kernel(
+        self, tenant_id: str = "", conversation_id: str = ""
+    ) -> kernel_pb2_grpc.KernelAsyncStub:
+        """The kernel for a call about ``conversation_id`` (any kernel without one)."""
+        if self.kernels is None:
+            assert self.kernel is not None
+            return self.kernel
+        if conversation_id:
+            return (await self.kernels.for_conversation(tenant_id, conversation_id)).stub
+        return (await self.kernels.any()).stub
 
     async def _tenant(self, context: Context) -> str:
         return await self.auth.tenant(bearer(context.invocation_metadata()))
@@ -158,7 +176,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             return
         resp = await self._call(
             "could not check the agent",
-            self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
+            (await self._kernel()).ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
         )
         agents = sorted({agent for model in resp.models for agent in model.agents})
         if name not in agents:
@@ -307,22 +325,40 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         chunks = _message_chunks(request)
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-        resp = await self._call(
-            "could not start the turn",
-            self.kernel.StartTurn(
-                kernel_pb2.StartTurnRequest(
-                    tenant_id=tenant,
-                    conversation_id=_conversation_id(request.conversation_id),
-                    chunks=chunks,
-                    policy=request.policy,
-                    idempotency_key=request.idempotency_key,
-                ),
-                timeout=self.timeout,
-            ),
+        conversation_id = _conversation_id(request.conversation_id)
+        start = kernel_pb2.StartTurnRequest(
+            tenant_id=tenant,
+            conversation_id=conversation_id,
+            chunks=chunks,
+            policy=request.policy,
+            idempotency_key=request.idempotency_key,
         )
+        resp = await self._start_turn(start)
         return transport_pb2.SendResponse(
             turn_id=resp.turn_id, state=resp.state, queued=resp.queued, after_event_seq=resp.after_event_seq
         )
+
+    async def _start_turn(self, start: kernel_pb2.StartTurnRequest) -> kernel_pb2.StartTurnResponse:
+        """StartTurn on the conversation's kernel. With several kernels, a kernel that could
+        not take it is passed over and the next one asked, when asking again cannot start
+        the message twice: the kernel refused it unseen, or the send has an idempotency key."""
+        attempts = 3 if self.kernels is not None and self.kernels.relocates else 1
+        for attempt in range(attempts):
+            route = None
+            if self.kernels is not None:
+                route = await self.kernels.for_conversation(start.tenant_id, start.conversation_id)
+            kernel = await self._kernel() if route is None else route.stub
+            try:
+                return await kernel.StartTurn(start, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                retry = exc.code() == grpc.StatusCode.UNAVAILABLE and (
+                    bool(start.idempotency_key) or _unseen(exc)
+                )
+                if route is None or not retry or attempt + 1 == attempts:
+                    raise from_rpc_error(exc, "could not start the turn") from None
+                assert self.kernels is not None
+                self.kernels.suspect(route.address)
+        raise AssertionError("unreachable")
 
     @grpc_errors
     async def Subscribe(  # type: ignore[override]  # it yields pre-encoded responses too
@@ -352,7 +388,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         tenant = await self._tenant(context)
         resp = await self._call(
             "could not cancel the turn",
-            self.kernel.Cancel(
+            (await self._kernel(tenant, _conversation_id(request.conversation_id))).Cancel(
                 kernel_pb2.KernelCancelRequest(
                     tenant_id=tenant,
                     conversation_id=_conversation_id(request.conversation_id),
@@ -416,9 +452,21 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         caller = await self.auth.caller(bearer(context.invocation_metadata()))
         approval_id = require_id(request.approval_id, "approval_id", APPROVAL_PREFIX)
         _check_resolution(request)
+        kernel = await self._kernel()
+        if self.kernels is not None:
+            # The kernel whose turn waits for it wakes the call at once (any kernel could
+            # decide it: the decision is the store's).
+            approval = await self._call(
+                "could not find the approval",
+                self.store.GetApproval(
+                    store_pb2.GetApprovalRequest(tenant_id=caller.tenant_id, approval_id=approval_id),
+                    timeout=self.timeout,
+                ),
+            )
+            kernel = await self._kernel(caller.tenant_id, approval.conversation_id)
         return await self._call(
             "could not resolve the approval",
-            self.kernel.ResolveApproval(
+            kernel.ResolveApproval(
                 kernel_pb2.KernelResolveApprovalRequest(
                     tenant_id=caller.tenant_id,
                     approval_id=approval_id,
@@ -495,7 +543,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         await self._tenant(context)  # authenticated, though not tenant-scoped
         resp = await self._call(
             "could not list models",
-            self.kernel.ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
+            (await self._kernel()).ListModels(kernel_pb2.KernelListModelsRequest(), timeout=self.timeout),
         )
         return transport_pb2.ModelsResponse(models=resp.models)
 
@@ -506,6 +554,23 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         await self._tenant(context)  # authenticated, though not tenant-scoped
         resp = await self._call(
             "could not list computers",
-            self.kernel.ListComputers(kernel_pb2.KernelListComputersRequest(), timeout=self.timeout),
+            (await self._kernel()).ListComputers(
+                kernel_pb2.KernelListComputersRequest(), timeout=self.timeout
+            ),
         )
         return transport_pb2.ComputersResponse(computers=resp.computers)
+
+
+def _unseen(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether an UNAVAILABLE call never reached a kernel that could have acted on it: the
+    connection failed, or the kernel refused it as it shuts down."""
+    details = (exc.details() or "").lower()
+    return any(
+        words in details
+        for words in (
+            "failed to connect",
+            "connection refused",
+            "shutting down",
+            "connections to all backends",
+        )
+    )

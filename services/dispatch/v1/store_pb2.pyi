@@ -1069,6 +1069,7 @@ class TransitionTurnRequest(_message.Message):
     USER_MESSAGE_SEQ_FIELD_NUMBER: _builtins.int
     LEASE_OWNER_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     turn_id: _builtins.str
     to: _common_pb2.TurnState.ValueType
@@ -1080,6 +1081,11 @@ class TransitionTurnRequest(_message.Message):
     (with lease_epoch set, with that epoch).
     """
     lease_epoch: _builtins.int
+    max_running: _builtins.int
+    """A cluster-wide limit on running turns: a move from queued to running is
+    refused with RESOURCE_EXHAUSTED while this many turns (of every tenant,
+    on every kernel) have started and not ended. 0: no limit.
+    """
     def __init__(
         self,
         *,
@@ -1091,10 +1097,11 @@ class TransitionTurnRequest(_message.Message):
         user_message_seq: _builtins.int = ...,
         lease_owner: _builtins.str = ...,
         lease_epoch: _builtins.int = ...,
+        max_running: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "finish_reason", b"finish_reason", "lease_epoch", b"lease_epoch", "lease_owner", b"lease_owner", "max_running", b"max_running", "tenant_id", b"tenant_id", "to", b"to", "turn_id", b"turn_id", "user_message_seq", b"user_message_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1230,21 +1237,30 @@ class RenewLeasesRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
+    KERNEL_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]: ...
+    @_builtins.property
+    def kernel(self) -> Global___KernelInfo:
+        """The kernel's heartbeat, renewed for `ttl` in the same transaction (its
+        `owner` is this request's owner; `expires_at` and `started_at` are the
+        store's). Unset: leases only.
+        """
+
     def __init__(
         self,
         *,
         owner: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
         leases: _abc.Iterable[Global___LeaseRef] | None = ...,
+        kernel: Global___KernelInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "owner", b"owner", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "leases", b"leases", "owner", b"owner", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1255,24 +1271,139 @@ class RenewLeasesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOST_TURN_IDS_FIELD_NUMBER: _builtins.int
+    KERNELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lost_turn_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Turns whose lease this owner no longer holds (another claimed it, or the
         turn ended): stop running them, write nothing more.
         """
 
+    @_builtins.property
+    def kernels(self) -> _containers.RepeatedCompositeFieldContainer[Global___KernelInfo]:
+        """With a heartbeat: every live kernel, this one included."""
+
     def __init__(
         self,
         *,
         lost_turn_ids: _abc.Iterable[_builtins.str] | None = ...,
+        kernels: _abc.Iterable[Global___KernelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost_turn_ids", b"lost_turn_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernels", b"kernels", "lost_turn_ids", b"lost_turn_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewLeasesResponse: _TypeAlias = RenewLeasesResponse  # noqa: Y015
+
+@_typing.final
+class KernelInfo(_message.Message):
+    """A kernel as it advertises itself through the store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    RUN_SLOTS_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    STARTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Its instance id: the owner name on the leases it holds."""
+    address: _builtins.str
+    """host:port where transports reach its Kernel service."""
+    run_slots: _builtins.int
+    """Turns it runs at once at most (0: no limit), and runs now."""
+    running: _builtins.int
+    started_at_unix_nanos: _builtins.int
+    """Set by the store: the first heartbeat's time, and when this one expires."""
+    expires_at_unix_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        address: _builtins.str = ...,
+        run_slots: _builtins.int = ...,
+        running: _builtins.int = ...,
+        started_at_unix_nanos: _builtins.int = ...,
+        expires_at_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "expires_at_unix_nanos", b"expires_at_unix_nanos", "owner", b"owner", "run_slots", b"run_slots", "running", b"running", "started_at_unix_nanos", b"started_at_unix_nanos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KernelInfo: _TypeAlias = KernelInfo  # noqa: Y015
+
+@_typing.final
+class ListKernelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKernelsRequest: _TypeAlias = ListKernelsRequest  # noqa: Y015
+
+@_typing.final
+class ListKernelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KERNELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kernels(self) -> _containers.RepeatedCompositeFieldContainer[Global___KernelInfo]: ...
+    def __init__(
+        self,
+        *,
+        kernels: _abc.Iterable[Global___KernelInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernels", b"kernels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKernelsResponse: _TypeAlias = ListKernelsResponse  # noqa: Y015
+
+@_typing.final
+class RetireKernelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireKernelRequest: _TypeAlias = RetireKernelRequest  # noqa: Y015
+
+@_typing.final
+class RetireKernelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireKernelResponse: _TypeAlias = RetireKernelResponse  # noqa: Y015
 
 @_typing.final
 class ListExpiredLeasesRequest(_message.Message):

@@ -156,6 +156,16 @@ class ConversationStoreStub:
                 request_serializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.FromString,
                 _registered_method=True)
+        self.ListKernels = channel.unary_unary(
+                '/dispatch.v1.ConversationStore/ListKernels',
+                request_serializer=dispatch_dot_v1_dot_store__pb2.ListKernelsRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListKernelsResponse.FromString,
+                _registered_method=True)
+        self.RetireKernel = channel.unary_unary(
+                '/dispatch.v1.ConversationStore/RetireKernel',
+                request_serializer=dispatch_dot_v1_dot_store__pb2.RetireKernelRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_store__pb2.RetireKernelResponse.FromString,
+                _registered_method=True)
         self.RecordTurnMetrics = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/RecordTurnMetrics',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.RecordTurnMetricsRequest.SerializeToString,
@@ -384,7 +394,24 @@ class ConversationStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenewLeases(self, request, context):
-        """Renews every lease of one owner in one call; answers which were lost.
+        """Renews every lease of one owner in one call; answers which were lost. With
+        `kernel`, it is also that kernel's heartbeat, and answers the live kernels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKernels(self, request, context):
+        """The kernels whose heartbeat has not expired, oldest first: where transports
+        send a conversation's calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireKernel(self, request, context):
+        """Removes a kernel's heartbeat row at once (it is shutting down), so nobody
+        routes to it while its row would still be live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -602,6 +629,16 @@ def add_ConversationStoreServicer_to_server(servicer, server):
                     servicer.RenewLeases,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.SerializeToString,
+            ),
+            'ListKernels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKernels,
+                    request_deserializer=dispatch_dot_v1_dot_store__pb2.ListKernelsRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListKernelsResponse.SerializeToString,
+            ),
+            'RetireKernel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireKernel,
+                    request_deserializer=dispatch_dot_v1_dot_store__pb2.RetireKernelRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_store__pb2.RetireKernelResponse.SerializeToString,
             ),
             'RecordTurnMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordTurnMetrics,
@@ -1322,6 +1359,60 @@ class ConversationStore:
             '/dispatch.v1.ConversationStore/RenewLeases',
             dispatch_dot_v1_dot_store__pb2.RenewLeasesRequest.SerializeToString,
             dispatch_dot_v1_dot_store__pb2.RenewLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKernels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.ConversationStore/ListKernels',
+            dispatch_dot_v1_dot_store__pb2.ListKernelsRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.ListKernelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireKernel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.ConversationStore/RetireKernel',
+            dispatch_dot_v1_dot_store__pb2.RetireKernelRequest.SerializeToString,
+            dispatch_dot_v1_dot_store__pb2.RetireKernelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as dispatch_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/kernel.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\"\xa4\x01\n\x10StartTurnRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"t\n\x11StartTurnResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"\x89\x01\n\x16KernelSubscribeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x03 \x01(\x03\x12*\n\x05until\x18\x04 \x01(\x0e\x32\x1b.dispatch.v1.SubscribeUntil\"R\n\x13KernelCancelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"\'\n\x14KernelCancelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\xc8\x01\n\x1cKernelResolveApprovalRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x10\n\x08remember\x18\x07 \x01(\x08\"\x19\n\x17KernelListModelsRequest\"B\n\x18KernelListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x1c\n\x1aKernelListComputersRequest\"G\n\x1bKernelListComputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer2\x84\x04\n\x06Kernel\x12J\n\tStartTurn\x12\x1d.dispatch.v1.StartTurnRequest\x1a\x1e.dispatch.v1.StartTurnResponse\x12K\n\tSubscribe\x12#.dispatch.v1.KernelSubscribeRequest\x1a\x17.dispatch.v1.EventBatch0\x01\x12M\n\x06\x43\x61ncel\x12 .dispatch.v1.KernelCancelRequest\x1a!.dispatch.v1.KernelCancelResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.KernelResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12Y\n\nListModels\x12$.dispatch.v1.KernelListModelsRequest\x1a%.dispatch.v1.KernelListModelsResponse\x12\x62\n\rListComputers\x12\'.dispatch.v1.KernelListComputersRequest\x1a(.dispatch.v1.KernelListComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ispatch/v1/kernel.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\"\xa4\x01\n\x10StartTurnRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"t\n\x11StartTurnResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"\x9a\x01\n\x16KernelSubscribeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x03 \x01(\x03\x12*\n\x05until\x18\x04 \x01(\x0e\x32\x1b.dispatch.v1.SubscribeUntil\x12\x0f\n\x07movable\x18\x05 \x01(\x08\"R\n\x13KernelCancelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"\'\n\x14KernelCancelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\xc8\x01\n\x1cKernelResolveApprovalRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x02 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x10\n\x08remember\x18\x07 \x01(\x08\"\x19\n\x17KernelListModelsRequest\"B\n\x18KernelListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x1c\n\x1aKernelListComputersRequest\"G\n\x1bKernelListComputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer2\x84\x04\n\x06Kernel\x12J\n\tStartTurn\x12\x1d.dispatch.v1.StartTurnRequest\x1a\x1e.dispatch.v1.StartTurnResponse\x12K\n\tSubscribe\x12#.dispatch.v1.KernelSubscribeRequest\x1a\x17.dispatch.v1.EventBatch0\x01\x12M\n\x06\x43\x61ncel\x12 .dispatch.v1.KernelCancelRequest\x1a!.dispatch.v1.KernelCancelResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.KernelResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12Y\n\nListModels\x12$.dispatch.v1.KernelListModelsRequest\x1a%.dispatch.v1.KernelListModelsResponse\x12\x62\n\rListComputers\x12\'.dispatch.v1.KernelListComputersRequest\x1a(.dispatch.v1.KernelListComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTTURNRESPONSE']._serialized_start=234
   _globals['_STARTTURNRESPONSE']._serialized_end=350
   _globals['_KERNELSUBSCRIBEREQUEST']._serialized_start=353
-  _globals['_KERNELSUBSCRIBEREQUEST']._serialized_end=490
-  _globals['_KERNELCANCELREQUEST']._serialized_start=492
-  _globals['_KERNELCANCELREQUEST']._serialized_end=574
-  _globals['_KERNELCANCELRESPONSE']._serialized_start=576
-  _globals['_KERNELCANCELRESPONSE']._serialized_end=615
-  _globals['_KERNELRESOLVEAPPROVALREQUEST']._serialized_start=618
-  _globals['_KERNELRESOLVEAPPROVALREQUEST']._serialized_end=818
-  _globals['_KERNELLISTMODELSREQUEST']._serialized_start=820
-  _globals['_KERNELLISTMODELSREQUEST']._serialized_end=845
-  _globals['_KERNELLISTMODELSRESPONSE']._serialized_start=847
-  _globals['_KERNELLISTMODELSRESPONSE']._serialized_end=913
-  _globals['_KERNELLISTCOMPUTERSREQUEST']._serialized_start=915
-  _globals['_KERNELLISTCOMPUTERSREQUEST']._serialized_end=943
-  _globals['_KERNELLISTCOMPUTERSRESPONSE']._serialized_start=945
-  _globals['_KERNELLISTCOMPUTERSRESPONSE']._serialized_end=1016
-  _globals['_KERNEL']._serialized_start=1019
-  _globals['_KERNEL']._serialized_end=1535
+  _globals['_KERNELSUBSCRIBEREQUEST']._serialized_end=507
+  _globals['_KERNELCANCELREQUEST']._serialized_start=509
+  _globals['_KERNELCANCELREQUEST']._serialized_end=591
+  _globals['_KERNELCANCELRESPONSE']._serialized_start=593
+  _globals['_KERNELCANCELRESPONSE']._serialized_end=632
+  _globals['_KERNELRESOLVEAPPROVALREQUEST']._serialized_start=635
+  _globals['_KERNELRESOLVEAPPROVALREQUEST']._serialized_end=835
+  _globals['_KERNELLISTMODELSREQUEST']._serialized_start=837
+  _globals['_KERNELLISTMODELSREQUEST']._serialized_end=862
+  _globals['_KERNELLISTMODELSRESPONSE']._serialized_start=864
+  _globals['_KERNELLISTMODELSRESPONSE']._serialized_end=930
+  _globals['_KERNELLISTCOMPUTERSREQUEST']._serialized_start=932
+  _globals['_KERNELLISTCOMPUTERSREQUEST']._serialized_end=960
+  _globals['_KERNELLISTCOMPUTERSRESPONSE']._serialized_start=962
+  _globals['_KERNELLISTCOMPUTERSRESPONSE']._serialized_end=1033
+  _globals['_KERNEL']._serialized_start=1036
+  _globals['_KERNEL']._serialized_end=1552
 # @@protoc_insertion_point(module_scope)

@@ -96,11 +96,17 @@ class KernelSubscribeRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_SEQ_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
+    MOVABLE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     conversation_id: _builtins.str
     after_event_seq: _builtins.int
     until: _common_pb2.SubscribeUntil.ValueType
     """When the stream ends by itself; unspecified: never."""
+    movable: _builtins.bool
+    """The caller follows the conversation to whichever kernel runs its turn (a
+    transport on several kernels): while another kernel runs it, this stream
+    ends with UNAVAILABLE saying so, to be opened again there.
+    """
     def __init__(
         self,
         *,
@@ -108,10 +114,11 @@ class KernelSubscribeRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         after_event_seq: _builtins.int = ...,
         until: _common_pb2.SubscribeUntil.ValueType = ...,
+        movable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id", "tenant_id", b"tenant_id", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_seq", b"after_event_seq", "conversation_id", b"conversation_id", "movable", b"movable", "tenant_id", b"tenant_id", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

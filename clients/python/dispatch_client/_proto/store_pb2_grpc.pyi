@@ -77,7 +77,17 @@ class ConversationStoreStub:
     lease expired or was released. Oldest expiry first.
     """
     RenewLeases: _grpc.UnaryUnaryMultiCallable[_store_pb2.RenewLeasesRequest, _store_pb2.RenewLeasesResponse]
-    """Renews every lease of one owner in one call; answers which were lost."""
+    """Renews every lease of one owner in one call; answers which were lost. With
+    `kernel`, it is also that kernel's heartbeat, and answers the live kernels.
+    """
+    ListKernels: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListKernelsRequest, _store_pb2.ListKernelsResponse]
+    """The kernels whose heartbeat has not expired, oldest first: where transports
+    send a conversation's calls.
+    """
+    RetireKernel: _grpc.UnaryUnaryMultiCallable[_store_pb2.RetireKernelRequest, _store_pb2.RetireKernelResponse]
+    """Removes a kernel's heartbeat row at once (it is shutting down), so nobody
+    routes to it while its row would still be live.
+    """
     RecordTurnMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]
@@ -144,7 +154,17 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     lease expired or was released. Oldest expiry first.
     """
     RenewLeases: _aio.UnaryUnaryMultiCallable[_store_pb2.RenewLeasesRequest, _store_pb2.RenewLeasesResponse]  # type: ignore[assignment]
-    """Renews every lease of one owner in one call; answers which were lost."""
+    """Renews every lease of one owner in one call; answers which were lost. With
+    `kernel`, it is also that kernel's heartbeat, and answers the live kernels.
+    """
+    ListKernels: _aio.UnaryUnaryMultiCallable[_store_pb2.ListKernelsRequest, _store_pb2.ListKernelsResponse]  # type: ignore[assignment]
+    """The kernels whose heartbeat has not expired, oldest first: where transports
+    send a conversation's calls.
+    """
+    RetireKernel: _aio.UnaryUnaryMultiCallable[_store_pb2.RetireKernelRequest, _store_pb2.RetireKernelResponse]  # type: ignore[assignment]
+    """Removes a kernel's heartbeat row at once (it is shutting down), so nobody
+    routes to it while its row would still be live.
+    """
     RecordTurnMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]  # type: ignore[assignment]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]  # type: ignore[assignment]
@@ -352,7 +372,29 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _store_pb2.RenewLeasesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_pb2.RenewLeasesResponse, _abc.Awaitable[_store_pb2.RenewLeasesResponse]]:
-        """Renews every lease of one owner in one call; answers which were lost."""
+        """Renews every lease of one owner in one call; answers which were lost. With
+        `kernel`, it is also that kernel's heartbeat, and answers the live kernels.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKernels(
+        self,
+        request: _store_pb2.ListKernelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.ListKernelsResponse, _abc.Awaitable[_store_pb2.ListKernelsResponse]]:
+        """The kernels whose heartbeat has not expired, oldest first: where transports
+        send a conversation's calls.
+        """
+
+    @_abc_1.abstractmethod
+    def RetireKernel(
+        self,
+        request: _store_pb2.RetireKernelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_pb2.RetireKernelResponse, _abc.Awaitable[_store_pb2.RetireKernelResponse]]:
+        """Removes a kernel's heartbeat row at once (it is shutting down), so nobody
+        routes to it while its row would still be live.
+        """
 
     @_abc_1.abstractmethod
     def RecordTurnMetrics(
