@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -78,8 +79,13 @@ def main() -> int:
         sys.stderr.write(made.stderr)
         return made.returncode
     secret = made.stdout.strip()
-    # stderr: "created key_...  tenant=...; the secret above is shown only once"
-    key_id = made.stderr.split()[1]
+    # stderr says "created key_...  tenant=...; the secret above is shown only once".
+    created = re.search(r"^created (key_\S+)", made.stderr, re.MULTILINE)
+    if not secret or created is None:
+        sys.stderr.write(made.stderr)
+        print("dispatchd keys create did not say which key it made", file=sys.stderr)
+        return 1
+    key_id = created[1]
     body = {
         "apiVersion": "v1",
         "kind": "Secret",
