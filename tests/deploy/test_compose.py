@@ -1,8 +1,8 @@
 """deploy/compose.yaml and deploy/nginx.conf. Docker does not run here, so the compose file is
 checked for what would break it (every service healthy-checked, every dispatchd command one
 dispatchd takes, addresses and ports that meet, volumes the image owns), and nginx.conf is
-run for real by Debian's nginx in front of two real transports, each with its own kernel:
-gRPC (h2c) and the HTTP bridge through it, a whole turn included."""
+run for real by Debian's nginx in front of two real transports and two kernels found through
+the store: gRPC (h2c) and the HTTP bridge through it, a whole turn included."""
 
 from __future__ import annotations
 
@@ -114,13 +114,16 @@ def test_addresses_and_ports_meet(compose: dict[str, Any]) -> None:
             test = service["healthcheck"]["test"]
             if test[2] == "grpc":
                 assert port(test[3]) == listen[name], name
-        for peer_flag in ("--store", "--exec", "--kernel"):
+        for peer_flag in ("--store", "--exec", "--advertise"):
             if peer_flag in args:
                 host, peer_port = flag(args, peer_flag).rsplit(":", 1)
                 assert int(peer_port) == listen[host], f"{name} {peer_flag}"
-    assert {flag(argv(services[f"kernel-{i}"]), "--exec") for i in (1, 2)} == {"exec:7602"}
-    assert flag(argv(services["transport-1"]), "--kernel") == "kernel-1:7601"
-    assert flag(argv(services["transport-2"]), "--kernel") == "kernel-2:7601"
+    for i in (1, 2):
+        kernel = argv(services[f"kernel-{i}"])
+        assert flag(kernel, "--exec") == "exec:7602"
+        # What transports dial, found through the store: this service's own name.
+        assert flag(kernel, "--advertise") == f"kernel-{i}:7601"
+        assert flag(argv(services[f"transport-{i}"]), "--kernel") == "store"
 
     # nginx balances exactly the transports, on the ports they serve, and publishes its own.
     conf = NGINX_CONF.read_text()
@@ -231,14 +234,15 @@ def test_nginx_conf_balances_grpc_and_http_over_two_transports(cluster: Cluster,
     kernels = [
         proc("kernel", f"kernel-{i}", "--store", store_address, "--exec", exec_address) for i in (1, 2)
     ]
-    kernel_addresses = [k.wait_ready() for k in kernels]
+    for kernel in kernels:
+        kernel.wait_ready()  # each advertises 127.0.0.1:<its port> through the store
     http_ports = [free_port(), free_port()]
     transports = [
         proc(
             "transport",
             f"transport-{i + 1}",
             "--kernel",
-            kernel_addresses[i],
+            "store",
             "--store",
             store_address,
             "--http-listen",

@@ -54,7 +54,7 @@ def test_every_rendered_object_decodes_strictly(values: str) -> None:
     kinds = sorted(line.rsplit(" ", 2)[-2] for line in out.stdout.splitlines())
     assert kinds == sorted(
         ["Deployment"] * 3
-        + ["Service"] * 3
+        + ["Service"] * 2  # store, transport; transports find kernels through the store
         + ["PodDisruptionBudget"] * 3
         + ["Job", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"]
         + (["ConfigMap"] if values == "ha" else [])
@@ -84,11 +84,19 @@ def test_every_command_is_one_dispatchd_takes(values: str) -> None:
             env = {e["name"]: e.get("value", "from-a-secret") for e in container.get("env", [])}
             flags = vars(args)
             if args.command == "kernel":
+                # Kubernetes expands $(POD_IP) from the variable above it.
+                assert env.pop("POD_IP") == "from-a-secret"
+                assert env["DISPATCH_KERNEL_ADVERTISE"] == "$(POD_IP):7601"
+                env["DISPATCH_KERNEL_ADVERTISE"] = "10.1.2.3:7601"
                 cfg = config.kernel_config({**flags, "config": None}, env, {})
                 assert cfg.lease_ttl == 15.0
+                assert cfg.advertise == "10.1.2.3:7601"
                 assert cfg.provider.kind == ("openai" if values == "ha" else "demo")
+                assert cfg.cluster_max_concurrent_turns == (64 if values == "ha" else 0)
             elif args.command == "transport":
-                assert config.transport_config(flags, env, {}).http_listen == "0.0.0.0:7610"
+                transport = config.transport_config(flags, env, {})
+                assert transport.http_listen == "0.0.0.0:7610"
+                assert transport.kernel_address == "store"  # every kernel, found through the store
             elif args.command == "exec":
                 ssh_config = env.pop("DISPATCH_SSH_CONFIG", None)  # a file of the mounted Secret
                 if values == "ha":
@@ -117,10 +125,8 @@ def test_kernel_drains_before_the_kubelet_kills_it() -> None:
     pod = kernel["spec"]["template"]["spec"]
     (main,) = pod["containers"]
     grace = int(next(a for a in main["args"] if a.startswith("--grace=")).removeprefix("--grace="))
-    pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    # SIGTERM after the preStop; then --grace to hand turns over; all inside the pod's grace.
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + grace
+    # --grace to hand turns over, inside the pod's grace.
+    assert pod["terminationGracePeriodSeconds"] > grace
     live = main["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= pod["terminationGracePeriodSeconds"]
     # A new kernel is ready before an old one stops, one at a time.
@@ -139,7 +145,8 @@ def test_liveness_shorter_than_a_drain_is_refused() -> None:
         "probes.liveness.failureThreshold=2",
     )
     assert out.returncode != 0
-    assert "probes.liveness: periodSeconds * failureThreshold (20 s)" in out.stderr
+    assert "probes.liveness: periodSeconds * failureThreshold (20 s) must be at least" in out.stderr
+    assert "termination grace (45 s = grace + stopMargin)" in out.stderr
 
 
 def test_exec_is_a_loopback_sidecar_sharing_the_workspace() -> None:

@@ -32,10 +32,6 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ include "dispatch.fullname" . }}-store:{{ .Values.store.port }}
 {{- end -}}
 
-{{- define "dispatch.kernelAddress" -}}
-{{ include "dispatch.fullname" . }}-kernel:{{ .Values.kernel.port }}
-{{- end -}}
-
 {{- define "dispatch.apiKeySecret" -}}
 {{ .Values.apiKeys.secretName | default (printf "%s-api-key" (include "dispatch.fullname" .)) }}
 {{- end -}}
