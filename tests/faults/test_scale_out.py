@@ -45,9 +45,9 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.e2e
 
 # A turn long enough to be killed in: steps of words, a tool call, a pause.
-STEPS = [[text(f"step {i} "), sleep(0.3), call("list_dir", path="." if i % 2 else "..")] for i in range(8)] + [
-    [text("all done")]
-]
+STEPS = [
+    [text(f"step {i} "), sleep(0.3), call("list_dir", path="." if i % 2 else "..")] for i in range(8)
+] + [[text("all done")]]
 
 
 async def _cluster(tmp_path: Path, postgres_url: str) -> Cluster:
