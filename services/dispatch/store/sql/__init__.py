@@ -1,5 +1,17 @@
-"""The store logic both SQL backends share (``store``), over each dialect's ``Tx``."""
+"""The one store logic over SQL, for every dialect.
 
-from dispatch.store.sql.store import UNENDED, RowDict, SQLStore, Tx, run_to_completion
+Three layers, each looking down only:
 
-__all__ = ["UNENDED", "RowDict", "SQLStore", "Tx", "run_to_completion"]
+- ``store.SQLStore``: every operation of ``backend.Store``, each one transaction of reads
+  and writes deciding with ``backend``'s rules, and the migrations runner;
+- ``tx.Tx``: every statement those operations send, written once with ``?`` placeholders;
+- a dialect (``dispatch.store.sqlite``, ``dispatch.store.postgres``): a ``Tx`` subclass with
+  the few primitives in which the databases differ (how a statement runs on its driver, row
+  locks, ``RETURNING``, many rows at once, lists as arguments), the connection and its
+  transactions, and the schema's DDL.
+"""
+
+from dispatch.store.sql.store import Migrations, Schema, SQLStore
+from dispatch.store.sql.tx import UNENDED, RowDict, Tx, insert_sql, run_to_completion
+
+__all__ = ["UNENDED", "Migrations", "RowDict", "SQLStore", "Schema", "Tx", "insert_sql", "run_to_completion"]
