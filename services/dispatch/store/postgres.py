@@ -25,7 +25,7 @@ import psycopg
 from psycopg import AsyncConnection, AsyncCursor, pq
 from psycopg.rows import DictRow, dict_row
 
-from dispatch.shared.config import ConfigError
+from dispatch.shared.config import DEFAULT_POOL_SIZE, ConfigError
 from dispatch.shared.errors import Unavailable
 from dispatch.store.backend import MAX_APPEND_BYTES
 from dispatch.store.sql import RowDict, Schema, SQLStore, Tx, insert_sql
@@ -33,8 +33,6 @@ from dispatch.store.sql import RowDict, Schema, SQLStore, Tx, insert_sql
 log = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql", "postgres")
-
-DEFAULT_POOL_SIZE = 8
 
 # How long opening a connection may take before the store reports the database unavailable.
 CONNECT_TIMEOUT_SECONDS = 10
