@@ -64,6 +64,13 @@ def test_the_config_file_takes_the_pool_size_key(tmp_path: Path) -> None:
         config.load_file(str(path))
 
 
+def test_dispatchd_store_takes_a_pool_size_flag() -> None:
+    from dispatch import cli
+
+    args = cli.parser().parse_args(["store", "--pool-size", "3"])
+    assert config.store_config(vars(args), {}, {}).pool_size == 3
+
+
 async def test_a_store_opened_with_no_connections_is_refused(postgres_url: str) -> None:
     with pytest.raises(ConfigError, match=r"store\.pool_size must be 1 or more connections, got 0"):
         await PostgresStore.open(postgres_url, default_workspace_root="/r", pool_size=0)
