@@ -28,7 +28,8 @@ from psycopg.rows import DictRow, dict_row
 from dispatch.shared.config import DEFAULT_POOL_SIZE, ConfigError
 from dispatch.shared.errors import Unavailable
 from dispatch.store.backend import MAX_APPEND_BYTES
-from dispatch.store.sql import RowDict, Schema, SQLStore, Tx, insert_sql
+from dispatch.store.rows import Row
+from dispatch.store.sql import Schema, SQLStore, Tx, insert_sql
 
 log = logging.getLogger(__name__)
 
@@ -404,9 +405,9 @@ def _pyformat(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-# The array each column's Python values travel in, for inserts of many rows; PostgreSQL
-# casts them to the columns' own types (bigint to integer, for one) on insert.
-_ARRAY_OF = {bool: "boolean[]", int: "bigint[]", str: "text[]", bytes: "bytea[]"}
+# The type each column's Python values travel as, in inserts of many rows; PostgreSQL casts
+# them to the columns' own types (bigint to integer, for one) on insert.
+_TYPE_OF = {bool: "boolean", int: "bigint", str: "text", bytes: "bytea"}
 
 
 class PostgresTx(Tx):
@@ -428,30 +429,42 @@ class PostgresTx(Tx):
     async def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         await self._cur.executemany(_pyformat(sql), rows)
 
-    async def row(self, sql: str, args: Sequence[object] = ()) -> RowDict | None:
+    async def row(self, sql: str, args: Sequence[object] = ()) -> Row | None:
         await self._cur.execute(_pyformat(sql), args)
         return await self._cur.fetchone()
 
-    async def rows(self, sql: str, args: Sequence[object] = ()) -> list[RowDict]:
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> Sequence[Row]:
         await self._cur.execute(_pyformat(sql), args)
         return await self._cur.fetchall()
 
     async def values(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
-        return [next(iter(r.values())) for r in await self.rows(sql, args)]
+        await self._cur.execute(_pyformat(sql), args)
+        return [next(iter(r.values())) for r in await self._cur.fetchall()]
 
     async def insert_rows(
         self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[object]]
     ) -> None:
         if not rows:
             return
-        # One statement for the whole batch, a column an array: one round trip however many rows.
-        arrays = [list(column) for column in zip(*rows, strict=True)]
-        unnest = ", ".join(f"%s::{_ARRAY_OF[type(values[0])]}" for values in arrays)
+        # One statement for the whole batch, one round trip however many rows: a column is an
+        # array, or one value if it is every row's (the conversation; often the turn and time).
+        same: list[tuple[str, str, object]] = []
+        varying: list[tuple[str, str, object]] = []
+        for name, values in zip(columns, zip(*rows, strict=True), strict=True):
+            pg_type = _TYPE_OF[type(values[0])]
+            if values.count(values[0]) == len(values):
+                same.append((name, f"%s::{pg_type}", values[0]))
+            else:
+                varying.append((name, f"%s::{pg_type}[]", list(values)))
+        names = ", ".join(name for name, _, _ in (*same, *varying))
+        select = ", ".join([arg for _, arg, _ in same] + (["*"] if varying else []))
+        unnest = f" FROM unnest({', '.join(arg for _, arg, _ in varying)})" if varying else ""
         await self._cur.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({unnest})", arrays
+            f"INSERT INTO {table} ({names}) SELECT {select}{unnest}",
+            [value for _, _, value in (*same, *varying)],
         )
 
-    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> RowDict:
+    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> Row:
         stored = await self.row(insert_sql(table, tuple(row)) + " RETURNING *", tuple(row.values()))
         assert stored is not None
         return stored

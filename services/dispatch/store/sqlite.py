@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 from dispatch.shared.config import ConfigError
 from dispatch.shared.errors import Unavailable
 from dispatch.store.backend import MAX_APPEND_BYTES
-from dispatch.store.sql import RowDict, Schema, SQLStore, Tx, insert_sql, run_to_completion
+from dispatch.store.rows import Row
+from dispatch.store.sql import Schema, SQLStore, Tx, insert_sql, run_to_completion
 
 log = logging.getLogger(__name__)
 
@@ -399,12 +400,14 @@ class SQLiteTx(Tx):
     async def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self._conn.executemany(sql, rows)
 
-    async def row(self, sql: str, args: Sequence[object] = ()) -> RowDict | None:
-        found = self._conn.execute(sql, args).fetchone()
-        return None if found is None else dict(found)
+    # sqlite3.Row, not copied into dicts: a copy costs more than the query that read it.
+    async def row(self, sql: str, args: Sequence[object] = ()) -> Row | None:
+        found: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
+        return found
 
-    async def rows(self, sql: str, args: Sequence[object] = ()) -> list[RowDict]:
-        return [dict(r) for r in self._conn.execute(sql, args).fetchall()]
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> Sequence[Row]:
+        found: list[sqlite3.Row] = self._conn.execute(sql, args).fetchall()
+        return found
 
     async def values(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
         return [r[0] for r in self._conn.execute(sql, args).fetchall()]
@@ -414,7 +417,7 @@ class SQLiteTx(Tx):
     ) -> None:
         self._conn.executemany(insert_sql(table, columns), rows)
 
-    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> RowDict:
+    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> Row:
         # RETURNING needs SQLite 3.35; every table here has a rowid.
         cursor = self._conn.execute(insert_sql(table, tuple(row)), tuple(row.values()))
         stored = await self.row(f"SELECT * FROM {table} WHERE rowid = ?", (cursor.lastrowid,))

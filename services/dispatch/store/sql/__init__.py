@@ -12,6 +12,6 @@ Three layers, each looking down only:
 """
 
 from dispatch.store.sql.store import Migrations, Schema, SQLStore
-from dispatch.store.sql.tx import UNENDED, RowDict, Tx, insert_sql, run_to_completion
+from dispatch.store.sql.tx import UNENDED, Tx, insert_sql, run_to_completion
 
-__all__ = ["UNENDED", "Migrations", "RowDict", "SQLStore", "Schema", "Tx", "insert_sql", "run_to_completion"]
+__all__ = ["UNENDED", "Migrations", "SQLStore", "Schema", "Tx", "insert_sql", "run_to_completion"]

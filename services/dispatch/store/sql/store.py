@@ -97,6 +97,7 @@ from dispatch.store.backend import (
     turn_user_messages,
 )
 from dispatch.store.rows import (
+    Row,
     api_key_from_row,
     approval_columns,
     approval_from_row,
@@ -108,7 +109,7 @@ from dispatch.store.rows import (
     turn_from_row,
     workspace_from_row,
 )
-from dispatch.store.sql.tx import RowDict, Tx
+from dispatch.store.sql.tx import Tx
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def stamped(
     return stored
 
 
-async def _turn(tx: Tx, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict:
+async def _turn(tx: Tx, tenant_id: str, turn_id: str, *, lock: bool = False) -> Row:
     row = await tx.turn(tenant_id, turn_id, lock=lock)
     if row is None:
         raise NotFound(f"turn {turn_id} not found")
@@ -197,13 +198,18 @@ async def _close_pending_approvals(
     return closed
 
 
-async def _turn_in_conversation(tx: Tx, tenant_id: str, conversation_id: str, turn_id: str) -> RowDict:
-    # The conversation first, so a missing conversation is reported as such.
-    await tx.conversation(tenant_id, conversation_id)
+async def _turn_of(tx: Tx, tenant_id: str, conversation_id: str, turn_id: str) -> Row:
+    """The turn's row, or ``NotFound`` unless it is the conversation's."""
     row = await _turn(tx, tenant_id, turn_id)
     if row["conversation_id"] != conversation_id:
         raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
     return row
+
+
+async def _turn_in_conversation(tx: Tx, tenant_id: str, conversation_id: str, turn_id: str) -> Row:
+    # The conversation first, so a missing conversation is reported as such.
+    await tx.conversation(tenant_id, conversation_id)
+    return await _turn_of(tx, tenant_id, conversation_id, turn_id)
 
 
 def _workspace_columns(
@@ -558,7 +564,7 @@ class SQLStore(Store):
         async def op(tx: Tx) -> Appended:
             # The conversation first: it orders concurrent appenders, in any process.
             conv = await tx.conversation(tenant_id, conversation_id, lock=True)
-            fenced: RowDict | None = None
+            fenced: Row | None = None
             turn_fields: dict[str, Any] = {}
             now = tx.now_ns()
             if fence is not None:
@@ -850,7 +856,7 @@ class SQLStore(Store):
             conv = await tx.conversation(tenant_id, conversation_id)
             turn_computer = turn_cwd = ""
             if turn_id:
-                turn = await _turn_in_conversation(tx, tenant_id, conversation_id, turn_id)
+                turn = await _turn_of(tx, tenant_id, conversation_id, turn_id)
                 turn_computer, turn_cwd = turn["computer_id"], turn["cwd"]
             ws = await tx.workspace(tenant_id, conv["workspace_id"])
             return Execution(
@@ -913,7 +919,7 @@ class SQLStore(Store):
         check_reservation(reserve_event_seq, "reserve_event_seq")
 
         async def op(tx: Tx) -> common_pb2.Turn:
-            conv: RowDict | None = None
+            conv: Row | None = None
             if reserve_event_seq:
                 # The conversation's row before the turn's, as every writer locks them.
                 unlocked = await _turn(tx, tenant_id, turn_id)
@@ -1028,7 +1034,7 @@ class SQLStore(Store):
     async def get_metrics(
         self, tenant_id: str, conversation_id: str, turn_id: str = ""
     ) -> list[common_pb2.TurnMetrics]:
-        async def op(tx: Tx) -> tuple[list[RowDict], list[RowDict]]:
+        async def op(tx: Tx) -> tuple[Sequence[Row], Sequence[Row]]:
             if turn_id:
                 await _turn_in_conversation(tx, tenant_id, conversation_id, turn_id)
             else:

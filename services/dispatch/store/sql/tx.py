@@ -18,12 +18,10 @@ from typing import Any, ClassVar, TypeVar, cast
 
 from dispatch.shared.errors import NotFound
 from dispatch.store.backend import TERMINAL_STATES
-from dispatch.store.rows import queued_from_row
+from dispatch.store.rows import Row, queued_from_row
 from dispatch.v1 import common_pb2, store_pb2
 
 T = TypeVar("T")
-
-RowDict = dict[str, Any]
 
 # "Has not ended", as SQL both dialects speak. Migration 4's partial indexes carry the same
 # predicate, literally, so that the planners use them for the queries that say this.
@@ -55,8 +53,8 @@ def insert_sql(table: str, columns: tuple[str, ...]) -> str:
 class Tx(abc.ABC):
     """One open transaction: the store's statements, over the primitives a dialect supplies.
 
-    Rows are dicts keyed by column name. Table and column names in these statements come
-    from our code, never from a request.
+    Rows are read by column name (``rows.Row``: a dialect need not copy its driver's rows into
+    dicts). Table and column names in these statements come from our code, never from a request.
     """
 
     # A SELECT that ends with this holds its rows until the transaction ends.
@@ -81,11 +79,11 @@ class Tx(abc.ABC):
         """Run one statement once per row of arguments, in order."""
 
     @abc.abstractmethod
-    async def row(self, sql: str, args: Sequence[object] = ()) -> RowDict | None:
+    async def row(self, sql: str, args: Sequence[object] = ()) -> Row | None:
         """The first row the query answers, or None."""
 
     @abc.abstractmethod
-    async def rows(self, sql: str, args: Sequence[object] = ()) -> list[RowDict]:
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> Sequence[Row]:
         """Every row the query answers."""
 
     @abc.abstractmethod
@@ -99,7 +97,7 @@ class Tx(abc.ABC):
         """Insert rows of ``columns`` (as many as they are, or none)."""
 
     @abc.abstractmethod
-    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> RowDict:
+    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> Row:
         """Insert one row; answer it as stored (with the columns the database filled in)."""
 
     @abc.abstractmethod
@@ -124,7 +122,7 @@ class Tx(abc.ABC):
         assignments = ", ".join(f"{column} = ?" for column in fields)
         await self.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*fields.values(), row_id))
 
-    async def workspace(self, tenant_id: str, workspace_id: str) -> RowDict:
+    async def workspace(self, tenant_id: str, workspace_id: str) -> Row:
         """The workspace's row in this tenant, or ``NotFound``."""
         row = await self.row(
             "SELECT * FROM workspaces WHERE id = ? AND tenant_id = ?", (workspace_id, tenant_id)
@@ -133,7 +131,7 @@ class Tx(abc.ABC):
             raise NotFound(f"workspace {workspace_id} not found")
         return row
 
-    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> RowDict:
+    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> Row:
         """The conversation's row, or ``NotFound``; ``lock`` holds it until the end."""
         row = await self.row(
             self._locked("SELECT * FROM conversations WHERE id = ? AND tenant_id = ?", lock),
@@ -143,13 +141,13 @@ class Tx(abc.ABC):
             raise NotFound(f"conversation {conversation_id} not found")
         return row
 
-    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict | None:
+    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> Row | None:
         """The turn's row in this tenant, or None; ``lock`` holds it until the end."""
         return await self.row(
             self._locked("SELECT * FROM turns WHERE id = ? AND tenant_id = ?", lock), (turn_id, tenant_id)
         )
 
-    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> list[RowDict]:
+    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> Sequence[Row]:
         """The rows of these turns, of any tenant, in id order (locked in that order)."""
         # ORDER BY before FOR UPDATE: rows are locked in id order, so two batches never deadlock.
         where, ids = self.any_of("id", turn_ids)
@@ -170,7 +168,7 @@ class Tx(abc.ABC):
         size: int,
         *,
         newest_first: bool = False,
-    ) -> list[RowDict]:
+    ) -> Sequence[Row]:
         """Rows of ``table`` where ``where`` holds, in creation order (or newest first), past the
         page cursor ``after``: one more than ``size``, to tell whether another page follows."""
         order, past = (" DESC", "<") if newest_first else ("", ">")
@@ -217,21 +215,21 @@ class Tx(abc.ABC):
 
     # ------------------------------------------------------------------ turns
 
-    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> RowDict | None:
+    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> Row | None:
         """The turn the key started in the conversation, or None."""
         return await self.row(
             "SELECT * FROM turns WHERE conversation_id = ? AND idempotency_key = ?",
             (conversation_id, idempotency_key),
         )
 
-    async def unended_turn(self, conversation_id: str) -> RowDict | None:
+    async def unended_turn(self, conversation_id: str) -> Row | None:
         """The conversation's oldest turn that has not ended, or None."""
         return await self.row(
             f"SELECT * FROM turns WHERE conversation_id = ? AND {UNENDED} ORDER BY created_at, id LIMIT 1",
             (conversation_id,),
         )
 
-    async def unheld_turns(self, now_ns: int, limit: int) -> list[RowDict]:
+    async def unheld_turns(self, now_ns: int, limit: int) -> Sequence[Row]:
         """Turns of every tenant that have not ended whose lease nobody holds at ``now_ns``,
         earliest expiry first (0 = no limit)."""
         return await self.rows(
@@ -325,13 +323,13 @@ class Tx(abc.ABC):
 
     # -------------------------------------------------------------- approvals
 
-    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
+    async def approval(self, tenant_id: str, approval_id: str) -> Row | None:
         """The approval's row in this tenant, or None."""
         return await self.row(
             "SELECT * FROM approvals WHERE id = ? AND tenant_id = ?", (approval_id, tenant_id)
         )
 
-    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
+    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> Sequence[Row]:
         """The conversation's approvals (only the pending ones when asked), oldest first."""
         pending = " AND decision = 0" if pending_only else ""
         return await self.rows(
@@ -380,7 +378,7 @@ class Tx(abc.ABC):
 
     async def recorded_metrics(
         self, conversation_id: str, turn_id: str = ""
-    ) -> tuple[list[RowDict], list[RowDict]]:
+    ) -> tuple[Sequence[Row], Sequence[Row]]:
         """The conversation's turns (only ``turn_id`` if given) in creation order with their turn
         metrics' body (None: none recorded), and their step metrics, by turn and step."""
         args: tuple[str, ...] = (conversation_id, turn_id) if turn_id else (conversation_id,)
@@ -398,10 +396,10 @@ class Tx(abc.ABC):
 
     # --------------------------------------------------------------- api keys
 
-    async def api_key(self, key_id: str) -> RowDict | None:
+    async def api_key(self, key_id: str) -> Row | None:
         return await self.row("SELECT * FROM api_keys WHERE id = ?", (key_id,))
 
-    async def api_keys(self, tenant_id: str = "") -> list[RowDict]:
+    async def api_keys(self, tenant_id: str = "") -> Sequence[Row]:
         """Every key (of the tenant, if given), oldest first."""
         where, args = (" WHERE tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
         return await self.rows(f"SELECT * FROM api_keys{where} ORDER BY created_at, id", args)
@@ -412,7 +410,7 @@ class Tx(abc.ABC):
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at = 0", (now_ns, key_id)
         )
 
-    async def unrevoked_api_key(self, secret_sha256: str) -> RowDict | None:
+    async def unrevoked_api_key(self, secret_sha256: str) -> Row | None:
         """The key whose secret has this hash, unless it is revoked."""
         return await self.row(
             "SELECT * FROM api_keys WHERE secret_sha256 = ? AND revoked_at = 0", (secret_sha256,)
