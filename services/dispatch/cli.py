@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("store", help="the conversation store")
     _common(p)
     p.add_argument("--database-url", help="sqlite:///path (env: DISPATCH_DATABASE_URL)")
+    p.add_argument(
+        "--pool-size", help="PostgreSQL connections at most (env: DISPATCH_STORE_POOL_SIZE; default 8)"
+    )
     p.add_argument("--workspace", help="root of the default workspace (env: DISPATCH_WORKSPACE)")
 
     p = sub.add_parser("exec", help="the execution backend (internal: keep it on loopback)")

@@ -20,6 +20,8 @@ from dispatch.shared.errors import InvalidArgument
 DEFAULT_TRANSPORT_LISTEN = "127.0.0.1:7600"
 # Where `dispatchd up` serves the HTTP bridge unless told otherwise.
 DEFAULT_HTTP_LISTEN = "127.0.0.1:7610"
+# Connections a PostgreSQL store holds open at most.
+DEFAULT_POOL_SIZE = 8
 
 
 class ConfigError(InvalidArgument):
@@ -60,6 +62,8 @@ class StoreConfig:
     # The root was given (--workspace, DISPATCH_WORKSPACE, [store] workspace): every start
     # makes it the root of the default workspaces that exist too, not only of new ones.
     pin_default_workspace: bool = False
+    # PostgreSQL: connections open at once, at most (SQLite has its one, on its one thread).
+    pool_size: int = DEFAULT_POOL_SIZE
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,7 @@ SCHEMA: Mapping[str, Any] = {
         "dispatch": _DISPATCH,
         "retry": dict.fromkeys(("schedule", "budget")),
     },
-    "store": dict.fromkeys(("listen", "database_url", "workspace")),
+    "store": dict.fromkeys(("listen", "database_url", "workspace", "pool_size")),
     "exec": dict.fromkeys(("listen", "max_output_bytes", "max_read_bytes", "ssh_config")),
     "transport": dict.fromkeys(("listen", "kernel", "store", "max_request_bytes", "http_listen")),
 }
@@ -580,7 +584,22 @@ def store_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping
         ),
         default_workspace_root=str(root),
         pin_default_workspace=workspace is not None,
+        pool_size=pool_size(flags, env, sec),
     )
+
+
+def pool_size(flags: Mapping[str, Any], env: Mapping[str, str], sec: Mapping[str, Any]) -> int:
+    """``--pool-size``, ``DISPATCH_STORE_POOL_SIZE`` or ``[store] pool_size``: 1 or more."""
+    key = "store.pool_size (--pool-size, DISPATCH_STORE_POOL_SIZE)"
+    value = _pick(
+        flags.get("pool_size"), env, ("DISPATCH_STORE_POOL_SIZE",), sec.get("pool_size"), DEFAULT_POOL_SIZE
+    )
+    if isinstance(value, (bool, float)):  # TOML's true or 2.5 is no number of connections
+        raise ConfigError(f"config key {key} must be an integer, got {value!r}")
+    size = _int(value, key)
+    if size < 1:
+        raise ConfigError(f"config key {key} must be 1 or more connections, got {size}")
+    return size
 
 
 def exec_config(flags: Mapping[str, Any], env: Mapping[str, str], file: Mapping[str, Any]) -> ExecConfig:

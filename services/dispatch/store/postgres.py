@@ -1,83 +1,39 @@
-"""The PostgreSQL backend: for a store shared by more than one machine.
+"""The PostgreSQL dialect of the SQL store: for a store shared by more than one machine.
 
-Every call borrows one connection from a small pool of its own and runs in one
-transaction. Writes that depend on a conversation's high-water marks lock the
-conversation row (``SELECT ... FOR UPDATE``) first, so concurrent appenders, in
-this process or another, queue on that row and seq stays gap-free without retry
-loops. Reads run REPEATABLE READ, so a conversation row and the history read
-with it come from one snapshot.
+Every call borrows one connection from a pool of its own (``pool_size`` connections at
+most) and runs in one transaction. Writes that depend on a conversation's high-water marks
+lock the conversation row (``SELECT ... FOR UPDATE``) first, so concurrent appenders, in
+this process or another, queue on that row and seq stays gap-free without retry loops.
+Reads run REPEATABLE READ, so a conversation row and the history read with it come from one
+snapshot.
 
-Appends, turns, leases, the queue, approvals and reconcile are ``sql.SQLStore``'s logic over
-``_PostgresTx``, this dialect's statements; the rest is written here.
+The store's operations and statements are ``sql``'s; this is the pool, its transactions,
+``PostgresTx`` (how a statement runs here) and the schema.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, pq
 from psycopg.rows import DictRow, dict_row
 
-from dispatch.shared.config import ConfigError
-from dispatch.shared.errors import FailedPrecondition, NotFound, Unavailable
-from dispatch.shared.ids import new_id
-from dispatch.store.backend import (
-    API_KEY_PREFIX,
-    CONVERSATION_PREFIX,
-    DEFAULT_WORKSPACE_NAME,
-    MAX_APPEND_BYTES,
-    WORKSPACE_PREFIX,
-    EventHistory,
-    Execution,
-    History,
-    Page,
-    TurnState,
-    api_key_prefix,
-    check_permission_rules,
-    check_turn_metrics,
-    decode_cursor,
-    effective_page_size,
-    hash_api_key,
-    new_api_key_secret,
-    normalized_step_metrics,
-)
-from dispatch.store.rows import (
-    api_key_from_row as _api_key,
-)
-from dispatch.store.rows import (
-    conversation_from_row as _conversation,
-)
-from dispatch.store.rows import (
-    page_from_rows as _page,
-)
-from dispatch.store.rows import (
-    queued_from_row as _queued,
-)
-from dispatch.store.rows import (
-    rules_column,
-    rules_from_column,
-)
-from dispatch.store.rows import (
-    turn_from_row as _turn,
-)
-from dispatch.store.rows import (
-    workspace_from_row as _workspace,
-)
-from dispatch.store.sql import KERNEL_COLUMNS, UNENDED, RowDict, SQLStore, Tx
-from dispatch.v1 import common_pb2, store_pb2
+from dispatch.shared.config import DEFAULT_POOL_SIZE, ConfigError
+from dispatch.shared.errors import Unavailable
+from dispatch.store.backend import MAX_APPEND_BYTES
+from dispatch.store.rows import Row
+from dispatch.store.sql import Schema, SQLStore, Tx, insert_sql
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql", "postgres")
-
-DEFAULT_POOL_SIZE = 8
 
 # How long opening a connection may take before the store reports the database unavailable.
 CONNECT_TIMEOUT_SECONDS = 10
@@ -281,6 +237,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
+)
+
 
 def redacted(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, fit for errors and logs."""
@@ -323,9 +283,11 @@ def check_url(url: str) -> None:
         ) from None
 
 
-def _sql_limit(limit: int) -> int | None:
-    # LIMIT NULL is "no limit" in PostgreSQL.
-    return limit if limit > 0 else None
+def check_pool_size(pool_size: int) -> int:
+    """``pool_size``, or ``ConfigError`` naming ``store.pool_size`` unless it is 1 or more."""
+    if pool_size < 1:
+        raise ConfigError(f"config key store.pool_size must be 1 or more connections, got {pool_size!r}")
+    return pool_size
 
 
 class _Pool:
@@ -372,6 +334,8 @@ class _Pool:
 class PostgresStore(SQLStore):
     """``Store`` on a PostgreSQL database. Build with ``open``."""
 
+    dialect = "PostgreSQL"
+
     def __init__(
         self,
         url: str,
@@ -382,16 +346,13 @@ class PostgresStore(SQLStore):
         pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         check_url(url)
-        self._url = url
-        # Seconds since the epoch, like time.time; tests pass a clock they advance.
-        self._clock_ns: Callable[[], int] = (
-            time.time_ns if clock is None else lambda: round(clock() * 1_000_000_000)
+        super().__init__(
+            default_workspace_root=default_workspace_root, max_append_bytes=max_append_bytes, clock=clock
         )
-        self.default_workspace_root = default_workspace_root
-        self.max_append_bytes = max_append_bytes
-        self._pool = _Pool(url, pool_size)
+        self._url = url
+        self.location = redacted(url)
+        self._pool = _Pool(url, check_pool_size(pool_size))
         self._closed = False
-        self._last_ns = 0
 
     @classmethod
     async def open(
@@ -406,7 +367,8 @@ class PostgresStore(SQLStore):
         """Connect to the database at ``url`` and migrate it.
 
         ``Unavailable`` (without the password) when the server cannot be reached;
-        ``clock`` (seconds since the epoch; default ``time.time``) stamps rows and times leases.
+        ``clock`` (seconds since the epoch; default ``time.time``) stamps rows and times leases;
+        at most ``pool_size`` connections are open at once.
         """
         store = cls(
             url,
@@ -428,44 +390,9 @@ class PostgresStore(SQLStore):
         self._closed = True
         await self._pool.close()
 
-    async def migrate(self) -> int:
-        """Apply the migrations the database lacks; answer how many were applied."""
-        async with self._tx(write=True) as cur:
-            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-            await cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version"
-                " (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)"
-            )
-        found = await self.schema_version()
-        if found > SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"database {redacted(self._url)} has schema version {found}, newer than this store "
-                f"knows ({SCHEMA_VERSION}); run a newer dispatchd"
-            )
-        applied = 0
-        for version, statements in MIGRATIONS:
-            async with self._tx(write=True) as cur:
-                await cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-                # Checked under the lock: another process may have just applied it.
-                await cur.execute("SELECT 1 FROM schema_version WHERE version = %s", (version,))
-                if await cur.fetchone() is not None:
-                    continue
-                for statement in statements:
-                    await cur.execute(statement)
-                await cur.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
-                    (version, time.time_ns()),
-                )
-                applied += 1
-                log.info("PostgreSQL %s: applied schema migration %d", redacted(self._url), version)
-        return applied
-
-    async def schema_version(self) -> int:
-        """The highest migration the database has applied."""
-        async with self._tx(write=False) as cur:
-            await cur.execute("SELECT COALESCE(MAX(version), 0) AS version FROM schema_version")
-            row = await cur.fetchone()
-        return int(row["version"]) if row else 0
+    def _schema(self) -> Schema:
+        # The module's, read now: tests replace them to make databases of older versions.
+        return Schema(VERSION_TABLE, MIGRATIONS, SCHEMA_VERSION)
 
     # ------------------------------------------------------------ plumbing
 
@@ -481,690 +408,90 @@ class PostgresStore(SQLStore):
         except psycopg.OperationalError as exc:
             # Unreachable server, dropped connection, deadlock, shutdown: the caller may retry later.
             raise Unavailable(
-                f"the conversation store's database at {redacted(self._url)} failed: "
+                f"the conversation store's database at {self.location} failed: "
                 f"{_scrub(str(exc).strip(), self._url)}"
             ) from exc
 
     async def _run(self, operation: Callable[[Tx], Coroutine[Any, Any, T]], *, write: bool = True) -> T:
         async with self._tx(write=write) as cur:
-            return await operation(_PostgresTx(self, cur))
-
-    def _now_ns(self) -> int:
-        # Strictly increasing within the process, so rows created back to back sort
-        # by creation; page cursors also carry the id, so ties across processes are fine.
-        now = max(self._clock_ns(), self._last_ns + 1)
-        self._last_ns = now
-        return now
-
-    # --------------------------------------------------------- row lookups
-
-    @staticmethod
-    async def _one(cur: Cursor, sql: str, args: Sequence[object]) -> DictRow | None:
-        await cur.execute(sql, args)
-        return await cur.fetchone()
-
-    @staticmethod
-    async def _all(cur: Cursor, sql: str, args: Sequence[object]) -> list[DictRow]:
-        await cur.execute(sql, args)
-        return await cur.fetchall()
-
-    async def _workspace_row(self, cur: Cursor, tenant_id: str, workspace_id: str) -> DictRow:
-        row = await self._one(
-            cur, "SELECT * FROM workspaces WHERE id = %s AND tenant_id = %s", (workspace_id, tenant_id)
-        )
-        if row is None:
-            raise NotFound(f"workspace {workspace_id} not found")
-        return row
-
-    async def _conversation_row(
-        self, cur: Cursor, tenant_id: str, conversation_id: str, *, lock: bool = False
-    ) -> DictRow:
-        sql = "SELECT * FROM conversations WHERE id = %s AND tenant_id = %s"
-        row = await self._one(cur, sql + (" FOR UPDATE" if lock else ""), (conversation_id, tenant_id))
-        if row is None:
-            raise NotFound(f"conversation {conversation_id} not found")
-        return row
-
-    async def _turn_row(self, cur: Cursor, tenant_id: str, turn_id: str, *, lock: bool = False) -> DictRow:
-        sql = "SELECT * FROM turns WHERE id = %s AND tenant_id = %s"
-        row = await self._one(cur, sql + (" FOR UPDATE" if lock else ""), (turn_id, tenant_id))
-        if row is None:
-            raise NotFound(f"turn {turn_id} not found")
-        return row
-
-    async def _turn_in_conversation(
-        self, cur: Cursor, tenant_id: str, conversation_id: str, turn_id: str
-    ) -> DictRow:
-        # The conversation first, so a missing conversation is reported as such.
-        await self._conversation_row(cur, tenant_id, conversation_id)
-        turn = await self._turn_row(cur, tenant_id, turn_id)
-        if turn["conversation_id"] != conversation_id:
-            raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
-        return turn
-
-    async def _insert_workspace(
-        self,
-        cur: Cursor,
-        tenant_id: str,
-        *,
-        name: str,
-        root: str,
-        default_computer_id: str,
-        default_agent: str,
-        confine_tools: bool,
-        permissions: Sequence[common_pb2.PermissionRule],
-    ) -> str:
-        workspace_id = new_id(WORKSPACE_PREFIX)
-        await cur.execute(
-            "INSERT INTO workspaces (id, tenant_id, name, root, default_computer_id, default_agent,"
-            " confine_tools, permissions, is_default, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, FALSE, %s)",
-            (
-                workspace_id,
-                tenant_id,
-                name,
-                root,
-                default_computer_id,
-                default_agent,
-                confine_tools,
-                rules_column(permissions),
-                self._now_ns(),
-            ),
-        )
-        return workspace_id
-
-    @staticmethod
-    async def _update(cur: Cursor, table: str, row_id: str, fields: dict[str, object]) -> None:
-        # Table and column names come from our own code, never from a request.
-        assignments = ", ".join(f"{column} = %s" for column in fields)
-        await cur.execute(
-            f"UPDATE {table} SET {assignments} WHERE id = %s",
-            (*fields.values(), row_id),
-        )
-
-    # ------------------------------------------------------------ workspaces
-
-    async def create_workspace(
-        self,
-        tenant_id: str,
-        *,
-        name: str,
-        root: str,
-        default_computer_id: str = "",
-        default_agent: str = "",
-        confine_tools: bool = False,
-        permissions: Sequence[common_pb2.PermissionRule] = (),
-    ) -> common_pb2.Workspace:
-        check_permission_rules(permissions)
-        async with self._tx(write=True) as cur:
-            workspace_id = await self._insert_workspace(
-                cur,
-                tenant_id,
-                name=name,
-                root=root,
-                default_computer_id=default_computer_id,
-                default_agent=default_agent,
-                confine_tools=confine_tools,
-                permissions=permissions,
-            )
-            return _workspace(await self._workspace_row(cur, tenant_id, workspace_id))
-
-    async def get_workspace(self, tenant_id: str, workspace_id: str) -> common_pb2.Workspace:
-        async with self._tx(write=False) as cur:
-            return _workspace(await self._workspace_row(cur, tenant_id, workspace_id))
-
-    async def list_workspaces(
-        self, tenant_id: str, *, page_size: int = 0, page_token: str = ""
-    ) -> Page[common_pb2.Workspace]:
-        size = effective_page_size(page_size)
-        cursor = decode_cursor(page_token)
-        sql = "SELECT * FROM workspaces WHERE tenant_id = %s"
-        args: list[object] = [tenant_id]
-        if cursor is not None:
-            sql += " AND (created_at, id) > (%s, %s)"
-            args += cursor
-        sql += " ORDER BY created_at, id LIMIT %s"
-        async with self._tx(write=False) as cur:
-            rows = await self._all(cur, sql, (*args, size + 1))
-        return _page(rows, size, _workspace)
-
-    async def set_default_workspace_root(self, root: str) -> int:
-        self.default_workspace_root = root
-        async with self._tx(write=True) as cur:
-            await cur.execute("UPDATE workspaces SET root = %s WHERE is_default AND root <> %s", (root, root))
-            return cur.rowcount
-
-    async def update_workspace(
-        self,
-        tenant_id: str,
-        workspace_id: str,
-        *,
-        name: str | None = None,
-        root: str | None = None,
-        default_computer_id: str | None = None,
-        default_agent: str | None = None,
-        confine_tools: bool | None = None,
-        permissions: Sequence[common_pb2.PermissionRule] | None = None,
-    ) -> common_pb2.Workspace:
-        given = {
-            "name": name,
-            "root": root,
-            "default_computer_id": default_computer_id,
-            "default_agent": default_agent,
-            "confine_tools": confine_tools,
-        }
-        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
-        if permissions is not None:
-            check_permission_rules(permissions)
-            fields["permissions"] = rules_column(permissions)
-        async with self._tx(write=True) as cur:
-            await self._workspace_row(cur, tenant_id, workspace_id)
-            if fields:
-                await self._update(cur, "workspaces", workspace_id, fields)
-            return _workspace(await self._workspace_row(cur, tenant_id, workspace_id))
-
-    # --------------------------------------------------------- conversations
-
-    async def create_conversation(
-        self,
-        tenant_id: str,
-        *,
-        workspace_id: str = "",
-        title: str = "",
-        cwd: str = "",
-        computer_id: str = "",
-        agent: str = "",
-    ) -> common_pb2.Conversation:
-        async with self._tx(write=True) as cur:
-            if workspace_id:
-                ws_id = str((await self._workspace_row(cur, tenant_id, workspace_id))["id"])
-            else:
-                ws_id = await self._default_workspace(cur, tenant_id)
-            conversation_id = new_id(CONVERSATION_PREFIX)
-            now = self._now_ns()
-            await cur.execute(
-                "INSERT INTO conversations (id, tenant_id, workspace_id, title, cwd, computer_id, agent,"
-                " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (conversation_id, tenant_id, ws_id, title, cwd, computer_id, agent, now, now),
-            )
-            return _conversation(await self._conversation_row(cur, tenant_id, conversation_id))
-
-    async def _default_workspace(self, cur: Cursor, tenant_id: str) -> str:
-        # ON CONFLICT waits for a concurrent creator to commit, then the SELECT
-        # (a fresh READ COMMITTED snapshot) sees whichever row won.
-        await cur.execute(
-            "INSERT INTO workspaces (id, tenant_id, name, root, is_default, created_at)"
-            " VALUES (%s, %s, %s, %s, TRUE, %s)"
-            " ON CONFLICT (tenant_id) WHERE is_default DO NOTHING",
-            (
-                new_id(WORKSPACE_PREFIX),
-                tenant_id,
-                DEFAULT_WORKSPACE_NAME,
-                self.default_workspace_root,
-                self._now_ns(),
-            ),
-        )
-        row = await self._one(
-            cur, "SELECT id FROM workspaces WHERE tenant_id = %s AND is_default", (tenant_id,)
-        )
-        assert row is not None  # inserted above, or by the transaction it conflicted with
-        return str(row["id"])
-
-    async def get_conversation(self, tenant_id: str, conversation_id: str) -> common_pb2.Conversation:
-        async with self._tx(write=False) as cur:
-            return _conversation(await self._conversation_row(cur, tenant_id, conversation_id))
-
-    async def list_conversations(
-        self, tenant_id: str, *, workspace_id: str = "", page_size: int = 0, page_token: str = ""
-    ) -> Page[common_pb2.Conversation]:
-        size = effective_page_size(page_size)
-        cursor = decode_cursor(page_token)
-        sql = "SELECT * FROM conversations WHERE tenant_id = %s"
-        args: list[object] = [tenant_id]
-        if workspace_id:
-            sql += " AND workspace_id = %s"
-            args.append(workspace_id)
-        if cursor is not None:
-            sql += " AND (created_at, id) < (%s, %s)"
-            args += cursor
-        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
-        async with self._tx(write=False) as cur:
-            if workspace_id:
-                await self._workspace_row(cur, tenant_id, workspace_id)
-            rows = await self._all(cur, sql, (*args, size + 1))
-        return _page(rows, size, _conversation)
-
-    async def update_conversation(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        *,
-        title: str | None = None,
-        cwd: str | None = None,
-        computer_id: str | None = None,
-        agent: str | None = None,
-    ) -> common_pb2.Conversation:
-        given = {"title": title, "cwd": cwd, "computer_id": computer_id, "agent": agent}
-        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
-        async with self._tx(write=True) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            if fields:
-                await self._update(
-                    cur, "conversations", conversation_id, {**fields, "updated_at": self._now_ns()}
-                )
-            return _conversation(await self._conversation_row(cur, tenant_id, conversation_id))
-
-    async def delete_conversation(self, tenant_id: str, conversation_id: str) -> None:
-        async with self._tx(write=True) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id, lock=True)
-            # Messages, events, turns, metrics, queue and approvals go by ON DELETE CASCADE,
-            # which PostgreSQL always enforces.
-            await cur.execute("DELETE FROM conversations WHERE id = %s", (conversation_id,))
-
-    # --------------------------------------------------------------- history
-
-    async def load_since(
-        self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
-    ) -> History:
-        async with self._tx(write=False) as cur:
-            conv = await self._conversation_row(cur, tenant_id, conversation_id)
-            rows = await self._all(
-                cur,
-                "SELECT body FROM messages WHERE conversation_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (conversation_id, after_seq, _sql_limit(limit)),
-            )
-        return History(
-            messages=[common_pb2.Message.FromString(r["body"]) for r in rows], last_seq=conv["last_seq"]
-        )
-
-    async def load_events(
-        self, tenant_id: str, conversation_id: str, *, after_event_seq: int = 0, limit: int = 0
-    ) -> EventHistory:
-        async with self._tx(write=False) as cur:
-            conv = await self._conversation_row(cur, tenant_id, conversation_id)
-            rows = await self._all(
-                cur,
-                "SELECT body FROM events WHERE conversation_id = %s AND event_seq > %s"
-                " ORDER BY event_seq LIMIT %s",
-                (conversation_id, after_event_seq, _sql_limit(limit)),
-            )
-        return EventHistory(
-            events=[common_pb2.AgentEvent.FromString(r["body"]) for r in rows],
-            last_event_seq=conv["last_event_seq"],
-        )
-
-    # ----------------------------------------------------------------- turns
-
-    async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
-        async with self._tx(write=False) as cur:
-            return _turn(await self._turn_row(cur, tenant_id, turn_id))
-
-    async def list_turns(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        *,
-        states: Collection[TurnState] = (),
-        page_size: int = 0,
-        page_token: str = "",
-        idempotency_key: str = "",
-    ) -> Page[common_pb2.Turn]:
-        size = effective_page_size(page_size)
-        cursor = decode_cursor(page_token)
-        wanted = sorted(set(states))
-        sql = "SELECT * FROM turns WHERE conversation_id = %s"
-        args: list[object] = [conversation_id]
-        if wanted:
-            sql += " AND state = ANY(%s::integer[])"
-            args.append([int(s) for s in wanted])
-        if idempotency_key:
-            sql += " AND idempotency_key = %s"
-            args.append(idempotency_key)
-        if cursor is not None:
-            sql += " AND (created_at, id) > (%s, %s)"
-            args += cursor
-        sql += " ORDER BY created_at, id LIMIT %s"
-        async with self._tx(write=False) as cur:
-            await self._conversation_row(cur, tenant_id, conversation_id)
-            rows = await self._all(cur, sql, (*args, size + 1))
-        return _page(rows, size, _turn)
-
-    # ------------------------------------------------------------- execution
-
-    async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
-        async with self._tx(write=False) as cur:
-            conv = await self._conversation_row(cur, tenant_id, conversation_id)
-            turn_computer = turn_cwd = ""
-            if turn_id:
-                turn = await self._turn_in_conversation(cur, tenant_id, conversation_id, turn_id)
-                turn_computer, turn_cwd = turn["computer_id"], turn["cwd"]
-            ws = await self._workspace_row(cur, tenant_id, conv["workspace_id"])
-        return Execution(
-            computer_id=turn_computer or conv["computer_id"] or ws["default_computer_id"] or "",
-            cwd=turn_cwd or conv["cwd"] or ws["root"],
-            workspace_root=ws["root"],
-            confine_tools=bool(ws["confine_tools"]),
-            workspace_id=ws["id"],
-            workspace_permissions=rules_from_column(ws["permissions"]),
-            remembered=rules_from_column(conv["remembered"]),
-        )
-
-    # --------------------------------------------------------------- metrics
-
-    async def record_turn_metrics(self, tenant_id: str, metrics: common_pb2.TurnMetrics) -> None:
-        check_turn_metrics(metrics)
-        async with self._tx(write=True) as cur:
-            if metrics.conversation_id:
-                turn = await self._turn_in_conversation(
-                    cur, tenant_id, metrics.conversation_id, metrics.turn_id
-                )
-            else:
-                turn = await self._turn_row(cur, tenant_id, metrics.turn_id)
-            stored = common_pb2.TurnMetrics()
-            stored.CopyFrom(metrics)
-            stored.conversation_id = turn["conversation_id"]
-            await cur.execute(
-                "INSERT INTO turn_metrics (turn_id, conversation_id, body) VALUES (%s, %s, %s)"
-                " ON CONFLICT (turn_id) DO UPDATE SET body = EXCLUDED.body",
-                (metrics.turn_id, turn["conversation_id"], stored.SerializeToString()),
-            )
-
-    async def record_step_metrics(
-        self, tenant_id: str, conversation_id: str, metrics: common_pb2.StepMetrics
-    ) -> None:
-        stored = normalized_step_metrics(metrics)
-        async with self._tx(write=True) as cur:
-            await self._turn_in_conversation(cur, tenant_id, conversation_id, stored.turn_id)
-            await cur.execute(
-                "INSERT INTO step_metrics (turn_id, step_index, conversation_id, body)"
-                " VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (turn_id, step_index) DO UPDATE SET body = EXCLUDED.body",
-                (stored.turn_id, stored.step_index, conversation_id, stored.SerializeToString()),
-            )
-
-    async def get_metrics(
-        self, tenant_id: str, conversation_id: str, turn_id: str = ""
-    ) -> list[common_pb2.TurnMetrics]:
-        async with self._tx(write=False) as cur:
-            if turn_id:
-                await self._turn_in_conversation(cur, tenant_id, conversation_id, turn_id)
-            else:
-                await self._conversation_row(cur, tenant_id, conversation_id)
-            only = " AND t.id = %s" if turn_id else ""
-            args: tuple[object, ...] = (conversation_id, turn_id) if turn_id else (conversation_id,)
-            turns = await self._all(
-                cur,
-                "SELECT t.id, m.body FROM turns t LEFT JOIN turn_metrics m ON m.turn_id = t.id"
-                f" WHERE t.conversation_id = %s{only} ORDER BY t.created_at, t.id",
-                args,
-            )
-            steps = await self._all(
-                cur,
-                "SELECT turn_id, body FROM step_metrics WHERE conversation_id = %s"
-                + (" AND turn_id = %s" if turn_id else "")
-                + " ORDER BY turn_id, step_index",
-                args,
-            )
-        by_turn: dict[str, list[common_pb2.StepMetrics]] = {}
-        for row in steps:
-            by_turn.setdefault(row["turn_id"], []).append(common_pb2.StepMetrics.FromString(row["body"]))
-        answer = []
-        for row in turns:
-            if row["body"] is None and row["id"] not in by_turn:
-                continue
-            if row["body"] is None:
-                metrics = common_pb2.TurnMetrics(turn_id=row["id"], conversation_id=conversation_id)
-            else:
-                metrics = common_pb2.TurnMetrics.FromString(row["body"])
-            metrics.step_metrics.extend(by_turn.get(row["id"], []))
-            answer.append(metrics)
-        return answer
-
-    # -------------------------------------------------------------- api keys
-
-    async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
-        secret = new_api_key_secret()
-        key_id = new_id(API_KEY_PREFIX)
-        async with self._tx(write=True) as cur:
-            row = await self._one(
-                cur,
-                "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
-                (key_id, tenant_id, name, api_key_prefix(secret), hash_api_key(secret), self._now_ns()),
-            )
-        assert row is not None
-        return _api_key(row), secret
-
-    async def list_api_keys(self, tenant_id: str = "") -> list[store_pb2.ApiKey]:
-        async with self._tx(write=False) as cur:
-            if tenant_id:
-                rows = await self._all(
-                    cur, "SELECT * FROM api_keys WHERE tenant_id = %s ORDER BY created_at, id", (tenant_id,)
-                )
-            else:
-                rows = await self._all(cur, "SELECT * FROM api_keys ORDER BY created_at, id", ())
-        return [_api_key(r) for r in rows]
-
-    async def revoke_api_key(self, key_id: str) -> store_pb2.ApiKey:
-        async with self._tx(write=True) as cur:
-            await cur.execute(
-                "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at = 0",
-                (self._now_ns(), key_id),
-            )
-            row = await self._one(cur, "SELECT * FROM api_keys WHERE id = %s", (key_id,))
-        if row is None:
-            raise NotFound(f"API key {key_id} not found")
-        return _api_key(row)
-
-    async def authenticate(self, secret: str) -> store_pb2.ApiKey:
-        async with self._tx(write=False) as cur:
-            row = await self._one(
-                cur,
-                "SELECT * FROM api_keys WHERE secret_sha256 = %s AND revoked_at = 0",
-                (hash_api_key(secret),),
-            )
-        if row is None:
-            raise NotFound("unknown or revoked API key")
-        return _api_key(row)
+            return await operation(PostgresTx(self._now_ns, cur))
 
 
-class _PostgresTx:
-    """``sql.Tx`` on one cursor of one transaction; ``lock`` is ``SELECT ... FOR UPDATE``."""
+@functools.lru_cache(maxsize=1024)
+def _pyformat(sql: str) -> str:
+    """``sql`` with psycopg's placeholders for ``?`` (and its ``%`` escaped)."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
-    def __init__(self, store: PostgresStore, cur: Cursor) -> None:
-        self._store = store
+
+# The type each column's Python values travel as, in inserts of many rows; PostgreSQL casts
+# them to the columns' own types (bigint to integer, for one) on insert.
+_TYPE_OF = {bool: "boolean", int: "bigint", str: "text", bytes: "bytea"}
+
+
+class PostgresTx(Tx):
+    """``sql.Tx`` on one cursor of one transaction; a lock is ``SELECT ... FOR UPDATE``."""
+
+    for_update = " FOR UPDATE"
+    true = "TRUE"
+    # LIMIT NULL is "no limit" in PostgreSQL.
+    no_limit = None
+
+    def __init__(self, now_ns: Callable[[], int], cur: Cursor) -> None:
+        super().__init__(now_ns)
         self._cur = cur
 
-    def now_ns(self) -> int:
-        return self._store._now_ns()
+    async def execute(self, sql: str, args: Sequence[object] = ()) -> int:
+        await self._cur.execute(_pyformat(sql), args)
+        return self._cur.rowcount
 
-    async def _one(self, sql: str, args: Sequence[object]) -> RowDict | None:
-        await self._cur.execute(sql, args)
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        await self._cur.executemany(_pyformat(sql), rows)
+
+    async def row(self, sql: str, args: Sequence[object] = ()) -> Row | None:
+        await self._cur.execute(_pyformat(sql), args)
         return await self._cur.fetchone()
 
-    async def _all(self, sql: str, args: Sequence[object]) -> list[RowDict]:
-        await self._cur.execute(sql, args)
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> Sequence[Row]:
+        await self._cur.execute(_pyformat(sql), args)
         return await self._cur.fetchall()
 
-    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> RowDict:
-        return await self._store._conversation_row(self._cur, tenant_id, conversation_id, lock=lock)
+    async def values(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        await self._cur.execute(_pyformat(sql), args)
+        return [next(iter(r.values())) for r in await self._cur.fetchall()]
 
-    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict | None:
-        sql = "SELECT * FROM turns WHERE id = %s AND tenant_id = %s"
-        return await self._one(sql + (" FOR UPDATE" if lock else ""), (turn_id, tenant_id))
-
-    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> list[RowDict]:
-        # ORDER BY before FOR UPDATE: rows are locked in id order, so two batches never deadlock.
-        sql = "SELECT * FROM turns WHERE id = ANY(%s) ORDER BY id"
-        return await self._all(sql + (" FOR UPDATE" if lock else ""), (list(turn_ids),))
-
-    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> RowDict | None:
-        return await self._one(
-            "SELECT * FROM turns WHERE conversation_id = %s AND idempotency_key = %s",
-            (conversation_id, idempotency_key),
-        )
-
-    async def unended_turn(self, conversation_id: str) -> RowDict | None:
-        return await self._one(
-            f"SELECT * FROM turns WHERE conversation_id = %s AND {UNENDED} ORDER BY created_at, id LIMIT 1",
-            (conversation_id,),
-        )
-
-    async def unheld_turns(self, now_ns: int, limit: int) -> list[RowDict]:
-        return await self._all(
-            f"SELECT * FROM turns WHERE {UNENDED} AND (lease_owner = '' OR lease_expires_at <= %s)"
-            " ORDER BY lease_expires_at, created_at, id LIMIT %s",
-            (now_ns, _sql_limit(limit)),
-        )
-
-    async def insert_turn(self, row: Mapping[str, Any]) -> None:
-        await self._cur.execute(
-            f"INSERT INTO turns ({', '.join(row)}) VALUES ({', '.join('%s' for _ in row)})",
-            tuple(row.values()),
-        )
-
-    async def update(self, table: str, row_id: str, fields: Mapping[str, Any]) -> None:
-        await PostgresStore._update(self._cur, table, row_id, dict(fields))
-
-    async def update_turns(self, turn_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
-        assignments = ", ".join(f"{column} = %s" for column in fields)
-        await self._cur.execute(
-            f"UPDATE turns SET {assignments} WHERE id = ANY(%s)", (*fields.values(), list(turn_ids))
-        )
-
-    async def history(self, conversation_id: str) -> list[common_pb2.Message]:
-        rows = await self._all(
-            "SELECT body FROM messages WHERE conversation_id = %s ORDER BY seq", (conversation_id,)
-        )
-        return [common_pb2.Message.FromString(r["body"]) for r in rows]
-
-    async def insert_messages(self, conversation_id: str, messages: Sequence[common_pb2.Message]) -> None:
-        if not messages:
-            return
-        # One statement for the whole batch: one round trip however many messages.
-        await self._cur.execute(
-            "INSERT INTO messages (conversation_id, seq, role, turn_id, step_index, created_at, body)"
-            " SELECT %s, * FROM unnest(%s::bigint[], %s::integer[], %s::text[], %s::integer[],"
-            " %s::bigint[], %s::bytea[])",
-            (
-                conversation_id,
-                [m.seq for m in messages],
-                [m.role for m in messages],
-                [m.turn_id for m in messages],
-                [m.step_index for m in messages],
-                [m.created_at.ToNanoseconds() for m in messages],
-                [m.SerializeToString() for m in messages],
-            ),
-        )
-
-    async def insert_events(self, conversation_id: str, events: Sequence[common_pb2.AgentEvent]) -> None:
-        if not events:
-            return
-        await self._cur.execute(
-            "INSERT INTO events (conversation_id, event_seq, turn_id, body)"
-            " SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::bytea[])",
-            (
-                conversation_id,
-                [e.event_seq for e in events],
-                [e.turn_id for e in events],
-                [e.SerializeToString() for e in events],
-            ),
-        )
-
-    async def take_queue(self, conversation_id: str, now_ns: int) -> list[store_pb2.QueuedMessage]:
-        rows = await self._all(
-            "UPDATE queue SET drained_at = %s WHERE conversation_id = %s AND drained_at = 0 RETURNING *",
-            (now_ns, conversation_id),
-        )
-        return [_queued(r) for r in sorted(rows, key=lambda r: int(r["id"]))]
-
-    async def queued(self, conversation_id: str, idempotency_key: str) -> store_pb2.QueuedMessage | None:
-        row = await self._one(
-            "SELECT * FROM queue WHERE conversation_id = %s AND idempotency_key = %s",
-            (conversation_id, idempotency_key),
-        )
-        return None if row is None else _queued(row)
-
-    async def insert_queued(
-        self, conversation_id: str, idempotency_key: str, body: bytes, now_ns: int
-    ) -> int:
-        row = await self._one(
-            "INSERT INTO queue (conversation_id, idempotency_key, body, created_at)"
-            " VALUES (%s, %s, %s, %s) RETURNING id",
-            (conversation_id, idempotency_key, body, now_ns),
-        )
-        assert row is not None
-        return int(row["id"])
-
-    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
-        return await self._one(
-            "SELECT * FROM approvals WHERE id = %s AND tenant_id = %s", (approval_id, tenant_id)
-        )
-
-    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
-        pending = " AND decision = 0" if pending_only else ""
-        return await self._all(
-            f"SELECT * FROM approvals WHERE conversation_id = %s{pending} ORDER BY created_at, id",
-            (conversation_id,),
-        )
-
-    async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def insert_rows(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[object]]
+    ) -> None:
         if not rows:
             return
-        columns = list(rows[0])
-        await self._cur.executemany(
-            f"INSERT INTO approvals ({', '.join(columns)}) VALUES ({', '.join('%s' for _ in columns)})",
-            [tuple(row[c] for c in columns) for row in rows],
-        )
-
-    async def upsert_step_metrics(
-        self, conversation_id: str, metrics: Sequence[common_pb2.StepMetrics]
-    ) -> None:
-        await self._cur.executemany(
-            "INSERT INTO step_metrics (turn_id, step_index, conversation_id, body) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (turn_id, step_index) DO UPDATE SET body = EXCLUDED.body",
-            [(m.turn_id, m.step_index, conversation_id, m.SerializeToString()) for m in metrics],
-        )
-
-    async def upsert_turn_metrics(self, conversation_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        # One statement for the whole batch, one round trip however many rows: a column is an
+        # array, or one value if it is every row's (the conversation; often the turn and time).
+        same: list[tuple[str, str, object]] = []
+        varying: list[tuple[str, str, object]] = []
+        for name, values in zip(columns, zip(*rows, strict=True), strict=True):
+            pg_type = _TYPE_OF[type(values[0])]
+            if values.count(values[0]) == len(values):
+                same.append((name, f"%s::{pg_type}", values[0]))
+            else:
+                varying.append((name, f"%s::{pg_type}[]", list(values)))
+        names = ", ".join(name for name, _, _ in (*same, *varying))
+        select = ", ".join([arg for _, arg, _ in same] + (["*"] if varying else []))
+        unnest = f" FROM unnest({', '.join(arg for _, arg, _ in varying)})" if varying else ""
         await self._cur.execute(
-            "INSERT INTO turn_metrics (turn_id, conversation_id, body) VALUES (%s, %s, %s)"
-            " ON CONFLICT (turn_id) DO UPDATE SET body = EXCLUDED.body",
-            (metrics.turn_id, conversation_id, metrics.SerializeToString()),
+            f"INSERT INTO {table} ({names}) SELECT {select}{unnest}",
+            [value for _, _, value in (*same, *varying)],
         )
 
-    async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
-        # The compare-and-set: under READ COMMITTED a racing decision that committed first
-        # leaves no pending row to update here.
-        assignments = ", ".join(f"{column} = %s" for column in fields)
-        await self._cur.execute(
-            f"UPDATE approvals SET {assignments} WHERE id = %s AND decision = 0",
-            (*fields.values(), approval_id),
-        )
-        return self._cur.rowcount == 1
+    async def insert_returning(self, table: str, row: Mapping[str, Any]) -> Row:
+        stored = await self.row(insert_sql(table, tuple(row)) + " RETURNING *", tuple(row.values()))
+        assert stored is not None
+        return stored
 
-    async def count_started(self) -> int:
-        await self._cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
-        found = await self._one("SELECT count(*) AS n FROM turns WHERE state IN (2, 3, 4)", ())
-        assert found is not None
-        return int(found["n"])
+    def any_of(self, column: str, values: Sequence[object]) -> tuple[str, object]:
+        return f"{column} = ANY(?)", list(values)
 
-    async def put_kernel(self, row: Mapping[str, Any]) -> None:
-        await self._cur.execute(
-            "INSERT INTO kernels (owner, address, run_slots, running, started_at, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (owner) DO UPDATE SET address = EXCLUDED.address,"
-            " run_slots = EXCLUDED.run_slots, running = EXCLUDED.running, expires_at = EXCLUDED.expires_at",
-            tuple(row[c] for c in KERNEL_COLUMNS),
-        )
+    async def lock_migrations(self) -> None:
+        await self.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))
 
-    async def live_kernels(self, now_ns: int) -> list[RowDict]:
-        return await self._all(
-            f"SELECT {', '.join(KERNEL_COLUMNS)} FROM kernels WHERE expires_at > %s"
-            " ORDER BY started_at, owner",
-            (now_ns,),
-        )
-
-    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
-        await self._cur.execute(
-            "DELETE FROM kernels WHERE owner = %s OR expires_at < %s", (owner, expired_before_ns)
-        )
+    async def lock_admissions(self) -> None:
+        await self.execute("SELECT pg_advisory_xact_lock(?)", (ADMISSION_LOCK,))

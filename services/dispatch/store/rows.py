@@ -3,7 +3,7 @@ the same column names, so one mapping serves SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from dispatch.store.backend import Lease, Page, encode_cursor
@@ -11,9 +11,12 @@ from dispatch.v1 import common_pb2, store_pb2
 
 
 class Row(Protocol):
-    """A result row addressable by column name (sqlite3.Row, psycopg's dict rows)."""
+    """A result row addressable by column name (sqlite3.Row, psycopg's dict rows), whose
+    columns ``keys`` names (so ``{**row, **changes}`` is the row changed)."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
 
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from dispatch.shared.config import ConfigError, StoreConfig, parse_listen
+from dispatch.shared.config import DEFAULT_POOL_SIZE, ConfigError, StoreConfig, parse_listen
 from dispatch.shared.server import Hosted, Service, ensure_bindable, start_server
 from dispatch.store.backend import Store
 from dispatch.store.postgres import SCHEMES as POSTGRES_SCHEMES
@@ -20,8 +20,11 @@ SERVICE_NAME = "dispatch.v1.ConversationStore"
 log = logging.getLogger(__name__)
 
 
-async def open_store(database_url: str, *, default_workspace_root: str) -> Store:
-    """Open the backend ``database_url`` names: ``sqlite://`` or ``postgresql://`` (``postgres://``)."""
+async def open_store(
+    database_url: str, *, default_workspace_root: str, pool_size: int = DEFAULT_POOL_SIZE
+) -> Store:
+    """Open the backend ``database_url`` names: ``sqlite://`` or ``postgresql://`` (``postgres://``),
+    the latter with at most ``pool_size`` connections (SQLite has one, on its own thread)."""
     usage = (
         "use sqlite:///relative/path, sqlite:////absolute/path"
         " or postgresql://user:password@host:port/database"
@@ -32,7 +35,9 @@ async def open_store(database_url: str, *, default_workspace_root: str) -> Store
     if scheme == "sqlite":
         return await SQLiteStore.open(database_url, default_workspace_root=default_workspace_root)
     if scheme in POSTGRES_SCHEMES:
-        return await PostgresStore.open(database_url, default_workspace_root=default_workspace_root)
+        return await PostgresStore.open(
+            database_url, default_workspace_root=default_workspace_root, pool_size=pool_size
+        )
     # Only the scheme is echoed: the rest of a database URL may carry a password.
     raise ConfigError(f"config key store.database_url: {scheme}:// databases are not supported yet; {usage}")
 
@@ -41,7 +46,9 @@ async def start(cfg: StoreConfig) -> Hosted:
     """Serve the store on ``cfg.listen``; ``Hosted.stop`` also closes the database."""
     if parse_listen(cfg.listen)[1] != 0:
         ensure_bindable(cfg.listen)  # before the database is opened and migrated for nothing
-    store = await open_store(cfg.database_url, default_workspace_root=cfg.default_workspace_root)
+    store = await open_store(
+        cfg.database_url, default_workspace_root=cfg.default_workspace_root, pool_size=cfg.pool_size
+    )
     if cfg.pin_default_workspace:
         try:
             changed = await store.set_default_workspace_root(cfg.default_workspace_root)

@@ -1,25 +1,23 @@
-"""The store logic both SQL backends share, written once over ``Tx``.
+"""The SQL store's every operation, written once over ``Tx``.
 
-Appends, turns, leases, the queue, approvals and reconcile are each one transaction here: a
-sequence of reads and writes through a ``Tx`` that the dialect supplies (its SQL,
-its row locks, its type conversions), deciding with the rules of ``backend``.
-So SQLite and PostgreSQL differ only in what a ``Tx`` method sends to the
-database, never in what the store decides (temporal's SQL persistence over its
-per-database ``sqlplugin`` is the model).
+Each operation is one transaction: a sequence of reads and writes through the ``Tx`` a
+dialect supplies (``tx``: every statement, over its primitives), deciding with the rules of
+``backend``. So SQLite and PostgreSQL differ only in how a statement reaches the database,
+never in what the store sends or decides (temporal's SQL persistence over its per-database
+``sqlplugin`` is the model).
 
-``Tx`` methods are coroutines. PostgreSQL's await the server. SQLite's run on the
-store's one worker thread and never suspend, so its dialect drives an operation
-to completion inside one synchronous transaction (``run_to_completion``) instead
-of hopping between the thread and the event loop per statement.
+``Tx`` methods are coroutines. PostgreSQL's await the server. SQLite's run on the store's
+one worker thread and never suspend, so its dialect drives an operation to completion inside
+one synchronous transaction (``run_to_completion``) instead of hopping between the thread and
+the event loop per statement.
 
-Locks, on a database that takes them (PostgreSQL; SQLite's write transactions
-exclude each other whole): an operation that writes to a conversation locks the
-conversation row first and the turn row after it, always in that order, so two
-operations can wait on each other but never deadlock. Renewals lock only turn
-rows, in id order. Approvals are decided by a compare-and-set on their row being
-pending (``Tx.decide_approval``), under their conversation's lock, so a decision,
-a racing one and the seal that closes the turn's pending approvals come one after
-the other, and only the first of them decides.
+Locks, on a database that takes them (PostgreSQL; SQLite's write transactions exclude each
+other whole): an operation that writes to a conversation locks the conversation row first and
+the turn row after it, always in that order, so two operations can wait on each other but
+never deadlock. Renewals lock only turn rows, in id order. Approvals are decided by a
+compare-and-set on their row being pending (``Tx.decide_approval``), under their
+conversation's lock, so a decision, a racing one and the seal that closes the turn's pending
+approvals come one after the other, and only the first of them decides.
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from __future__ import annotations
 import abc
 import datetime
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, cast
+import time
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from dispatch.shared.errors import (
     AlreadyExists,
@@ -39,19 +38,28 @@ from dispatch.shared.errors import (
 )
 from dispatch.shared.ids import new_id
 from dispatch.store.backend import (
+    API_KEY_PREFIX,
     APPROVAL_PREFIX,
+    CONVERSATION_PREFIX,
+    DEFAULT_WORKSPACE_NAME,
     TERMINAL_STATES,
     TURN_PREFIX,
+    WORKSPACE_PREFIX,
     Appended,
     ApprovalDecision,
+    EventHistory,
+    Execution,
     FinishReason,
+    History,
     Lease,
     LeaseFence,
     LeaseRef,
     NextTurn,
+    Page,
     Store,
     TurnSeal,
     TurnState,
+    api_key_prefix,
     appended_metrics,
     check_append_request,
     check_approvable_turn,
@@ -64,19 +72,26 @@ from dispatch.store.backend import (
     check_new_turn_lease,
     check_no_turn_in_flight,
     check_pending,
+    check_permission_rules,
     check_queued_message,
     check_reservation,
     check_resolution,
     check_transition,
     check_turn_in_flight,
+    check_turn_metrics,
     claimed_lease_fields,
     closed_approval,
     decided_approval,
+    decode_cursor,
+    effective_page_size,
+    hash_api_key,
     holds_lease,
     initial_state,
     lease_ttl_ns,
+    new_api_key_secret,
     new_approval,
     new_turn_row,
+    normalized_step_metrics,
     raised_reservation,
     released_lease_fields,
     remembered_after,
@@ -88,120 +103,30 @@ from dispatch.store.backend import (
     turn_user_messages,
 )
 from dispatch.store.rows import (
+    Row,
+    api_key_from_row,
     approval_columns,
     approval_from_row,
+    conversation_from_row,
     lease_from_row,
+    page_from_rows,
     rules_column,
     rules_from_column,
     turn_from_row,
+    workspace_from_row,
 )
+from dispatch.store.sql.tx import Tx
 from dispatch.v1 import common_pb2, store_pb2
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RowDict = dict[str, Any]
-
-# "Has not ended", as SQL both dialects speak. Migration 4's partial indexes carry the same
-# predicate, literally, so that the planners use them for the queries that say this.
-UNENDED = f"state NOT IN ({', '.join(str(int(s)) for s in sorted(TERMINAL_STATES))})"
+# (version, statements) in order: each applied in one transaction with its schema_version row.
+Migrations = tuple[tuple[int, tuple[str, ...]], ...]
 
 
-class Tx(Protocol):
-    """One open transaction of a dialect. Rows are dicts keyed by column name."""
-
-    def now_ns(self) -> int:
-        """The store clock, strictly increasing within the process."""
-
-    async def conversation(self, tenant_id: str, conversation_id: str, *, lock: bool = False) -> RowDict:
-        """The conversation's row, or ``NotFound``; ``lock`` holds it until the end."""
-
-    async def turn(self, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict | None:
-        """The turn's row in this tenant, or None; ``lock`` holds it until the end."""
-
-    async def turns(self, turn_ids: Sequence[str], *, lock: bool = False) -> list[RowDict]:
-        """The rows of these turns, of any tenant, in id order (locked in that order)."""
-
-    async def turn_by_idempotency_key(self, conversation_id: str, idempotency_key: str) -> RowDict | None:
-        """The turn the key started in the conversation, or None."""
-
-    async def unended_turn(self, conversation_id: str) -> RowDict | None:
-        """The conversation's oldest turn that has not ended, or None."""
-
-    async def unheld_turns(self, now_ns: int, limit: int) -> list[RowDict]:
-        """Turns of every tenant that have not ended whose lease nobody holds at ``now_ns``,
-        earliest expiry first (0 = no limit)."""
-
-    async def insert_turn(self, row: Mapping[str, Any]) -> None:
-        """Insert a turn with every column given."""
-
-    async def update(self, table: str, row_id: str, fields: Mapping[str, Any]) -> None:
-        """Set ``fields`` on one row of ``table`` (names from our code, never a request)."""
-
-    async def update_turns(self, turn_ids: Sequence[str], fields: Mapping[str, Any]) -> None:
-        """Set ``fields`` on every one of these turns."""
-
-    async def history(self, conversation_id: str) -> list[common_pb2.Message]:
-        """Every message of the conversation, in seq order."""
-
-    async def insert_messages(self, conversation_id: str, messages: Sequence[common_pb2.Message]) -> None:
-        """Insert messages as ``numbered`` made them."""
-
-    async def insert_events(self, conversation_id: str, events: Sequence[common_pb2.AgentEvent]) -> None:
-        """Insert events as ``stamped`` made them."""
-
-    async def take_queue(self, conversation_id: str, now_ns: int) -> list[store_pb2.QueuedMessage]:
-        """Mark every waiting message of the queue drained; answer them in enqueue order."""
-
-    async def queued(self, conversation_id: str, idempotency_key: str) -> store_pb2.QueuedMessage | None:
-        """The queue item the key made, drained or not, or None."""
-
-    async def insert_queued(
-        self, conversation_id: str, idempotency_key: str, body: bytes, now_ns: int
-    ) -> int:
-        """Queue a message body; answer its id."""
-
-    async def approval(self, tenant_id: str, approval_id: str) -> RowDict | None:
-        """The approval's row in this tenant, or None."""
-
-    async def approvals(self, conversation_id: str, *, pending_only: bool = False) -> list[RowDict]:
-        """The conversation's approvals (only the pending ones when asked), oldest first."""
-
-    async def insert_approvals(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert approvals with every column given (``rows.approval_columns``)."""
-
-    async def upsert_step_metrics(
-        self, conversation_id: str, metrics: Sequence[common_pb2.StepMetrics]
-    ) -> None:
-        """Record step metrics as ``normalized_step_metrics`` made them (one row per turn
-        and step; again replaces it)."""
-
-    async def upsert_turn_metrics(self, conversation_id: str, metrics: common_pb2.TurnMetrics) -> None:
-        """Record a turn's metrics (one row per turn; again replaces it)."""
-
-    async def decide_approval(self, approval_id: str, fields: Mapping[str, Any]) -> bool:
-        """Set ``fields`` on the approval only if it is still pending (decision 0); answer
-        whether it was."""
-
-    async def count_started(self) -> int:
-        """How many turns of every tenant have started and not ended, holding the lock that
-        serialises admissions until the transaction ends."""
-
-    async def put_kernel(self, row: Mapping[str, Any]) -> None:
-        """Insert or replace a kernel's heartbeat row (keeping its ``started_at``)."""
-
-    async def live_kernels(self, now_ns: int) -> list[RowDict]:
-        """The kernel rows whose heartbeat expires after ``now_ns``, oldest first."""
-
-    async def delete_kernels(self, owner: str, expired_before_ns: int) -> None:
-        """Delete ``owner``'s row, and every row that expired before ``expired_before_ns``."""
-
-
-KERNEL_COLUMNS = ("owner", "address", "run_slots", "running", "started_at", "expires_at")
-
-
-def kernel_from_row(row: Mapping[str, Any]) -> store_pb2.KernelInfo:
+def kernel_from_row(row: Row) -> store_pb2.KernelInfo:
     return store_pb2.KernelInfo(
         owner=row["owner"],
         address=row["address"],
@@ -212,14 +137,14 @@ def kernel_from_row(row: Mapping[str, Any]) -> store_pb2.KernelInfo:
     )
 
 
-def run_to_completion(operation: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that never suspends: an operation over a synchronous ``Tx``."""
-    try:
-        operation.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    operation.close()
-    raise RuntimeError("a store operation suspended inside a synchronous transaction")
+class Schema(NamedTuple):
+    """A dialect's schema: its tables' DDL, migration by migration."""
+
+    # CREATE TABLE IF NOT EXISTS schema_version, in the dialect's types.
+    version_table: str
+    migrations: Migrations
+    # The highest version in ``migrations``: the newest database this store can open.
+    version: int
 
 
 def numbered(
@@ -256,7 +181,7 @@ def stamped(
     return stored
 
 
-async def _turn(tx: Tx, tenant_id: str, turn_id: str, *, lock: bool = False) -> RowDict:
+async def _turn(tx: Tx, tenant_id: str, turn_id: str, *, lock: bool = False) -> Row:
     row = await tx.turn(tenant_id, turn_id, lock=lock)
     if row is None:
         raise NotFound(f"turn {turn_id} not found")
@@ -290,15 +215,327 @@ async def _close_pending_approvals(
     return closed
 
 
-class SQLStore(Store):
-    """The operations of ``Store`` that both SQL dialects share, over ``_run``."""
+async def _turn_of(tx: Tx, tenant_id: str, conversation_id: str, turn_id: str) -> Row:
+    """The turn's row, or ``NotFound`` unless it is the conversation's."""
+    row = await _turn(tx, tenant_id, turn_id)
+    if row["conversation_id"] != conversation_id:
+        raise NotFound(f"turn {turn_id} not found in conversation {conversation_id}")
+    return row
 
-    max_append_bytes: int
+
+async def _turn_in_conversation(tx: Tx, tenant_id: str, conversation_id: str, turn_id: str) -> Row:
+    # The conversation first, so a missing conversation is reported as such.
+    await tx.conversation(tenant_id, conversation_id)
+    return await _turn_of(tx, tenant_id, conversation_id, turn_id)
+
+
+def _workspace_columns(
+    workspace_id: str,
+    tenant_id: str,
+    now_ns: int,
+    *,
+    name: str,
+    root: str,
+    is_default: bool,
+    default_computer_id: str = "",
+    default_agent: str = "",
+    confine_tools: bool = False,
+    permissions: Sequence[common_pb2.PermissionRule] = (),
+) -> dict[str, Any]:
+    """Every column of a new workspace's row."""
+    return {
+        "id": workspace_id,
+        "tenant_id": tenant_id,
+        "name": name,
+        "root": root,
+        "default_computer_id": default_computer_id,
+        "default_agent": default_agent,
+        "confine_tools": confine_tools,
+        "permissions": rules_column(permissions),
+        "is_default": is_default,
+        "created_at": now_ns,
+    }
+
+
+class SQLStore(Store):
+    """``Store`` on a SQL database, over the ``Tx`` of a dialect's ``_run``."""
+
+    # How the dialect names itself and its database in logs and errors (never a password).
+    dialect: ClassVar[str]
+    location: str
+
+    def __init__(
+        self, *, default_workspace_root: str, max_append_bytes: int, clock: Callable[[], float] | None
+    ) -> None:
+        # Seconds since the epoch, like time.time; tests pass a clock they advance
+        # instead of sleeping until a lease expires.
+        self._clock_ns: Callable[[], int] = (
+            time.time_ns if clock is None else lambda: round(clock() * 1_000_000_000)
+        )
+        self.default_workspace_root = default_workspace_root
+        self.max_append_bytes = max_append_bytes
+        self._last_ns = 0
+
+    def _now_ns(self) -> int:
+        # Strictly increasing within the process (one thread calls it: the event loop's, or
+        # SQLite's worker), so rows created back to back sort by creation; page cursors
+        # also carry the id, so ties across processes are fine.
+        now = max(self._clock_ns(), self._last_ns + 1)
+        self._last_ns = now
+        return now
 
     @abc.abstractmethod
     async def _run(self, operation: Callable[[Tx], Coroutine[Any, Any, T]], *, write: bool = True) -> T:
         """Run ``operation`` in one transaction (read-only unless ``write``); commit when it
         returns, roll back when it raises."""
+
+    @abc.abstractmethod
+    def _schema(self) -> Schema:
+        """The dialect's schema, as it stands when asked."""
+
+    # ------------------------------------------------------------- migrations
+
+    async def migrate(self) -> int:
+        """Apply the migrations the database lacks; answer how many were applied. Each runs in
+        its own transaction together with its schema_version row, under the migration lock,
+        so two processes starting on one database migrate one after the other."""
+        schema = self._schema()
+
+        async def create(tx: Tx) -> None:
+            await tx.lock_migrations()
+            await tx.execute(schema.version_table)
+
+        await self._run(create)
+        found = await self.schema_version()
+        if found > schema.version:
+            raise FailedPrecondition(
+                f"database {self.location} has schema version {found}, newer than this store knows "
+                f"({schema.version}); run a newer dispatchd"
+            )
+        applied = 0
+        for version, statements in schema.migrations:
+
+            async def step(tx: Tx, version: int = version, statements: tuple[str, ...] = statements) -> bool:
+                await tx.lock_migrations()
+                # Checked under the lock: another process may have just applied it.
+                if await tx.has_migration(version):
+                    return False
+                for statement in statements:
+                    await tx.execute(statement)
+                await tx.record_migration(version, time.time_ns())
+                return True
+
+            if await self._run(step):
+                applied += 1
+                log.info("%s %s: applied schema migration %d", self.dialect, self.location, version)
+        return applied
+
+    async def schema_version(self) -> int:
+        """The highest migration the database has applied."""
+
+        async def op(tx: Tx) -> int:
+            return await tx.schema_version()
+
+        return await self._run(op, write=False)
+
+    # ------------------------------------------------------------- workspaces
+
+    async def create_workspace(
+        self,
+        tenant_id: str,
+        *,
+        name: str,
+        root: str,
+        default_computer_id: str = "",
+        default_agent: str = "",
+        confine_tools: bool = False,
+        permissions: Sequence[common_pb2.PermissionRule] = (),
+    ) -> common_pb2.Workspace:
+        check_permission_rules(permissions)
+        workspace_id = new_id(WORKSPACE_PREFIX)
+
+        async def op(tx: Tx) -> common_pb2.Workspace:
+            row = _workspace_columns(
+                workspace_id,
+                tenant_id,
+                tx.now_ns(),
+                name=name,
+                root=root,
+                is_default=False,
+                default_computer_id=default_computer_id,
+                default_agent=default_agent,
+                confine_tools=confine_tools,
+                permissions=permissions,
+            )
+            return workspace_from_row(await tx.insert_returning("workspaces", row))
+
+        return await self._run(op)
+
+    async def get_workspace(self, tenant_id: str, workspace_id: str) -> common_pb2.Workspace:
+        async def op(tx: Tx) -> common_pb2.Workspace:
+            return workspace_from_row(await tx.workspace(tenant_id, workspace_id))
+
+        return await self._run(op, write=False)
+
+    async def list_workspaces(
+        self, tenant_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[common_pb2.Workspace]:
+        size = effective_page_size(page_size)
+        after = decode_cursor(page_token)
+
+        async def op(tx: Tx) -> Page[common_pb2.Workspace]:
+            rows = await tx.page("workspaces", "tenant_id = ?", (tenant_id,), after, size)
+            return page_from_rows(rows, size, workspace_from_row)
+
+        return await self._run(op, write=False)
+
+    async def set_default_workspace_root(self, root: str) -> int:
+        self.default_workspace_root = root
+
+        async def op(tx: Tx) -> int:
+            return await tx.set_default_workspace_roots(root)
+
+        return await self._run(op)
+
+    async def update_workspace(
+        self,
+        tenant_id: str,
+        workspace_id: str,
+        *,
+        name: str | None = None,
+        root: str | None = None,
+        default_computer_id: str | None = None,
+        default_agent: str | None = None,
+        confine_tools: bool | None = None,
+        permissions: Sequence[common_pb2.PermissionRule] | None = None,
+    ) -> common_pb2.Workspace:
+        given = {
+            "name": name,
+            "root": root,
+            "default_computer_id": default_computer_id,
+            "default_agent": default_agent,
+            "confine_tools": confine_tools,
+        }
+        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+        if permissions is not None:
+            check_permission_rules(permissions)
+            fields["permissions"] = rules_column(permissions)
+
+        async def op(tx: Tx) -> common_pb2.Workspace:
+            await tx.workspace(tenant_id, workspace_id)
+            if fields:
+                await tx.update("workspaces", workspace_id, fields)
+            return workspace_from_row(await tx.workspace(tenant_id, workspace_id))
+
+        return await self._run(op)
+
+    async def _default_workspace(self, tx: Tx, tenant_id: str) -> str:
+        found = await tx.default_workspace(tenant_id)
+        if found is not None:
+            return found
+        row = _workspace_columns(
+            new_id(WORKSPACE_PREFIX),
+            tenant_id,
+            tx.now_ns(),
+            name=DEFAULT_WORKSPACE_NAME,
+            root=self.default_workspace_root,
+            is_default=True,
+        )
+        await tx.insert_default_workspace(row)
+        # Inserted above, or by the transaction it conflicted with (committed by now, and
+        # seen by this statement: PostgreSQL's READ COMMITTED takes a snapshot per statement).
+        found = await tx.default_workspace(tenant_id)
+        assert found is not None
+        return found
+
+    # ---------------------------------------------------------- conversations
+
+    async def create_conversation(
+        self,
+        tenant_id: str,
+        *,
+        workspace_id: str = "",
+        title: str = "",
+        cwd: str = "",
+        computer_id: str = "",
+        agent: str = "",
+    ) -> common_pb2.Conversation:
+        conversation_id = new_id(CONVERSATION_PREFIX)
+
+        async def op(tx: Tx) -> common_pb2.Conversation:
+            if workspace_id:
+                ws_id = str((await tx.workspace(tenant_id, workspace_id))["id"])
+            else:
+                ws_id = await self._default_workspace(tx, tenant_id)
+            now = tx.now_ns()
+            row = await tx.insert_returning(
+                "conversations",
+                {
+                    "id": conversation_id,
+                    "tenant_id": tenant_id,
+                    "workspace_id": ws_id,
+                    "title": title,
+                    "cwd": cwd,
+                    "computer_id": computer_id,
+                    "agent": agent,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            return conversation_from_row(row)
+
+        return await self._run(op)
+
+    async def get_conversation(self, tenant_id: str, conversation_id: str) -> common_pb2.Conversation:
+        async def op(tx: Tx) -> common_pb2.Conversation:
+            return conversation_from_row(await tx.conversation(tenant_id, conversation_id))
+
+        return await self._run(op, write=False)
+
+    async def list_conversations(
+        self, tenant_id: str, *, workspace_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[common_pb2.Conversation]:
+        size = effective_page_size(page_size)
+        after = decode_cursor(page_token)
+
+        async def op(tx: Tx) -> Page[common_pb2.Conversation]:
+            where, args = "tenant_id = ?", [tenant_id]
+            if workspace_id:
+                await tx.workspace(tenant_id, workspace_id)
+                where += " AND workspace_id = ?"
+                args.append(workspace_id)
+            rows = await tx.page("conversations", where, args, after, size, newest_first=True)
+            return page_from_rows(rows, size, conversation_from_row)
+
+        return await self._run(op, write=False)
+
+    async def update_conversation(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        title: str | None = None,
+        cwd: str | None = None,
+        computer_id: str | None = None,
+        agent: str | None = None,
+    ) -> common_pb2.Conversation:
+        given = {"title": title, "cwd": cwd, "computer_id": computer_id, "agent": agent}
+        fields: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+
+        async def op(tx: Tx) -> common_pb2.Conversation:
+            await tx.conversation(tenant_id, conversation_id, lock=True)
+            if fields:
+                await tx.update("conversations", conversation_id, {**fields, "updated_at": tx.now_ns()})
+            return conversation_from_row(await tx.conversation(tenant_id, conversation_id))
+
+        return await self._run(op)
+
+    async def delete_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        async def op(tx: Tx) -> None:
+            await tx.conversation(tenant_id, conversation_id, lock=True)
+            await tx.delete_conversation(conversation_id)
+
+        await self._run(op)
 
     # --------------------------------------------------------------- history
 
@@ -344,7 +581,7 @@ class SQLStore(Store):
         async def op(tx: Tx) -> Appended:
             # The conversation first: it orders concurrent appenders, in any process.
             conv = await tx.conversation(tenant_id, conversation_id, lock=True)
-            fenced: RowDict | None = None
+            fenced: Row | None = None
             turn_fields: dict[str, Any] = {}
             now = tx.now_ns()
             if fence is not None:
@@ -418,7 +655,7 @@ class SQLStore(Store):
                         lease_expires_at=now + next_ttl_ns,
                         user_message_seq=started_messages[0].seq,
                     )
-                    await tx.insert_turn(row)
+                    await tx.insert("turns", row)
                     await tx.insert_messages(conversation_id, started_messages)
                     seq = started_messages[-1].seq
                     started = turn_from_row(row)
@@ -456,6 +693,31 @@ class SQLStore(Store):
             )
 
         return await self._run(op)
+
+    async def load_since(
+        self, tenant_id: str, conversation_id: str, *, after_seq: int = 0, limit: int = 0
+    ) -> History:
+        async def op(tx: Tx) -> History:
+            conv = await tx.conversation(tenant_id, conversation_id)
+            bodies = await tx.bodies("messages", conversation_id, after_seq, limit)
+            return History(
+                messages=[common_pb2.Message.FromString(b) for b in bodies], last_seq=conv["last_seq"]
+            )
+
+        return await self._run(op, write=False)
+
+    async def load_events(
+        self, tenant_id: str, conversation_id: str, *, after_event_seq: int = 0, limit: int = 0
+    ) -> EventHistory:
+        async def op(tx: Tx) -> EventHistory:
+            conv = await tx.conversation(tenant_id, conversation_id)
+            bodies = await tx.bodies("events", conversation_id, after_event_seq, limit)
+            return EventHistory(
+                events=[common_pb2.AgentEvent.FromString(b) for b in bodies],
+                last_event_seq=conv["last_event_seq"],
+            )
+
+        return await self._run(op, write=False)
 
     # ----------------------------------------------------------------- turns
 
@@ -509,7 +771,7 @@ class SQLStore(Store):
                 lease_expires_at=now + ttl_ns,
                 user_message_seq=stored[0].seq if stored else 0,
             )
-            await tx.insert_turn(row)
+            await tx.insert("turns", row)
             changes: dict[str, Any] = {}
             if stored:
                 await tx.insert_messages(conversation_id, stored)
@@ -524,6 +786,42 @@ class SQLStore(Store):
             return turn_from_row(row)
 
         return await self._run(op)
+
+    async def get_turn(self, tenant_id: str, turn_id: str) -> common_pb2.Turn:
+        async def op(tx: Tx) -> common_pb2.Turn:
+            return turn_from_row(await _turn(tx, tenant_id, turn_id))
+
+        return await self._run(op, write=False)
+
+    async def list_turns(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        states: Collection[TurnState] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        idempotency_key: str = "",
+    ) -> Page[common_pb2.Turn]:
+        size = effective_page_size(page_size)
+        after = decode_cursor(page_token)
+        wanted = sorted({int(s) for s in states})
+
+        async def op(tx: Tx) -> Page[common_pb2.Turn]:
+            await tx.conversation(tenant_id, conversation_id)
+            where = "conversation_id = ?"
+            args: list[object] = [conversation_id]
+            if wanted:
+                state_in, arg = tx.any_of("state", wanted)
+                where += f" AND {state_in}"
+                args.append(arg)
+            if idempotency_key:
+                where += " AND idempotency_key = ?"
+                args.append(idempotency_key)
+            rows = await tx.page("turns", where, args, after, size)
+            return page_from_rows(rows, size, turn_from_row)
+
+        return await self._run(op, write=False)
 
     async def transition_turn(
         self,
@@ -580,6 +878,28 @@ class SQLStore(Store):
 
         return await self._run(op)
 
+    # ------------------------------------------------------------- execution
+
+    async def resolve_execution(self, tenant_id: str, conversation_id: str, turn_id: str = "") -> Execution:
+        async def op(tx: Tx) -> Execution:
+            conv = await tx.conversation(tenant_id, conversation_id)
+            turn_computer = turn_cwd = ""
+            if turn_id:
+                turn = await _turn_of(tx, tenant_id, conversation_id, turn_id)
+                turn_computer, turn_cwd = turn["computer_id"], turn["cwd"]
+            ws = await tx.workspace(tenant_id, conv["workspace_id"])
+            return Execution(
+                computer_id=turn_computer or conv["computer_id"] or ws["default_computer_id"] or "",
+                cwd=turn_cwd or conv["cwd"] or ws["root"],
+                workspace_root=ws["root"],
+                confine_tools=bool(ws["confine_tools"]),
+                workspace_id=ws["id"],
+                workspace_permissions=rules_from_column(ws["permissions"]),
+                remembered=rules_from_column(conv["remembered"]),
+            )
+
+        return await self._run(op, write=False)
+
     # ------------------------------------------------------------- reconcile
 
     async def reconcile(self, tenant_id: str, conversation_id: str) -> list[common_pb2.Message]:
@@ -628,7 +948,7 @@ class SQLStore(Store):
         check_reservation(reserve_event_seq, "reserve_event_seq")
 
         async def op(tx: Tx) -> common_pb2.Turn:
-            conv: RowDict | None = None
+            conv: Row | None = None
             if reserve_event_seq:
                 # The conversation's row before the turn's, as every writer locks them.
                 unlocked = await _turn(tx, tenant_id, turn_id)
@@ -748,6 +1068,60 @@ class SQLStore(Store):
             await tx.delete_kernels(owner, 0)
 
         await self._run(op)
+
+    # ---------------------------------------------------------------- metrics
+
+    async def record_turn_metrics(self, tenant_id: str, metrics: common_pb2.TurnMetrics) -> None:
+        check_turn_metrics(metrics)
+
+        async def op(tx: Tx) -> None:
+            if metrics.conversation_id:
+                turn = await _turn_in_conversation(tx, tenant_id, metrics.conversation_id, metrics.turn_id)
+            else:
+                turn = await _turn(tx, tenant_id, metrics.turn_id)
+            stored = common_pb2.TurnMetrics()
+            stored.CopyFrom(metrics)
+            stored.conversation_id = turn["conversation_id"]
+            await tx.upsert_turn_metrics(turn["conversation_id"], stored)
+
+        await self._run(op)
+
+    async def record_step_metrics(
+        self, tenant_id: str, conversation_id: str, metrics: common_pb2.StepMetrics
+    ) -> None:
+        stored = normalized_step_metrics(metrics)
+
+        async def op(tx: Tx) -> None:
+            await _turn_in_conversation(tx, tenant_id, conversation_id, stored.turn_id)
+            await tx.upsert_step_metrics(conversation_id, [stored])
+
+        await self._run(op)
+
+    async def get_metrics(
+        self, tenant_id: str, conversation_id: str, turn_id: str = ""
+    ) -> list[common_pb2.TurnMetrics]:
+        async def op(tx: Tx) -> tuple[Sequence[Row], Sequence[Row]]:
+            if turn_id:
+                await _turn_in_conversation(tx, tenant_id, conversation_id, turn_id)
+            else:
+                await tx.conversation(tenant_id, conversation_id)
+            return await tx.recorded_metrics(conversation_id, turn_id)
+
+        turns, steps = await self._run(op, write=False)
+        by_turn: dict[str, list[common_pb2.StepMetrics]] = {}
+        for row in steps:
+            by_turn.setdefault(row["turn_id"], []).append(common_pb2.StepMetrics.FromString(row["body"]))
+        answer = []
+        for row in turns:
+            if row["body"] is None and row["id"] not in by_turn:
+                continue  # a turn nothing was recorded for
+            if row["body"] is None:
+                metrics = common_pb2.TurnMetrics(turn_id=row["id"], conversation_id=conversation_id)
+            else:
+                metrics = common_pb2.TurnMetrics.FromString(row["body"])
+            metrics.step_metrics.extend(by_turn.get(row["id"], []))
+            answer.append(metrics)
+        return answer
 
     # ----------------------------------------------------------------- queue
 
@@ -892,5 +1266,54 @@ class SQLStore(Store):
                 await tx.conversation(tenant_id, conversation_id)
             found = [approval_from_row(r) for r in await tx.approvals(of, pending_only=pending_only)]
             return [a for a in found if a.turn_id == turn_id] if turn_id else found
+
+        return await self._run(op, write=False)
+
+    # --------------------------------------------------------------- api keys
+
+    async def create_api_key(self, tenant_id: str, name: str = "") -> tuple[store_pb2.ApiKey, str]:
+        secret = new_api_key_secret()
+        key_id = new_id(API_KEY_PREFIX)
+
+        async def op(tx: Tx) -> store_pb2.ApiKey:
+            row = await tx.insert_returning(
+                "api_keys",
+                {
+                    "id": key_id,
+                    "tenant_id": tenant_id,
+                    "name": name,
+                    "prefix": api_key_prefix(secret),
+                    "secret_sha256": hash_api_key(secret),
+                    "created_at": tx.now_ns(),
+                },
+            )
+            return api_key_from_row(row)
+
+        return await self._run(op), secret
+
+    async def list_api_keys(self, tenant_id: str = "") -> list[store_pb2.ApiKey]:
+        async def op(tx: Tx) -> list[store_pb2.ApiKey]:
+            return [api_key_from_row(r) for r in await tx.api_keys(tenant_id)]
+
+        return await self._run(op, write=False)
+
+    async def revoke_api_key(self, key_id: str) -> store_pb2.ApiKey:
+        async def op(tx: Tx) -> store_pb2.ApiKey:
+            await tx.revoke_api_key(key_id, tx.now_ns())
+            row = await tx.api_key(key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found")
+            return api_key_from_row(row)
+
+        return await self._run(op)
+
+    async def authenticate(self, secret: str) -> store_pb2.ApiKey:
+        digest = hash_api_key(secret)
+
+        async def op(tx: Tx) -> store_pb2.ApiKey:
+            row = await tx.unrevoked_api_key(digest)
+            if row is None:
+                raise NotFound("unknown or revoked API key")
+            return api_key_from_row(row)
 
         return await self._run(op, write=False)
