@@ -410,6 +410,9 @@ async def test_a_turn_waiting_when_its_kernel_dies_waits_on_another_and_runs_onc
             await asyncio.sleep(0.05)
     assert (await turn_of(stack, turn_id)).state == S.TURN_STATE_WAITING_FOR_APPROVAL
     assert not (stack.workspace / "out.txt").exists()
+    # B asks again before it is answered (claimed is not yet waiting: decided sooner, B would
+    # find the decision and never ask).
+    await watcher.until("approval_requested")
     decided = await b.resolve_approval(TENANT, pending.id, S.APPROVAL_DECISION_APPROVE, decided_by="key_test")
     assert decided.decision == S.APPROVAL_DECISION_APPROVE
     done = await turn_ended(stack, turn_id)
