@@ -36,14 +36,20 @@ async def kernels() -> AsyncIterator[list[Kernel]]:
         await crash(kernel)
 
 
-async def test_turns_on_two_kernels_run_one_at_a_time_under_a_cluster_limit_of_one(
-    stack: Stack, kernels: list[Kernel]
-) -> None:
+async def two_kernels(stack: Stack, kernels: list[Kernel]) -> tuple[Kernel, Kernel]:
+    """Two started kernels on the stack's store, under a cluster-wide limit of one turn."""
     a = kernel_on(stack, SLOW, max_running=1, follow_interval=0.05)
     b = kernel_on(stack, SLOW, max_running=1, follow_interval=0.05)
     kernels += [a, b]
     await a.start()
     await b.start()
+    return a, b
+
+
+async def test_turns_on_two_kernels_run_one_at_a_time_under_a_cluster_limit_of_one(
+    stack: Stack, kernels: list[Kernel]
+) -> None:
+    a, b = await two_kernels(stack, kernels)
     convs = [await stack.conversation() for _ in range(4)]
     # Alternating kernels, each with run slots of its own to spare: only the cluster limits.
     turn_ids = await asyncio.gather(*(start(k, c) for k, c in zip([a, b, a, b], convs, strict=True)))
@@ -57,11 +63,7 @@ async def test_turns_on_two_kernels_run_one_at_a_time_under_a_cluster_limit_of_o
 async def test_a_queued_turn_waiting_for_the_cluster_can_be_cancelled(
     stack: Stack, kernels: list[Kernel]
 ) -> None:
-    a = kernel_on(stack, SLOW, max_running=1, follow_interval=0.05)
-    b = kernel_on(stack, SLOW, max_running=1, follow_interval=0.05)
-    kernels += [a, b]
-    await a.start()
-    await b.start()
+    a, b = await two_kernels(stack, kernels)
     first, second = await stack.conversation(), await stack.conversation()
     running = await start(a, first)
     async with asyncio.timeout(10):

@@ -28,6 +28,20 @@ async def beat(store: Stub, owner: str, address: str, *, ttl: float = 10.0, runn
     return [k.owner for k in resp.kernels]
 
 
+async def queued_turn(store: Stub, conversation_id: str) -> str:
+    """A new turn of the conversation, queued, leased to k1."""
+    turn = await store.CreateTurn(
+        store_pb2.CreateTurnRequest(
+            tenant_id=TENANT,
+            conversation_id=conversation_id,
+            state=common_pb2.TURN_STATE_QUEUED,
+            lease_owner="k1",
+            lease_ttl=seconds(30),
+        )
+    )
+    return turn.id
+
+
 async def live(store: Stub) -> dict[str, store_pb2.KernelInfo]:
     return {k.owner: k for k in (await store.ListKernels(store_pb2.ListKernelsRequest())).kernels}
 
@@ -82,18 +96,6 @@ async def test_a_heartbeat_without_an_address_or_with_negative_counts_is_refused
 async def test_a_cluster_limit_admits_a_queued_turn_only_while_fewer_turns_run(store_stub: Stub) -> None:
     convs = [(await new_conversation(store_stub)).id for _ in range(3)]
 
-    async def queued(conv: str) -> str:
-        turn = await store_stub.CreateTurn(
-            store_pb2.CreateTurnRequest(
-                tenant_id=TENANT,
-                conversation_id=conv,
-                state=common_pb2.TURN_STATE_QUEUED,
-                lease_owner="k1",
-                lease_ttl=seconds(30),
-            )
-        )
-        return turn.id
-
     def admit(turn_id: str, to: common_pb2.TurnState.ValueType = common_pb2.TURN_STATE_RUNNING) -> Any:
         return store_stub.TransitionTurn(
             store_pb2.TransitionTurnRequest(
@@ -105,7 +107,7 @@ async def test_a_cluster_limit_admits_a_queued_turn_only_while_fewer_turns_run(s
             )
         )
 
-    first, second, third = [await queued(c) for c in convs]
+    first, second, third = [await queued_turn(store_stub, c) for c in convs]
     await admit(first)
     await admit(second)
     err = await rpc_error(admit(third))
@@ -132,20 +134,7 @@ async def test_racing_admissions_never_pass_the_cluster_limit(store_stub: Stub) 
     # Ten queued turns race for 3 slots (on PostgreSQL, each on a connection of its own).
     turns = []
     for _ in range(10):
-        conv = (await new_conversation(store_stub)).id
-        turns.append(
-            (
-                await store_stub.CreateTurn(
-                    store_pb2.CreateTurnRequest(
-                        tenant_id=TENANT,
-                        conversation_id=conv,
-                        state=common_pb2.TURN_STATE_QUEUED,
-                        lease_owner="k1",
-                        lease_ttl=seconds(30),
-                    )
-                )
-            ).id
-        )
+        turns.append(await queued_turn(store_stub, (await new_conversation(store_stub)).id))
     results = await asyncio.gather(
         *(
             store_stub.TransitionTurn(

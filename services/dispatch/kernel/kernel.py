@@ -30,17 +30,11 @@ from dispatch.shared.errors import (
     from_rpc_error,
 )
 from dispatch.shared.limits import MAX_MESSAGE_CHARS
+from dispatch.store.backend import UNENDED_STATES
 from dispatch.v1 import common_pb2, kernel_pb2, store_pb2
 
 log = logging.getLogger(__name__)
 
-# The states of a turn that has not ended.
-UNENDED_STATES = (
-    common_pb2.TURN_STATE_QUEUED,
-    common_pb2.TURN_STATE_RUNNING,
-    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
-    common_pb2.TURN_STATE_RESUMING,
-)
 
 # The store's words when a conversation's turn runs (or waits for recovery) elsewhere, and
 # when a message would be queued behind a turn that has just ended.
@@ -309,16 +303,10 @@ class Kernel:
 
     async def _in_flight(self, tenant_id: str, conversation_id: str) -> common_pb2.Turn | None:
         """The conversation's turn that has not ended (running elsewhere, or awaiting recovery)."""
-        live = [
-            common_pb2.TURN_STATE_QUEUED,
-            common_pb2.TURN_STATE_RUNNING,
-            common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
-            common_pb2.TURN_STATE_RESUMING,
-        ]
         try:
             found = await self.deps.store.ListTurns(
                 store_pb2.ListTurnsRequest(
-                    tenant_id=tenant_id, conversation_id=conversation_id, states=live, page_size=1
+                    tenant_id=tenant_id, conversation_id=conversation_id, states=UNENDED_STATES, page_size=1
                 ),
                 timeout=self.deps.rpc_timeout,
             )

@@ -68,6 +68,13 @@ TERMINAL_STATES: frozenset[TurnState] = frozenset(
         common_pb2.TURN_STATE_INTERRUPTED,
     }
 )
+# A turn that has not ended; of them, those that started (a cluster-wide limit counts them).
+STARTED_STATES: tuple[TurnState, ...] = (
+    common_pb2.TURN_STATE_RUNNING,
+    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
+    common_pb2.TURN_STATE_RESUMING,
+)
+UNENDED_STATES: tuple[TurnState, ...] = (common_pb2.TURN_STATE_QUEUED, *STARTED_STATES)
 
 # A new turn is either waiting for a run slot or already running.
 INITIAL_STATES: frozenset[TurnState] = frozenset(

@@ -24,8 +24,9 @@ import grpc
 
 from dispatch.shared.errors import Unavailable
 from dispatch.shared.server import GRPC_OPTIONS
+from dispatch.store.backend import UNENDED_STATES
 from dispatch.transport.fanout import OpenStream, event_view
-from dispatch.v1 import common_pb2, kernel_pb2_grpc, store_pb2, store_pb2_grpc
+from dispatch.v1 import kernel_pb2_grpc, store_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,6 @@ REFRESH = 1.0
 SUSPECT_FOR = 5.0
 # A channel to a kernel no longer advertised is closed after this long, in seconds.
 FORGET_AFTER = 60.0
-
-UNENDED_STATES = (
-    common_pb2.TURN_STATE_QUEUED,
-    common_pb2.TURN_STATE_RUNNING,
-    common_pb2.TURN_STATE_WAITING_FOR_APPROVAL,
-    common_pb2.TURN_STATE_RESUMING,
-)
 
 
 @dataclass

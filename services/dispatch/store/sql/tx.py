@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 from dispatch.shared.errors import NotFound
-from dispatch.store.backend import TERMINAL_STATES
+from dispatch.store.backend import STARTED_STATES, TERMINAL_STATES
 from dispatch.store.rows import Row, queued_from_row
 from dispatch.v1 import common_pb2, store_pb2
 
@@ -369,7 +369,8 @@ class Tx(abc.ABC):
         """How many turns of every tenant have started and not ended (running, waiting for
         approval, resuming), holding the admissions lock until the transaction ends."""
         await self.lock_admissions()
-        [count] = await self.values("SELECT count(*) FROM turns WHERE state IN (2, 3, 4)")
+        started = ", ".join(str(int(s)) for s in STARTED_STATES)
+        [count] = await self.values(f"SELECT count(*) FROM turns WHERE state IN ({started})")
         return int(count)
 
     async def put_kernel(self, row: Mapping[str, Any]) -> None:
