@@ -5,7 +5,9 @@ Two copies come out of one protoc run:
 * ``services/dispatch/v1/`` — the server's, imported as ``dispatch.v1``;
 * ``clients/python/dispatch_client/_proto/`` — the SDK's, with imports made
   relative so the client distribution stands alone (it does not depend on the
-  server package, which carries a Rust extension).
+  server package, which carries a Rust extension). It holds only the public
+  contract: ``transport.proto`` and what it imports (``public_protos``); the
+  store, exec and kernel services are internal.
 
 Both register the same descriptors under the same file names, so a process
 that imports both (the tests do) sees one set of types.
@@ -44,6 +46,23 @@ def plugin(name: str) -> Path:
     return path
 
 
+PUBLIC_ROOT = "transport.proto"
+_IMPORT = re.compile(r'^import\s+(?:public\s+)?"dispatch/v1/([\w.]+\.proto)";', re.M)
+
+
+def public_protos() -> list[str]:
+    """``transport.proto`` (the public API) and every dispatch proto it imports, transitively:
+    what a client SDK carries, and nothing else."""
+    found: set[str] = set()
+    todo = [PUBLIC_ROOT]
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += _IMPORT.findall((PROTO_ROOT / PROTO_PKG / name).read_text())
+    return sorted(found)
+
+
 def _protoc(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_PKG).glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
@@ -70,9 +89,12 @@ def _relative(text: str) -> str:
     return re.sub(r"\bdispatch\.v1\.(\w+_pb2)\b", r"\1", text)
 
 
-def _emit(generated: Path, dest: Path, *, relative: bool) -> None:
+def _emit(generated: Path, dest: Path, *, relative: bool, only: list[str] | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
+    stems = None if only is None else {name.removesuffix(".proto") + "_pb2" for name in only}
     for src in sorted(generated.glob("*")):
+        if stems is not None and src.name.split(".")[0].removesuffix("_grpc") not in stems:
+            continue
         text = src.read_text()
         if relative:
             text = _relative(text)
@@ -89,7 +111,7 @@ def generate(server_out: Path, client_out: Path) -> None:
             if dest.exists():
                 shutil.rmtree(dest)
         _emit(generated, server_out, relative=False)
-        _emit(generated, client_out, relative=True)
+        _emit(generated, client_out, relative=True, only=public_protos())
 
 
 def _diff(a: Path, b: Path) -> list[str]:

@@ -72,3 +72,13 @@ def test_native_module_builds_and_imports() -> None:
     from dispatch import dispatcher
 
     assert dispatcher.native_version == dispatch.__version__
+
+
+def test_client_copy_carries_only_the_public_contract() -> None:
+    gen = _gen()
+    assert gen.public_protos() == ["common.proto", "transport.proto"]
+    stems = {
+        p.name.split(".")[0].removesuffix("_grpc")
+        for p in (ROOT / "clients/python/dispatch_client/_proto").glob("*_pb2*")
+    }
+    assert stems == {"common_pb2", "transport_pb2"}

@@ -23,7 +23,7 @@ from dispatch_client._calls import (
     permission_rules,
 )
 from dispatch_client._proto import common_pb2 as types
-from dispatch_client._proto import store_pb2, transport_pb2
+from dispatch_client._proto import transport_pb2
 from dispatch_client.client import DispatchClient
 from dispatch_client.errors import (
     AlreadyExists,
@@ -74,7 +74,6 @@ __all__ = [
     "find_address",
     "find_api_key",
     "permission_rules",
-    "store_pb2",
     "transport_pb2",
     "types",
 ]

@@ -18,7 +18,7 @@ from typing import Generic, TypeAlias, TypeVar
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
-from dispatch_client._proto import common_pb2, store_pb2, transport_pb2
+from dispatch_client._proto import common_pb2, transport_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:7600"
 # Unary calls fail after this many seconds unless the client or the call says otherwise.
@@ -225,7 +225,7 @@ def create_workspace(
 
 def list_workspaces(
     *, page_size: int = 0, page_token: str = "", timeout: float | None = None
-) -> Call[store_pb2.ListWorkspacesResponse]:
+) -> Call[common_pb2.ListWorkspacesResponse]:
     """One page of the tenant's workspaces; see ``iter_workspaces`` for all of them."""
     request = transport_pb2.PublicListWorkspacesRequest(page_size=page_size, page_token=page_token)
     return Call("ListWorkspaces", request, timeout)
@@ -233,10 +233,10 @@ def list_workspaces(
 
 def iter_workspaces(
     *, page_size: int = 0, timeout: float | None = None
-) -> Pages[store_pb2.ListWorkspacesResponse, common_pb2.Workspace]:
+) -> Pages[common_pb2.ListWorkspacesResponse, common_pb2.Workspace]:
     """Every workspace of the tenant, page by page."""
 
-    def page(token: str) -> Call[store_pb2.ListWorkspacesResponse]:
+    def page(token: str) -> Call[common_pb2.ListWorkspacesResponse]:
         return list_workspaces(page_size=page_size, page_token=token, timeout=timeout)
 
     return Pages(
@@ -263,7 +263,7 @@ def create_conversation(
 
 def list_conversations(
     *, workspace_id: str = "", page_size: int = 0, page_token: str = "", timeout: float | None = None
-) -> Call[store_pb2.ListConversationsResponse]:
+) -> Call[common_pb2.ListConversationsResponse]:
     """One page of conversations (of ``workspace_id`` if given); see ``iter_conversations``."""
     request = transport_pb2.PublicListConversationsRequest(
         workspace_id=workspace_id, page_size=page_size, page_token=page_token
@@ -273,10 +273,10 @@ def list_conversations(
 
 def iter_conversations(
     *, workspace_id: str = "", page_size: int = 0, timeout: float | None = None
-) -> Pages[store_pb2.ListConversationsResponse, common_pb2.Conversation]:
+) -> Pages[common_pb2.ListConversationsResponse, common_pb2.Conversation]:
     """Every conversation (of ``workspace_id`` if given), page by page."""
 
-    def page(token: str) -> Call[store_pb2.ListConversationsResponse]:
+    def page(token: str) -> Call[common_pb2.ListConversationsResponse]:
         return list_conversations(
             workspace_id=workspace_id, page_size=page_size, page_token=token, timeout=timeout
         )
@@ -310,7 +310,7 @@ def update_conversation(
 
 def delete_conversation(
     conversation_id: str, *, timeout: float | None = None
-) -> Call[store_pb2.DeleteConversationResponse]:
+) -> Call[common_pb2.DeleteConversationResponse]:
     """Delete the conversation with its messages and events."""
     request = transport_pb2.PublicDeleteConversationRequest(conversation_id=conversation_id)
     return Call("DeleteConversation", request, timeout)
@@ -364,7 +364,7 @@ def list_turns(
     page_size: int = 0,
     page_token: str = "",
     timeout: float | None = None,
-) -> Call[store_pb2.ListTurnsResponse]:
+) -> Call[common_pb2.ListTurnsResponse]:
     """One page of the conversation's turns, oldest first; only those in ``states`` when given
     (``"running"``, ``["queued", "running"]`` or ``types.TurnState`` values). See ``iter_turns``."""
     request = transport_pb2.PublicListTurnsRequest(
@@ -382,11 +382,11 @@ def iter_turns(
     states: TurnStateLike | Iterable[TurnStateLike] = (),
     page_size: int = 0,
     timeout: float | None = None,
-) -> Pages[store_pb2.ListTurnsResponse, common_pb2.Turn]:
+) -> Pages[common_pb2.ListTurnsResponse, common_pb2.Turn]:
     """Every turn of the conversation (in ``states`` when given), oldest first, page by page."""
     wanted = turn_states(states)
 
-    def page(token: str) -> Call[store_pb2.ListTurnsResponse]:
+    def page(token: str) -> Call[common_pb2.ListTurnsResponse]:
         return list_turns(
             conversation_id, states=wanted, page_size=page_size, page_token=token, timeout=timeout
         )
@@ -448,7 +448,7 @@ def edit(
 
 def list_approvals(
     conversation_id: str, *, pending_only: bool = False, timeout: float | None = None
-) -> Call[store_pb2.ListApprovalsResponse]:
+) -> Call[common_pb2.ListApprovalsResponse]:
     """The conversation's approvals, oldest first; only those still waiting for a decision with
     ``pending_only``."""
     request = transport_pb2.PublicListApprovalsRequest(
@@ -484,7 +484,7 @@ def iter_history(
 
 def metrics(
     conversation_id: str, turn_id: str = "", *, timeout: float | None = None
-) -> Call[store_pb2.GetMetricsResponse]:
+) -> Call[common_pb2.GetMetricsResponse]:
     """Per-turn (and per-step) metrics of the conversation, of one turn when ``turn_id`` is given."""
     request = transport_pb2.MetricsRequest(conversation_id=conversation_id, turn_id=turn_id)
     return Call("Metrics", request, timeout)

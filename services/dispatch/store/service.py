@@ -171,13 +171,13 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def ListWorkspaces(
         self, request: store_pb2.ListWorkspacesRequest, context: Context
-    ) -> store_pb2.ListWorkspacesResponse:
+    ) -> common_pb2.ListWorkspacesResponse:
         page = await self.store.list_workspaces(
             _tenant(request.tenant_id),
             page_size=_not_negative(request.page_size, "page_size"),
             page_token=request.page_token,
         )
-        return store_pb2.ListWorkspacesResponse(workspaces=page.items, next_page_token=page.next_page_token)
+        return common_pb2.ListWorkspacesResponse(workspaces=page.items, next_page_token=page.next_page_token)
 
     @grpc_errors
     async def UpdateWorkspace(
@@ -223,14 +223,14 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def ListConversations(
         self, request: store_pb2.ListConversationsRequest, context: Context
-    ) -> store_pb2.ListConversationsResponse:
+    ) -> common_pb2.ListConversationsResponse:
         page = await self.store.list_conversations(
             _tenant(request.tenant_id),
             workspace_id=_optional_id(request.workspace_id, "workspace_id", WORKSPACE_PREFIX),
             page_size=_not_negative(request.page_size, "page_size"),
             page_token=request.page_token,
         )
-        return store_pb2.ListConversationsResponse(
+        return common_pb2.ListConversationsResponse(
             conversations=page.items, next_page_token=page.next_page_token
         )
 
@@ -250,11 +250,11 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def DeleteConversation(
         self, request: store_pb2.DeleteConversationRequest, context: Context
-    ) -> store_pb2.DeleteConversationResponse:
+    ) -> common_pb2.DeleteConversationResponse:
         await self.store.delete_conversation(
             _tenant(request.tenant_id), _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX)
         )
-        return store_pb2.DeleteConversationResponse()
+        return common_pb2.DeleteConversationResponse()
 
     # --------------------------------------------------------------- history
 
@@ -364,7 +364,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def ListTurns(
         self, request: store_pb2.ListTurnsRequest, context: Context
-    ) -> store_pb2.ListTurnsResponse:
+    ) -> common_pb2.ListTurnsResponse:
         page = await self.store.list_turns(
             _tenant(request.tenant_id),
             _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
@@ -373,7 +373,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             page_token=request.page_token,
             idempotency_key=request.idempotency_key,
         )
-        return store_pb2.ListTurnsResponse(turns=page.items, next_page_token=page.next_page_token)
+        return common_pb2.ListTurnsResponse(turns=page.items, next_page_token=page.next_page_token)
 
     @grpc_errors
     async def TransitionTurn(
@@ -457,9 +457,9 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def ListExpiredLeases(
         self, request: store_pb2.ListExpiredLeasesRequest, context: Context
-    ) -> store_pb2.ListTurnsResponse:
+    ) -> common_pb2.ListTurnsResponse:
         turns = await self.store.list_expired_leases(limit=_not_negative(request.limit, "limit"))
-        return store_pb2.ListTurnsResponse(turns=turns)
+        return common_pb2.ListTurnsResponse(turns=turns)
 
     @grpc_errors
     async def RenewLeases(
@@ -523,13 +523,13 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def GetMetrics(
         self, request: store_pb2.GetMetricsRequest, context: Context
-    ) -> store_pb2.GetMetricsResponse:
+    ) -> common_pb2.GetMetricsResponse:
         turns = await self.store.get_metrics(
             _tenant(request.tenant_id),
             _id(request.conversation_id, "conversation_id", CONVERSATION_PREFIX),
             _optional_id(request.turn_id, "turn_id", TURN_PREFIX),
         )
-        return store_pb2.GetMetricsResponse(turns=turns)
+        return common_pb2.GetMetricsResponse(turns=turns)
 
     # ----------------------------------------------------------------- queue
 
@@ -591,7 +591,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
     @grpc_errors
     async def ListApprovals(
         self, request: store_pb2.ListApprovalsRequest, context: Context
-    ) -> store_pb2.ListApprovalsResponse:
+    ) -> common_pb2.ListApprovalsResponse:
         tenant_id = _tenant(request.tenant_id)
         if not request.conversation_id and not request.turn_id:
             raise InvalidArgument("conversation_id or turn_id is required")
@@ -601,7 +601,7 @@ class StoreServicer(store_pb2_grpc.ConversationStoreServicer):
             turn_id=_optional_id(request.turn_id, "turn_id", TURN_PREFIX),
             pending_only=request.pending_only,
         )
-        return store_pb2.ListApprovalsResponse(approvals=approvals)
+        return common_pb2.ListApprovalsResponse(approvals=approvals)
 
     # -------------------------------------------------------------- api keys
     # Administrative, except Authenticate, which the transport calls per client.

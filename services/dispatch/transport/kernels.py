@@ -26,7 +26,7 @@ from dispatch.shared.errors import Unavailable
 from dispatch.shared.server import GRPC_OPTIONS
 from dispatch.store.backend import UNENDED_STATES
 from dispatch.transport.fanout import OpenStream, event_view
-from dispatch.v1 import kernel_pb2_grpc, store_pb2, store_pb2_grpc
+from dispatch.v1 import common_pb2, kernel_pb2_grpc, store_pb2, store_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Kernels:
                 timeout=self.timeout,
             )
         except grpc.aio.AioRpcError:
-            resp = store_pb2.ListTurnsResponse()  # the kernel answers for it (NOT_FOUND, ...)
+            resp = common_pb2.ListTurnsResponse()  # the kernel answers for it (NOT_FOUND, ...)
         for turn in resp.turns:
             owner = by_owner.get(turn.lease_owner)
             if owner is not None:

@@ -216,7 +216,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def ListWorkspaces(
         self, request: transport_pb2.PublicListWorkspacesRequest, context: Context
-    ) -> store_pb2.ListWorkspacesResponse:
+    ) -> common_pb2.ListWorkspacesResponse:
         tenant = await self._tenant(context)
         return await self._call(
             "could not list workspaces",
@@ -254,7 +254,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def ListConversations(
         self, request: transport_pb2.PublicListConversationsRequest, context: Context
-    ) -> store_pb2.ListConversationsResponse:
+    ) -> common_pb2.ListConversationsResponse:
         tenant = await self._tenant(context)
         return await self._call(
             "could not list conversations",
@@ -288,7 +288,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def DeleteConversation(
         self, request: transport_pb2.PublicDeleteConversationRequest, context: Context
-    ) -> store_pb2.DeleteConversationResponse:
+    ) -> common_pb2.DeleteConversationResponse:
         tenant = await self._tenant(context)
         return await self._call(
             "could not delete the conversation",
@@ -419,7 +419,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def ListTurns(
         self, request: transport_pb2.PublicListTurnsRequest, context: Context
-    ) -> store_pb2.ListTurnsResponse:
+    ) -> common_pb2.ListTurnsResponse:
         tenant = await self._tenant(context)
         conversation_id = _conversation_id(request.conversation_id)
         known = [v for v in common_pb2.TurnState.values() if v != common_pb2.TURN_STATE_UNSPECIFIED]
@@ -483,7 +483,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def ListApprovals(
         self, request: transport_pb2.PublicListApprovalsRequest, context: Context
-    ) -> store_pb2.ListApprovalsResponse:
+    ) -> common_pb2.ListApprovalsResponse:
         """The conversation's approvals, oldest first; only the pending ones when asked."""
         tenant = await self._tenant(context)
         return await self._call(
@@ -522,7 +522,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     @grpc_errors
     async def Metrics(
         self, request: transport_pb2.MetricsRequest, context: Context
-    ) -> store_pb2.GetMetricsResponse:
+    ) -> common_pb2.GetMetricsResponse:
         tenant = await self._tenant(context)
         return await self._call(
             "could not load metrics",

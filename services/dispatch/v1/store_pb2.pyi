@@ -111,29 +111,6 @@ class ListWorkspacesRequest(_message.Message):
 Global___ListWorkspacesRequest: _TypeAlias = ListWorkspacesRequest  # noqa: Y015
 
 @_typing.final
-class ListWorkspacesResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    WORKSPACES_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    @_builtins.property
-    def workspaces(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Workspace]: ...
-    def __init__(
-        self,
-        *,
-        workspaces: _abc.Iterable[_common_pb2.Workspace] | None = ...,
-        next_page_token: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workspaces", b"workspaces"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListWorkspacesResponse: _TypeAlias = ListWorkspacesResponse  # noqa: Y015
-
-@_typing.final
 class UpdateWorkspaceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -306,29 +283,6 @@ class ListConversationsRequest(_message.Message):
 Global___ListConversationsRequest: _TypeAlias = ListConversationsRequest  # noqa: Y015
 
 @_typing.final
-class ListConversationsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CONVERSATIONS_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    @_builtins.property
-    def conversations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Conversation]: ...
-    def __init__(
-        self,
-        *,
-        conversations: _abc.Iterable[_common_pb2.Conversation] | None = ...,
-        next_page_token: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversations", b"conversations", "next_page_token", b"next_page_token"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListConversationsResponse: _TypeAlias = ListConversationsResponse  # noqa: Y015
-
-@_typing.final
 class UpdateConversationRequest(_message.Message):
     """Unset fields are left alone; a field set to "" clears the override."""
 
@@ -400,21 +354,6 @@ class DeleteConversationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteConversationRequest: _TypeAlias = DeleteConversationRequest  # noqa: Y015
-
-@_typing.final
-class DeleteConversationResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteConversationResponse: _TypeAlias = DeleteConversationResponse  # noqa: Y015
 
 @_typing.final
 class AppendRequest(_message.Message):
@@ -1035,29 +974,6 @@ class ListTurnsRequest(_message.Message):
 Global___ListTurnsRequest: _TypeAlias = ListTurnsRequest  # noqa: Y015
 
 @_typing.final
-class ListTurnsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TURNS_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    @_builtins.property
-    def turns(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Turn]: ...
-    def __init__(
-        self,
-        *,
-        turns: _abc.Iterable[_common_pb2.Turn] | None = ...,
-        next_page_token: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "turns", b"turns"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListTurnsResponse: _TypeAlias = ListTurnsResponse  # noqa: Y015
-
-@_typing.final
 class TransitionTurnRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1530,26 +1446,6 @@ class GetMetricsRequest(_message.Message):
 Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
 
 @_typing.final
-class GetMetricsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TURNS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def turns(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TurnMetrics]: ...
-    def __init__(
-        self,
-        *,
-        turns: _abc.Iterable[_common_pb2.TurnMetrics] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["turns", b"turns"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetMetricsResponse: _TypeAlias = GetMetricsResponse  # noqa: Y015
-
-@_typing.final
 class QueuedMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1800,26 +1696,6 @@ class GetApprovalRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetApprovalRequest: _TypeAlias = GetApprovalRequest  # noqa: Y015
-
-@_typing.final
-class ListApprovalsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    APPROVALS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Approval]: ...
-    def __init__(
-        self,
-        *,
-        approvals: _abc.Iterable[_common_pb2.Approval] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListApprovalsResponse: _TypeAlias = ListApprovalsResponse  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):

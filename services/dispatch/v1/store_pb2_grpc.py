@@ -49,7 +49,7 @@ class ConversationStoreStub:
         self.ListWorkspaces = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/ListWorkspaces',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.FromString,
                 _registered_method=True)
         self.UpdateWorkspace = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/UpdateWorkspace',
@@ -69,7 +69,7 @@ class ConversationStoreStub:
         self.ListConversations = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/ListConversations',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListConversationsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.FromString,
                 _registered_method=True)
         self.UpdateConversation = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/UpdateConversation',
@@ -79,7 +79,7 @@ class ConversationStoreStub:
         self.DeleteConversation = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/DeleteConversation',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
         self.Append = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/Append',
@@ -124,7 +124,7 @@ class ConversationStoreStub:
         self.ListTurns = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/ListTurns',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
                 _registered_method=True)
         self.TransitionTurn = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/TransitionTurn',
@@ -149,7 +149,7 @@ class ConversationStoreStub:
         self.ListExpiredLeases = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/ListExpiredLeases',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
                 _registered_method=True)
         self.RenewLeases = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/RenewLeases',
@@ -179,7 +179,7 @@ class ConversationStoreStub:
         self.GetMetrics = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/GetMetrics',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.GetMetricsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.FromString,
                 _registered_method=True)
         self.Enqueue = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/Enqueue',
@@ -204,7 +204,7 @@ class ConversationStoreStub:
         self.ListApprovals = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/ListApprovals',
                 request_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.FromString,
                 _registered_method=True)
         self.GetApproval = channel.unary_unary(
                 '/dispatch.v1.ConversationStore/GetApproval',
@@ -523,7 +523,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'ListWorkspaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkspaces,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.SerializeToString,
             ),
             'UpdateWorkspace': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateWorkspace,
@@ -543,7 +543,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'ListConversations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConversations,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListConversationsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.SerializeToString,
             ),
             'UpdateConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateConversation,
@@ -553,7 +553,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'DeleteConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteConversation,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.SerializeToString,
             ),
             'Append': grpc.unary_unary_rpc_method_handler(
                     servicer.Append,
@@ -598,7 +598,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'ListTurns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTurns,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.SerializeToString,
             ),
             'TransitionTurn': grpc.unary_unary_rpc_method_handler(
                     servicer.TransitionTurn,
@@ -623,7 +623,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'ListExpiredLeases': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExpiredLeases,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.SerializeToString,
             ),
             'RenewLeases': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewLeases,
@@ -653,7 +653,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.GetMetricsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.SerializeToString,
             ),
             'Enqueue': grpc.unary_unary_rpc_method_handler(
                     servicer.Enqueue,
@@ -678,7 +678,7 @@ def add_ConversationStoreServicer_to_server(servicer, server):
             'ListApprovals': grpc.unary_unary_rpc_method_handler(
                     servicer.ListApprovals,
                     request_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.SerializeToString,
             ),
             'GetApproval': grpc.unary_unary_rpc_method_handler(
                     servicer.GetApproval,
@@ -791,7 +791,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/ListWorkspaces',
             dispatch_dot_v1_dot_store__pb2.ListWorkspacesRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -899,7 +899,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/ListConversations',
             dispatch_dot_v1_dot_store__pb2.ListConversationsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -953,7 +953,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/DeleteConversation',
             dispatch_dot_v1_dot_store__pb2.DeleteConversationRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1196,7 +1196,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/ListTurns',
             dispatch_dot_v1_dot_store__pb2.ListTurnsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1331,7 +1331,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/ListExpiredLeases',
             dispatch_dot_v1_dot_store__pb2.ListExpiredLeasesRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1493,7 +1493,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/GetMetrics',
             dispatch_dot_v1_dot_store__pb2.GetMetricsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1628,7 +1628,7 @@ class ConversationStore:
             target,
             '/dispatch.v1.ConversationStore/ListApprovals',
             dispatch_dot_v1_dot_store__pb2.ListApprovalsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

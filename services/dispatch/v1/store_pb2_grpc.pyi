@@ -39,14 +39,14 @@ class ConversationStoreStub:
     CreateWorkspace: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateWorkspaceRequest, _common_pb2.Workspace]
     """Workspaces."""
     GetWorkspace: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetWorkspaceRequest, _common_pb2.Workspace]
-    ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListWorkspacesRequest, _store_pb2.ListWorkspacesResponse]
+    ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListWorkspacesRequest, _common_pb2.ListWorkspacesResponse]
     UpdateWorkspace: _grpc.UnaryUnaryMultiCallable[_store_pb2.UpdateWorkspaceRequest, _common_pb2.Workspace]
     CreateConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateConversationRequest, _common_pb2.Conversation]
     """Conversations."""
     GetConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetConversationRequest, _common_pb2.Conversation]
-    ListConversations: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListConversationsRequest, _store_pb2.ListConversationsResponse]
+    ListConversations: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListConversationsRequest, _common_pb2.ListConversationsResponse]
     UpdateConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.UpdateConversationRequest, _common_pb2.Conversation]
-    DeleteConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.DeleteConversationRequest, _store_pb2.DeleteConversationResponse]
+    DeleteConversation: _grpc.UnaryUnaryMultiCallable[_store_pb2.DeleteConversationRequest, _common_pb2.DeleteConversationResponse]
     Append: _grpc.UnaryUnaryMultiCallable[_store_pb2.AppendRequest, _store_pb2.AppendResponse]
     """Messages. Append assigns seq inside its transaction; it is atomic per
     call, and the events passed with it are persisted in the same
@@ -67,12 +67,12 @@ class ConversationStoreStub:
     CreateTurn: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateTurnRequest, _common_pb2.Turn]
     """Turns, their state machine and their lease."""
     GetTurn: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetTurnRequest, _common_pb2.Turn]
-    ListTurns: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListTurnsRequest, _store_pb2.ListTurnsResponse]
+    ListTurns: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListTurnsRequest, _common_pb2.ListTurnsResponse]
     TransitionTurn: _grpc.UnaryUnaryMultiCallable[_store_pb2.TransitionTurnRequest, _common_pb2.Turn]
     ClaimLease: _grpc.UnaryUnaryMultiCallable[_store_pb2.ClaimLeaseRequest, _common_pb2.Turn]
     RenewLease: _grpc.UnaryUnaryMultiCallable[_store_pb2.RenewLeaseRequest, _common_pb2.Turn]
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_store_pb2.ReleaseLeaseRequest, _common_pb2.Turn]
-    ListExpiredLeases: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _store_pb2.ListTurnsResponse]
+    ListExpiredLeases: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _common_pb2.ListTurnsResponse]
     """Turns of every tenant that have not ended and that nobody holds: their
     lease expired or was released. Oldest expiry first.
     """
@@ -91,14 +91,14 @@ class ConversationStoreStub:
     RecordTurnMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]
-    GetMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetMetricsRequest, _store_pb2.GetMetricsResponse]
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetMetricsRequest, _common_pb2.GetMetricsResponse]
     Enqueue: _grpc.UnaryUnaryMultiCallable[_store_pb2.EnqueueRequest, _store_pb2.EnqueueResponse]
     """The durable per-conversation message queue."""
     DrainQueue: _grpc.UnaryUnaryMultiCallable[_store_pb2.DrainQueueRequest, _store_pb2.DrainQueueResponse]
     CreateApproval: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateApprovalRequest, _common_pb2.Approval]
     """Approvals."""
     ResolveApproval: _grpc.UnaryUnaryMultiCallable[_store_pb2.ResolveApprovalRequest, _common_pb2.Approval]
-    ListApprovals: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _store_pb2.ListApprovalsResponse]
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _common_pb2.ListApprovalsResponse]
     GetApproval: _grpc.UnaryUnaryMultiCallable[_store_pb2.GetApprovalRequest, _common_pb2.Approval]
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]
     """API keys, stored hashed, mapped to tenants."""
@@ -116,14 +116,14 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     CreateWorkspace: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateWorkspaceRequest, _common_pb2.Workspace]  # type: ignore[assignment]
     """Workspaces."""
     GetWorkspace: _aio.UnaryUnaryMultiCallable[_store_pb2.GetWorkspaceRequest, _common_pb2.Workspace]  # type: ignore[assignment]
-    ListWorkspaces: _aio.UnaryUnaryMultiCallable[_store_pb2.ListWorkspacesRequest, _store_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
+    ListWorkspaces: _aio.UnaryUnaryMultiCallable[_store_pb2.ListWorkspacesRequest, _common_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
     UpdateWorkspace: _aio.UnaryUnaryMultiCallable[_store_pb2.UpdateWorkspaceRequest, _common_pb2.Workspace]  # type: ignore[assignment]
     CreateConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
     """Conversations."""
     GetConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.GetConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
-    ListConversations: _aio.UnaryUnaryMultiCallable[_store_pb2.ListConversationsRequest, _store_pb2.ListConversationsResponse]  # type: ignore[assignment]
+    ListConversations: _aio.UnaryUnaryMultiCallable[_store_pb2.ListConversationsRequest, _common_pb2.ListConversationsResponse]  # type: ignore[assignment]
     UpdateConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.UpdateConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
-    DeleteConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.DeleteConversationRequest, _store_pb2.DeleteConversationResponse]  # type: ignore[assignment]
+    DeleteConversation: _aio.UnaryUnaryMultiCallable[_store_pb2.DeleteConversationRequest, _common_pb2.DeleteConversationResponse]  # type: ignore[assignment]
     Append: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendRequest, _store_pb2.AppendResponse]  # type: ignore[assignment]
     """Messages. Append assigns seq inside its transaction; it is atomic per
     call, and the events passed with it are persisted in the same
@@ -144,12 +144,12 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     CreateTurn: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateTurnRequest, _common_pb2.Turn]  # type: ignore[assignment]
     """Turns, their state machine and their lease."""
     GetTurn: _aio.UnaryUnaryMultiCallable[_store_pb2.GetTurnRequest, _common_pb2.Turn]  # type: ignore[assignment]
-    ListTurns: _aio.UnaryUnaryMultiCallable[_store_pb2.ListTurnsRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    ListTurns: _aio.UnaryUnaryMultiCallable[_store_pb2.ListTurnsRequest, _common_pb2.ListTurnsResponse]  # type: ignore[assignment]
     TransitionTurn: _aio.UnaryUnaryMultiCallable[_store_pb2.TransitionTurnRequest, _common_pb2.Turn]  # type: ignore[assignment]
     ClaimLease: _aio.UnaryUnaryMultiCallable[_store_pb2.ClaimLeaseRequest, _common_pb2.Turn]  # type: ignore[assignment]
     RenewLease: _aio.UnaryUnaryMultiCallable[_store_pb2.RenewLeaseRequest, _common_pb2.Turn]  # type: ignore[assignment]
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_store_pb2.ReleaseLeaseRequest, _common_pb2.Turn]  # type: ignore[assignment]
-    ListExpiredLeases: _aio.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    ListExpiredLeases: _aio.UnaryUnaryMultiCallable[_store_pb2.ListExpiredLeasesRequest, _common_pb2.ListTurnsResponse]  # type: ignore[assignment]
     """Turns of every tenant that have not ended and that nobody holds: their
     lease expired or was released. Oldest expiry first.
     """
@@ -168,14 +168,14 @@ class ConversationStoreAsyncStub(ConversationStoreStub):
     RecordTurnMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordTurnMetricsRequest, _store_pb2.RecordTurnMetricsResponse]  # type: ignore[assignment]
     """Metrics, kept apart from messages."""
     RecordStepMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.RecordStepMetricsRequest, _store_pb2.RecordStepMetricsResponse]  # type: ignore[assignment]
-    GetMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.GetMetricsRequest, _store_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_store_pb2.GetMetricsRequest, _common_pb2.GetMetricsResponse]  # type: ignore[assignment]
     Enqueue: _aio.UnaryUnaryMultiCallable[_store_pb2.EnqueueRequest, _store_pb2.EnqueueResponse]  # type: ignore[assignment]
     """The durable per-conversation message queue."""
     DrainQueue: _aio.UnaryUnaryMultiCallable[_store_pb2.DrainQueueRequest, _store_pb2.DrainQueueResponse]  # type: ignore[assignment]
     CreateApproval: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     """Approvals."""
     ResolveApproval: _aio.UnaryUnaryMultiCallable[_store_pb2.ResolveApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
-    ListApprovals: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _store_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_store_pb2.ListApprovalsRequest, _common_pb2.ListApprovalsResponse]  # type: ignore[assignment]
     GetApproval: _aio.UnaryUnaryMultiCallable[_store_pb2.GetApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_store_pb2.CreateApiKeyRequest, _store_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """API keys, stored hashed, mapped to tenants."""
@@ -208,7 +208,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListWorkspacesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListWorkspacesResponse, _abc.Awaitable[_store_pb2.ListWorkspacesResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListWorkspacesResponse, _abc.Awaitable[_common_pb2.ListWorkspacesResponse]]: ...
 
     @_abc_1.abstractmethod
     def UpdateWorkspace(
@@ -237,7 +237,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListConversationsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListConversationsResponse, _abc.Awaitable[_store_pb2.ListConversationsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListConversationsResponse, _abc.Awaitable[_common_pb2.ListConversationsResponse]]: ...
 
     @_abc_1.abstractmethod
     def UpdateConversation(
@@ -251,7 +251,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.DeleteConversationRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.DeleteConversationResponse, _abc.Awaitable[_store_pb2.DeleteConversationResponse]]: ...
+    ) -> _typing.Union[_common_pb2.DeleteConversationResponse, _abc.Awaitable[_common_pb2.DeleteConversationResponse]]: ...
 
     @_abc_1.abstractmethod
     def Append(
@@ -326,7 +326,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListTurnsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListTurnsResponse, _abc.Awaitable[_common_pb2.ListTurnsResponse]]: ...
 
     @_abc_1.abstractmethod
     def TransitionTurn(
@@ -361,7 +361,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListExpiredLeasesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]:
+    ) -> _typing.Union[_common_pb2.ListTurnsResponse, _abc.Awaitable[_common_pb2.ListTurnsResponse]]:
         """Turns of every tenant that have not ended and that nobody holds: their
         lease expired or was released. Oldest expiry first.
         """
@@ -416,7 +416,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.GetMetricsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.GetMetricsResponse, _abc.Awaitable[_store_pb2.GetMetricsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.GetMetricsResponse, _abc.Awaitable[_common_pb2.GetMetricsResponse]]: ...
 
     @_abc_1.abstractmethod
     def Enqueue(
@@ -453,7 +453,7 @@ class ConversationStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _store_pb2.ListApprovalsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListApprovalsResponse, _abc.Awaitable[_store_pb2.ListApprovalsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListApprovalsResponse, _abc.Awaitable[_common_pb2.ListApprovalsResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetApproval(

@@ -5,7 +5,6 @@ import grpc
 import warnings
 
 from dispatch.v1 import common_pb2 as dispatch_dot_v1_dot_common__pb2
-from dispatch.v1 import store_pb2 as dispatch_dot_v1_dot_store__pb2
 from dispatch.v1 import transport_pb2 as dispatch_dot_v1_dot_transport__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -45,7 +44,7 @@ class DispatchStub:
         self.ListWorkspaces = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ListWorkspaces',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListWorkspacesRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.FromString,
                 _registered_method=True)
         self.CreateConversation = channel.unary_unary(
                 '/dispatch.v1.Dispatch/CreateConversation',
@@ -55,7 +54,7 @@ class DispatchStub:
         self.ListConversations = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ListConversations',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListConversationsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.FromString,
                 _registered_method=True)
         self.GetConversation = channel.unary_unary(
                 '/dispatch.v1.Dispatch/GetConversation',
@@ -65,7 +64,7 @@ class DispatchStub:
         self.DeleteConversation = channel.unary_unary(
                 '/dispatch.v1.Dispatch/DeleteConversation',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicDeleteConversationRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
         self.UpdateConversation = channel.unary_unary(
                 '/dispatch.v1.Dispatch/UpdateConversation',
@@ -95,7 +94,7 @@ class DispatchStub:
         self.ListTurns = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ListTurns',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
                 _registered_method=True)
         self.ResolveApproval = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ResolveApproval',
@@ -105,7 +104,7 @@ class DispatchStub:
         self.ListApprovals = channel.unary_unary(
                 '/dispatch.v1.Dispatch/ListApprovals',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.FromString,
                 _registered_method=True)
         self.History = channel.unary_unary(
                 '/dispatch.v1.Dispatch/History',
@@ -115,7 +114,7 @@ class DispatchStub:
         self.Metrics = channel.unary_unary(
                 '/dispatch.v1.Dispatch/Metrics',
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.MetricsRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.FromString,
+                response_deserializer=dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.FromString,
                 _registered_method=True)
         self.Models = channel.unary_unary(
                 '/dispatch.v1.Dispatch/Models',
@@ -260,7 +259,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'ListWorkspaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkspaces,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListWorkspacesRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.SerializeToString,
             ),
             'CreateConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateConversation,
@@ -270,7 +269,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'ListConversations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConversations,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListConversationsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.SerializeToString,
             ),
             'GetConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConversation,
@@ -280,7 +279,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'DeleteConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteConversation,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicDeleteConversationRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.SerializeToString,
             ),
             'UpdateConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateConversation,
@@ -310,7 +309,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'ListTurns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTurns,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.SerializeToString,
             ),
             'ResolveApproval': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveApproval,
@@ -320,7 +319,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'ListApprovals': grpc.unary_unary_rpc_method_handler(
                     servicer.ListApprovals,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.SerializeToString,
             ),
             'History': grpc.unary_unary_rpc_method_handler(
                     servicer.History,
@@ -330,7 +329,7 @@ def add_DispatchServicer_to_server(servicer, server):
             'Metrics': grpc.unary_unary_rpc_method_handler(
                     servicer.Metrics,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.MetricsRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.SerializeToString,
+                    response_serializer=dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.SerializeToString,
             ),
             'Models': grpc.unary_unary_rpc_method_handler(
                     servicer.Models,
@@ -396,7 +395,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/ListWorkspaces',
             dispatch_dot_v1_dot_transport__pb2.PublicListWorkspacesRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListWorkspacesResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListWorkspacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -450,7 +449,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/ListConversations',
             dispatch_dot_v1_dot_transport__pb2.PublicListConversationsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListConversationsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListConversationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -504,7 +503,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/DeleteConversation',
             dispatch_dot_v1_dot_transport__pb2.PublicDeleteConversationRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.DeleteConversationResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.DeleteConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -666,7 +665,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/ListTurns',
             dispatch_dot_v1_dot_transport__pb2.PublicListTurnsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListTurnsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListTurnsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -720,7 +719,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/ListApprovals',
             dispatch_dot_v1_dot_transport__pb2.PublicListApprovalsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.ListApprovalsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -774,7 +773,7 @@ class Dispatch:
             target,
             '/dispatch.v1.Dispatch/Metrics',
             dispatch_dot_v1_dot_transport__pb2.MetricsRequest.SerializeToString,
-            dispatch_dot_v1_dot_store__pb2.GetMetricsResponse.FromString,
+            dispatch_dot_v1_dot_common__pb2.GetMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,6 @@ conversation is NOT_FOUND.
 
 from collections import abc as _abc
 from . import common_pb2 as _common_pb2
-from . import store_pb2 as _store_pb2
 from . import transport_pb2 as _transport_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -38,11 +37,11 @@ class DispatchStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DispatchAsyncStub: ...
     CreateWorkspace: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicCreateWorkspaceRequest, _common_pb2.Workspace]
-    ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListWorkspacesRequest, _store_pb2.ListWorkspacesResponse]
+    ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListWorkspacesRequest, _common_pb2.ListWorkspacesResponse]
     CreateConversation: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicCreateConversationRequest, _common_pb2.Conversation]
-    ListConversations: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListConversationsRequest, _store_pb2.ListConversationsResponse]
+    ListConversations: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListConversationsRequest, _common_pb2.ListConversationsResponse]
     GetConversation: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicGetConversationRequest, _common_pb2.Conversation]
-    DeleteConversation: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicDeleteConversationRequest, _store_pb2.DeleteConversationResponse]
+    DeleteConversation: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicDeleteConversationRequest, _common_pb2.DeleteConversationResponse]
     UpdateConversation: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicUpdateConversationRequest, _common_pb2.Conversation]
     """Sets cwd, computer or agent; unset fields are left alone."""
     Send: _grpc.UnaryUnaryMultiCallable[_transport_pb2.SendRequest, _transport_pb2.SendResponse]
@@ -52,17 +51,17 @@ class DispatchStub:
     Cancel: _grpc.UnaryUnaryMultiCallable[_transport_pb2.CancelRequest, _transport_pb2.CancelResponse]
     GetTurn: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicGetTurnRequest, _common_pb2.Turn]
     """A turn's state: attempts, lease owner, finish reason."""
-    ListTurns: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]
+    ListTurns: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _common_pb2.ListTurnsResponse]
     """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]
     """Decides a pending approval: approve (optionally remembered for the rest of
     the conversation), reject with a reason, or edit the input.
     """
-    ListApprovals: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _store_pb2.ListApprovalsResponse]
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _common_pb2.ListApprovalsResponse]
     """A conversation's approvals, pending ones only if asked."""
     History: _grpc.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]
     """Committed messages with seq > after_seq."""
-    Metrics: _grpc.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _store_pb2.GetMetricsResponse]
+    Metrics: _grpc.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _common_pb2.GetMetricsResponse]
     Models: _grpc.UnaryUnaryMultiCallable[_transport_pb2.ModelsRequest, _transport_pb2.ModelsResponse]
     Computers: _grpc.UnaryUnaryMultiCallable[_transport_pb2.ComputersRequest, _transport_pb2.ComputersResponse]
 
@@ -70,11 +69,11 @@ class DispatchStub:
 class DispatchAsyncStub(DispatchStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWorkspace: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicCreateWorkspaceRequest, _common_pb2.Workspace]  # type: ignore[assignment]
-    ListWorkspaces: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListWorkspacesRequest, _store_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
+    ListWorkspaces: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListWorkspacesRequest, _common_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
     CreateConversation: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicCreateConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
-    ListConversations: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListConversationsRequest, _store_pb2.ListConversationsResponse]  # type: ignore[assignment]
+    ListConversations: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListConversationsRequest, _common_pb2.ListConversationsResponse]  # type: ignore[assignment]
     GetConversation: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicGetConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
-    DeleteConversation: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicDeleteConversationRequest, _store_pb2.DeleteConversationResponse]  # type: ignore[assignment]
+    DeleteConversation: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicDeleteConversationRequest, _common_pb2.DeleteConversationResponse]  # type: ignore[assignment]
     UpdateConversation: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicUpdateConversationRequest, _common_pb2.Conversation]  # type: ignore[assignment]
     """Sets cwd, computer or agent; unset fields are left alone."""
     Send: _aio.UnaryUnaryMultiCallable[_transport_pb2.SendRequest, _transport_pb2.SendResponse]  # type: ignore[assignment]
@@ -84,17 +83,17 @@ class DispatchAsyncStub(DispatchStub):
     Cancel: _aio.UnaryUnaryMultiCallable[_transport_pb2.CancelRequest, _transport_pb2.CancelResponse]  # type: ignore[assignment]
     GetTurn: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicGetTurnRequest, _common_pb2.Turn]  # type: ignore[assignment]
     """A turn's state: attempts, lease owner, finish reason."""
-    ListTurns: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _store_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    ListTurns: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListTurnsRequest, _common_pb2.ListTurnsResponse]  # type: ignore[assignment]
     """A conversation's turns, oldest first, optionally only in some states."""
     ResolveApproval: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicResolveApprovalRequest, _common_pb2.Approval]  # type: ignore[assignment]
     """Decides a pending approval: approve (optionally remembered for the rest of
     the conversation), reject with a reason, or edit the input.
     """
-    ListApprovals: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _store_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_transport_pb2.PublicListApprovalsRequest, _common_pb2.ListApprovalsResponse]  # type: ignore[assignment]
     """A conversation's approvals, pending ones only if asked."""
     History: _aio.UnaryUnaryMultiCallable[_transport_pb2.HistoryRequest, _transport_pb2.HistoryResponse]  # type: ignore[assignment]
     """Committed messages with seq > after_seq."""
-    Metrics: _aio.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _store_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    Metrics: _aio.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _common_pb2.GetMetricsResponse]  # type: ignore[assignment]
     Models: _aio.UnaryUnaryMultiCallable[_transport_pb2.ModelsRequest, _transport_pb2.ModelsResponse]  # type: ignore[assignment]
     Computers: _aio.UnaryUnaryMultiCallable[_transport_pb2.ComputersRequest, _transport_pb2.ComputersResponse]  # type: ignore[assignment]
 
@@ -111,7 +110,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicListWorkspacesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListWorkspacesResponse, _abc.Awaitable[_store_pb2.ListWorkspacesResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListWorkspacesResponse, _abc.Awaitable[_common_pb2.ListWorkspacesResponse]]: ...
 
     @_abc_1.abstractmethod
     def CreateConversation(
@@ -125,7 +124,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicListConversationsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListConversationsResponse, _abc.Awaitable[_store_pb2.ListConversationsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.ListConversationsResponse, _abc.Awaitable[_common_pb2.ListConversationsResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetConversation(
@@ -139,7 +138,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicDeleteConversationRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.DeleteConversationResponse, _abc.Awaitable[_store_pb2.DeleteConversationResponse]]: ...
+    ) -> _typing.Union[_common_pb2.DeleteConversationResponse, _abc.Awaitable[_common_pb2.DeleteConversationResponse]]: ...
 
     @_abc_1.abstractmethod
     def UpdateConversation(
@@ -185,7 +184,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicListTurnsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListTurnsResponse, _abc.Awaitable[_store_pb2.ListTurnsResponse]]:
+    ) -> _typing.Union[_common_pb2.ListTurnsResponse, _abc.Awaitable[_common_pb2.ListTurnsResponse]]:
         """A conversation's turns, oldest first, optionally only in some states."""
 
     @_abc_1.abstractmethod
@@ -203,7 +202,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.PublicListApprovalsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.ListApprovalsResponse, _abc.Awaitable[_store_pb2.ListApprovalsResponse]]:
+    ) -> _typing.Union[_common_pb2.ListApprovalsResponse, _abc.Awaitable[_common_pb2.ListApprovalsResponse]]:
         """A conversation's approvals, pending ones only if asked."""
 
     @_abc_1.abstractmethod
@@ -219,7 +218,7 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transport_pb2.MetricsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_store_pb2.GetMetricsResponse, _abc.Awaitable[_store_pb2.GetMetricsResponse]]: ...
+    ) -> _typing.Union[_common_pb2.GetMetricsResponse, _abc.Awaitable[_common_pb2.GetMetricsResponse]]: ...
 
     @_abc_1.abstractmethod
     def Models(
