@@ -24,11 +24,12 @@ run: install
 system-deps:
 	bash scripts/ensure-system-deps.sh
 
-# Helm and the chart's manifest validator (built with Go once) and Debian's nginx (unpacked),
+# Helm and the chart's manifest validator and grpcurl (built with Go once) and Debian's nginx (unpacked),
 # cached in ~/.cache/dispatch/tools; tests/deploy runs them.
 deploy-tools:
 	bash scripts/ensure-helm.sh >/dev/null
 	bash scripts/ensure-nginx.sh >/dev/null
+	bash scripts/ensure-grpcurl.sh >/dev/null
 
 test: install system-deps deploy-tools
 	cargo test -q --manifest-path dispatcher_rs/Cargo.toml

@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from dispatch.shared import reflection
 from dispatch.shared.config import ListenError, parse_listen
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,7 @@ async def start_server(
     for svc in services:
         svc.register(server)
     names = [svc.name for svc in services]
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    reflection.enable(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:
