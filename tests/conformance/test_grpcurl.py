@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from dispatch_client._proto import common_pb2, transport_pb2
 from tests.conformance.stack import ConformanceStack, load_scenario
-from tests.conformance.test_python import ENDED, Runner, as_data
+from tests.conformance.test_python import ENDED, CallFailed, Runner, as_data
 
 ROOT = Path(__file__).resolve().parents[2]
 UNARY = [c for c in load_scenario()["cases"] if c["unary"]]
@@ -105,32 +105,13 @@ def status_name(stderr: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", found.group(1)).upper()
 
 
-class GrpcurlError(Exception):
-    def __init__(self, code: str, details: str):
-        super().__init__(code, details)
-        self.code, self.details = code, details
-
-
 class GrpcurlRunner(Runner):
     def __init__(self, grpcurl: str, address: str, keys: dict[str, str]):
         super().__init__({})
         self.grpcurl, self.address, self.keys = grpcurl, address, keys
 
-    async def step(self, step: dict[str, Any]) -> None:
-        if step["op"] == "expect":
-            self.expect(step)
-            return
-        try:
-            result = await self.grpcurl_call(step)
-        except GrpcurlError as exc:
-            assert step.get("error") == exc.code, f"failed with {exc.code}: {exc.details}"
-            return
-        assert "error" not in step, f"succeeded; expected {step['error']}"
-        if "save" in step:
-            self.saved[step["save"]] = result
-
-    async def grpcurl_call(self, step: dict[str, Any]) -> dict[str, Any]:
-        op = "get_turn" if step["op"] == "wait_turn" else step["op"]
+    async def call(self, op: str, step: dict[str, Any]) -> dict[str, Any]:
+        op = "get_turn" if op == "wait_turn" else op
         method, response, fields = METHODS[op]
         request = {field: self.arg(step, arg) for field, arg in fields.items() if arg in step}
         for _ in range(600):
@@ -143,7 +124,7 @@ class GrpcurlRunner(Runner):
                 data=json.dumps(request),
             )
             if done.returncode != 0:
-                raise GrpcurlError(status_name(done.stderr), done.stderr.strip())
+                raise CallFailed(status_name(done.stderr), done.stderr.strip())
             result = as_data(json_format.Parse(done.stdout, response()))
             if step["op"] != "wait_turn" or result["state"] in ENDED:
                 return result

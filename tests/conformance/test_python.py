@@ -36,7 +36,17 @@ def same(a: object, b: object) -> bool:
         return a == b
 
 
+class CallFailed(Exception):
+    """A call ended with a gRPC status: ``code`` is its name (``NOT_FOUND``)."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
 class Runner:
+    """Runs a case's steps with the Python SDK; ``call`` is what another client replaces."""
+
     def __init__(self, clients: dict[str, DispatchClient]):
         self.clients = clients
         self.saved: dict[str, Any] = {}
@@ -77,17 +87,22 @@ class Runner:
         if op == "expect":
             self.expect(step)
             return
-        client = self.clients[step.get("as", "local")]
         try:
-            result = await self.call(client, op, step)
-        except DispatchError as exc:
-            assert step.get("error") == exc.code.name, f"failed with {exc.code.name}: {exc.details}"
+            result = await self.call(op, step)
+        except CallFailed as exc:
+            assert step.get("error") == exc.code, f"failed with {exc.code}: {exc.details}"
             return
         assert "error" not in step, f"succeeded; expected {step['error']}"
         if "save" in step:
             self.saved[step["save"]] = result
 
-    async def call(self, client: DispatchClient, op: str, step: dict[str, Any]) -> Any:
+    async def call(self, op: str, step: dict[str, Any]) -> Any:
+        try:
+            return await self.sdk_call(self.clients[step.get("as", "local")], op, step)
+        except DispatchError as exc:
+            raise CallFailed(exc.code.name, exc.details) from None
+
+    async def sdk_call(self, client: DispatchClient, op: str, step: dict[str, Any]) -> Any:
         conv = self.arg(step, "conversation", "")
         if op == "create_conversation":
             return as_data(await client.create_conversation(agent=step["agent"], title=step.get("title", "")))
