@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc_tools
@@ -103,22 +104,42 @@ def _emit(generated: Path, dest: Path, *, relative: bool, only: list[str] | None
     (dest / "py.typed").write_text("")
 
 
-def generate(server_out: Path, client_out: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        _protoc(Path(tmp))
-        generated = Path(tmp) / PROTO_PKG
-        for dest in (server_out, client_out):
-            if dest.exists():
-                shutil.rmtree(dest)
-        _emit(generated, server_out, relative=False)
-        _emit(generated, client_out, relative=True, only=public_protos())
+def _python(dest: Path, *, relative: bool, only: list[str] | None = None) -> Callable[[Path], None]:
+    def run(out: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _protoc(Path(tmp))
+            _emit(Path(tmp) / PROTO_PKG, out, relative=relative, only=only)
+
+    return run
+
+
+# Every copy of generated code in the repository: where it lives, and how it is made into an
+# empty directory. `--check` makes each into a temporary directory and compares.
+TARGETS: list[tuple[Path, Callable[[Path], None]]] = [
+    (SERVER_OUT, _python(SERVER_OUT, relative=False)),
+    (CLIENT_OUT, _python(CLIENT_OUT, relative=True, only=public_protos())),
+]
+
+
+def generate(root: Path | None = None) -> None:
+    """Make every target, under ``root`` (same relative paths) or in place when None."""
+    for dest, make in TARGETS:
+        out = dest if root is None else root / dest.relative_to(ROOT)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        make(out)
 
 
 def _diff(a: Path, b: Path) -> list[str]:
+    """What differs between two trees, recursively (a target may hold directories)."""
+    if not b.is_dir():
+        return [f"missing: {b}"]
     cmp = filecmp.dircmp(a, b)
     out = [f"only in {a}: {n}" for n in cmp.left_only] + [f"only in {b}: {n}" for n in cmp.right_only]
     _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    return out + [f"differs: {a / n}" for n in mismatch + errors]
+    out += [f"differs: {b / n}" for n in mismatch + errors]
+    return out + [line for sub in cmp.common_dirs for line in _diff(a / sub, b / sub)]
 
 
 def main() -> int:
@@ -126,12 +147,11 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if regeneration would change anything")
     args = parser.parse_args()
     if not args.check:
-        generate(SERVER_OUT, CLIENT_OUT)
+        generate()
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        server, client = Path(tmp) / "server", Path(tmp) / "client"
-        generate(server, client)
-        problems = _diff(server, SERVER_OUT) + _diff(client, CLIENT_OUT)
+        generate(Path(tmp))
+        problems = [line for dest, _ in TARGETS for line in _diff(Path(tmp) / dest.relative_to(ROOT), dest)]
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
