@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 
 from . import common_pb2 as dispatch_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ispatch/v1/transport.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\"\xb7\x01\n\x1cPublicCreateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_computer_id\x18\x03 \x01(\t\x12\x15\n\rdefault_agent\x18\x04 \x01(\t\x12\x15\n\rconfine_tools\x18\x05 \x01(\x08\x12\x30\n\x0bpermissions\x18\x06 \x03(\x0b\x32\x1b.dispatch.v1.PermissionRule\"D\n\x1bPublicListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fPublicCreateConversationRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x13\n\x0b\x63omputer_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"]\n\x1ePublicListConversationsRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"7\n\x1cPublicGetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\":\n\x1fPublicDeleteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xba\x01\n\x1fPublicUpdateConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0b\x63omputer_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x12\n\x05\x61gent\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_titleB\x06\n\x04_cwdB\x0e\n\x0c_computer_idB\x08\n\x06_agent\"\x9a\x01\n\x0bSendRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"o\n\x0cSendResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"p\n\x10SubscribeRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x02 \x01(\x03\x12*\n\x05until\x18\x03 \x01(\x0e\x32\x1b.dispatch.v1.SubscribeUntil\"!\n\x06Resync\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x01 \x01(\x03\"a\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.AgentEvent\x12#\n\x06resync\x18\x02 \x01(\x0b\x32\x13.dispatch.v1.Resync\"9\n\rCancelRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"!\n\x0e\x43\x61ncelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"@\n\x14PublicGetTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x80\x01\n\x16PublicListTurnsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x06states\x18\x02 \x03(\x0e\x32\x16.dispatch.v1.TurnState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xa1\x01\n\x1cPublicResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08remember\x18\x05 \x01(\x08\"K\n\x1aPublicListApprovalsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x14\n\x0cpending_only\x18\x02 \x01(\x08\"K\n\x0eHistoryRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"K\n\x0fHistoryResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dispatch.v1.Message\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\":\n\x0eMetricsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x0f\n\rModelsRequest\"8\n\x0eModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x12\n\x10\x43omputersRequest\"=\n\x11\x43omputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer2\xe1\x0b\n\x08\x44ispatch\x12T\n\x0f\x43reateWorkspace\x12).dispatch.v1.PublicCreateWorkspaceRequest\x1a\x16.dispatch.v1.Workspace\x12_\n\x0eListWorkspaces\x12(.dispatch.v1.PublicListWorkspacesRequest\x1a#.dispatch.v1.ListWorkspacesResponse\x12]\n\x12\x43reateConversation\x12,.dispatch.v1.PublicCreateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12h\n\x11ListConversations\x12+.dispatch.v1.PublicListConversationsRequest\x1a&.dispatch.v1.ListConversationsResponse\x12W\n\x0fGetConversation\x12).dispatch.v1.PublicGetConversationRequest\x1a\x19.dispatch.v1.Conversation\x12k\n\x12\x44\x65leteConversation\x12,.dispatch.v1.PublicDeleteConversationRequest\x1a\'.dispatch.v1.DeleteConversationResponse\x12]\n\x12UpdateConversation\x12,.dispatch.v1.PublicUpdateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12;\n\x04Send\x12\x18.dispatch.v1.SendRequest\x1a\x19.dispatch.v1.SendResponse\x12L\n\tSubscribe\x12\x1d.dispatch.v1.SubscribeRequest\x1a\x1e.dispatch.v1.SubscribeResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.dispatch.v1.CancelRequest\x1a\x1b.dispatch.v1.CancelResponse\x12?\n\x07GetTurn\x12!.dispatch.v1.PublicGetTurnRequest\x1a\x11.dispatch.v1.Turn\x12P\n\tListTurns\x12#.dispatch.v1.PublicListTurnsRequest\x1a\x1e.dispatch.v1.ListTurnsResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.PublicResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12\\\n\rListApprovals\x12\'.dispatch.v1.PublicListApprovalsRequest\x1a\".dispatch.v1.ListApprovalsResponse\x12\x44\n\x07History\x12\x1b.dispatch.v1.HistoryRequest\x1a\x1c.dispatch.v1.HistoryResponse\x12G\n\x07Metrics\x12\x1b.dispatch.v1.MetricsRequest\x1a\x1f.dispatch.v1.GetMetricsResponse\x12\x41\n\x06Models\x12\x1a.dispatch.v1.ModelsRequest\x1a\x1b.dispatch.v1.ModelsResponse\x12J\n\tComputers\x12\x1d.dispatch.v1.ComputersRequest\x1a\x1e.dispatch.v1.ComputersResponseBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64ispatch/v1/transport.proto\x12\x0b\x64ispatch.v1\x1a\x18\x64ispatch/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x1cPublicCreateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04root\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_computer_id\x18\x03 \x01(\t\x12\x15\n\rdefault_agent\x18\x04 \x01(\t\x12\x15\n\rconfine_tools\x18\x05 \x01(\x08\x12\x30\n\x0bpermissions\x18\x06 \x03(\x0b\x32\x1b.dispatch.v1.PermissionRule\"D\n\x1bPublicListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"w\n\x1fPublicCreateConversationRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x13\n\x0b\x63omputer_id\x18\x04 \x01(\t\x12\r\n\x05\x61gent\x18\x05 \x01(\t\"]\n\x1ePublicListConversationsRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"7\n\x1cPublicGetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\":\n\x1fPublicDeleteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xba\x01\n\x1fPublicUpdateConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03\x63wd\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0b\x63omputer_id\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x12\n\x05\x61gent\x18\x05 \x01(\tH\x03\x88\x01\x01\x42\x08\n\x06_titleB\x06\n\x04_cwdB\x0e\n\x0c_computer_idB\x08\n\x06_agent\"\x9a\x01\n\x0bSendRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\"\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x12.dispatch.v1.Chunk\x12\'\n\x06policy\x18\x04 \x01(\x0e\x32\x17.dispatch.v1.SendPolicy\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"o\n\x0cSendResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.dispatch.v1.TurnState\x12\x0e\n\x06queued\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x04 \x01(\x03\"p\n\x10SubscribeRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x02 \x01(\x03\x12*\n\x05until\x18\x03 \x01(\x0e\x32\x1b.dispatch.v1.SubscribeUntil\"!\n\x06Resync\x12\x17\n\x0f\x61\x66ter_event_seq\x18\x01 \x01(\x03\"a\n\x11SubscribeResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.dispatch.v1.AgentEvent\x12#\n\x06resync\x18\x02 \x01(\x0b\x32\x13.dispatch.v1.Resync\"9\n\rCancelRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"!\n\x0e\x43\x61ncelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"@\n\x14PublicGetTurnRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x80\x01\n\x16PublicListTurnsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12&\n\x06states\x18\x02 \x03(\x0e\x32\x16.dispatch.v1.TurnState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xa1\x01\n\x1cPublicResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x1d.dispatch.v1.ApprovalDecision\x12\x19\n\x11\x65\x64ited_input_json\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08remember\x18\x05 \x01(\x08\"K\n\x1aPublicListApprovalsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x14\n\x0cpending_only\x18\x02 \x01(\x08\"K\n\x0eHistoryRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"K\n\x0fHistoryResponse\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.dispatch.v1.Message\x12\x10\n\x08last_seq\x18\x02 \x01(\x03\":\n\x0eMetricsRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x0f\n\rModelsRequest\"8\n\x0eModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.dispatch.v1.ModelInfo\"\x12\n\x10\x43omputersRequest\"=\n\x11\x43omputersResponse\x12(\n\tcomputers\x18\x01 \x03(\x0b\x32\x15.dispatch.v1.Computer\"H\n\x18\x43reateStreamTokenRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\"e\n\x0bStreamToken\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t2\xb7\x0c\n\x08\x44ispatch\x12T\n\x0f\x43reateWorkspace\x12).dispatch.v1.PublicCreateWorkspaceRequest\x1a\x16.dispatch.v1.Workspace\x12_\n\x0eListWorkspaces\x12(.dispatch.v1.PublicListWorkspacesRequest\x1a#.dispatch.v1.ListWorkspacesResponse\x12]\n\x12\x43reateConversation\x12,.dispatch.v1.PublicCreateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12h\n\x11ListConversations\x12+.dispatch.v1.PublicListConversationsRequest\x1a&.dispatch.v1.ListConversationsResponse\x12W\n\x0fGetConversation\x12).dispatch.v1.PublicGetConversationRequest\x1a\x19.dispatch.v1.Conversation\x12k\n\x12\x44\x65leteConversation\x12,.dispatch.v1.PublicDeleteConversationRequest\x1a\'.dispatch.v1.DeleteConversationResponse\x12]\n\x12UpdateConversation\x12,.dispatch.v1.PublicUpdateConversationRequest\x1a\x19.dispatch.v1.Conversation\x12;\n\x04Send\x12\x18.dispatch.v1.SendRequest\x1a\x19.dispatch.v1.SendResponse\x12L\n\tSubscribe\x12\x1d.dispatch.v1.SubscribeRequest\x1a\x1e.dispatch.v1.SubscribeResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.dispatch.v1.CancelRequest\x1a\x1b.dispatch.v1.CancelResponse\x12?\n\x07GetTurn\x12!.dispatch.v1.PublicGetTurnRequest\x1a\x11.dispatch.v1.Turn\x12P\n\tListTurns\x12#.dispatch.v1.PublicListTurnsRequest\x1a\x1e.dispatch.v1.ListTurnsResponse\x12S\n\x0fResolveApproval\x12).dispatch.v1.PublicResolveApprovalRequest\x1a\x15.dispatch.v1.Approval\x12\\\n\rListApprovals\x12\'.dispatch.v1.PublicListApprovalsRequest\x1a\".dispatch.v1.ListApprovalsResponse\x12\x44\n\x07History\x12\x1b.dispatch.v1.HistoryRequest\x1a\x1c.dispatch.v1.HistoryResponse\x12G\n\x07Metrics\x12\x1b.dispatch.v1.MetricsRequest\x1a\x1f.dispatch.v1.GetMetricsResponse\x12\x41\n\x06Models\x12\x1a.dispatch.v1.ModelsRequest\x1a\x1b.dispatch.v1.ModelsResponse\x12J\n\tComputers\x12\x1d.dispatch.v1.ComputersRequest\x1a\x1e.dispatch.v1.ComputersResponse\x12T\n\x11\x43reateStreamToken\x12%.dispatch.v1.CreateStreamTokenRequest\x1a\x18.dispatch.v1.StreamTokenBCZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,56 +35,60 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'transport_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZAgithub.com/dispatch-run/dispatch/clients/go/dispatchv1;dispatchv1'
-  _globals['_PUBLICCREATEWORKSPACEREQUEST']._serialized_start=71
-  _globals['_PUBLICCREATEWORKSPACEREQUEST']._serialized_end=254
-  _globals['_PUBLICLISTWORKSPACESREQUEST']._serialized_start=256
-  _globals['_PUBLICLISTWORKSPACESREQUEST']._serialized_end=324
-  _globals['_PUBLICCREATECONVERSATIONREQUEST']._serialized_start=326
-  _globals['_PUBLICCREATECONVERSATIONREQUEST']._serialized_end=445
-  _globals['_PUBLICLISTCONVERSATIONSREQUEST']._serialized_start=447
-  _globals['_PUBLICLISTCONVERSATIONSREQUEST']._serialized_end=540
-  _globals['_PUBLICGETCONVERSATIONREQUEST']._serialized_start=542
-  _globals['_PUBLICGETCONVERSATIONREQUEST']._serialized_end=597
-  _globals['_PUBLICDELETECONVERSATIONREQUEST']._serialized_start=599
-  _globals['_PUBLICDELETECONVERSATIONREQUEST']._serialized_end=657
-  _globals['_PUBLICUPDATECONVERSATIONREQUEST']._serialized_start=660
-  _globals['_PUBLICUPDATECONVERSATIONREQUEST']._serialized_end=846
-  _globals['_SENDREQUEST']._serialized_start=849
-  _globals['_SENDREQUEST']._serialized_end=1003
-  _globals['_SENDRESPONSE']._serialized_start=1005
-  _globals['_SENDRESPONSE']._serialized_end=1116
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1118
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1230
-  _globals['_RESYNC']._serialized_start=1232
-  _globals['_RESYNC']._serialized_end=1265
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1267
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1364
-  _globals['_CANCELREQUEST']._serialized_start=1366
-  _globals['_CANCELREQUEST']._serialized_end=1423
-  _globals['_CANCELRESPONSE']._serialized_start=1425
-  _globals['_CANCELRESPONSE']._serialized_end=1458
-  _globals['_PUBLICGETTURNREQUEST']._serialized_start=1460
-  _globals['_PUBLICGETTURNREQUEST']._serialized_end=1524
-  _globals['_PUBLICLISTTURNSREQUEST']._serialized_start=1527
-  _globals['_PUBLICLISTTURNSREQUEST']._serialized_end=1655
-  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_start=1658
-  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_end=1819
-  _globals['_PUBLICLISTAPPROVALSREQUEST']._serialized_start=1821
-  _globals['_PUBLICLISTAPPROVALSREQUEST']._serialized_end=1896
-  _globals['_HISTORYREQUEST']._serialized_start=1898
-  _globals['_HISTORYREQUEST']._serialized_end=1973
-  _globals['_HISTORYRESPONSE']._serialized_start=1975
-  _globals['_HISTORYRESPONSE']._serialized_end=2050
-  _globals['_METRICSREQUEST']._serialized_start=2052
-  _globals['_METRICSREQUEST']._serialized_end=2110
-  _globals['_MODELSREQUEST']._serialized_start=2112
-  _globals['_MODELSREQUEST']._serialized_end=2127
-  _globals['_MODELSRESPONSE']._serialized_start=2129
-  _globals['_MODELSRESPONSE']._serialized_end=2185
-  _globals['_COMPUTERSREQUEST']._serialized_start=2187
-  _globals['_COMPUTERSREQUEST']._serialized_end=2205
-  _globals['_COMPUTERSRESPONSE']._serialized_start=2207
-  _globals['_COMPUTERSRESPONSE']._serialized_end=2268
-  _globals['_DISPATCH']._serialized_start=2271
-  _globals['_DISPATCH']._serialized_end=3776
+  _globals['_PUBLICCREATEWORKSPACEREQUEST']._serialized_start=104
+  _globals['_PUBLICCREATEWORKSPACEREQUEST']._serialized_end=287
+  _globals['_PUBLICLISTWORKSPACESREQUEST']._serialized_start=289
+  _globals['_PUBLICLISTWORKSPACESREQUEST']._serialized_end=357
+  _globals['_PUBLICCREATECONVERSATIONREQUEST']._serialized_start=359
+  _globals['_PUBLICCREATECONVERSATIONREQUEST']._serialized_end=478
+  _globals['_PUBLICLISTCONVERSATIONSREQUEST']._serialized_start=480
+  _globals['_PUBLICLISTCONVERSATIONSREQUEST']._serialized_end=573
+  _globals['_PUBLICGETCONVERSATIONREQUEST']._serialized_start=575
+  _globals['_PUBLICGETCONVERSATIONREQUEST']._serialized_end=630
+  _globals['_PUBLICDELETECONVERSATIONREQUEST']._serialized_start=632
+  _globals['_PUBLICDELETECONVERSATIONREQUEST']._serialized_end=690
+  _globals['_PUBLICUPDATECONVERSATIONREQUEST']._serialized_start=693
+  _globals['_PUBLICUPDATECONVERSATIONREQUEST']._serialized_end=879
+  _globals['_SENDREQUEST']._serialized_start=882
+  _globals['_SENDREQUEST']._serialized_end=1036
+  _globals['_SENDRESPONSE']._serialized_start=1038
+  _globals['_SENDRESPONSE']._serialized_end=1149
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1151
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1263
+  _globals['_RESYNC']._serialized_start=1265
+  _globals['_RESYNC']._serialized_end=1298
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1300
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1397
+  _globals['_CANCELREQUEST']._serialized_start=1399
+  _globals['_CANCELREQUEST']._serialized_end=1456
+  _globals['_CANCELRESPONSE']._serialized_start=1458
+  _globals['_CANCELRESPONSE']._serialized_end=1491
+  _globals['_PUBLICGETTURNREQUEST']._serialized_start=1493
+  _globals['_PUBLICGETTURNREQUEST']._serialized_end=1557
+  _globals['_PUBLICLISTTURNSREQUEST']._serialized_start=1560
+  _globals['_PUBLICLISTTURNSREQUEST']._serialized_end=1688
+  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_start=1691
+  _globals['_PUBLICRESOLVEAPPROVALREQUEST']._serialized_end=1852
+  _globals['_PUBLICLISTAPPROVALSREQUEST']._serialized_start=1854
+  _globals['_PUBLICLISTAPPROVALSREQUEST']._serialized_end=1929
+  _globals['_HISTORYREQUEST']._serialized_start=1931
+  _globals['_HISTORYREQUEST']._serialized_end=2006
+  _globals['_HISTORYRESPONSE']._serialized_start=2008
+  _globals['_HISTORYRESPONSE']._serialized_end=2083
+  _globals['_METRICSREQUEST']._serialized_start=2085
+  _globals['_METRICSREQUEST']._serialized_end=2143
+  _globals['_MODELSREQUEST']._serialized_start=2145
+  _globals['_MODELSREQUEST']._serialized_end=2160
+  _globals['_MODELSRESPONSE']._serialized_start=2162
+  _globals['_MODELSRESPONSE']._serialized_end=2218
+  _globals['_COMPUTERSREQUEST']._serialized_start=2220
+  _globals['_COMPUTERSREQUEST']._serialized_end=2238
+  _globals['_COMPUTERSRESPONSE']._serialized_start=2240
+  _globals['_COMPUTERSRESPONSE']._serialized_end=2301
+  _globals['_CREATESTREAMTOKENREQUEST']._serialized_start=2303
+  _globals['_CREATESTREAMTOKENREQUEST']._serialized_end=2375
+  _globals['_STREAMTOKEN']._serialized_start=2377
+  _globals['_STREAMTOKEN']._serialized_end=2478
+  _globals['_DISPATCH']._serialized_start=2481
+  _globals['_DISPATCH']._serialized_end=4072
 # @@protoc_insertion_point(module_scope)

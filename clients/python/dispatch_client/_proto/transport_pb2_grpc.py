@@ -126,6 +126,11 @@ class DispatchStub:
                 request_serializer=dispatch_dot_v1_dot_transport__pb2.ComputersRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_transport__pb2.ComputersResponse.FromString,
                 _registered_method=True)
+        self.CreateStreamToken = channel.unary_unary(
+                '/dispatch.v1.Dispatch/CreateStreamToken',
+                request_serializer=dispatch_dot_v1_dot_transport__pb2.CreateStreamTokenRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_transport__pb2.StreamToken.FromString,
+                _registered_method=True)
 
 
 class DispatchServicer:
@@ -248,6 +253,15 @@ class DispatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateStreamToken(self, request, context):
+        """A short-lived token that lets one conversation's event stream be read
+        without the API key: for a browser's EventSource, which cannot send an
+        authorization header (`GET /v1/conversations/{id}/events?stream_token=`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +354,11 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.Computers,
                     request_deserializer=dispatch_dot_v1_dot_transport__pb2.ComputersRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_transport__pb2.ComputersResponse.SerializeToString,
+            ),
+            'CreateStreamToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateStreamToken,
+                    request_deserializer=dispatch_dot_v1_dot_transport__pb2.CreateStreamTokenRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_transport__pb2.StreamToken.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +847,33 @@ class Dispatch:
             '/dispatch.v1.Dispatch/Computers',
             dispatch_dot_v1_dot_transport__pb2.ComputersRequest.SerializeToString,
             dispatch_dot_v1_dot_transport__pb2.ComputersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateStreamToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.Dispatch/CreateStreamToken',
+            dispatch_dot_v1_dot_transport__pb2.CreateStreamTokenRequest.SerializeToString,
+            dispatch_dot_v1_dot_transport__pb2.StreamToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class DispatchStub:
     Metrics: _grpc.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _common_pb2.GetMetricsResponse]
     Models: _grpc.UnaryUnaryMultiCallable[_transport_pb2.ModelsRequest, _transport_pb2.ModelsResponse]
     Computers: _grpc.UnaryUnaryMultiCallable[_transport_pb2.ComputersRequest, _transport_pb2.ComputersResponse]
+    CreateStreamToken: _grpc.UnaryUnaryMultiCallable[_transport_pb2.CreateStreamTokenRequest, _transport_pb2.StreamToken]
+    """A short-lived token that lets one conversation's event stream be read
+    without the API key: for a browser's EventSource, which cannot send an
+    authorization header (`GET /v1/conversations/{id}/events?stream_token=`).
+    """
 
 @_typing.type_check_only
 class DispatchAsyncStub(DispatchStub):
@@ -96,6 +101,11 @@ class DispatchAsyncStub(DispatchStub):
     Metrics: _aio.UnaryUnaryMultiCallable[_transport_pb2.MetricsRequest, _common_pb2.GetMetricsResponse]  # type: ignore[assignment]
     Models: _aio.UnaryUnaryMultiCallable[_transport_pb2.ModelsRequest, _transport_pb2.ModelsResponse]  # type: ignore[assignment]
     Computers: _aio.UnaryUnaryMultiCallable[_transport_pb2.ComputersRequest, _transport_pb2.ComputersResponse]  # type: ignore[assignment]
+    CreateStreamToken: _aio.UnaryUnaryMultiCallable[_transport_pb2.CreateStreamTokenRequest, _transport_pb2.StreamToken]  # type: ignore[assignment]
+    """A short-lived token that lets one conversation's event stream be read
+    without the API key: for a browser's EventSource, which cannot send an
+    authorization header (`GET /v1/conversations/{id}/events?stream_token=`).
+    """
 
 class DispatchServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -233,5 +243,16 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         request: _transport_pb2.ComputersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transport_pb2.ComputersResponse, _abc.Awaitable[_transport_pb2.ComputersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateStreamToken(
+        self,
+        request: _transport_pb2.CreateStreamTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transport_pb2.StreamToken, _abc.Awaitable[_transport_pb2.StreamToken]]:
+        """A short-lived token that lets one conversation's event stream be read
+        without the API key: for a browser's EventSource, which cannot send an
+        authorization header (`GET /v1/conversations/{id}/events?stream_token=`).
+        """
 
 def add_DispatchServicer_to_server(servicer: DispatchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
