@@ -30,6 +30,10 @@ from pathlib import Path
 import grpc_tools
 from grpc_tools import protoc
 
+# The Go target's maker lives beside this script; import it the same way however this runs.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.proto_go import GO_OUT, go_target
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO_PKG = "dispatch/v1"
@@ -118,6 +122,7 @@ def _python(dest: Path, *, relative: bool, only: list[str] | None = None) -> Cal
 TARGETS: list[tuple[Path, Callable[[Path], None]]] = [
     (SERVER_OUT, _python(SERVER_OUT, relative=False)),
     (CLIENT_OUT, _python(CLIENT_OUT, relative=True, only=public_protos())),
+    (GO_OUT, go_target(public_protos())),
 ]
 
 
