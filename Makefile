@@ -59,3 +59,28 @@ proto-check: install
 
 clean:
 	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache
+
+# ---- The Go client (clients/go) ------------------------------------------------------------
+# Its modules (go.sum pins them) and the pinned protoc plugins `make proto` runs are fetched with
+# the other tools; `make test` runs its unit tests (its conformance run is
+# tests/conformance/test_go.py, under pytest) and `make lint` vets it. Go from PATH, else
+# /usr/local/go/bin.
+GO    ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+GOFMT := $(dir $(GO))gofmt
+
+.PHONY: go-deps go-test go-vet
+
+go-deps:
+	cd clients/go && $(GO) mod download
+	bash scripts/ensure-protoc-gen-go.sh >/dev/null
+
+go-test: go-deps
+	cd clients/go && GOFLAGS=-mod=readonly $(GO) test ./...
+
+go-vet: go-deps
+	cd clients/go && GOFLAGS=-mod=readonly $(GO) vet ./...
+	cd clients/go && unformatted="$$($(GOFMT) -l .)" && test -z "$$unformatted" || { echo "gofmt -l: $$unformatted"; exit 1; }
+
+deploy-tools: go-deps
+test: go-test
+lint: go-vet
