@@ -208,7 +208,7 @@ func unary[Req, Resp any](ctx context.Context, call func(context.Context, Req, .
 // to it with ConfineTools), the computer and agent its conversations default to, and
 // permission rules over the agents'.
 func (c *Client) CreateWorkspace(ctx context.Context, req *dispatchv1.PublicCreateWorkspaceRequest) (*dispatchv1.Workspace, error) {
-	return unary(ctx, c.rpc.CreateWorkspace, req)
+	return unary(ctx, c.rpc.CreateWorkspace, orNew(req))
 }
 
 // ListWorkspaces is one page of the tenant's workspaces; see [Client.AllWorkspaces].
@@ -255,7 +255,7 @@ func (c *Client) GetConversation(ctx context.Context, conversationID string) (*d
 // UpdateConversation sets the fields set in req (proto3 optional: nil leaves one alone, a
 // pointer to "" clears an override); see [String] for the pointers.
 func (c *Client) UpdateConversation(ctx context.Context, req *dispatchv1.PublicUpdateConversationRequest) (*dispatchv1.Conversation, error) {
-	return unary(ctx, c.rpc.UpdateConversation, req)
+	return unary(ctx, c.rpc.UpdateConversation, orNew(req))
 }
 
 // DeleteConversation deletes the conversation with its messages and events.
@@ -275,7 +275,7 @@ func String(s string) *string { return &s }
 // IdempotencyKey answers with the turn the first started. Subscribe from the answer's
 // AfterEventSeq to follow the turn, or use [Client.RunTurn].
 func (c *Client) Send(ctx context.Context, req *dispatchv1.SendRequest) (*dispatchv1.SendResponse, error) {
-	return unary(ctx, c.rpc.Send, req)
+	return unary(ctx, c.rpc.Send, orNew(req))
 }
 
 // Cancel aborts the conversation's running turn (only if it is turnID, when not empty). The
@@ -293,7 +293,7 @@ func (c *Client) GetTurn(ctx context.Context, conversationID, turnID string) (*d
 // ListTurns is one page of a conversation's turns, oldest first, only those in States when
 // set; see [Client.AllTurns].
 func (c *Client) ListTurns(ctx context.Context, req *dispatchv1.PublicListTurnsRequest) (*dispatchv1.ListTurnsResponse, error) {
-	return unary(ctx, c.rpc.ListTurns, req)
+	return unary(ctx, c.rpc.ListTurns, orNew(req))
 }
 
 // AllTurns is every turn of the conversation (in states, when given), oldest first, page by page.
@@ -310,7 +310,7 @@ func (c *Client) AllTurns(ctx context.Context, conversationID string, states ...
 // told) or edit (with EditedInputJson); Remember lets the same call run without asking for
 // the rest of the conversation. Deciding one twice is FAILED_PRECONDITION.
 func (c *Client) ResolveApproval(ctx context.Context, req *dispatchv1.PublicResolveApprovalRequest) (*dispatchv1.Approval, error) {
-	return unary(ctx, c.rpc.ResolveApproval, req)
+	return unary(ctx, c.rpc.ResolveApproval, orNew(req))
 }
 
 // Approve lets the waiting call run; with remember, the same call runs without asking for the
@@ -341,7 +341,7 @@ func (c *Client) ListApprovals(ctx context.Context, conversationID string, pendi
 // History is the committed messages with seq > AfterSeq, at most Limit (0: all); the answer's
 // LastSeq is the conversation's highest seq. See [Client.AllHistory].
 func (c *Client) History(ctx context.Context, req *dispatchv1.HistoryRequest) (*dispatchv1.HistoryResponse, error) {
-	return unary(ctx, c.rpc.History, req)
+	return unary(ctx, c.rpc.History, orNew(req))
 }
 
 // AllHistory is every committed message with seq > afterSeq, pageSize per call (0: 500).
