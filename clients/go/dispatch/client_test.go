@@ -450,3 +450,27 @@ func TestErrorText(t *testing.T) {
 		t.Fatal("DEADLINE_EXCEEDED is context.DeadlineExceeded")
 	}
 }
+
+func TestTurnFollowerEndsAtTheSealOfATurnThatTookTheMessageAsSteering(t *testing.T) {
+	f := newTurnFollower(&dispatchv1.SendResponse{TurnId: "turn_1", Queued: true})
+	steered := &dispatchv1.AgentEvent{TurnId: "turn_1", EventSeq: 2, Kind: &dispatchv1.AgentEvent_SteeringInjected{SteeringInjected: &dispatchv1.SteeringInjected{}}}
+	for _, e := range []*dispatchv1.AgentEvent{turnEvent(1, "turn_1", &dispatchv1.TextDelta{}), steered, turnEvent(3, "turn_1", &dispatchv1.TurnDone{})} {
+		if !f.accept(e) || f.done {
+			t.Fatalf("event %d: done %v", e.GetEventSeq(), f.done)
+		}
+	}
+	if !f.accept(turnEvent(4, "turn_1", &dispatchv1.TurnSealed{})) || !f.done {
+		t.Fatal("the seal of the steered turn ends it")
+	}
+	if f.accept(turnEvent(5, "turn_2", &dispatchv1.TurnStarted{})) {
+		t.Fatal("the next turn is not this message's")
+	}
+
+	// After turn_done, a fatal error is the turn ending unsealed.
+	unsealed := newTurnFollower(&dispatchv1.SendResponse{TurnId: "turn_1"})
+	fatal := &dispatchv1.AgentEvent{TurnId: "turn_1", EventSeq: 3, Kind: &dispatchv1.AgentEvent_Error{Error: &dispatchv1.ErrorEvent{Fatal: true, Code: "store"}}}
+	unsealed.accept(turnEvent(2, "turn_1", &dispatchv1.TurnDone{}))
+	if !unsealed.accept(fatal) || !unsealed.done {
+		t.Fatal("a fatal error after turn_done ends the turn")
+	}
+}
