@@ -12,6 +12,10 @@ Two copies come out of one protoc run:
 Both register the same descriptors under the same file names, so a process
 that imports both (the tests do) sees one set of types.
 
+The Go client's copy, ``clients/go/dispatchv1/``, is the public contract too,
+made by ``scripts/proto_go.py`` (protoc-gen-go and protoc-gen-go-grpc, pinned and
+built by ``scripts/ensure-protoc-gen-go.sh``, so Go is needed here).
+
 ``--check`` regenerates into a temporary directory and exits 1 if anything
 would change: CI uses it to catch hand edits and stale code.
 """

@@ -40,7 +40,10 @@ def plugins() -> tuple[Path, Path]:
         done = subprocess.run(["bash", str(ENSURE)], capture_output=True, text=True, check=True, timeout=900)
     except subprocess.CalledProcessError as exc:
         raise SystemExit(f"{ENSURE.name} failed:\n{exc.stderr}") from None
-    go, go_grpc = done.stdout.split()[-2:]
+    lines = done.stdout.splitlines()
+    if len(lines) < 2:
+        raise SystemExit(f"{ENSURE.name} printed {done.stdout!r}: expected the two plugins' paths")
+    go, go_grpc = lines[-2:]
     return Path(go), Path(go_grpc)
 
 
