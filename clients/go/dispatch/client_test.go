@@ -474,3 +474,61 @@ func TestTurnFollowerEndsAtTheSealOfATurnThatTookTheMessageAsSteering(t *testing
 		t.Fatal("a fatal error after turn_done ends the turn")
 	}
 }
+
+func TestSubscribeSurvivesTheServerGoingAwayAndComingBack(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	address := lis.Addr().String()
+	first := &fake{}
+	first.calls = append(first.calls, func(_ *dispatchv1.SubscribeRequest, s grpc.ServerStreamingServer[dispatchv1.SubscribeResponse]) error {
+		_ = s.Send(batch(text(1, "a"), text(2, "b")))
+		<-s.Context().Done()
+		return nil
+	})
+	gone := grpc.NewServer()
+	dispatchv1.RegisterDispatchServer(gone, first)
+	go func() { _ = gone.Serve(lis) }()
+	defer gone.Stop()
+
+	second := &fake{}
+	second.calls = append(second.calls, func(req *dispatchv1.SubscribeRequest, s grpc.ServerStreamingServer[dispatchv1.SubscribeResponse]) error {
+		return s.Send(batch(text(2, "b"), text(3, "c")))
+	})
+	back := grpc.NewServer()
+	dispatchv1.RegisterDispatchServer(back, second)
+	defer back.Stop()
+
+	client, err := New(WithAddress(address), WithAPIKey("test-key"), WithBackoff(10*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	var seqs []int64
+	for event, err := range client.Subscribe(testContext(t), "conv_1") {
+		if err != nil {
+			t.Fatalf("after %v: %v", seqs, err)
+		}
+		seqs = append(seqs, event.GetEventSeq())
+		switch event.GetEventSeq() {
+		case 2:
+			// The server goes away mid-stream (connections cut), and another takes its address.
+			gone.Stop()
+			again, err := net.Listen("tcp", address)
+			if err != nil {
+				t.Fatalf("listen again on %s: %v", address, err)
+			}
+			go func() { _ = back.Serve(again) }()
+		case 3:
+			if !slices.Equal(seqs, []int64{1, 2, 3}) {
+				t.Fatalf("events %v", seqs)
+			}
+			if r := second.subscribeRequests(); r[len(r)-1].GetAfterEventSeq() != 2 {
+				t.Fatalf("resubscribed after %d", r[len(r)-1].GetAfterEventSeq())
+			}
+			return
+		}
+	}
+	t.Fatalf("the stream ended after %v", seqs)
+}
