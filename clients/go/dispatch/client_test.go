@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sync"
 	"testing"
@@ -531,4 +532,20 @@ func TestSubscribeSurvivesTheServerGoingAwayAndComingBack(t *testing.T) {
 		}
 	}
 	t.Fatalf("the stream ended after %v", seqs)
+}
+
+func TestEveryPublicRPCHasAMethod(t *testing.T) {
+	rpcs := reflect.TypeFor[dispatchv1.DispatchClient]()
+	client := reflect.TypeFor[*Client]()
+	for i := range rpcs.NumMethod() {
+		name := rpcs.Method(i).Name
+		method, ok := client.MethodByName(name)
+		if !ok {
+			t.Errorf("the RPC %s has no method on *Client", name)
+			continue
+		}
+		if method.Type.NumIn() < 2 || method.Type.In(1) != reflect.TypeFor[context.Context]() {
+			t.Errorf("%s does not take a context.Context first", name)
+		}
+	}
 }
