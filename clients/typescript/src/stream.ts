@@ -88,6 +88,9 @@ export class Resume {
   constructor(conversationId: string, options: ResumeOptions = {}) {
     this.conversationId = conversationId;
     this.cursor = options.afterEventSeq ?? 0;
+    if (!Number.isSafeInteger(this.cursor) || this.cursor < 0) {
+      throw new TypeError(`afterEventSeq must be an event_seq (a whole number, 0 or more), not ${this.cursor}`);
+    }
     this.until = options.until === undefined ? SubscribeUntil.SUBSCRIBE_UNTIL_FOLLOW : subscribeUntil(options.until);
     this.follow = this.until === SubscribeUntil.SUBSCRIBE_UNTIL_FOLLOW;
     this.reconnect = options.reconnect ?? true;
