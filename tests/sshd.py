@@ -31,6 +31,8 @@ from pathlib import Path
 from tests.e2e.procs import free_port
 
 SSHD = "/usr/sbin/sshd"
+# Where useradd lives: /usr/sbin, which a clean environment's PATH (CI's) does not hold.
+USERADD = shutil.which("useradd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or "/usr/sbin/useradd"
 ALIAS = "testbox"
 TEST_USER = "dispatch-test"
 
@@ -69,7 +71,7 @@ def ensure_user(name: str, shell: str) -> pwd.struct_passwd:
         return _with_shell(pwd.getpwnam(name), shell)
     created = subprocess.run(
         [
-            "useradd",
+            USERADD,
             "--system",
             "--password",
             "*",

@@ -118,11 +118,13 @@ async def start_stack(
     policy: DispatchPolicy | None = None,
     retry: RetryPolicy | None = None,
     database_url: str = "",
+    transport_options: Mapping[str, Any] | None = None,
     **kernel_options: Any,
 ) -> Stack:
     """A store, exec and kernel (and with ``transport``, a transport) on free ports;
     ``kernel_options`` are more KernelConfig fields (agents, max_concurrent_turns, ...).
-    ``database_url``: the store's database (default: SQLite in ``tmp_path``)."""
+    ``database_url``: the store's database (default: SQLite in ``tmp_path``);
+    ``transport_options``: more TransportConfig fields (stream_token_secret, ...)."""
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
     store = await start_store(
@@ -152,6 +154,7 @@ async def start_stack(
                 listen="127.0.0.1:0",
                 kernel_address=f"127.0.0.1:{kernel.port}",
                 store_address=f"127.0.0.1:{store.port}",
+                **(transport_options or {}),
             )
         )
     stack = Stack(workspace, hosted)

@@ -39,15 +39,20 @@ def test_committed_generated_code_matches_the_protos() -> None:
 
 def test_check_catches_a_hand_edit(tmp_path: Path) -> None:
     gen = _gen()
-    server, client = tmp_path / "server", tmp_path / "client"
-    gen.generate(server, client)
-    assert gen._diff(server, gen.SERVER_OUT) == []
-    edited = server / "common_pb2.pyi"
+    gen.generate(tmp_path)
+
+    def problems() -> list[str]:
+        return [
+            line for dest, _ in gen.TARGETS for line in gen._diff(tmp_path / dest.relative_to(ROOT), dest)
+        ]
+
+    assert problems() == []
+    edited = tmp_path / gen.SERVER_OUT.relative_to(ROOT) / "common_pb2.pyi"
     edited.write_text(edited.read_text() + "\n# hand edit\n")
-    (client / "extra_pb2.py").write_text("")
-    problems = gen._diff(server, gen.SERVER_OUT) + gen._diff(client, gen.CLIENT_OUT)
-    assert any("common_pb2.pyi" in p for p in problems)
-    assert any("extra_pb2.py" in p for p in problems)
+    (tmp_path / gen.CLIENT_OUT.relative_to(ROOT) / "extra_pb2.py").write_text("")
+    found = problems()
+    assert any("common_pb2.pyi" in p for p in found)
+    assert any("extra_pb2.py" in p for p in found)
 
 
 def test_client_copy_stands_alone_with_relative_imports() -> None:

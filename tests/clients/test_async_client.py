@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 
 import grpc
@@ -64,6 +65,8 @@ async def test_a_conversation_through_the_whole_api(stack: Stack) -> None:
         assert [t.turn_id for t in (await client.metrics(conv.id, turn_id)).turns] == [turn_id]
         assert [(m.provider, m.model) for m in (await client.models()).models] == [("scripted", "scripted")]
         assert [c.local for c in (await client.computers()).computers] == [True]
+        token = await client.create_stream_token(conv.id, ttl_seconds=60)
+        assert token.conversation_id == conv.id and token.token.startswith("dst1.")
 
         other = await client.create_conversation(workspace_id=second.id, title="second", cwd="/tmp")
         assert (other.workspace_id, other.cwd) == (second.id, "/tmp")
@@ -246,3 +249,16 @@ async def test_subscribe_ends_where_until_says(make_stack: MakeStack) -> None:
 
         with pytest.raises(ValueError, match="contradicts"):
             client.subscribe(conv.id, until="caught_up", follow=True)
+
+
+def test_every_public_rpc_has_a_method() -> None:
+    """A new RPC in transport.proto fails here until the SDK calls it."""
+    import inspect
+
+    from dispatch_client import _calls, client
+    from dispatch_client._proto import transport_pb2
+
+    called = set(re.findall(r'Call\("(\w+)"', inspect.getsource(_calls)))
+    called |= set(re.findall(r"_stub\.(\w+)\(", inspect.getsource(client)))  # the stream
+    service = transport_pb2.DESCRIPTOR.services_by_name["Dispatch"]
+    assert {m.name for m in service.methods} - called == set()

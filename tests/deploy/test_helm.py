@@ -5,6 +5,7 @@ the rendered objects say, against what the services really take."""
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +58,7 @@ def test_every_rendered_object_decodes_strictly(values: str) -> None:
         + ["Service"] * 2  # store, transport; transports find kernels through the store
         + ["PodDisruptionBudget"] * 3
         + ["Job", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"]
+        + ["Secret"]  # the transports' stream token secret
         + (["ConfigMap"] if values == "ha" else [])
     )
 
@@ -81,11 +83,11 @@ def test_every_command_is_one_dispatchd_takes(values: str) -> None:
             args = cli.parser().parse_args(container["args"])
             assert args.command == container["name"], name
             # Its environment through dispatchd's own config loaders (a Secret's value: a stand-in).
-            env = {e["name"]: e.get("value", "from-a-secret") for e in container.get("env", [])}
+            env = {e["name"]: e.get("value", "from-a-secret-" * 3) for e in container.get("env", [])}
             flags = vars(args)
             if args.command == "kernel":
                 # Kubernetes expands $(POD_IP) from the variable above it.
-                assert env.pop("POD_IP") == "from-a-secret"
+                assert env.pop("POD_IP") == "from-a-secret-" * 3
                 assert env["DISPATCH_KERNEL_ADVERTISE"] == "$(POD_IP):7601"
                 env["DISPATCH_KERNEL_ADVERTISE"] = "10.1.2.3:7601"
                 cfg = config.kernel_config({**flags, "config": None}, env, {})
@@ -179,6 +181,31 @@ def test_database_url_comes_from_the_secret() -> None:
         (env,) = [e for e in container["env"] if e["name"] == "DISPATCH_DATABASE_URL"]
         assert env["valueFrom"]["secretKeyRef"] == {"name": "dispatch-postgres", "key": "url"}
         assert "postgresql://" not in str(container)
+
+
+def test_every_transport_replica_shares_one_stream_token_secret_and_cors_is_off_by_default() -> None:
+    rendered = objects()
+    secret = rendered["Secret", "t-dispatch-stream-token"]
+    assert len(base64.b64decode(secret["data"]["secret"])) >= 32
+    container = rendered["Deployment", "t-dispatch-transport"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DISPATCH_STREAM_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "t-dispatch-stream-token",
+        "key": "secret",
+    }
+    assert "DISPATCH_CORS_ORIGINS" not in env
+
+    own = objects(
+        "--set",
+        "transport.streamTokens.secretName=mine",
+        "--set",
+        "transport.http.corsOrigins={https://a.example,http://127.0.0.1:5173}",
+    )
+    assert ("Secret", "t-dispatch-stream-token") not in own
+    container = own["Deployment", "t-dispatch-transport"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DISPATCH_STREAM_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    assert env["DISPATCH_CORS_ORIGINS"]["value"] == "https://a.example,http://127.0.0.1:5173"
 
 
 def test_api_key_job_runs_the_bootstrap_after_install() -> None:

@@ -201,3 +201,4 @@ class Api:
     metrics = Unary(_calls.metrics)
     models = Unary(_calls.models)
     computers = Unary(_calls.computers)
+    create_stream_token = Unary(_calls.create_stream_token)

@@ -498,3 +498,13 @@ def models(*, timeout: float | None = None) -> Call[transport_pb2.ModelsResponse
 def computers(*, timeout: float | None = None) -> Call[transport_pb2.ComputersResponse]:
     """The computers tools can run on: this machine and the SSH config's hosts."""
     return Call("Computers", transport_pb2.ComputersRequest(), timeout)
+
+
+def create_stream_token(
+    conversation_id: str, ttl_seconds: int = 0, *, timeout: float | None = None
+) -> Call[transport_pb2.StreamToken]:
+    """A short-lived token that opens ``conversation_id``'s event stream in place of the API key,
+    for a browser's ``EventSource`` (``GET .../events?stream_token=``): good for ``ttl_seconds``
+    (0: the server's default, 300; at most 3600), for nothing but that conversation's events."""
+    request = transport_pb2.CreateStreamTokenRequest(conversation_id=conversation_id, ttl_seconds=ttl_seconds)
+    return Call("CreateStreamToken", request, timeout)

@@ -251,6 +251,12 @@ class TransportConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     # The HTTP bridge (NDJSON and Server-Sent Events); empty: off.
     http_listen: str = ""
+    # Web origins whose pages may call the HTTP bridge (CORS), as "scheme://host[:port]";
+    # "*" allows any. Empty: none (no CORS headers are sent).
+    cors_origins: tuple[str, ...] = ()
+    # The HMAC secret stream tokens are signed with; every transport replica must share it.
+    # Empty: a random secret of this process (tokens work on this transport, until it restarts).
+    stream_token_secret: str = field(default="", repr=False)
 
 
 def data_dir(flag: Path | None, env: Mapping[str, str]) -> Path:
@@ -336,7 +342,17 @@ SCHEMA: Mapping[str, Any] = {
     },
     "store": dict.fromkeys(("listen", "database_url", "workspace", "pool_size")),
     "exec": dict.fromkeys(("listen", "max_output_bytes", "max_read_bytes", "ssh_config")),
-    "transport": dict.fromkeys(("listen", "kernel", "store", "max_request_bytes", "http_listen")),
+    "transport": dict.fromkeys(
+        (
+            "listen",
+            "kernel",
+            "store",
+            "max_request_bytes",
+            "http_listen",
+            "cors_origins",
+            "stream_token_secret",
+        )
+    ),
 }
 
 
@@ -398,6 +414,23 @@ def _float(value: Any, key: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key} must be a number, got {value!r}") from None
+
+
+def _origins(value: Any, key: str) -> tuple[str, ...]:
+    """CORS origins: a list (the file) or a comma-separated string (the environment), each
+    ``*`` or ``scheme://host[:port]`` with no path, as a browser sends it in ``Origin``."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f'config key {key} must be a list of origins like "https://app.example.com"')
+    origins = tuple(item.strip().rstrip("/") for item in items if item.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest):
+            raise ConfigError(
+                f"config key {key}: {origin!r} is not an origin; write scheme://host[:port] "
+                '("https://app.example.com", "http://127.0.0.1:5173") or "*"'
+            )
+    return origins
 
 
 def _int(value: Any, key: str) -> int:
@@ -789,9 +822,21 @@ def transport_config(
         http_listen=str(
             _pick(flags.get("http_listen"), env, ("DISPATCH_HTTP_LISTEN",), sec.get("http_listen"), "")
         ),
+        cors_origins=_origins(
+            _pick(None, env, ("DISPATCH_CORS_ORIGINS",), sec.get("cors_origins"), ()),
+            "transport.cors_origins",
+        ),
+        stream_token_secret=str(
+            _pick(None, env, ("DISPATCH_STREAM_TOKEN_SECRET",), sec.get("stream_token_secret"), "")
+        ),
     )
     if cfg.max_request_bytes <= 0:
         raise ConfigError("config key transport.max_request_bytes must be more than 0")
+    if cfg.stream_token_secret and len(cfg.stream_token_secret.encode()) < 16:
+        raise ConfigError(
+            "the stream token secret (transport.stream_token_secret or DISPATCH_STREAM_TOKEN_SECRET)"
+            " must be at least 16 bytes; `openssl rand -hex 32` makes a good one"
+        )
     if not cfg.kernel_address:
         raise ConfigError(
             "transport needs the kernel's address (or 'store' to find every kernel through the store):"

@@ -55,6 +55,10 @@ class Unauthenticated(DispatchError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(DispatchError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(DispatchError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -21,6 +21,8 @@ Routes::
     DELETE /v1/conversations/{id}                   DeleteConversation
     POST   /v1/conversations/{id}/messages          Send                 {"text", "policy", "idempotency_key"}
     GET    /v1/conversations/{id}/events            Subscribe            ?after_event_seq=&until=
+                                                                          &stream_token=
+    POST   /v1/conversations/{id}/stream-token      CreateStreamToken    {"ttl_seconds"} (optional)
     POST   /v1/conversations/{id}/cancel            Cancel               {"turn_id"} (optional)
     GET    /v1/conversations/{id}/history           History              ?after_seq=&limit=
     GET    /v1/conversations/{id}/metrics           Metrics              ?turn_id=
@@ -33,6 +35,7 @@ Routes::
     GET    /v1/computers                            Computers
     GET    /healthz                                 the process serves HTTP (no key)
     GET    /readyz                                  the transport and its backends serve (no key)
+    GET    /openapi.json                            this list as OpenAPI 3.1 (no key; see openapi.py)
 
 Enum fields of a body (``policy``, ``decision``, a permission rule's ``action``) also
 take the short lower-case name: ``"interrupt"`` for ``SEND_POLICY_INTERRUPT``,
@@ -49,7 +52,15 @@ given (the transport gives one for its kernels and one for its store), else 503 
 is not (``kernel: unreachable (UNAVAILABLE)``), never an address.
 
 The event stream is Server-Sent Events when ``Accept`` names
-``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``.
+``text/event-stream``, NDJSON otherwise; see ``HttpBridge._events``. A browser's
+``EventSource`` cannot send ``Authorization``: it passes a stream token instead
+(``?stream_token=``, minted by ``POST .../stream-token``; see ``tokens.py``).
+
+Browsers on other origins may call the bridge when their origin is in
+``cors_origins`` (``[transport] cors_origins``; none by default): the bridge
+answers CORS preflights and marks every answer to such an origin.
+The access log names a request's method, path and status, never its query or
+headers (a stream token travels in the query).
 
 A failure answers ``{"error": {"code": <gRPC status name>, "message": ...}}``
 with the HTTP status of ``HTTP_STATUS``; the bridge's own refusals use
@@ -68,6 +79,9 @@ from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -75,6 +89,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dispatch.shared.config import ListenError
 from dispatch.shared.server import GRPC_OPTIONS, bind_error
 from dispatch.transport.auth import INVALID
+from dispatch.transport.openapi import document
+from dispatch.transport.routes import LIST, ROUTES
 from dispatch.v1 import common_pb2, transport_pb2, transport_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -196,7 +212,6 @@ def _query(request: web.Request, names: Sequence[str]) -> dict[str, Any]:
     return {name: request.query[name] for name in names if name in request.query}
 
 
-_LIST = ("page_size", "page_token")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -319,6 +334,27 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+class RedactingAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without the query string (a stream token rides in it) or any
+    header: remote, method, path, status, size and time."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %s %s %.3fs",
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+_CORS_METHODS = "GET, POST, PATCH, DELETE"
+_CORS_HEADERS = "Authorization, Content-Type, Accept, Last-Event-ID"
+_CORS_MAX_AGE = "600"
+
+
 class _Frames:
     """The event stream's wire format: Server-Sent Events or NDJSON."""
 
@@ -359,6 +395,7 @@ class HttpBridge:
         max_body: int = MAX_BODY_BYTES,
         checks: Mapping[str, ReadyCheck] | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        cors_origins: Sequence[str] = (),
     ):
         if batch_events < 1:
             raise ValueError("batch_events must be 1 or more")
@@ -373,10 +410,17 @@ class HttpBridge:
         self._streams: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
         self._closing = asyncio.Event()
         self._stopped = False
-        app = web.Application(client_max_size=max_body, middlewares=[self._errors])
+        self.cors_origins = frozenset(cors_origins)
+        app = web.Application(client_max_size=max_body, middlewares=[self._errors, self._preflight])
         app.add_routes(self._routes())
+        app.on_response_prepare.append(self._cors_headers)
         # handler_cancellation: a client that hangs up cancels its handler, and so its gRPC call.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=STOP_GRACE)
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=STOP_GRACE,
+            access_log_class=RedactingAccessLogger,
+        )
 
     @property
     def active_streams(self) -> int:
@@ -408,32 +452,14 @@ class HttpBridge:
         await self._channel.close()
 
     def _routes(self) -> list[web.RouteDef]:
-        conv = "/v1/conversations/{id}"
-        q = _only_query
-        return [
-            web.get("/v1/workspaces", q(self._list_workspaces, *_LIST), allow_head=False),
-            web.post("/v1/workspaces", q(self._create_workspace)),
-            web.post("/v1/conversations", q(self._create_conversation)),
-            web.get(
-                "/v1/conversations", q(self._list_conversations, "workspace_id", *_LIST), allow_head=False
-            ),
-            web.get(conv, q(self._get_conversation), allow_head=False),
-            web.patch(conv, q(self._update_conversation)),
-            web.delete(conv, q(self._delete_conversation)),
-            web.post(conv + "/messages", q(self._send)),
-            web.get(conv + "/events", q(self._events, "after_event_seq", "until"), allow_head=False),
-            web.post(conv + "/cancel", q(self._cancel)),
-            web.get(conv + "/history", q(self._history, "after_seq", "limit"), allow_head=False),
-            web.get(conv + "/metrics", q(self._metrics, "turn_id"), allow_head=False),
-            web.get(conv + "/turns", q(self._list_turns, "state", *_LIST), allow_head=False),
-            web.get(conv + "/turns/{turn_id}", q(self._get_turn), allow_head=False),
-            web.get(conv + "/approvals", q(self._list_approvals, "pending"), allow_head=False),
-            web.post("/v1/approvals/{id}/resolve", q(self._resolve_approval)),
-            web.get("/v1/models", q(self._models), allow_head=False),
-            web.get("/v1/computers", q(self._computers), allow_head=False),
-            web.get("/healthz", q(self._healthz), allow_head=False),
-            web.get("/readyz", q(self._readyz), allow_head=False),
-        ]
+        defs = []
+        for route in ROUTES:
+            handler = _only_query(getattr(self, route.handler), *route.query)
+            if route.method == "GET":  # and no HEAD
+                defs.append(web.get(route.path, handler, allow_head=False))
+            else:
+                defs.append(web.route(route.method, route.path, handler))
+        return defs
 
     async def readiness(self) -> dict[str, str]:
         """What /readyz reports: ``serving``, or why not, for the transport and each check."""
@@ -498,8 +524,58 @@ class HttpBridge:
             log.exception("HTTP bridge: %s %s failed", request.method, request.path)
             return error_response(500, "INTERNAL", "internal error in the HTTP bridge")
 
-    def _metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+    def _allowed_origin(self, request: BaseRequest) -> str | None:
+        """The request's ``Origin`` when CORS lets it read answers, else None."""
+        origin = request.headers.get("Origin")
+        if origin is None or not self.cors_origins:
+            return None
+        return origin if origin in self.cors_origins or "*" in self.cors_origins else None
+
+    @web.middleware
+    async def _preflight(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """A CORS preflight (OPTIONS with Access-Control-Request-Method), answered here for
+        every route: 204 for an allowed origin, 403 naming the setting otherwise."""
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return await handler(request)
+        if self._allowed_origin(request) is None:
+            origin = request.headers.get("Origin", "")
+            raise HttpError(
+                403,
+                grpc.StatusCode.PERMISSION_DENIED.name,
+                f"cross-origin requests from {origin[:200]!r} are not allowed: add the origin to"
+                " [transport] cors_origins (or DISPATCH_CORS_ORIGINS)",
+            )
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": _CORS_METHODS,
+                "Access-Control-Allow-Headers": _CORS_HEADERS,
+                "Access-Control-Max-Age": _CORS_MAX_AGE,
+            },
+        )
+
+    async def _cors_headers(self, request: BaseRequest, response: StreamResponse) -> None:
+        """Mark an answer (streams too: this runs before the headers go) as readable by an
+        allowed origin."""
+        if not self.cors_origins:
+            return
+        response.headers.add("Vary", "Origin")
+        origin = self._allowed_origin(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "WWW-Authenticate, Allow"
+
+    def _metadata(self, request: web.Request, stream_token: bool = False) -> tuple[tuple[str, str], ...]:
+        """The call's credential: the Authorization header, or (``stream_token``: on the
+        event stream) a ``?stream_token=`` in its place."""
         value = request.headers.get("Authorization")
+        token = request.query.get("stream_token") if stream_token else None
+        if token is not None:
+            if value is not None:
+                raise _bad_request("send either an Authorization header or ?stream_token=, not both")
+            value = f"Bearer {token}"
         if value is None:
             return ()
         if not (value.isascii() and value.isprintable()):
@@ -581,7 +657,7 @@ class HttpBridge:
 
     async def _list_turns(self, request: web.Request) -> web.StreamResponse:
         message = _parse(
-            _query(request, _LIST),
+            _query(request, LIST),
             transport_pb2.PublicListTurnsRequest(states=_states(request)),
             conversation_id=request.match_info["id"],
         )
@@ -613,6 +689,17 @@ class HttpBridge:
     async def _computers(self, request: web.Request) -> web.StreamResponse:
         return await self._unary(request, self._stub.Computers, transport_pb2.ComputersRequest())
 
+    async def _create_stream_token(self, request: web.Request) -> web.StreamResponse:
+        message = _parse(
+            await _body(request),
+            transport_pb2.CreateStreamTokenRequest(),
+            conversation_id=request.match_info["id"],
+        )
+        return await self._unary(request, self._stub.CreateStreamToken, message)
+
+    async def _openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(document())
+
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """The conversation's events after the cursor (see ``_cursor``), following the live tail.
 
@@ -632,7 +719,7 @@ class HttpBridge:
         frames = _Frames("text/event-stream" in request.headers.get("Accept", ""))
         cursor = _cursor(request)
         until = _until(request)
-        metadata = self._metadata(request)
+        metadata = self._metadata(request, stream_token=True)
         # Subscribe reports a bad key or conversation only once the HTTP status is
         # sent; asking GetConversation first gives those failures their status.
         await self._stub.GetConversation(
@@ -713,6 +800,7 @@ async def start_http(
     keepalive: float = KEEPALIVE_SECONDS,
     max_body: int = MAX_BODY_BYTES,
     checks: Mapping[str, ReadyCheck] | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> HttpBridge:
     """Serve the bridge on ``listen`` ("host:port"; port 0 picks a free one) in front of the
     Dispatch service at ``grpc_target``.
@@ -720,7 +808,8 @@ async def start_http(
     ``batch_events``: most events per HTTP write; ``rpc_timeout``: deadline of each unary
     call; ``keepalive``: seconds of silence before an SSE keep-alive comment; ``max_body``:
     largest request body, in bytes; ``checks``: what /readyz asks besides the transport
-    itself, by name (``kernel``, ``store``).
+    itself, by name (``kernel``, ``store``); ``cors_origins``: the web origins whose pages
+    may call the bridge (``*``: any).
     """
     bridge = HttpBridge(
         grpc_target,
@@ -729,6 +818,7 @@ async def start_http(
         keepalive=keepalive,
         max_body=max_body,
         checks=checks,
+        cors_origins=cors_origins,
     )
     await bridge.start(listen)
     return bridge

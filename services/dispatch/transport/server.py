@@ -10,6 +10,7 @@ from dispatch.shared.server import GRPC_OPTIONS, Hosted, Service, bound_address,
 from dispatch.transport.http import HttpBridge, health_of, start_http
 from dispatch.transport.kernels import Kernels
 from dispatch.transport.service import DispatchServicer
+from dispatch.transport.tokens import StreamTokens
 from dispatch.v1 import store_pb2_grpc, transport_pb2_grpc
 
 
@@ -43,6 +44,7 @@ async def start(cfg: TransportConfig) -> Hosted:
         cfg.rpc_timeout,
         kernel_events=None if one is None else one.open_stream,
         kernels=kernels if kernels.discover else None,
+        stream_tokens=StreamTokens.from_config(cfg.stream_token_secret),
     )
     hosted = await start_server(
         [
@@ -63,6 +65,7 @@ async def start(cfg: TransportConfig) -> Hosted:
                 bound_address(cfg.listen, hosted.port),
                 rpc_timeout=cfg.rpc_timeout,
                 checks={"kernel": lambda: kernel_ready(kernels), "store": lambda: health_of(store_channel)},
+                cors_origins=cfg.cors_origins,
             )
         except BaseException:
             await hosted.stop(0)

@@ -1,7 +1,9 @@
 """The public ``dispatch.v1.Dispatch`` servicer.
 
 Every call carries an API key (``authorization: Bearer <key>``); the key's
-tenant scopes everything the call touches.
+tenant scopes everything the call touches. ``Subscribe`` and ``GetConversation``
+also take a stream token in its place (``tokens.py``): a browser's pass to one
+conversation's events, minted by ``CreateStreamToken``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from dispatch.shared.errors import (
     Context,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     from_rpc_error,
     grpc_errors,
 )
 from dispatch.shared.ids import require_id
 from dispatch.shared.limits import MAX_MESSAGE_CHARS
 from dispatch.store.backend import APPROVAL_PREFIX, CONVERSATION_PREFIX, TURN_PREFIX
-from dispatch.transport.auth import Authenticator, bearer
+from dispatch.transport.auth import Authenticator, Caller, bearer
 from dispatch.transport.fanout import Fanout, OpenStream
 from dispatch.transport.kernels import Kernels
+from dispatch.transport.tokens import StreamTokens, is_stream_token
 from dispatch.v1 import (
     common_pb2,
     kernel_pb2,
@@ -141,11 +145,14 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         *,
         kernel_events: OpenStream | None = None,
         kernels: Kernels | None = None,
+        stream_tokens: StreamTokens | None = None,
     ):
         """``kernel_events``: the kernel's Subscribe decoded as ``EventBatchView`` (see
         ``fanout.event_view``); without it events are decoded and encoded again.
         ``kernels``: several kernels (found through the store); a conversation's calls go
-        to the one running its turn, and ``kernel`` (then None) is not used."""
+        to the one running its turn, and ``kernel`` (then None) is not used.
+        ``stream_tokens``: what mints and checks stream tokens (default: a secret of this
+        process alone)."""
         if kernel is None and kernels is None:
             raise ValueError("a transport needs a kernel, or kernels found through the store")
         self.kernel = kernel
@@ -153,6 +160,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
         self.store = store
         self.timeout = rpc_timeout
         self.auth = Authenticator(store, rpc_timeout)
+        self.tokens = stream_tokens or StreamTokens.from_config("")
         self.fanout = Fanout(kernel, open_stream=kernel_events, kernels=kernels)
 
     async def _kernel(
@@ -166,8 +174,27 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
             return (await self.kernels.for_conversation(tenant_id, conversation_id)).stub
         return (await self.kernels.any()).stub
 
+    async def _caller(self, context: Context) -> Caller:
+        """Who calls, by API key; a stream token does not do here."""
+        credential = bearer(context.invocation_metadata())
+        if is_stream_token(credential):
+            raise PermissionDenied(
+                "a stream token opens only its conversation's events (Subscribe); this call needs an API key"
+            )
+        return await self.auth.caller(credential)
+
     async def _tenant(self, context: Context) -> str:
-        return await self.auth.tenant(bearer(context.invocation_metadata()))
+        return (await self._caller(context)).tenant_id
+
+    async def _reader(self, context: Context, conversation_id: str) -> tuple[str, str]:
+        """The tenant of a call that reads ``conversation_id``, and the id checked: by API key,
+        or by a stream token minted for that conversation."""
+        credential = bearer(context.invocation_metadata())
+        if is_stream_token(credential):
+            checked = _conversation_id(conversation_id)
+            return self.tokens.check(credential, checked).tenant_id, checked
+        tenant = await self.auth.tenant(credential)
+        return tenant, _conversation_id(conversation_id)
 
     async def _require_agent(self, name: str, key: str) -> None:
         """Refuse an agent the kernel does not have: a conversation (or workspace) set to one
@@ -273,17 +300,31 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def GetConversation(
         self, request: transport_pb2.PublicGetConversationRequest, context: Context
     ) -> common_pb2.Conversation:
-        tenant = await self._tenant(context)
+        tenant, conversation_id = await self._reader(context, request.conversation_id)
+        return await self._conversation(tenant, conversation_id)
+
+    async def _conversation(self, tenant: str, conversation_id: str) -> common_pb2.Conversation:
         return await self._call(
             "could not get the conversation",
             self.store.GetConversation(
-                store_pb2.GetConversationRequest(
-                    tenant_id=tenant,
-                    conversation_id=_conversation_id(request.conversation_id),
-                ),
+                store_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id),
                 timeout=self.timeout,
             ),
         )
+
+    @grpc_errors
+    async def CreateStreamToken(
+        self, request: transport_pb2.CreateStreamTokenRequest, context: Context
+    ) -> transport_pb2.StreamToken:
+        """A token that opens ``conversation_id``'s events for ``ttl_seconds``, in place of
+        the API key (see ``tokens.py``). The conversation must be the caller's."""
+        caller = await self._caller(context)
+        conversation_id = _conversation_id(request.conversation_id)
+        await self._conversation(caller.tenant_id, conversation_id)
+        token, expires = self.tokens.mint(caller, conversation_id, request.ttl_seconds)
+        reply = transport_pb2.StreamToken(token=token, conversation_id=conversation_id)
+        reply.expires_at.FromDatetime(expires)
+        return reply
 
     @grpc_errors
     async def DeleteConversation(
@@ -364,8 +405,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     async def Subscribe(  # type: ignore[override]  # it yields pre-encoded responses too
         self, request: transport_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[transport_pb2.SubscribeResponse | bytes]:
-        tenant = await self._tenant(context)
-        conversation_id = _conversation_id(request.conversation_id)
+        tenant, conversation_id = await self._reader(context, request.conversation_id)
         if request.after_event_seq < 0:
             raise InvalidArgument("after_event_seq must be 0 or more")
         if request.until not in common_pb2.SubscribeUntil.values():
@@ -449,7 +489,7 @@ class DispatchServicer(transport_pb2_grpc.DispatchServicer):
     ) -> common_pb2.Approval:
         """Decide a pending approval, as the caller's key: the kernel records it (``decided_by``
         is the key's id) and lets the waiting call run, run with the edited input, or fail."""
-        caller = await self.auth.caller(bearer(context.invocation_metadata()))
+        caller = await self._caller(context)
         approval_id = require_id(request.approval_id, "approval_id", APPROVAL_PREFIX)
         _check_resolution(request)
         kernel = await self._kernel()

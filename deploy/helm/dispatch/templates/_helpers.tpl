@@ -36,6 +36,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ .Values.apiKeys.secretName | default (printf "%s-api-key" (include "dispatch.fullname" .)) }}
 {{- end -}}
 
+{{- define "dispatch.streamTokenSecret" -}}
+{{ .Values.transport.streamTokens.secretName | default (printf "%s-stream-token" (include "dispatch.fullname" .)) }}
+{{- end -}}
+
 {{/* The container security context of every Dispatch container. */}}
 {{- define "dispatch.containerSecurity" -}}
 allowPrivilegeEscalation: false
