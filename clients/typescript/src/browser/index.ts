@@ -341,13 +341,20 @@ export class BrowserDispatchClient extends DispatchApi {
       const query = { stream_token: token, after_event_seq: resume.request().afterEventSeq };
       const source = new Source(`${this.baseUrl}${conv(resume.conversationId)}/events${queryString(query)}`);
       const frames = new Frames();
-      const onEvent = (e: Event) => frames.push({ type: "event", data: (e as MessageEvent<string>).data });
+      // An AgentEvent of kind `error` arrives as an SSE event named "error", the name EventSource
+      // also gives its connection errors: a frame carries data, a connection error none.
+      const isFrame = (e: Event): e is MessageEvent<string> => typeof (e as MessageEvent).data === "string";
+      const onEvent = (e: Event) => {
+        if (isFrame(e)) frames.push({ type: "event", data: e.data });
+      };
       for (const kind of SSE_KINDS) source.addEventListener(kind, onEvent);
       source.addEventListener("resync", (e) => frames.push({ type: "resync", data: (e as MessageEvent<string>).data }));
       source.addEventListener("stream_error", (e) =>
         frames.push({ type: "stream_error", data: (e as MessageEvent<string>).data }),
       );
-      source.addEventListener("error", () => frames.push({ type: "error" }));
+      source.addEventListener("error", (e) => {
+        if (!isFrame(e)) frames.push({ type: "error" });
+      });
       const stop = () => frames.push({ type: "stop" });
       signal?.addEventListener("abort", stop, { once: true });
       const timer = deadline === undefined ? undefined : setTimeout(stop, Math.max(0, deadline - Date.now()));
