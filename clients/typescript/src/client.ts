@@ -101,6 +101,8 @@ export class DispatchClient extends DispatchApi {
   private readonly apiKey: string;
   private readonly grpcClient: grpc.Client;
   private readonly log: Logger | undefined;
+  // Calls in flight, for close() to end.
+  private readonly calls = new Set<grpc.Call>();
 
   constructor(options: ClientOptions = {}) {
     super();
@@ -111,8 +113,10 @@ export class DispatchClient extends DispatchApi {
     this.grpcClient = new grpc.Client(this.address, credentialsFor(options, this.address), options.channelOptions);
   }
 
-  /** Closes the channel; calls and streams still open on it end. */
+  /** Closes the channel; calls and streams still open on it end (CANCELLED). */
   close(): void {
+    for (const call of this.calls) call.cancel();
+    this.calls.clear();
     this.grpcClient.close();
   }
 
@@ -139,12 +143,14 @@ export class DispatchClient extends DispatchApi {
         this.metadata(),
         { deadline },
         (err, value) => {
+          this.calls.delete(call);
           signal?.removeEventListener("abort", onAbort);
           if (signal?.aborted) reject(abortReason(signal));
           else if (err) reject(toDispatchError(err));
           else resolve(value as ResponseOf<K>);
         },
       );
+      this.calls.add(call);
       signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
@@ -168,6 +174,7 @@ export class DispatchClient extends DispatchApi {
       );
       // After a cancel the call still reports CANCELLED; nobody is listening by then.
       call.on("error", () => {});
+      this.calls.add(call);
       const onAbort = () => call.cancel();
       signal?.addEventListener("abort", onAbort, { once: true });
       try {
@@ -181,6 +188,7 @@ export class DispatchClient extends DispatchApi {
         resume.broke(toDispatchError(err));
       } finally {
         signal?.removeEventListener("abort", onAbort);
+        this.calls.delete(call);
         call.cancel();
       }
     }

@@ -11,6 +11,7 @@ import {
   Code,
   Conversation,
   DeadlineExceededError,
+  DispatchError,
   DispatchClient,
   NotFoundError,
   PublicGetConversationRequest,
@@ -75,6 +76,11 @@ describe("DispatchClient against a grpc-js server", () => {
         // Never answers: the client's deadline ends the call.
       },
       subscribe(call: grpc.ServerWritableStream<SubscribeRequest, SubscribeResponse>) {
+        if (call.request.conversationId !== "conv_1") {
+          // Every event, then the live tail, which stays quiet.
+          call.write(SubscribeResponse.fromPartial({ events: EVENTS }));
+          return;
+        }
         subscribes.push(call.request);
         const from = call.request.afterEventSeq;
         const attempt = subscribes.length;
@@ -141,6 +147,36 @@ describe("DispatchClient against a grpc-js server", () => {
     } finally {
       client.close();
     }
+  });
+
+  it("has a method for every RPC of the service", () => {
+    const client = new DispatchClient({ address, apiKey: KEY });
+    try {
+      for (const name of Object.keys(DispatchDefinition.methods)) {
+        assert.equal(typeof (client as unknown as Record<string, unknown>)[name], "function", name);
+      }
+    } finally {
+      client.close();
+    }
+  });
+
+  it("ends a subscription when its signal aborts, and close() ends the calls in flight", async () => {
+    const client = new DispatchClient({ address, apiKey: KEY });
+    const controller = new AbortController();
+    const seen: number[] = [];
+    await assert.rejects(
+      (async () => {
+        for await (const event of client.subscribe("conv_quiet", { signal: controller.signal, timeoutMs: 20_000, initialBackoffMs: 1 })) {
+          seen.push(event.eventSeq);
+          if (seen.length === 2) controller.abort(new Error("enough"));
+        }
+      })(),
+      /enough/,
+    );
+    assert.deepEqual(seen.slice(0, 2), [1, 2]);
+    const pending = client.models({ timeoutMs: 20_000 });
+    client.close();
+    await assert.rejects(pending, (err: unknown) => err instanceof DispatchError && err.code === Code.CANCELLED);
   });
 
   it("resumes a broken stream and a resync from its last event, with no gap and no repeat", async () => {
