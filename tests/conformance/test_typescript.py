@@ -4,6 +4,7 @@ on a JSON line; each case is a test here, failing with the runner's words."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -21,8 +22,10 @@ CASES = [c["name"] for c in load_scenario()["cases"]]
 RUNNER_DEADLINE = 240
 
 
+@functools.cache
 def build() -> None:
-    """Compile the client and its runner (tsc, a few seconds): the tests run today's sources."""
+    """Compile the client and its runner (tsc, a few seconds), once a session: the tests run
+    today's sources."""
     if shutil.which("node") is None:
         pytest.fail("node (20 or later) is not on PATH")
     if not (PACKAGE / "node_modules" / ".bin" / "tsc").exists():
