@@ -9,7 +9,7 @@ connections the driver (`clients/typescript/test/browser/driver.ts`) cuts mid-tu
   new token and reopens from the last event it saw.
 
 Either way the events the page saw live equal the same turn read again whole: no gap and no
-repeat."""
+repeat. Then the page runs the conformance scenario's cases with the browser client."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.conformance.stack import ConformanceStack, load_scenario
 from tests.conformance.test_typescript import PACKAGE, build
-from tests.e2e.procs import Up, free_port
+from tests.e2e.procs import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 AGENT = "streamer"
@@ -43,6 +44,7 @@ SCRIPT = {
 }
 EXPECTED_TEXT = "".join(f"{i} " for i in range(1, 41))
 SCENARIOS = ["reconnect_with_last_event_id", "new_token_after_expiry"]
+CASES = [c["name"] for c in load_scenario()["cases"]]
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +52,16 @@ def browser_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/ensure-system-deps.sh installs Debian's chromium")
     build()
-    tmp = tmp_path_factory.mktemp("browser")
     page_port, proxy_port = free_port(), free_port()
-    (tmp / "script.json").write_text(json.dumps(SCRIPT))
-    (tmp / "dispatch.toml").write_text(
-        "\n".join(
-            [
-                f"[providers.{AGENT}]",
-                'kind = "scripted"',
-                f"script = {json.dumps(str(tmp / 'script.json'))}",
-                f"[agents.{AGENT}]",
-                f"provider = {json.dumps(AGENT)}",
-                "[kernel]",
-                f"default_agent = {json.dumps(AGENT)}",
-                "[transport]",
-                f'cors_origins = ["http://127.0.0.1:{page_port}"]',
-                "",
-            ]
-        )
-    )
-    workspace = tmp / "workspace"
-    workspace.mkdir()
-    up = Up(tmp, "--config", str(tmp / "dispatch.toml"), "--workspace", str(workspace))
+    # The scenario's stack, one agent more, and the page's origin allowed.
+    stack = ConformanceStack(
+        tmp_path_factory.mktemp("browser"),
+        extra_agents={AGENT: {"script": SCRIPT}},
+        extra_config=f'[transport]\ncors_origins = ["http://127.0.0.1:{page_port}"]\n',
+    ).start()
     try:
-        up.wait_for("Dispatch is up")
         env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(tmp),
-            "DISPATCH_HTTP_ADDRESS": up.http,
-            "DISPATCH_API_KEY": up.api_key(),
+            **stack.env(),
             "DISPATCH_BROWSER_PAGE_PORT": str(page_port),
             "DISPATCH_BROWSER_PROXY_PORT": str(proxy_port),
             "DISPATCH_BROWSER_AGENT": AGENT,
@@ -98,16 +81,20 @@ def browser_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             )
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"the browser driver did not finish within {DRIVER_DEADLINE}s:\n{exc.stdout!r}")
-        results = {}
+        results: dict[str, dict[str, Any]] = {}
         for line in done.stdout.splitlines():
             if line.startswith("{"):
                 result = json.loads(line)
-                results[result["scenario"]] = result
+                if "scenario" in result:
+                    results[result["scenario"]] = result
+                else:
+                    results[f"conformance:{result['conformance']}"] = result
         if not results:
             pytest.fail(f"the browser driver reported nothing (exit {done.returncode}):\n{done.stderr}")
+        results["__stderr__"] = {"stderr": done.stderr}
         yield results
     finally:
-        up.stop()
+        stack.stop()
 
 
 def seqs(events: list[dict[str, Any]]) -> list[int]:
@@ -152,3 +139,13 @@ def test_browser_resumes_a_cut_stream_with_no_gap(
         after = streams.index(resumed[0]) + 1
         reopened = [r for r in streams[after:] if r["lastEventId"] is None]
         assert reopened and reopened[0]["afterEventSeq"] == resumed[0]["lastEventId"], requests
+
+
+@pytest.mark.timeout(DRIVER_DEADLINE + 120)
+@pytest.mark.parametrize("case", CASES)
+def test_conformance_case_in_the_browser(browser_results: dict[str, dict[str, Any]], case: str) -> None:
+    """The conformance scenario, run in the page by the browser client, over the bridge."""
+    result = browser_results.get(f"conformance:{case}") or browser_results.get("conformance:*")
+    stderr = browser_results["__stderr__"]["stderr"]
+    assert result is not None, f"the driver did not report {case}:\n{stderr}"
+    assert result["ok"], f"{case}: {result.get('error')}\n{stderr}"

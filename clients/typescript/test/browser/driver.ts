@@ -7,16 +7,19 @@
  * (the page's origin, which the stack's cors_origins allows), DISPATCH_BROWSER_PROXY_PORT,
  * DISPATCH_BROWSER_AGENT (a slowly streaming scripted agent), CHROMIUM (default
  * /usr/bin/chromium). Prints one JSON line per scenario: the events the page saw live, the
- * same turn read again whole, and what the proxy saw of each events request (its path, and
- * its Last-Event-ID header; never a query string, where the token is). Exits 1 on a failure
- * of its own; the assertions are the Python test's.
+ * same turn read again whole, and what the proxy saw of each request (its path, Accept and
+ * Last-Event-ID headers; never a query string, where the token is). With
+ * DISPATCH_CONFORMANCE_SCENARIO (and DISPATCH_CONFORMANCE_OTHER_KEY) it then runs the
+ * conformance scenario's cases in the page, with the browser client straight to the bridge,
+ * one JSON line per case (`{"conformance": NAME, "ok": ...}`). Exits 1 if anything failed;
+ * the scenarios' assertions are the Python test's.
  */
 import { readFileSync } from "node:fs";
 import { createServer as createHttpServer } from "node:http";
 import { createServer, connect, type Socket } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { chromium, type Browser } from "playwright-core";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const PACKAGE = join(HERE, "..", "..", "..");
@@ -101,6 +104,7 @@ function servePage(): Promise<ReturnType<typeof createHttpServer>> {
   const files: Record<string, [string, string]> = {
     "/": ["text/html", join(PACKAGE, "test", "browser", "page.html")],
     "/dispatch-client.js": ["text/javascript", join(PACKAGE, "dist", "browser", "dispatch-client.js")],
+    "/scenario.js": ["text/javascript", join(PACKAGE, "dist", "browser", "scenario.js")],
   };
   const server = createHttpServer((req, res) => {
     const file = files[new URL(req.url ?? "/", "http://page").pathname];
@@ -191,12 +195,46 @@ async function main(): Promise<number> {
         await page.close();
       }
     }
+    const scenarioFile = process.env.DISPATCH_CONFORMANCE_SCENARIO;
+    if (scenarioFile) failed += await conformance(browser, scenarioFile);
   } finally {
     await browser.close();
     pageServer.close();
     proxy.close();
   }
   return failed ? 1 : 0;
+}
+
+/** The conformance scenario's cases, run in a page by the browser client. */
+async function conformance(browser: Browser, scenarioFile: string): Promise<number> {
+  const cases = (JSON.parse(readFileSync(scenarioFile, "utf8")) as { cases: unknown[] }).cases;
+  const page = await browser.newPage();
+  page.setDefaultTimeout(DEADLINE_MS * cases.length);
+  const consoleLines: string[] = [];
+  page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+  try {
+    await page.goto(`http://127.0.0.1:${pagePort}/`);
+    const results = (await page.evaluate(
+      async (config) => {
+        const module = (await import("/scenario.js" as string)) as {
+          runConformance(c: unknown): Promise<{ case: string; ok: boolean; error?: string }[]>;
+        };
+        return module.runConformance(config);
+      },
+      {
+        baseUrl: `http://${bridgeHost}:${bridgePort}`,
+        keys: { local: env("DISPATCH_API_KEY"), other: env("DISPATCH_CONFORMANCE_OTHER_KEY"), nobody: "not-a-key" },
+        cases,
+      },
+    )) as { case: string; ok: boolean; error?: string }[];
+    for (const result of results) console.log(JSON.stringify({ conformance: result.case, ok: result.ok, error: result.error }));
+    return results.filter((r) => !r.ok).length;
+  } catch (err) {
+    console.log(JSON.stringify({ conformance: "*", ok: false, error: String(err), console: consoleLines }));
+    return 1;
+  } finally {
+    await page.close();
+  }
 }
 
 process.exitCode = await main();
