@@ -1,12 +1,12 @@
 // The browser entry point as one ES module a page can import without a bundler:
 // dist/browser/dispatch-client.js. Built for the browser platform, so an import of
 // grpc-js or of a Node module fails the build instead of reaching a page. The browser
-// test's conformance runner is bundled the same way (dist/browser/scenario.js).
+// test's conformance runner is bundled the same way (dist/test/browser/scenario.js).
 import { build } from "esbuild";
 
 const bundles = [
   ["src/browser/index.ts", "dist/browser/dispatch-client.js"],
-  ["test/browser/scenario-entry.ts", "dist/browser/scenario.js"],
+  ["test/browser/scenario-entry.ts", "dist/test/browser/scenario.js"],
 ];
 
 for (const [entry, outfile] of bundles) await build({

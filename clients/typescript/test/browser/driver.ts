@@ -104,7 +104,7 @@ function servePage(): Promise<ReturnType<typeof createHttpServer>> {
   const files: Record<string, [string, string]> = {
     "/": ["text/html", join(PACKAGE, "test", "browser", "page.html")],
     "/dispatch-client.js": ["text/javascript", join(PACKAGE, "dist", "browser", "dispatch-client.js")],
-    "/scenario.js": ["text/javascript", join(PACKAGE, "dist", "browser", "scenario.js")],
+    "/scenario.js": ["text/javascript", join(PACKAGE, "dist", "test", "browser", "scenario.js")],
   };
   const server = createHttpServer((req, res) => {
     const file = files[new URL(req.url ?? "/", "http://page").pathname];

@@ -1,5 +1,5 @@
 // The conformance scenario in a web page: the browser client over the HTTP bridge, every
-// case of scenario.json (bundled by scripts/bundle.mjs as dist/browser/scenario.js; the
+// case of scenario.json (bundled by scripts/bundle.mjs as dist/test/browser/scenario.js; the
 // driver imports it into the page and calls runConformance).
 import { BrowserDispatchClient } from "../../src/browser/index.js";
 import { runCases, type Case, type CaseResult } from "../scenario.js";
