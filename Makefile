@@ -68,10 +68,11 @@ TS_STAMP   := $(TS_DIR)/node_modules/.install-stamp
 TS_BUILT   := $(TS_DIR)/dist/.built
 TS_SOURCES := $(shell find $(TS_DIR)/src $(TS_DIR)/test $(TS_DIR)/scripts -type f 2>/dev/null) $(TS_DIR)/tsconfig.json
 
-.PHONY: ts-install ts-lint ts-test
+.PHONY: ts-install ts-lint ts-test ts-clean
 install: ts-install
 test: ts-test
 lint: ts-lint
+clean: ts-clean
 
 ts-install: $(TS_BUILT)
 
@@ -89,3 +90,6 @@ ts-lint: ts-install
 
 ts-test: ts-install
 	cd $(TS_DIR) && node --test --test-timeout=120000 dist/test/unit/
+
+ts-clean:
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist
