@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # System packages the test suite needs and pip cannot provide, from Debian:
 # a real PostgreSQL server (the store's conformance suite) and a real OpenSSH
-# server and client (the exec service's SSH backend). Idempotent: installs
-# only what is missing.
+# server and client (the exec service's SSH backend), and Chromium (the
+# TypeScript client's browser test drives it headless with playwright-core).
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

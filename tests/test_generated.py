@@ -87,3 +87,13 @@ def test_client_copy_carries_only_the_public_contract() -> None:
         for p in (ROOT / "clients/python/dispatch_client/_proto").glob("*_pb2*")
     }
     assert stems == {"common_pb2", "transport_pb2"}
+
+
+def test_go_copy_carries_only_the_public_contract_without_the_protoc_version() -> None:
+    go = ROOT / "clients/go/dispatchv1"
+    assert {p.name for p in go.iterdir()} == {"common.pb.go", "transport.pb.go", "transport_grpc.pb.go"}
+    for path in go.iterdir():
+        header = path.read_text().split("package dispatchv1", 1)[0]
+        assert "DO NOT EDIT" in header
+        # The plugins' versions are pinned; protoc's (whichever grpcio-tools is installed) is not written.
+        assert not re.search(r"protoc\s+v\d", header), header

@@ -30,7 +30,8 @@ def _toml_value(value: object) -> str:
     return json.dumps(value)  # strings, numbers and booleans read the same in TOML
 
 
-def write_config(tmp: Path, scenario: dict[str, Any]) -> Path:
+def write_config(tmp: Path, scenario: dict[str, Any], extra: str = "") -> Path:
+    """The config of the scenario's stack; ``extra``: more TOML after it (other sections)."""
     agents: dict[str, Any] = scenario["stack"]["agents"]
     lines: list[str] = []
     for name, agent in agents.items():
@@ -44,20 +45,25 @@ def write_config(tmp: Path, scenario: dict[str, Any]) -> Path:
             lines.append("")
     lines += ["[kernel]", f"default_agent = {_toml_value(next(iter(agents)))}", ""]
     path = tmp / "dispatch.toml"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + extra)
     return path
 
 
 class ConformanceStack:
-    def __init__(self, tmp: Path):
+    """``extra_agents`` join the scenario's (same format); ``extra_config`` is appended to the
+    config (a ``[transport]`` section, say): for a test that needs more of the same stack."""
+
+    def __init__(self, tmp: Path, *, extra_agents: dict[str, Any] | None = None, extra_config: str = ""):
         self.tmp = tmp
         self.scenario = load_scenario()
+        self.scenario["stack"]["agents"].update(extra_agents or {})
+        self.extra_config = extra_config
         self.up: Up | None = None
         self.api_key = ""
         self.other_key = ""
 
     def start(self) -> ConformanceStack:
-        config = write_config(self.tmp, self.scenario)
+        config = write_config(self.tmp, self.scenario, self.extra_config)
         workspace = self.tmp / "workspace"
         workspace.mkdir()
         (workspace / "README.md").write_text("a file for list_dir to find\n")
