@@ -86,6 +86,7 @@ async def test_a_kernel_killed_mid_turn_is_taken_over_and_every_transport_sees_i
         recorder.follow(conv, "transport2", via_transport(cluster, 1))
         sent = await send(send_via_transport(cluster, 0), recorder, conv, "go")
         assert sent is not None
+
         def both_in_step_3() -> bool:
             # By what each subscriber received (``Seen.source`` names only the first to get
             # an event: a transport that is always second would never count).
