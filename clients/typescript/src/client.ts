@@ -39,9 +39,9 @@ export interface ClientOptions {
   /** The default deadline of a unary call, in milliseconds (30 s). */
   timeoutMs?: number;
   /**
-   * TLS: `true` (the system's roots) or the certificates to use; `false`: plaintext. The
-   * default is plaintext for a loopback address (127.0.0.0/8, localhost, ::1) and TLS for
-   * any other, so a key never crosses a network in the clear unless you say so.
+   * TLS: `true` (the system's roots) or the certificates to use; `false` (the default, as
+   * in the Python and Go clients: `dispatchd` itself serves plaintext, on loopback or behind
+   * a TLS-terminating proxy): plaintext.
    */
   tls?: boolean | TlsOptions;
   /** Channel credentials of your own; they override `tls`. */
@@ -69,16 +69,9 @@ export function findAddress(given?: string): string {
   return given || process.env.DISPATCH_ADDRESS?.trim() || DEFAULT_ADDRESS;
 }
 
-/** Whether `address` (`host:port`) names this machine. */
-export function isLoopback(address: string): boolean {
-  let host = address.replace(/^dns:(\/\/\/)?/, "");
-  host = host.startsWith("[") ? host.slice(1, host.indexOf("]")) : host.replace(/:\d+$/, "");
-  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
-}
-
-function credentialsFor(options: ClientOptions, address: string): grpc.ChannelCredentials {
+function credentialsFor(options: ClientOptions): grpc.ChannelCredentials {
   if (options.credentials) return options.credentials;
-  const tls = options.tls ?? !isLoopback(address);
+  const tls = options.tls ?? false;
   if (tls === false) return grpc.credentials.createInsecure();
   const given = tls === true ? {} : tls;
   return grpc.credentials.createSsl(given.rootCerts ?? null, given.privateKey ?? null, given.certChain ?? null);
@@ -110,7 +103,7 @@ export class DispatchClient extends DispatchApi {
     this.apiKey = findApiKey(options.apiKey);
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.log = options.log;
-    this.grpcClient = new grpc.Client(this.address, credentialsFor(options, this.address), options.channelOptions);
+    this.grpcClient = new grpc.Client(this.address, credentialsFor(options), options.channelOptions);
   }
 
   /** Closes the channel; calls and streams still open on it end (CANCELLED). */

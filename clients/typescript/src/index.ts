@@ -4,7 +4,6 @@ export {
   DispatchClient,
   findAddress,
   findApiKey,
-  isLoopback,
   toDispatchError,
   type ClientOptions,
   type TlsOptions,
