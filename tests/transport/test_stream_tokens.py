@@ -65,6 +65,9 @@ def test_ttl_bounds() -> None:
     for ttl in (-1, MAX_TTL + 1):
         with pytest.raises(InvalidArgument, match="ttl_seconds must be from 1 to 3600"):
             tokens.mint(CALLER, "c_1", ttl)
+    # A token lasts at least its TTL: a fraction of a second rounds up, never down.
+    late = StreamTokens(SECRET.encode(), clock=lambda: 10.9)
+    assert late.mint(CALLER, "c_1", 1)[1].timestamp() == 12
     with pytest.raises(ValueError, match="at least 16 bytes"):
         StreamTokens(b"short")
 

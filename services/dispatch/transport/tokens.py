@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -75,7 +76,8 @@ class StreamTokens:
             raise InvalidArgument(
                 f"ttl_seconds must be from 1 to {MAX_TTL} (0: {DEFAULT_TTL}), got {ttl_seconds}"
             )
-        expires = int(self._clock()) + (ttl_seconds or DEFAULT_TTL)
+        # Whole seconds, rounded up: a token lasts at least its TTL.
+        expires = math.ceil(self._clock() + (ttl_seconds or DEFAULT_TTL))
         claims = {"t": caller.tenant_id, "c": conversation_id, "k": caller.key_id, "e": expires}
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{PREFIX}{payload}.{self._mac(payload)}", datetime.fromtimestamp(expires, UTC)
