@@ -1656,7 +1656,11 @@ type ModelInfo struct {
 	Provider string `protobuf:"bytes,1,opt,name=provider,proto3" json:"provider,omitempty"`
 	Model    string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	// Agents that use this model.
-	Agents        []string `protobuf:"bytes,3,rep,name=agents,proto3" json:"agents,omitempty"`
+	Agents []string `protobuf:"bytes,3,rep,name=agents,proto3" json:"agents,omitempty"`
+	// The model's context window and what of it is kept for the response, in tokens
+	// (configured, or known for common models; see the README's "Context window").
+	ContextWindow int64 `protobuf:"varint,4,opt,name=context_window,json=contextWindow,proto3" json:"context_window,omitempty"`
+	OutputReserve int64 `protobuf:"varint,5,opt,name=output_reserve,json=outputReserve,proto3" json:"output_reserve,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1710,6 +1714,20 @@ func (x *ModelInfo) GetAgents() []string {
 		return x.Agents
 	}
 	return nil
+}
+
+func (x *ModelInfo) GetContextWindow() int64 {
+	if x != nil {
+		return x.ContextWindow
+	}
+	return 0
+}
+
+func (x *ModelInfo) GetOutputReserve() int64 {
+	if x != nil {
+		return x.OutputReserve
+	}
+	return 0
 }
 
 type StepMetrics struct {
@@ -2645,14 +2663,22 @@ func (x *UsageEvent) GetUsage() *Usage {
 }
 
 type StepCompleted struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StepIndex     int32                  `protobuf:"varint,1,opt,name=step_index,json=stepIndex,proto3" json:"step_index,omitempty"`
-	FinishReason  FinishReason           `protobuf:"varint,2,opt,name=finish_reason,json=finishReason,proto3,enum=dispatch.v1.FinishReason" json:"finish_reason,omitempty"`
-	Ttft          *durationpb.Duration   `protobuf:"bytes,3,opt,name=ttft,proto3" json:"ttft,omitempty"`
-	Decode        *durationpb.Duration   `protobuf:"bytes,4,opt,name=decode,proto3" json:"decode,omitempty"`
-	Generation    *durationpb.Duration   `protobuf:"bytes,5,opt,name=generation,proto3" json:"generation,omitempty"`
-	Usage         *Usage                 `protobuf:"bytes,6,opt,name=usage,proto3" json:"usage,omitempty"`
-	ToolCalls     int32                  `protobuf:"varint,7,opt,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	StepIndex    int32                  `protobuf:"varint,1,opt,name=step_index,json=stepIndex,proto3" json:"step_index,omitempty"`
+	FinishReason FinishReason           `protobuf:"varint,2,opt,name=finish_reason,json=finishReason,proto3,enum=dispatch.v1.FinishReason" json:"finish_reason,omitempty"`
+	Ttft         *durationpb.Duration   `protobuf:"bytes,3,opt,name=ttft,proto3" json:"ttft,omitempty"`
+	Decode       *durationpb.Duration   `protobuf:"bytes,4,opt,name=decode,proto3" json:"decode,omitempty"`
+	Generation   *durationpb.Duration   `protobuf:"bytes,5,opt,name=generation,proto3" json:"generation,omitempty"`
+	Usage        *Usage                 `protobuf:"bytes,6,opt,name=usage,proto3" json:"usage,omitempty"`
+	ToolCalls    int32                  `protobuf:"varint,7,opt,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// The kernel's estimate of the step's request, in input tokens, made before sending it.
+	ContextEstimate int64 `protobuf:"varint,8,opt,name=context_estimate,json=contextEstimate,proto3" json:"context_estimate,omitempty"`
+	// The step's request and response as the provider counted them (input + output
+	// tokens); the estimate when the provider reported no usage.
+	ContextSize int64 `protobuf:"varint,9,opt,name=context_size,json=contextSize,proto3" json:"context_size,omitempty"`
+	// The model's context window, in tokens, and context_size as a fraction of it.
+	ContextWindow int64   `protobuf:"varint,10,opt,name=context_window,json=contextWindow,proto3" json:"context_window,omitempty"`
+	ContextUsed   float64 `protobuf:"fixed64,11,opt,name=context_used,json=contextUsed,proto3" json:"context_used,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2732,6 +2758,34 @@ func (x *StepCompleted) GetUsage() *Usage {
 func (x *StepCompleted) GetToolCalls() int32 {
 	if x != nil {
 		return x.ToolCalls
+	}
+	return 0
+}
+
+func (x *StepCompleted) GetContextEstimate() int64 {
+	if x != nil {
+		return x.ContextEstimate
+	}
+	return 0
+}
+
+func (x *StepCompleted) GetContextSize() int64 {
+	if x != nil {
+		return x.ContextSize
+	}
+	return 0
+}
+
+func (x *StepCompleted) GetContextWindow() int64 {
+	if x != nil {
+		return x.ContextWindow
+	}
+	return 0
+}
+
+func (x *StepCompleted) GetContextUsed() float64 {
+	if x != nil {
+		return x.ContextUsed
 	}
 	return 0
 }
@@ -3061,12 +3115,16 @@ func (x *ErrorEvent) GetFatal() bool {
 }
 
 type TurnDone struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	FinishReason  FinishReason           `protobuf:"varint,1,opt,name=finish_reason,json=finishReason,proto3,enum=dispatch.v1.FinishReason" json:"finish_reason,omitempty"`
-	Duration      *durationpb.Duration   `protobuf:"bytes,2,opt,name=duration,proto3" json:"duration,omitempty"`
-	Usage         *Usage                 `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
-	ContextSize   int64                  `protobuf:"varint,4,opt,name=context_size,json=contextSize,proto3" json:"context_size,omitempty"`
-	Steps         int32                  `protobuf:"varint,5,opt,name=steps,proto3" json:"steps,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	FinishReason FinishReason           `protobuf:"varint,1,opt,name=finish_reason,json=finishReason,proto3,enum=dispatch.v1.FinishReason" json:"finish_reason,omitempty"`
+	Duration     *durationpb.Duration   `protobuf:"bytes,2,opt,name=duration,proto3" json:"duration,omitempty"`
+	Usage        *Usage                 `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	// The last step's context_size (see StepCompleted).
+	ContextSize int64 `protobuf:"varint,4,opt,name=context_size,json=contextSize,proto3" json:"context_size,omitempty"`
+	Steps       int32 `protobuf:"varint,5,opt,name=steps,proto3" json:"steps,omitempty"`
+	// The model's context window, and context_size as a fraction of it.
+	ContextWindow int64   `protobuf:"varint,6,opt,name=context_window,json=contextWindow,proto3" json:"context_window,omitempty"`
+	ContextUsed   float64 `protobuf:"fixed64,7,opt,name=context_used,json=contextUsed,proto3" json:"context_used,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3132,6 +3190,20 @@ func (x *TurnDone) GetContextSize() int64 {
 func (x *TurnDone) GetSteps() int32 {
 	if x != nil {
 		return x.Steps
+	}
+	return 0
+}
+
+func (x *TurnDone) GetContextWindow() int64 {
+	if x != nil {
+		return x.ContextWindow
+	}
+	return 0
+}
+
+func (x *TurnDone) GetContextUsed() float64 {
+	if x != nil {
+		return x.ContextUsed
 	}
 	return 0
 }
@@ -4295,11 +4367,13 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"\thost_name\x18\x02 \x01(\tR\bhostName\x12\x12\n" +
 	"\x04user\x18\x03 \x01(\tR\x04user\x12\x12\n" +
 	"\x04port\x18\x04 \x01(\x05R\x04port\x12\x14\n" +
-	"\x05local\x18\x05 \x01(\bR\x05local\"U\n" +
+	"\x05local\x18\x05 \x01(\bR\x05local\"\xa3\x01\n" +
 	"\tModelInfo\x12\x1a\n" +
 	"\bprovider\x18\x01 \x01(\tR\bprovider\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
-	"\x06agents\x18\x03 \x03(\tR\x06agents\"\x84\x03\n" +
+	"\x06agents\x18\x03 \x03(\tR\x06agents\x12%\n" +
+	"\x0econtext_window\x18\x04 \x01(\x03R\rcontextWindow\x12%\n" +
+	"\x0eoutput_reserve\x18\x05 \x01(\x03R\routputReserve\"\x84\x03\n" +
 	"\vStepMetrics\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1d\n" +
 	"\n" +
@@ -4391,7 +4465,7 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"\fduplicate_of\x18\x06 \x01(\tR\vduplicateOf\"6\n" +
 	"\n" +
 	"UsageEvent\x12(\n" +
-	"\x05usage\x18\x01 \x01(\v2\x12.dispatch.v1.UsageR\x05usage\"\xd4\x02\n" +
+	"\x05usage\x18\x01 \x01(\v2\x12.dispatch.v1.UsageR\x05usage\"\xec\x03\n" +
 	"\rStepCompleted\x12\x1d\n" +
 	"\n" +
 	"step_index\x18\x01 \x01(\x05R\tstepIndex\x12>\n" +
@@ -4403,7 +4477,12 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"generation\x12(\n" +
 	"\x05usage\x18\x06 \x01(\v2\x12.dispatch.v1.UsageR\x05usage\x12\x1d\n" +
 	"\n" +
-	"tool_calls\x18\a \x01(\x05R\ttoolCalls\"\x8a\x01\n" +
+	"tool_calls\x18\a \x01(\x05R\ttoolCalls\x12)\n" +
+	"\x10context_estimate\x18\b \x01(\x03R\x0fcontextEstimate\x12!\n" +
+	"\fcontext_size\x18\t \x01(\x03R\vcontextSize\x12%\n" +
+	"\x0econtext_window\x18\n" +
+	" \x01(\x03R\rcontextWindow\x12!\n" +
+	"\fcontext_used\x18\v \x01(\x01R\vcontextUsed\"\x8a\x01\n" +
 	"\rProviderRetry\x12\x18\n" +
 	"\aattempt\x18\x01 \x01(\x05R\aattempt\x12/\n" +
 	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x12\x16\n" +
@@ -4424,13 +4503,15 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"ErrorEvent\x12\x18\n" +
 	"\amessage\x18\x01 \x01(\tR\amessage\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x14\n" +
-	"\x05fatal\x18\x03 \x01(\bR\x05fatal\"\xe4\x01\n" +
+	"\x05fatal\x18\x03 \x01(\bR\x05fatal\"\xae\x02\n" +
 	"\bTurnDone\x12>\n" +
 	"\rfinish_reason\x18\x01 \x01(\x0e2\x19.dispatch.v1.FinishReasonR\ffinishReason\x125\n" +
 	"\bduration\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12(\n" +
 	"\x05usage\x18\x03 \x01(\v2\x12.dispatch.v1.UsageR\x05usage\x12!\n" +
 	"\fcontext_size\x18\x04 \x01(\x03R\vcontextSize\x12\x14\n" +
-	"\x05steps\x18\x05 \x01(\x05R\x05steps\"U\n" +
+	"\x05steps\x18\x05 \x01(\x05R\x05steps\x12%\n" +
+	"\x0econtext_window\x18\x06 \x01(\x03R\rcontextWindow\x12!\n" +
+	"\fcontext_used\x18\a \x01(\x01R\vcontextUsed\"U\n" +
 	"\n" +
 	"TurnSealed\x12,\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x16.dispatch.v1.TurnStateR\x05state\x12\x19\n" +

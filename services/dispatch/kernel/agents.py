@@ -4,12 +4,13 @@ its tools looked up."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dispatch.kernel.context import Window, window_for
 from dispatch.kernel.permissions import Rule, RuleError, parse
 from dispatch.kernel.providers import Provider, build_provider
 from dispatch.kernel.tools import Tool
-from dispatch.shared.config import AgentConfig, ConfigError, DispatchPolicy, KernelConfig
+from dispatch.shared.config import AgentConfig, ConfigError, DispatchPolicy, KernelConfig, ProviderConfig
 from dispatch.v1 import common_pb2
 
 
@@ -31,6 +32,8 @@ class Agent:
     rules: tuple[Rule, ...] = ()
     # Seconds an approval may wait; 0: forever.
     approval_timeout: float = 0.0
+    # Its model's context window (kernel/context.py).
+    window: Window = field(default_factory=lambda: window_for(""))
 
     @property
     def text_only(self) -> bool:
@@ -56,7 +59,14 @@ def build_agents(
 
     check_agents(cfg, tools)
     agents = {
-        name: _agent(name, a, tools, provider_named, _rules(cfg, name, a, tools))
+        name: _agent(
+            name,
+            a,
+            tools,
+            provider_named,
+            _rules(cfg, name, a, tools),
+            provider_cfg=cfg.all_providers()[a.provider],
+        )
         for name, a in cfg.all_agents().items()
     }
     return agents, ([provider] if provider is not None else list(built.values()))
@@ -95,13 +105,16 @@ def _agent(
     tools: Mapping[str, Tool],
     provider_named: Callable[[str], Provider],
     rules: tuple[Rule, ...],
+    *,
+    provider_cfg: ProviderConfig,
 ) -> Agent:
     offered = dict(tools) if a.tools is None else {t: tools[t] for t in a.tools}
     provider = provider_named(a.provider)
+    model = a.model or provider.model
     return Agent(
         name=name,
         provider=provider,
-        model=a.model or provider.model,
+        model=model,
         system_prompt=a.system_prompt,
         tools={} if a.steps == 0 else offered,
         steps=a.steps,
@@ -110,15 +123,28 @@ def _agent(
         policy=a.dispatch,
         rules=rules,
         approval_timeout=a.approval_timeout,
+        window=window_for(
+            model,
+            window=a.context_window or provider_cfg.context_window,
+            reserve=a.output_reserve or provider_cfg.output_reserve,
+            max_tokens=provider_cfg.max_tokens,
+        ),
     )
 
 
 def model_infos(agents: Mapping[str, Agent]) -> list[common_pb2.ModelInfo]:
     """One entry per (provider, model) in use, naming the agents that use it."""
-    by_model: dict[tuple[str, str], list[str]] = {}
+    by_model: dict[tuple[str, str], list[Agent]] = {}
     for agent in agents.values():
-        by_model.setdefault((agent.provider.name, agent.model), []).append(agent.name)
+        by_model.setdefault((agent.provider.name, agent.model), []).append(agent)
     return [
-        common_pb2.ModelInfo(provider=provider, model=model, agents=sorted(names))
-        for (provider, model), names in sorted(by_model.items())
+        common_pb2.ModelInfo(
+            provider=provider,
+            model=model,
+            agents=sorted(a.name for a in users),
+            # Agents may set their own: the smallest is what every one of them can count on.
+            context_window=min(a.window.tokens for a in users),
+            output_reserve=max(a.window.reserve for a in users),
+        )
+        for (provider, model), users in sorted(by_model.items())
     ]

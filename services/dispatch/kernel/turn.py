@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.approvals import RUNS, ApprovalBoard, StepApprovals, why_not_run
+from dispatch.kernel.context import Gauge
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.leases import new_instance_id
@@ -121,6 +122,8 @@ class StepState:
     edited: dict[str, str] = field(default_factory=dict)
     # Calls whose results history has already (a recovered step): not committed again.
     answered: set[str] = field(default_factory=set)
+    # The request's estimated input tokens, before it was sent.
+    context_estimate: int = 0
 
     def assistant_message(self, turn_id: str, *, with_calls: bool) -> common_pb2.Message | None:
         chunks: list[common_pb2.Chunk] = []
@@ -316,6 +319,9 @@ class TurnRunner:
         # The agent's rules until the turn loads the workspace's and the conversation's.
         self._permissions = Permissions([], [], list(self.agent.rules))
         self._step_metrics: list[common_pb2.StepMetrics] = []
+        # How full the model's window is, estimated before each request (kernel/context.py).
+        self._gauge = Gauge(self.agent.window)
+        self._context_size = 0
 
     @property
     def turn(self) -> common_pb2.Turn:
@@ -491,7 +497,6 @@ class TurnRunner:
         finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_ERROR
         error = ""
         steps = resume.from_step if resume is not None else 0
-        last_step_usage = common_pb2.Usage()
         try:
             if resume is not None and resume.finished and not resume.give_up:
                 finish = common_pb2.FINISH_REASON_STOP
@@ -504,7 +509,7 @@ class TurnRunner:
                     )
                 )
             else:
-                finish, steps, last_step_usage = await self._steps()
+                finish, steps = await self._steps()
         except Handover:
             await self._hand_over(mid_step=self._handover_forced)
             return
@@ -532,8 +537,10 @@ class TurnRunner:
                 finish_reason=finish,
                 duration=duration(time.monotonic() - started),
                 usage=self._usage,
-                context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
+                context_size=self._context_size,
                 steps=steps,
+                context_window=self.agent.window.tokens,
+                context_used=self.agent.window.used(self._context_size),
             )
         )
         metrics = common_pb2.TurnMetrics(
@@ -543,7 +550,7 @@ class TurnRunner:
             usage=self._usage,
             steps=steps,
             tool_calls=sum(m.tool_calls for m in self._step_metrics),
-            context_size=last_step_usage.input_tokens + last_step_usage.output_tokens,
+            context_size=self._context_size,
             finish_reason=finish,
         )
         state = self.abort_reason or TERMINAL_STATE.get(finish, common_pb2.TURN_STATE_COMPLETED)
@@ -646,14 +653,13 @@ class TurnRunner:
         caps = [c for c in (self.deps.max_steps, self.agent.steps or 0) if c > 0]
         return min(caps) if caps else 0
 
-    async def _steps(self) -> tuple[common_pb2.FinishReason.ValueType, int, common_pb2.Usage]:
-        """The step loop. Returns the turn's finish reason, its step count and the last step's usage.
+    async def _steps(self) -> tuple[common_pb2.FinishReason.ValueType, int]:
+        """The step loop. Returns the turn's finish reason and its step count.
 
         A step cap, a spent tool budget or a doom loop does not cut the turn off: one more
         step runs with tools disabled, so the model can say where it got to (the wrap-up).
         """
         history = await self._load_history()
-        last_usage = common_pb2.Usage()
         step_index = self.resume.from_step if self.resume is not None else 0
         # Told with the first step of a recovered turn, and committed with it.
         note = self.resume.note if self.resume is not None else None
@@ -661,7 +667,7 @@ class TurnRunner:
             self._restore_limits(history, step_index)
         while True:
             if self.abort_reason is not None:
-                return common_pb2.FINISH_REASON_ABORTED, step_index, last_usage
+                return common_pb2.FINISH_REASON_ABORTED, step_index
             if self._handover:
                 raise Handover
             if not self._confident() or not self._sure.is_set():
@@ -697,7 +703,7 @@ class TurnRunner:
                 self._step_task = None
             if self.abort_reason is not None:
                 await self._commit_partial(step)
-                return common_pb2.FINISH_REASON_ABORTED, step_index + 1, step.usage.to_proto()
+                return common_pb2.FINISH_REASON_ABORTED, step_index + 1
             if step.assistant_committed:
                 # It asked for approvals: note and assistant message are in; the results follow.
                 history.extend(step.committed)
@@ -723,9 +729,8 @@ class TurnRunner:
             steer = bool(step.calls) and wrap_up is None and self._limit is None
             if not step.assistant_committed:
                 back = common_pb2.TURN_STATE_UNSPECIFIED
-            last_usage = step.usage.to_proto()
             # The step's metrics ride in its commit: one round trip to the store per step.
-            metrics = self._step_metrics_of(step, last_usage)
+            metrics = self._step_metrics_of(step, step.usage.to_proto())
             committed = await self._append(messages, take_queue=steer, move_to=back, step_metrics=[metrics])
             history.extend(committed.messages)
             self._complete_step(step, metrics)
@@ -740,13 +745,13 @@ class TurnRunner:
                     ),
                 )
             if wrap_up is not None:
-                return wrap_up, step_index, last_usage
+                return wrap_up, step_index
             if not step.calls:
                 # A model that asked for tools it was not offered (their calls were ignored) is done.
                 finish = step.finish
                 if finish == common_pb2.FINISH_REASON_TOOL_CALLS:
                     finish = common_pb2.FINISH_REASON_STOP
-                return finish, step_index, last_usage
+                return finish, step_index
 
     def _gate(self, call: ToolCall) -> str:
         """Why ``call`` must not run (the turn's tool budget is spent, or it repeats the
@@ -847,7 +852,12 @@ class TurnRunner:
         )
 
     def _complete_step(self, step: StepState, metrics: common_pb2.StepMetrics) -> None:
-        """The step is committed: ``step_completed`` says so, with its metrics."""
+        """The step is committed: ``step_completed`` says so, with its metrics and how full
+        the model's window was."""
+        usage = metrics.usage
+        reported = usage.input_tokens + usage.output_tokens if usage.input_tokens else 0
+        self._context_size = reported or step.context_estimate
+        window = self.agent.window
         self._emit(
             step.step_id,
             step_completed=common_pb2.StepCompleted(
@@ -858,6 +868,10 @@ class TurnRunner:
                 generation=metrics.generation,
                 usage=metrics.usage,
                 tool_calls=metrics.tool_calls,
+                context_estimate=step.context_estimate,
+                context_size=self._context_size,
+                context_window=window.tokens,
+                context_used=window.used(self._context_size),
             ),
         )
         self._step_metrics.append(metrics)
@@ -913,6 +927,7 @@ class TurnRunner:
             tools=[t.spec for t in agent.tools.values()],
             tools_disabled=wrap_up is not None,
         )
+        step.context_estimate = self._gauge.before(request, len(history))
         started: dict[str, float] = {}
 
         async def run_call(call: ToolCall) -> ToolResult:
@@ -947,6 +962,7 @@ class TurnRunner:
             return
         try:
             await self._stream_step(step, request, dispatcher, tools_allowed=wrap_up is None)
+            self._gauge.after(len(history), step.usage.to_proto())
             if wrap_up is not None and not "".join(step.text).strip():
                 await self._wrap_up_once_more(step, request, dispatcher)
             if not agent.policy.eager:

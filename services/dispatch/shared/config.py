@@ -91,6 +91,10 @@ class ProviderConfig:
     # OpenAI-compatible server (a local model's context may be smaller than any fixed
     # default) and ANTHROPIC_MAX_TOKENS for Anthropic, which requires one.
     max_tokens: int = 0
+    # The model's context window and what of it is kept for the response, in tokens;
+    # 0: the model's known window (kernel/context.py) and max_tokens or an eighth of it.
+    context_window: int = 0
+    output_reserve: int = 0
 
     @property
     def display(self) -> str:
@@ -160,6 +164,9 @@ class AgentConfig:
     permissions: Mapping[str, Any] = field(default_factory=dict)
     # Seconds an approval may wait before it expires (a rejection); 0: it never does.
     approval_timeout: float = 0.0
+    # The agent's model's context window and output reserve, in tokens; 0: the provider's.
+    context_window: int = 0
+    output_reserve: int = 0
 
 
 @dataclass(frozen=True)
@@ -295,7 +302,17 @@ def load_file(path: str | None) -> dict[str, Any]:
 # (a table of names the user chooses, such as tool_limits); "*" stands for any table name.
 ANY: Mapping[str, Any] = {}
 _PROVIDER = dict.fromkeys(
-    ("kind", "model", "base_url", "api_key_env", "script", "request_timeout", "max_tokens")
+    (
+        "kind",
+        "model",
+        "base_url",
+        "api_key_env",
+        "script",
+        "request_timeout",
+        "max_tokens",
+        "context_window",
+        "output_reserve",
+    )
 )
 _DISPATCH = {
     **dict.fromkeys(("max_concurrent", "eager", "dedup_exempt", "scheduler")),
@@ -312,6 +329,8 @@ SCHEMA: Mapping[str, Any] = {
             "dispatch": _DISPATCH,
             "permissions": ANY,
             "approval_timeout": None,
+            "context_window": None,
+            "output_reserve": None,
         }
     },
     "kernel": {
@@ -502,6 +521,7 @@ def _provider(
         raise ConfigError(f"config key {key}.max_tokens must be more than 0 (leave it out for no cap)")
     if timeout <= 0:
         raise ConfigError(f"config key {key}.request_timeout must be more than 0")
+    window, reserve = _window(sec, key)
     if kind in ("openai", "anthropic") and not model:
         hint = " (or DISPATCH_MODEL)" if default else ""
         raise ConfigError(f"config key {key}.model{hint} is required for provider kind {kind}")
@@ -522,7 +542,24 @@ def _provider(
         script=script,
         request_timeout=timeout,
         max_tokens=max_tokens,
+        context_window=window,
+        output_reserve=reserve,
     )
+
+
+def _window(sec: Mapping[str, Any], key: str) -> tuple[int, int]:
+    """A table's ``context_window`` and ``output_reserve`` (0: not said), checked."""
+    window = _int(sec.get("context_window", 0), f"{key}.context_window")
+    reserve = _int(sec.get("output_reserve", 0), f"{key}.output_reserve")
+    if window < 0 or ("context_window" in sec and window < 1024):
+        raise ConfigError(f"config key {key}.context_window must be at least 1024 tokens, got {window}")
+    if reserve < 0:
+        raise ConfigError(f"config key {key}.output_reserve must be 0 or more tokens, got {reserve}")
+    if window and reserve >= window:
+        raise ConfigError(
+            f"config key {key}.output_reserve ({reserve}) must be less than context_window ({window})"
+        )
+    return window, reserve
 
 
 def providers_config(
@@ -574,6 +611,8 @@ def agent_config(
         ),
         permissions=_permissions(sec.get("permissions"), f"{key}.permissions"),
         approval_timeout=_float(sec.get("approval_timeout", 0.0), f"{key}.approval_timeout"),
+        context_window=_window(sec, key)[0],
+        output_reserve=_window(sec, key)[1],
     )
     if agent.approval_timeout < 0:
         raise ConfigError(f"config key {key}.approval_timeout must be 0 (never) or more seconds")

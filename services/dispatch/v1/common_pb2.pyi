@@ -766,9 +766,16 @@ class ModelInfo(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    OUTPUT_RESERVE_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Provider name from the config (e.g. "openai", "anthropic", "scripted")."""
     model: _builtins.str
+    context_window: _builtins.int
+    """The model's context window and what of it is kept for the response, in tokens
+    (configured, or known for common models; see the README's "Context window").
+    """
+    output_reserve: _builtins.int
     @_builtins.property
     def agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents that use this model."""
@@ -779,10 +786,12 @@ class ModelInfo(_message.Message):
         provider: _builtins.str = ...,
         model: _builtins.str = ...,
         agents: _abc.Iterable[_builtins.str] | None = ...,
+        context_window: _builtins.int = ...,
+        output_reserve: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "model", b"model", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "context_window", b"context_window", "model", b"model", "output_reserve", b"output_reserve", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1218,9 +1227,22 @@ class StepCompleted(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    CONTEXT_ESTIMATE_FIELD_NUMBER: _builtins.int
+    CONTEXT_SIZE_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    CONTEXT_USED_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     tool_calls: _builtins.int
+    context_estimate: _builtins.int
+    """The kernel's estimate of the step's request, in input tokens, made before sending it."""
+    context_size: _builtins.int
+    """The step's request and response as the provider counted them (input + output
+    tokens); the estimate when the provider reported no usage.
+    """
+    context_window: _builtins.int
+    """The model's context window, in tokens, and context_size as a fraction of it."""
+    context_used: _builtins.float
     @_builtins.property
     def ttft(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -1239,10 +1261,14 @@ class StepCompleted(_message.Message):
         generation: _duration_pb2.Duration | None = ...,
         usage: Global___Usage | None = ...,
         tool_calls: _builtins.int = ...,
+        context_estimate: _builtins.int = ...,
+        context_size: _builtins.int = ...,
+        context_window: _builtins.int = ...,
+        context_used: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "generation", b"generation", "ttft", b"ttft", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode", b"decode", "finish_reason", b"finish_reason", "generation", b"generation", "step_index", b"step_index", "tool_calls", b"tool_calls", "ttft", b"ttft", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_estimate", b"context_estimate", "context_size", b"context_size", "context_used", b"context_used", "context_window", b"context_window", "decode", b"decode", "finish_reason", b"finish_reason", "generation", b"generation", "step_index", b"step_index", "tool_calls", b"tool_calls", "ttft", b"ttft", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1402,9 +1428,15 @@ class TurnDone(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     CONTEXT_SIZE_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    CONTEXT_USED_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     context_size: _builtins.int
+    """The last step's context_size (see StepCompleted)."""
     steps: _builtins.int
+    context_window: _builtins.int
+    """The model's context window, and context_size as a fraction of it."""
+    context_used: _builtins.float
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -1417,10 +1449,12 @@ class TurnDone(_message.Message):
         usage: Global___Usage | None = ...,
         context_size: _builtins.int = ...,
         steps: _builtins.int = ...,
+        context_window: _builtins.int = ...,
+        context_used: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_size", b"context_size", "duration", b"duration", "finish_reason", b"finish_reason", "steps", b"steps", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_size", b"context_size", "context_used", b"context_used", "context_window", b"context_window", "duration", b"duration", "finish_reason", b"finish_reason", "steps", b"steps", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -681,6 +681,12 @@ export interface ModelInfo {
   model: string;
   /** Agents that use this model. */
   agents: string[];
+  /**
+   * The model's context window and what of it is kept for the response, in tokens
+   * (configured, or known for common models; see the README's "Context window").
+   */
+  contextWindow: number;
+  outputReserve: number;
 }
 
 export interface StepMetrics {
@@ -823,6 +829,16 @@ export interface StepCompleted {
   generation: Duration | undefined;
   usage: Usage | undefined;
   toolCalls: number;
+  /** The kernel's estimate of the step's request, in input tokens, made before sending it. */
+  contextEstimate: number;
+  /**
+   * The step's request and response as the provider counted them (input + output
+   * tokens); the estimate when the provider reported no usage.
+   */
+  contextSize: number;
+  /** The model's context window, in tokens, and context_size as a fraction of it. */
+  contextWindow: number;
+  contextUsed: number;
 }
 
 export interface ProviderRetry {
@@ -867,9 +883,15 @@ export interface ErrorEvent {
 export interface TurnDone {
   finishReason: FinishReason;
   duration: Duration | undefined;
-  usage: Usage | undefined;
+  usage:
+    | Usage
+    | undefined;
+  /** The last step's context_size (see StepCompleted). */
   contextSize: number;
   steps: number;
+  /** The model's context window, and context_size as a fraction of it. */
+  contextWindow: number;
+  contextUsed: number;
 }
 
 export interface TurnSealed {
@@ -3105,7 +3127,7 @@ export const Computer: MessageFns<Computer> = {
 };
 
 function createBaseModelInfo(): ModelInfo {
-  return { provider: "", model: "", agents: [] };
+  return { provider: "", model: "", agents: [], contextWindow: 0, outputReserve: 0 };
 }
 
 export const ModelInfo: MessageFns<ModelInfo> = {
@@ -3118,6 +3140,12 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     }
     for (const v of message.agents) {
       writer.uint32(26).string(v!);
+    }
+    if (message.contextWindow !== 0) {
+      writer.uint32(32).int64(message.contextWindow);
+    }
+    if (message.outputReserve !== 0) {
+      writer.uint32(40).int64(message.outputReserve);
     }
     return writer;
   },
@@ -3159,6 +3187,22 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             message.agents.push(reader.string());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.contextWindow = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.outputReserve = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3176,6 +3220,16 @@ export const ModelInfo: MessageFns<ModelInfo> = {
       provider: isSet(object.provider) ? globalThis.String(object.provider) : "",
       model: isSet(object.model) ? globalThis.String(object.model) : "",
       agents: globalThis.Array.isArray(object?.agents) ? object.agents.map((e: any) => globalThis.String(e)) : [],
+      contextWindow: isSet(object.contextWindow)
+        ? globalThis.Number(object.contextWindow)
+        : isSet(object.context_window)
+        ? globalThis.Number(object.context_window)
+        : 0,
+      outputReserve: isSet(object.outputReserve)
+        ? globalThis.Number(object.outputReserve)
+        : isSet(object.output_reserve)
+        ? globalThis.Number(object.output_reserve)
+        : 0,
     };
   },
 
@@ -3190,6 +3244,12 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.agents?.length) {
       obj.agents = message.agents;
     }
+    if (message.contextWindow !== 0) {
+      obj.contextWindow = Math.round(message.contextWindow);
+    }
+    if (message.outputReserve !== 0) {
+      obj.outputReserve = Math.round(message.outputReserve);
+    }
     return obj;
   },
 
@@ -3201,6 +3261,8 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     message.provider = object.provider ?? "";
     message.model = object.model ?? "";
     message.agents = object.agents?.map((e) => e) || [];
+    message.contextWindow = object.contextWindow ?? 0;
+    message.outputReserve = object.outputReserve ?? 0;
     return message;
   },
 };
@@ -4978,6 +5040,10 @@ function createBaseStepCompleted(): StepCompleted {
     generation: undefined,
     usage: undefined,
     toolCalls: 0,
+    contextEstimate: 0,
+    contextSize: 0,
+    contextWindow: 0,
+    contextUsed: 0,
   };
 }
 
@@ -5003,6 +5069,18 @@ export const StepCompleted: MessageFns<StepCompleted> = {
     }
     if (message.toolCalls !== 0) {
       writer.uint32(56).int32(message.toolCalls);
+    }
+    if (message.contextEstimate !== 0) {
+      writer.uint32(64).int64(message.contextEstimate);
+    }
+    if (message.contextSize !== 0) {
+      writer.uint32(72).int64(message.contextSize);
+    }
+    if (message.contextWindow !== 0) {
+      writer.uint32(80).int64(message.contextWindow);
+    }
+    if (message.contextUsed !== 0) {
+      writer.uint32(89).double(message.contextUsed);
     }
     return writer;
   },
@@ -5076,6 +5154,38 @@ export const StepCompleted: MessageFns<StepCompleted> = {
             message.toolCalls = reader.int32();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.contextEstimate = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.contextSize = longToNumber(reader.int64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.contextWindow = longToNumber(reader.int64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.contextUsed = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5109,6 +5219,26 @@ export const StepCompleted: MessageFns<StepCompleted> = {
         : isSet(object.tool_calls)
         ? globalThis.Number(object.tool_calls)
         : 0,
+      contextEstimate: isSet(object.contextEstimate)
+        ? globalThis.Number(object.contextEstimate)
+        : isSet(object.context_estimate)
+        ? globalThis.Number(object.context_estimate)
+        : 0,
+      contextSize: isSet(object.contextSize)
+        ? globalThis.Number(object.contextSize)
+        : isSet(object.context_size)
+        ? globalThis.Number(object.context_size)
+        : 0,
+      contextWindow: isSet(object.contextWindow)
+        ? globalThis.Number(object.contextWindow)
+        : isSet(object.context_window)
+        ? globalThis.Number(object.context_window)
+        : 0,
+      contextUsed: isSet(object.contextUsed)
+        ? globalThis.Number(object.contextUsed)
+        : isSet(object.context_used)
+        ? globalThis.Number(object.context_used)
+        : 0,
     };
   },
 
@@ -5135,6 +5265,18 @@ export const StepCompleted: MessageFns<StepCompleted> = {
     if (message.toolCalls !== 0) {
       obj.toolCalls = Math.round(message.toolCalls);
     }
+    if (message.contextEstimate !== 0) {
+      obj.contextEstimate = Math.round(message.contextEstimate);
+    }
+    if (message.contextSize !== 0) {
+      obj.contextSize = Math.round(message.contextSize);
+    }
+    if (message.contextWindow !== 0) {
+      obj.contextWindow = Math.round(message.contextWindow);
+    }
+    if (message.contextUsed !== 0) {
+      obj.contextUsed = floatToJson(message.contextUsed);
+    }
     return obj;
   },
 
@@ -5154,6 +5296,10 @@ export const StepCompleted: MessageFns<StepCompleted> = {
       : undefined;
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.toolCalls = object.toolCalls ?? 0;
+    message.contextEstimate = object.contextEstimate ?? 0;
+    message.contextSize = object.contextSize ?? 0;
+    message.contextWindow = object.contextWindow ?? 0;
+    message.contextUsed = object.contextUsed ?? 0;
     return message;
   },
 };
@@ -5717,7 +5863,15 @@ export const ErrorEvent: MessageFns<ErrorEvent> = {
 };
 
 function createBaseTurnDone(): TurnDone {
-  return { finishReason: 0, duration: undefined, usage: undefined, contextSize: 0, steps: 0 };
+  return {
+    finishReason: 0,
+    duration: undefined,
+    usage: undefined,
+    contextSize: 0,
+    steps: 0,
+    contextWindow: 0,
+    contextUsed: 0,
+  };
 }
 
 export const TurnDone: MessageFns<TurnDone> = {
@@ -5736,6 +5890,12 @@ export const TurnDone: MessageFns<TurnDone> = {
     }
     if (message.steps !== 0) {
       writer.uint32(40).int32(message.steps);
+    }
+    if (message.contextWindow !== 0) {
+      writer.uint32(48).int64(message.contextWindow);
+    }
+    if (message.contextUsed !== 0) {
+      writer.uint32(57).double(message.contextUsed);
     }
     return writer;
   },
@@ -5793,6 +5953,22 @@ export const TurnDone: MessageFns<TurnDone> = {
             message.steps = reader.int32();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.contextWindow = longToNumber(reader.int64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.contextUsed = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5820,6 +5996,16 @@ export const TurnDone: MessageFns<TurnDone> = {
         ? globalThis.Number(object.context_size)
         : 0,
       steps: isSet(object.steps) ? globalThis.Number(object.steps) : 0,
+      contextWindow: isSet(object.contextWindow)
+        ? globalThis.Number(object.contextWindow)
+        : isSet(object.context_window)
+        ? globalThis.Number(object.context_window)
+        : 0,
+      contextUsed: isSet(object.contextUsed)
+        ? globalThis.Number(object.contextUsed)
+        : isSet(object.context_used)
+        ? globalThis.Number(object.context_used)
+        : 0,
     };
   },
 
@@ -5840,6 +6026,12 @@ export const TurnDone: MessageFns<TurnDone> = {
     if (message.steps !== 0) {
       obj.steps = Math.round(message.steps);
     }
+    if (message.contextWindow !== 0) {
+      obj.contextWindow = Math.round(message.contextWindow);
+    }
+    if (message.contextUsed !== 0) {
+      obj.contextUsed = floatToJson(message.contextUsed);
+    }
     return obj;
   },
 
@@ -5855,6 +6047,8 @@ export const TurnDone: MessageFns<TurnDone> = {
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.contextSize = object.contextSize ?? 0;
     message.steps = object.steps ?? 0;
+    message.contextWindow = object.contextWindow ?? 0;
+    message.contextUsed = object.contextUsed ?? 0;
     return message;
   },
 };
@@ -7566,6 +7760,10 @@ function base64FromBytes(arr: Uint8Array): string {
     });
     return globalThis.btoa(bin.join(""));
   }
+}
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;

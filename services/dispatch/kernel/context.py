@@ -1,0 +1,149 @@
+"""The model's context window: how big it is, and how much of it a request fills.
+
+``window_for`` names a model's window (the configured one, else a table of common
+models, else ``DEFAULT_WINDOW``) and what of it is kept for the response. ``Gauge``
+estimates a provider request's input tokens before it is sent: the last response's
+reported input tokens, plus an estimate of the messages added since (``estimate``:
+about four characters a token, with a small overhead per message and per part). The
+first request of a turn, or one after a provider that reports no usage, is estimated
+whole. What a step used is reported on ``step_completed`` and ``turn_done``
+(``context_window``, ``context_used``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dispatch.kernel.providers.base import ProviderRequest
+from dispatch.v1 import common_pb2
+
+# An unknown model: a common window of local models. Say `context_window` for others.
+DEFAULT_WINDOW = 32_768
+# What a response keeps, when neither output_reserve nor max_tokens says: an eighth of the
+# window, at most this.
+MAX_DEFAULT_RESERVE = 16_384
+CHARS_PER_TOKEN = 4
+# Role and framing tokens of each message, and of each part (a call, a result) in one.
+MESSAGE_OVERHEAD = 4
+PART_OVERHEAD = 3
+
+# Known windows by model-name prefix (the longest prefix wins; a provider prefix such as
+# "openai/" is ignored). Windows as their makers publish them, in tokens.
+KNOWN_WINDOWS: dict[str, int] = {
+    "gpt-5": 400_000,
+    "gpt-4.1": 1_047_576,
+    "gpt-4o": 128_000,
+    "gpt-4-turbo": 128_000,
+    "gpt-4": 8_192,
+    "gpt-3.5-turbo": 16_385,
+    "o1": 200_000,
+    "o3": 200_000,
+    "o4-mini": 200_000,
+    "claude-": 200_000,
+    "gemini-1.5": 1_048_576,
+    "gemini-2": 1_048_576,
+    "llama3.1": 131_072,
+    "llama3.2": 131_072,
+    "llama3.3": 131_072,
+    "llama-3.1": 131_072,
+    "llama-3.3": 131_072,
+    "qwen2.5": 32_768,
+    "qwen3": 40_960,
+    "mistral": 32_768,
+    "mixtral": 32_768,
+    "deepseek": 65_536,
+    "gemma2": 8_192,
+    "gemma3": 131_072,
+    "phi3": 4_096,
+    "phi4": 16_384,
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A model's context window and the part of it kept for the response, in tokens."""
+
+    tokens: int
+    reserve: int
+
+    @property
+    def input_budget(self) -> int:
+        """What a request's input may fill."""
+        return max(0, self.tokens - self.reserve)
+
+    def used(self, tokens: int) -> float:
+        """``tokens`` as a fraction of the window."""
+        return tokens / self.tokens if self.tokens else 0.0
+
+
+def known_window(model: str) -> int | None:
+    """The window of a model the table knows, by the longest matching prefix."""
+    name = model.strip().lower().rpartition("/")[2]
+    best = max((p for p in KNOWN_WINDOWS if name.startswith(p)), key=len, default=None)
+    return None if best is None else KNOWN_WINDOWS[best]
+
+
+def window_for(model: str, *, window: int = 0, reserve: int = 0, max_tokens: int = 0) -> Window:
+    """``model``'s window: ``window`` when configured, else the known one, else
+    ``DEFAULT_WINDOW``; the reserve: ``reserve``, else ``max_tokens``, else an eighth of the
+    window (at most ``MAX_DEFAULT_RESERVE``), and always less than the window."""
+    tokens = window or known_window(model) or DEFAULT_WINDOW
+    kept = reserve or max_tokens or min(tokens // 8, MAX_DEFAULT_RESERVE)
+    return Window(tokens, min(kept, tokens - 1))
+
+
+def estimate_message(message: common_pb2.Message) -> int:
+    """About how many tokens ``message`` takes in a request."""
+    chars = 0
+    parts = 0
+    for chunk in message.chunks:
+        kind = chunk.WhichOneof("kind")
+        parts += 1
+        if kind == "text":
+            chars += len(chunk.text.text)
+        elif kind == "tool_call":
+            chars += len(chunk.tool_call.name) + len(chunk.tool_call.input_json) + len(chunk.tool_call.id)
+        elif kind == "tool_result":
+            chars += len(chunk.tool_result.content) + len(chunk.tool_result.tool_call_id)
+        elif kind == "thinking":
+            chars += len(chunk.thinking.text) + len(chunk.thinking.signature)
+        else:
+            chars += chunk.ByteSize()
+    return MESSAGE_OVERHEAD + PART_OVERHEAD * max(0, parts - 1) + math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def estimate(messages: Sequence[common_pb2.Message], system: str = "", tools_json: int = 0) -> int:
+    """About how many tokens a request of ``messages`` takes, with ``system`` and tool
+    definitions of ``tools_json`` characters."""
+    fixed = math.ceil((len(system) + tools_json) / CHARS_PER_TOKEN) + (MESSAGE_OVERHEAD if system else 0)
+    return fixed + sum(estimate_message(m) for m in messages)
+
+
+def _tools_chars(request: ProviderRequest) -> int:
+    return sum(len(t.name) + len(t.description) + len(str(t.parameters)) for t in request.tools)
+
+
+class Gauge:
+    """A turn's running estimate of its requests' input tokens (see the module's docstring)."""
+
+    def __init__(self, window: Window):
+        self.window = window
+        # The last request with reported usage: how many messages it held, and its input tokens.
+        self._count = 0
+        self._reported = 0
+
+    def before(self, request: ProviderRequest, history_len: int) -> int:
+        """The estimate for ``request``, whose first ``history_len`` messages are history."""
+        if self._reported and self._count <= history_len:
+            return self._reported + sum(estimate_message(m) for m in request.messages[self._count :])
+        return estimate(request.messages, request.system, _tools_chars(request))
+
+    def after(self, history_len: int, usage: common_pb2.Usage) -> None:
+        """The provider reported ``usage`` for the request whose first ``history_len`` messages
+        were history: later estimates start from it."""
+        if usage.input_tokens > 0:
+            self._count, self._reported = history_len, usage.input_tokens
+        else:
+            self._count, self._reported = 0, 0

@@ -1,0 +1,145 @@
+"""The context window: known and configured windows, the request estimate, and what a turn
+reports of it (issue 17, point 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatch.kernel.context import (
+    DEFAULT_WINDOW,
+    MESSAGE_OVERHEAD,
+    Gauge,
+    estimate,
+    estimate_message,
+    known_window,
+    window_for,
+)
+from dispatch.kernel.providers.base import ProviderRequest
+from dispatch.kernel.providers.scripted import ScriptedProvider
+from dispatch.shared.config import AgentConfig, ConfigError, kernel_config
+from dispatch.v1 import common_pb2, transport_pb2
+from tests.stack import run_turn
+
+
+def message(role: common_pb2.Role.ValueType, *chunks: common_pb2.Chunk) -> common_pb2.Message:
+    return common_pb2.Message(role=role, chunks=list(chunks))
+
+
+def text(value: str) -> common_pb2.Chunk:
+    return common_pb2.Chunk(text=common_pb2.TextChunk(text=value))
+
+
+def result(value: str) -> common_pb2.Chunk:
+    return common_pb2.Chunk(tool_result=common_pb2.ToolResultChunk(tool_call_id="c1", content=value))
+
+
+@pytest.mark.parametrize(
+    ("model", "window"),
+    [
+        ("gpt-4o-2024-08-06", 128_000),
+        ("openai/gpt-4o-mini", 128_000),
+        ("gpt-4", 8_192),
+        ("gpt-4.1-mini", 1_047_576),
+        ("claude-sonnet-4-5", 200_000),
+        ("qwen2.5:7b", 32_768),
+        ("Llama3.1:8B", 131_072),
+    ],
+)
+def test_common_models_have_their_windows(model: str, window: int) -> None:
+    assert known_window(model) == window
+    assert window_for(model).tokens == window
+
+
+def test_a_configured_window_wins_and_the_reserve_is_said_or_derived() -> None:
+    assert known_window("my-own-model") is None
+    assert window_for("my-own-model").tokens == DEFAULT_WINDOW
+    assert window_for("gpt-4o", window=50_000).tokens == 50_000
+    assert window_for("gpt-4o", window=50_000).reserve == 50_000 // 8
+    assert window_for("gpt-4o").reserve == 16_000  # an eighth
+    assert window_for("claude-opus-4").reserve == 16_384  # an eighth, capped
+    assert window_for("gpt-4o", max_tokens=2_000).reserve == 2_000
+    assert window_for("gpt-4o", reserve=1_000, max_tokens=2_000).reserve == 1_000
+    small = window_for("x", window=4_096, reserve=100_000)
+    assert small.reserve < small.tokens and small.input_budget == 1
+    assert window_for("x", window=10_000).used(2_500) == 0.25
+
+
+def test_the_estimate_grows_with_the_text_and_counts_every_message() -> None:
+    short = message(common_pb2.ROLE_USER, text("hi"))
+    long = message(common_pb2.ROLE_TOOL, result("x" * 4_000))
+    assert estimate_message(short) == MESSAGE_OVERHEAD + 1
+    assert estimate_message(long) == MESSAGE_OVERHEAD + 1_001  # 4 000 characters and its id
+    assert estimate([short, long]) == estimate_message(short) + estimate_message(long)
+    assert estimate([short], system="s" * 400) == estimate([short]) + 100 + MESSAGE_OVERHEAD
+
+
+def test_the_gauge_starts_from_the_last_reported_input_and_adds_what_came_since() -> None:
+    gauge = Gauge(window_for("gpt-4o"))
+    first = [message(common_pb2.ROLE_USER, text("list it"))]
+    request = ProviderRequest(model="m", system="be brief", messages=first)
+    assert gauge.before(request, 1) == estimate(first, "be brief")
+    gauge.after(1, common_pb2.Usage(input_tokens=900, output_tokens=20))
+    added = [message(common_pb2.ROLE_ASSISTANT, text("ok")), message(common_pb2.ROLE_TOOL, result("y" * 400))]
+    second = ProviderRequest(model="m", system="be brief", messages=[*first, *added])
+    assert gauge.before(second, 3) == 900 + sum(estimate_message(m) for m in added)
+    # A provider that reports nothing: estimated whole again.
+    gauge.after(3, common_pb2.Usage())
+    assert gauge.before(second, 3) == estimate(second.messages, "be brief")
+
+
+def test_config_takes_windows_per_provider_and_per_agent_and_refuses_nonsense() -> None:
+    file: dict[str, Any] = {
+        "providers": {
+            "p": {"kind": "scripted", "script": "s.json", "context_window": 8_192, "output_reserve": 512}
+        },
+        "agents": {"a": {"provider": "p"}, "b": {"provider": "p", "context_window": 4_096}},
+        "kernel": {"default_agent": "a", "store": "127.0.0.1:1", "exec": "127.0.0.1:2"},
+    }
+    cfg = kernel_config({}, {}, file)
+    assert (cfg.providers["p"].context_window, cfg.providers["p"].output_reserve) == (8_192, 512)
+    assert cfg.agents["b"].context_window == 4_096 and cfg.agents["a"].context_window == 0
+    for table, bad, words in (
+        ("providers", {"context_window": 100}, "at least 1024"),
+        ("providers", {"context_window": 2_048, "output_reserve": 2_048}, "less than context_window"),
+        ("agents", {"output_reserve": -1}, "0 or more"),
+    ):
+        broken = {
+            **file,
+            table: {**file[table], next(iter(file[table])): {**next(iter(file[table].values())), **bad}},
+        }
+        with pytest.raises(ConfigError, match=words):
+            kernel_config({}, {}, broken)
+
+
+STEPS = (
+    [
+        {"type": "tool_call", "id": "c1", "name": "list_dir", "input": {"path": "."}},
+        {"type": "usage", "input_tokens": 1_000, "output_tokens": 30},
+    ],
+    [{"type": "text_delta", "text": "done"}, {"type": "usage", "input_tokens": 1_100, "output_tokens": 4}],
+)
+
+
+async def test_a_turn_reports_its_window_and_how_full_each_step_was(make_stack: Any) -> None:
+    stack = await make_stack(
+        ScriptedProvider.from_data({"steps": list(STEPS)}),
+        transport=True,
+        agents={"default": AgentConfig(context_window=10_000, output_reserve=1_000)},
+    )
+    (stack.workspace / "a.txt").write_text("hi")
+    conv = await stack.conversation()
+    _, events = await run_turn(stack, conv, "what is here?")
+    steps = [e.step_completed for e in events if e.HasField("step_completed")]
+    assert [s.context_window for s in steps] == [10_000, 10_000]
+    assert [s.context_size for s in steps] == [1_030, 1_104]
+    assert [s.context_used for s in steps] == [0.103, 0.1104]
+    # Step 0 was estimated whole; step 1 from step 0's reported input plus what was added.
+    assert 0 < steps[0].context_estimate < 1_000
+    assert steps[1].context_estimate > 1_000
+    (done,) = [e.turn_done for e in events if e.HasField("turn_done")]
+    assert (done.context_size, done.context_window, done.context_used) == (1_104, 10_000, 0.1104)
+
+    models = await stack.transport.Models(transport_pb2.ModelsRequest())
+    assert [(m.context_window, m.output_reserve) for m in models.models] == [(10_000, 1_000)]
