@@ -3,6 +3,7 @@ reports of it (issue 17, point 1)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,15 +12,22 @@ from dispatch.kernel.context import (
     DEFAULT_WINDOW,
     MESSAGE_OVERHEAD,
     Gauge,
+    cut,
     estimate,
     estimate_message,
+    find_tool_output,
+    fit_tool_results,
     known_window,
+    output_budget,
     window_for,
 )
 from dispatch.kernel.providers.base import ProviderRequest
+from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
-from dispatch.shared.config import AgentConfig, ConfigError, kernel_config
+from dispatch.shared.config import AgentConfig, ConfigError, ProviderConfig, kernel_config
 from dispatch.v1 import common_pb2, transport_pb2
+from tests.fakes.openai_server import FakeOpenAI, Stream, text_chunks
+from tests.kernel.test_turn import history
 from tests.stack import run_turn
 
 
@@ -143,3 +151,101 @@ async def test_a_turn_reports_its_window_and_how_full_each_step_was(make_stack: 
 
     models = await stack.transport.Models(transport_pb2.ModelsRequest())
     assert [(m.context_window, m.output_reserve) for m in models.models] == [(10_000, 1_000)]
+
+
+# ------------------------------------------------------------ tool output (point 2)
+
+
+def test_a_result_within_budget_is_whole_and_a_larger_one_is_head_marker_tail() -> None:
+    assert cut("short", 100, "c1", readable=True) == "short"
+    lines = "".join(f"line {i:05d}\n" for i in range(2_000))  # 22 000 characters
+    shown = cut(lines, 2_000, "c1", readable=True)
+    head, _, rest = shown.partition("\n[dispatch: ")
+    marker, _, tail = rest.partition("]\n")
+    assert lines.startswith(head) and lines.endswith(tail)
+    assert len(shown) < 2_000 + 200
+    # Cut at line ends, and the marker says what is missing and how to read it.
+    assert head.endswith("\n") and tail.startswith("line ")
+    left_out = int(marker.split(" of ")[0])
+    start = len(head)
+    assert f"characters {start}-{start + left_out}" in marker
+    assert f'read_tool_output(tool_call_id="c1", offset={start})' in marker
+    assert lines[:start] + lines[start + left_out :] == head + tail
+    assert "read_tool_output" not in cut(lines, 2_000, "c1", readable=False)
+
+
+def test_only_tool_messages_over_budget_are_copied_and_cut() -> None:
+    big = message(common_pb2.ROLE_TOOL, result("z" * 5_000))
+    small = message(common_pb2.ROLE_TOOL, result("ok"))
+    user = message(common_pb2.ROLE_USER, text("u" * 5_000))
+    shown = fit_tool_results([user, small, big], 1_000, readable=True)
+    assert shown[0] is user and shown[1] is small
+    assert len(shown[2].chunks[0].tool_result.content) < 1_200
+    assert big.chunks[0].tool_result.content == "z" * 5_000  # history keeps it whole
+    assert find_tool_output([user, small, big], "c1") == "z" * 5_000
+    assert find_tool_output([user], "c1") is None
+
+
+def test_the_budget_is_at_most_a_quarter_of_the_input_window() -> None:
+    assert output_budget(window_for("gpt-4o"), 8_000) == 32_000
+    small = window_for("x", window=2_000, reserve=250)
+    assert output_budget(small, 8_000) == (1_750 // 4) * 4
+
+
+BIG = "".join(f"{i:06d} some output of a noisy build\n" for i in range(3_000))  # ~111 000 chars
+
+
+async def test_a_huge_tool_result_is_stored_whole_sent_cut_and_read_on_demand(
+    make_stack: Any, fake_openai: FakeOpenAI
+) -> None:
+    """Through a real OpenAI-compatible HTTP server: the model is sent the cut result, asks for
+    what was left out with read_tool_output, and gets it; history holds every character."""
+    call = {
+        "index": 0,
+        "id": "call_big",
+        "function": {"name": "read_file", "arguments": '{"path": "big.log"}'},
+    }
+    fake_openai.replies += [
+        Stream([{"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]}]),
+        Stream([]),  # replaced below, once the marker's offset is known
+        Stream(text_chunks("Found it.")),
+    ]
+    provider = OpenAIProvider(ProviderConfig(kind="openai", model="m", base_url=fake_openai.base_url))
+    stack = await make_stack(
+        provider,
+        transport=True,
+        agents={"default": AgentConfig(context_window=8_192, output_reserve=1_024, tool_output_budget=500)},
+    )
+    (stack.workspace / "big.log").write_text(BIG)
+    budget = output_budget(window_for("m", window=8_192, reserve=1_024), 500)
+    start = int(cut(BIG, budget, "call_big", readable=True).partition("offset=")[2].partition(")")[0])
+    read = {
+        "index": 0,
+        "id": "call_read",
+        "function": {
+            "name": "read_tool_output",
+            "arguments": json.dumps({"tool_call_id": "call_big", "offset": start, "limit": 200}),
+        },
+    }
+    fake_openai.replies[1] = Stream(
+        [{"choices": [{"index": 0, "delta": {"tool_calls": [read]}, "finish_reason": "tool_calls"}]}]
+    )
+    conv = await stack.conversation()
+    _, events = await run_turn(stack, conv, "what failed?")
+    assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "Found it."
+
+    sent = fake_openai.requests[1]["messages"][-1]
+    assert sent["role"] == "tool" and sent["tool_call_id"] == "call_big"
+    assert len(sent["content"]) < budget + 300 and "left out here" in sent["content"]
+    asked = fake_openai.requests[2]["messages"][-1]
+    assert asked["content"].startswith(BIG[start : start + 200])
+    assert f"characters {start}-{start + 200} of {len(BIG)}" in asked["content"]
+    for request in fake_openai.requests:
+        assert all(len(m.get("content") or "") <= budget + 300 for m in request["messages"])
+    stored = [
+        c.tool_result.content
+        for m in await history(stack, conv)
+        for c in m.chunks
+        if c.HasField("tool_result") and c.tool_result.tool_call_id == "call_big"
+    ]
+    assert stored == [BIG]

@@ -85,6 +85,7 @@ def test_the_builtin_tools_and_which_may_run_together() -> None:
         "glob",
         "grep",
         "shell",
+        "read_tool_output",
     ]
     unsafe = {name for name, tool in BUILTIN_TOOLS.items() if not tool.concurrency_safe}
     assert unsafe == {"write_file", "edit_file", "shell"}

@@ -134,7 +134,7 @@ async def test_second_turn_sees_the_first_in_its_request_and_continues_event_seq
         (
             {"name": "no_such_tool", "input": {}},
             "unknown tool 'no_such_tool'; available tools: "
-            "edit_file, glob, grep, list_dir, read_file, shell, write_file",
+            "edit_file, glob, grep, list_dir, read_file, read_tool_output, shell, write_file",
         ),
         ({"name": "read_file", "input": {}}, "invalid input for read_file: 'path' is a required property"),
         (
@@ -354,6 +354,7 @@ async def test_a_turn_through_a_real_openai_compatible_http_server(
         "glob",
         "grep",
         "shell",
+        "read_tool_output",
     ]
     list_dir = fake_openai.requests[0]["tools"][0]["function"]
     assert list_dir["parameters"]["properties"]["path"]["type"] == "string"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from dispatch.kernel.context import Window, window_for
+from dispatch.kernel.context import Window, output_budget, window_for
 from dispatch.kernel.permissions import Rule, RuleError, parse
 from dispatch.kernel.providers import Provider, build_provider
 from dispatch.kernel.tools import Tool
@@ -34,6 +34,8 @@ class Agent:
     approval_timeout: float = 0.0
     # Its model's context window (kernel/context.py).
     window: Window = field(default_factory=lambda: window_for(""))
+    # The most characters of one tool result the model is shown (kernel/context.py).
+    tool_output_chars: int = 32_000
 
     @property
     def text_only(self) -> bool:
@@ -111,6 +113,12 @@ def _agent(
     offered = dict(tools) if a.tools is None else {t: tools[t] for t in a.tools}
     provider = provider_named(a.provider)
     model = a.model or provider.model
+    window = window_for(
+        model,
+        window=a.context_window or provider_cfg.context_window,
+        reserve=a.output_reserve or provider_cfg.output_reserve,
+        max_tokens=provider_cfg.max_tokens,
+    )
     return Agent(
         name=name,
         provider=provider,
@@ -123,12 +131,8 @@ def _agent(
         policy=a.dispatch,
         rules=rules,
         approval_timeout=a.approval_timeout,
-        window=window_for(
-            model,
-            window=a.context_window or provider_cfg.context_window,
-            reserve=a.output_reserve or provider_cfg.output_reserve,
-            max_tokens=provider_cfg.max_tokens,
-        ),
+        window=window,
+        tool_output_chars=output_budget(window, a.tool_output_budget),
     )
 
 

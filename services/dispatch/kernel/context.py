@@ -147,3 +147,73 @@ class Gauge:
             self._count, self._reported = history_len, usage.input_tokens
         else:
             self._count, self._reported = 0, 0
+
+
+# What of a cut tool result the model is shown: this much from the head, the rest from the tail.
+HEAD_SHARE = 0.6
+READ_TOOL = "read_tool_output"
+
+
+def output_budget(window: Window, tokens: int) -> int:
+    """The most characters of one tool result sent to the model: ``tokens`` (the agent's
+    tool output budget), at most a quarter of what the window leaves for input."""
+    return max(1_000, min(tokens, window.input_budget // 4) * CHARS_PER_TOKEN)
+
+
+def _line_start(text: str, at: int, *, forward: bool) -> int:
+    """The start of a line near ``at`` (the nearest before it, or with ``forward`` after it,
+    within a tenth of the text), or ``at`` itself when there is none."""
+    near = max(1, len(text) // 10)
+    found = text.find("\n", at, at + near) if forward else text.rfind("\n", max(0, at - near), at)
+    return at if found < 0 else found + 1
+
+
+def cut(content: str, budget: int, tool_call_id: str, *, readable: bool) -> str:
+    """``content`` as the model is shown it: whole when it fits ``budget`` characters, else its
+    head and tail around a marker saying what was left out and (``readable``: the agent has
+    ``read_tool_output``) how to read it."""
+    if len(content) <= budget:
+        return content
+    head_end = _line_start(content, int(budget * HEAD_SHARE), forward=False)
+    tail_start = max(head_end, _line_start(content, len(content) - (budget - head_end), forward=True))
+    left_out = tail_start - head_end
+    how = (
+        f'; read them with {READ_TOOL}(tool_call_id="{tool_call_id}", offset={head_end})' if readable else ""
+    )
+    marker = (
+        f"\n[dispatch: {left_out} of {len(content)} characters left out here "
+        f"(characters {head_end}-{tail_start}){how}]\n"
+    )
+    return content[:head_end] + marker + content[tail_start:]
+
+
+def fit_tool_results(
+    messages: Sequence[common_pb2.Message], budget: int, *, readable: bool
+) -> list[common_pb2.Message]:
+    """``messages`` with every tool result over ``budget`` characters cut (``cut``): copies of
+    the messages changed, the others as they are. History itself keeps every result whole."""
+    out: list[common_pb2.Message] = []
+    for message in messages:
+        if message.role != common_pb2.ROLE_TOOL or not any(
+            len(c.tool_result.content) > budget for c in message.chunks if c.HasField("tool_result")
+        ):
+            out.append(message)
+            continue
+        shown = common_pb2.Message()
+        shown.CopyFrom(message)
+        for chunk in shown.chunks:
+            if chunk.HasField("tool_result"):
+                r = chunk.tool_result
+                r.content = cut(r.content, budget, r.tool_call_id, readable=readable)
+        out.append(shown)
+    return out
+
+
+def find_tool_output(messages: Sequence[common_pb2.Message], tool_call_id: str) -> str | None:
+    """The whole output of call ``tool_call_id`` in ``messages`` (the latest such), or None."""
+    for message in reversed(messages):
+        if message.role == common_pb2.ROLE_TOOL:
+            for chunk in message.chunks:
+                if chunk.HasField("tool_result") and chunk.tool_result.tool_call_id == tool_call_id:
+                    return chunk.tool_result.content
+    return None

@@ -26,9 +26,10 @@ from dispatch.v1 import common_pb2, exec_pb2
 if TYPE_CHECKING:
     from dispatch.kernel.streams import Exec
 
-# The model sees at most this much of a tool's output; the rest is streamed
-# to subscribers as tool_output but not fed back.
-MAX_RESULT_CHARS = 30_000
+# History keeps at most this much of a tool's output (the rest is streamed to subscribers as
+# tool_output, but not kept). The model sees less: a result over the agent's tool output
+# budget is sent head and tail (kernel/context.py), and read_tool_output reads the rest.
+MAX_RESULT_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class ToolContext:
     # When set, every path a tool touches must stay inside this directory (on
     # the target computer, symlinks resolved); None: no confinement.
     root: str | None = None
+    # The whole output of an earlier call of the conversation, by its id (None: no such call),
+    # and the most read_tool_output gives at once, in characters.
+    tool_output: Callable[[str], str | None] = lambda tool_call_id: None
+    output_budget: int = 32_000
 
     def resolve(self, path: str) -> str:
         return posixpath.normpath(posixpath.join(self.cwd, path))
@@ -396,6 +401,20 @@ async def _grep(ctx: ToolContext, args: Mapping[str, Any]) -> ToolResult:
     return ToolResult(_clip("\n".join(lines + notes)))
 
 
+async def _read_tool_output(ctx: ToolContext, args: Mapping[str, Any]) -> ToolResult:
+    call_id = str(args["tool_call_id"])
+    content = ctx.tool_output(call_id)
+    if content is None:
+        raise ToolError(f"no tool call {call_id!r} in this conversation")
+    offset = int(args.get("offset", 0))
+    limit = min(int(args.get("limit", ctx.output_budget)), ctx.output_budget)
+    if offset >= len(content):
+        raise ToolError(f"offset {offset} is past the end: the output has {len(content)} characters")
+    end = min(len(content), offset + limit)
+    more = f"; more from offset={end}" if end < len(content) else ""
+    return ToolResult(f"{content[offset:end]}\n[dispatch: characters {offset}-{end} of {len(content)}{more}]")
+
+
 LIST_DIR = Tool(
     name="list_dir",
     description="List a directory: one entry per line, directories end with '/'. "
@@ -516,6 +535,23 @@ GREP = Tool(
     run_fn=_grep,
 )
 
+READ_TOOL_OUTPUT = Tool(
+    name="read_tool_output",
+    description="Read the whole output of an earlier tool call of this conversation, when the result you "
+    "were shown was cut (it says so, with the characters left out). offset and limit are in characters.",
+    parameters={
+        "type": "object",
+        "properties": {
+            "tool_call_id": {"type": "string", "minLength": 1},
+            "offset": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+        },
+        "required": ["tool_call_id"],
+        "additionalProperties": False,
+    },
+    run_fn=_read_tool_output,
+)
+
 BUILTIN_TOOLS: Mapping[str, Tool] = {
-    t.name: t for t in (LIST_DIR, READ_FILE, WRITE_FILE, EDIT_FILE, GLOB, GREP, SHELL)
+    t.name: t for t in (LIST_DIR, READ_FILE, WRITE_FILE, EDIT_FILE, GLOB, GREP, SHELL, READ_TOOL_OUTPUT)
 }

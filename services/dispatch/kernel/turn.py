@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.approvals import RUNS, ApprovalBoard, StepApprovals, why_not_run
-from dispatch.kernel.context import Gauge
+from dispatch.kernel.context import READ_TOOL, Gauge, find_tool_output, fit_tool_results
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.leases import new_instance_id
@@ -322,6 +322,8 @@ class TurnRunner:
         # How full the model's window is, estimated before each request (kernel/context.py).
         self._gauge = Gauge(self.agent.window)
         self._context_size = 0
+        # The conversation's history as the step loop has it (read_tool_output reads it).
+        self._history: list[common_pb2.Message] = []
 
     @property
     def turn(self) -> common_pb2.Turn:
@@ -660,6 +662,7 @@ class TurnRunner:
         step runs with tools disabled, so the model can say where it got to (the wrap-up).
         """
         history = await self._load_history()
+        self._history = history
         step_index = self.resume.from_step if self.resume is not None else 0
         # Told with the first step of a recovered turn, and committed with it.
         note = self.resume.note if self.resume is not None else None
@@ -917,7 +920,8 @@ class TurnRunner:
         """Stream one provider response and run its calls; ``waiting``: the step is committed
         and waits for these approvals (a recovered turn), so nothing is streamed."""
         agent = self.agent
-        messages = list(history)
+        # Tool results over the agent's budget go to the model cut (history keeps them whole).
+        messages = fit_tool_results(history, agent.tool_output_chars, readable=READ_TOOL in agent.tools)
         if wrap_up is not None:
             messages.append(_wrap_up_instruction(wrap_up, self._step_cap(), agent.tool_budget))
         request = ProviderRequest(
@@ -1237,6 +1241,8 @@ class TurnRunner:
             rpc_timeout=self.deps.rpc_timeout,
             on_output=on_output,
             root=self._root,
+            tool_output=lambda tool_call_id: find_tool_output(self._history, tool_call_id),
+            output_budget=self.agent.tool_output_chars,
         )
         return await tool.run(ctx, call.input_json)
 

@@ -167,6 +167,9 @@ class AgentConfig:
     # The agent's model's context window and output reserve, in tokens; 0: the provider's.
     context_window: int = 0
     output_reserve: int = 0
+    # The most of one tool result the model is shown, in tokens (at most a quarter of the
+    # window's input); history keeps it whole and read_tool_output reads the rest.
+    tool_output_budget: int = 8_000
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,7 @@ SCHEMA: Mapping[str, Any] = {
             "approval_timeout": None,
             "context_window": None,
             "output_reserve": None,
+            "tool_output_budget": None,
         }
     },
     "kernel": {
@@ -613,7 +617,10 @@ def agent_config(
         approval_timeout=_float(sec.get("approval_timeout", 0.0), f"{key}.approval_timeout"),
         context_window=_window(sec, key)[0],
         output_reserve=_window(sec, key)[1],
+        tool_output_budget=_int(sec.get("tool_output_budget", 8_000), f"{key}.tool_output_budget"),
     )
+    if agent.tool_output_budget < 100:
+        raise ConfigError(f"config key {key}.tool_output_budget must be at least 100 tokens")
     if agent.approval_timeout < 0:
         raise ConfigError(f"config key {key}.approval_timeout must be 0 (never) or more seconds")
     for field_name in ("steps", "tool_budget", "doom_loop"):
