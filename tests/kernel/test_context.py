@@ -4,24 +4,27 @@ reports of it (issue 17, point 1)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from dispatch.kernel.context import (
+    COMPACTION_PROMPT,
     DEFAULT_WINDOW,
     MESSAGE_OVERHEAD,
     Gauge,
     cut,
     estimate,
     estimate_message,
+    estimate_request,
     find_tool_output,
     fit_tool_results,
     known_window,
     output_budget,
     window_for,
 )
-from dispatch.kernel.providers.base import ProviderRequest
+from dispatch.kernel.providers.base import Finish, ProviderRequest, TextDelta, ToolCall, Usage
 from dispatch.kernel.providers.openai import OpenAIProvider
 from dispatch.kernel.providers.scripted import ScriptedProvider
 from dispatch.shared.config import AgentConfig, ConfigError, ProviderConfig, kernel_config
@@ -249,3 +252,116 @@ async def test_a_huge_tool_result_is_stored_whole_sent_cut_and_read_on_demand(
         if c.HasField("tool_result") and c.tool_result.tool_call_id == "call_big"
     ]
     assert stored == [BIG]
+
+
+# ------------------------------------------------------------------ compaction (point 3, 4, 5)
+
+
+class Model:
+    """A model that answers by what it is asked (the turn's steps cannot be scripted in order:
+    where compaction requests fall depends on the estimates): a summary for a compaction
+    request, else a read_file call until ``calls`` have been made, then a final text. It
+    reports the request's size as a provider would, and keeps every request."""
+
+    name = "model"
+    model = "window-model"
+    endpoint = "test:model"
+
+    def __init__(self, calls: int, files: int):
+        self.calls, self.files = calls, files
+        self.requests: list[ProviderRequest] = []
+        self.summaries = 0
+
+    async def stream(self, request: ProviderRequest) -> Any:
+        self.requests.append(request)
+        if request.system == COMPACTION_PROMPT:
+            self.summaries += 1
+            yield TextDelta(f"summary {self.summaries}: read files so far; keep going")
+            yield Finish(common_pb2.FINISH_REASON_STOP)
+            return
+        made = sum(1 for m in request.messages for c in m.chunks if c.HasField("tool_call"))
+        made += (
+            int(re.findall(r"calls made: (\d+)", request.system)[-1]) if "calls made" in request.system else 0
+        )
+        usage = Usage(input_tokens=estimate_request(request), output_tokens=10)
+        n = len([r for r in self.requests if r.system != COMPACTION_PROMPT])
+        if n <= self.calls:
+            path = f"f{n % self.files}.txt"
+            yield ToolCall(f"call{n}", "read_file", json.dumps({"path": path}))
+            yield usage
+            yield Finish(common_pb2.FINISH_REASON_TOOL_CALLS)
+        else:
+            yield TextDelta("done")
+            yield usage
+            yield Finish(common_pb2.FINISH_REASON_STOP)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def events_of(events: list[common_pb2.AgentEvent], kind: str) -> list[Any]:
+    return [getattr(e, kind) for e in events if e.HasField(kind)]  # type: ignore[arg-type]
+
+
+SMALL = AgentConfig(context_window=4_096, output_reserve=512, tool_output_budget=200, compact_at=0.8)
+
+
+async def test_a_long_turn_compacts_and_no_request_exceeds_the_window(make_stack: Any) -> None:
+    model = Model(calls=60, files=5)
+    stack = await make_stack(model, transport=True, agents={"default": SMALL})
+    for i in range(5):
+        (stack.workspace / f"f{i}.txt").write_text("".join(f"file {i} line {j:04d}\n" for j in range(200)))
+    conv = await stack.conversation()
+    _, events = await run_turn(stack, conv, "read every file, over and over")
+
+    (done,) = events_of(events, "turn_done")
+    assert done.finish_reason == common_pb2.FINISH_REASON_STOP and done.steps == 61
+    budget = window_for("m", window=4_096, reserve=512).input_budget
+    turns = [r for r in model.requests if r.system != COMPACTION_PROMPT]
+    assert len(turns) == 61
+    assert max(estimate_request(r) for r in model.requests) <= budget
+    started, finished = events_of(events, "compaction_started"), events_of(events, "compaction_done")
+    assert len(started) == len(finished) == model.summaries >= 3
+    assert all(d.tokens_after < d.tokens_before for d in finished)
+    assert [d.covers_to_seq for d in finished] == sorted({d.covers_to_seq for d in finished})
+
+    # Nothing is lost: history holds every message whole, and grows by the summaries only.
+    messages = await history(stack, conv)
+    records = [m for m in messages if m.HasField("compaction")]
+    assert len(records) == model.summaries
+    assert [m.seq for m in records] == [d.summary_seq for d in finished]
+    results = [c.tool_result.content for m in messages for c in m.chunks if c.HasField("tool_result")]
+    assert len(results) == 60 and all(len(r) == 200 * len("file 0 line 0000\n") for r in results)
+    assert len(messages) == 1 + 60 * 2 + 1 + len(records)
+    # A request after a compaction carries its summary, not the messages it covers.
+    last = turns[-1]
+    assert f"summary {model.summaries}:" in last.system
+    covered = finished[-1].covers_to_seq
+    assert all(m.seq == 0 or m.seq > covered for m in last.messages)
+    # Calls and their results stay together: no request starts with a tool message.
+    for request in turns:
+        roles = [m.role for m in request.messages]
+        assert roles[0] == common_pb2.ROLE_USER
+        for i, role in enumerate(roles):
+            if role == common_pb2.ROLE_TOOL:
+                assert roles[i - 1] == common_pb2.ROLE_ASSISTANT
+
+
+async def test_a_message_larger_than_the_window_fails_clearly_and_the_next_one_runs(make_stack: Any) -> None:
+    model = Model(calls=0, files=1)
+    stack = await make_stack(model, transport=True, agents={"default": SMALL})
+    conv = await stack.conversation()
+    _, events = await run_turn(stack, conv, "x " * 20_000)
+    (error,) = [e for e in events_of(events, "error") if e.fatal]
+    assert error.code == "context_window"
+    assert "send a shorter message" in error.message and "window of 4096" in error.message
+    (done,) = events_of(events, "turn_done")
+    assert done.finish_reason == common_pb2.FINISH_REASON_ERROR
+
+    # The next message runs: the huge one is summarised away (history keeps it).
+    _, events = await run_turn(stack, conv, "short question")
+    assert events_of(events, "compaction_done")
+    (done,) = events_of(events, "turn_done")
+    assert done.finish_reason == common_pb2.FINISH_REASON_STOP
+    messages = await history(stack, conv)
+    assert messages[0].chunks[0].text.text == "x " * 20_000

@@ -946,9 +946,12 @@ type Message struct {
 	Role   Role     `protobuf:"varint,3,opt,name=role,proto3,enum=dispatch.v1.Role" json:"role,omitempty"`
 	Chunks []*Chunk `protobuf:"bytes,4,rep,name=chunks,proto3" json:"chunks,omitempty"`
 	// Empty for messages written outside a turn.
-	TurnId        string                 `protobuf:"bytes,5,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
-	StepIndex     int32                  `protobuf:"varint,6,opt,name=step_index,json=stepIndex,proto3" json:"step_index,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	TurnId    string                 `protobuf:"bytes,5,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	StepIndex int32                  `protobuf:"varint,6,opt,name=step_index,json=stepIndex,proto3" json:"step_index,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Set on a compaction record (role SYSTEM, the summary as its text): in the model's
+	// requests the summary stands in for the messages it covers. History keeps them all.
+	Compaction    *Compaction `protobuf:"bytes,8,opt,name=compaction,proto3" json:"compaction,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1032,6 +1035,84 @@ func (x *Message) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Message) GetCompaction() *Compaction {
+	if x != nil {
+		return x.Compaction
+	}
+	return nil
+}
+
+// A summary of the conversation's messages up to covers_to_seq, made by `model` when a
+// request would have filled too much of its window.
+type Compaction struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	CoversToSeq int64                  `protobuf:"varint,1,opt,name=covers_to_seq,json=coversToSeq,proto3" json:"covers_to_seq,omitempty"`
+	Model       string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The request's estimated input tokens before and after.
+	TokensBefore  int64 `protobuf:"varint,3,opt,name=tokens_before,json=tokensBefore,proto3" json:"tokens_before,omitempty"`
+	TokensAfter   int64 `protobuf:"varint,4,opt,name=tokens_after,json=tokensAfter,proto3" json:"tokens_after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Compaction) Reset() {
+	*x = Compaction{}
+	mi := &file_dispatch_v1_common_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Compaction) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Compaction) ProtoMessage() {}
+
+func (x *Compaction) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_common_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Compaction.ProtoReflect.Descriptor instead.
+func (*Compaction) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Compaction) GetCoversToSeq() int64 {
+	if x != nil {
+		return x.CoversToSeq
+	}
+	return 0
+}
+
+func (x *Compaction) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Compaction) GetTokensBefore() int64 {
+	if x != nil {
+		return x.TokensBefore
+	}
+	return 0
+}
+
+func (x *Compaction) GetTokensAfter() int64 {
+	if x != nil {
+		return x.TokensAfter
+	}
+	return 0
+}
+
 // Token usage. Counts are totals for the scope they are reported on (a step
 // or a turn). input_tokens counts every prompt token, cached or not;
 // cache_read_tokens and cache_write_tokens say how many of those were read
@@ -1050,7 +1131,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[7]
+	mi := &file_dispatch_v1_common_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1143,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[7]
+	mi := &file_dispatch_v1_common_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1156,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{7}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1146,7 +1227,7 @@ type Turn struct {
 
 func (x *Turn) Reset() {
 	*x = Turn{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[8]
+	mi := &file_dispatch_v1_common_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1158,7 +1239,7 @@ func (x *Turn) String() string {
 func (*Turn) ProtoMessage() {}
 
 func (x *Turn) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[8]
+	mi := &file_dispatch_v1_common_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1171,7 +1252,7 @@ func (x *Turn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Turn.ProtoReflect.Descriptor instead.
 func (*Turn) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{8}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Turn) GetId() string {
@@ -1325,7 +1406,7 @@ type Workspace struct {
 
 func (x *Workspace) Reset() {
 	*x = Workspace{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[9]
+	mi := &file_dispatch_v1_common_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1418,7 @@ func (x *Workspace) String() string {
 func (*Workspace) ProtoMessage() {}
 
 func (x *Workspace) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[9]
+	mi := &file_dispatch_v1_common_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1431,7 @@ func (x *Workspace) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workspace.ProtoReflect.Descriptor instead.
 func (*Workspace) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Workspace) GetId() string {
@@ -1453,7 +1534,7 @@ type Conversation struct {
 
 func (x *Conversation) Reset() {
 	*x = Conversation{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[10]
+	mi := &file_dispatch_v1_common_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1546,7 @@ func (x *Conversation) String() string {
 func (*Conversation) ProtoMessage() {}
 
 func (x *Conversation) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[10]
+	mi := &file_dispatch_v1_common_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1559,7 @@ func (x *Conversation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Conversation.ProtoReflect.Descriptor instead.
 func (*Conversation) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Conversation) GetId() string {
@@ -1587,7 +1668,7 @@ type Computer struct {
 
 func (x *Computer) Reset() {
 	*x = Computer{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[11]
+	mi := &file_dispatch_v1_common_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1599,7 +1680,7 @@ func (x *Computer) String() string {
 func (*Computer) ProtoMessage() {}
 
 func (x *Computer) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[11]
+	mi := &file_dispatch_v1_common_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1612,7 +1693,7 @@ func (x *Computer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Computer.ProtoReflect.Descriptor instead.
 func (*Computer) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Computer) GetId() string {
@@ -1667,7 +1748,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[12]
+	mi := &file_dispatch_v1_common_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1679,7 +1760,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[12]
+	mi := &file_dispatch_v1_common_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1692,7 +1773,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ModelInfo) GetProvider() string {
@@ -1750,7 +1831,7 @@ type StepMetrics struct {
 
 func (x *StepMetrics) Reset() {
 	*x = StepMetrics{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[13]
+	mi := &file_dispatch_v1_common_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1843,7 @@ func (x *StepMetrics) String() string {
 func (*StepMetrics) ProtoMessage() {}
 
 func (x *StepMetrics) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[13]
+	mi := &file_dispatch_v1_common_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1856,7 @@ func (x *StepMetrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StepMetrics.ProtoReflect.Descriptor instead.
 func (*StepMetrics) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StepMetrics) GetTurnId() string {
@@ -1859,7 +1940,7 @@ type TurnMetrics struct {
 
 func (x *TurnMetrics) Reset() {
 	*x = TurnMetrics{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[14]
+	mi := &file_dispatch_v1_common_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1871,7 +1952,7 @@ func (x *TurnMetrics) String() string {
 func (*TurnMetrics) ProtoMessage() {}
 
 func (x *TurnMetrics) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[14]
+	mi := &file_dispatch_v1_common_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1884,7 +1965,7 @@ func (x *TurnMetrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnMetrics.ProtoReflect.Descriptor instead.
 func (*TurnMetrics) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TurnMetrics) GetTurnId() string {
@@ -1964,7 +2045,7 @@ type PermissionRule struct {
 
 func (x *PermissionRule) Reset() {
 	*x = PermissionRule{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[15]
+	mi := &file_dispatch_v1_common_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2057,7 @@ func (x *PermissionRule) String() string {
 func (*PermissionRule) ProtoMessage() {}
 
 func (x *PermissionRule) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[15]
+	mi := &file_dispatch_v1_common_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2070,7 @@ func (x *PermissionRule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PermissionRule.ProtoReflect.Descriptor instead.
 func (*PermissionRule) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PermissionRule) GetTool() string {
@@ -2044,7 +2125,7 @@ type Approval struct {
 
 func (x *Approval) Reset() {
 	*x = Approval{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[16]
+	mi := &file_dispatch_v1_common_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2056,7 +2137,7 @@ func (x *Approval) String() string {
 func (*Approval) ProtoMessage() {}
 
 func (x *Approval) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[16]
+	mi := &file_dispatch_v1_common_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2069,7 +2150,7 @@ func (x *Approval) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Approval.ProtoReflect.Descriptor instead.
 func (*Approval) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Approval) GetId() string {
@@ -2205,7 +2286,7 @@ type TurnStarted struct {
 
 func (x *TurnStarted) Reset() {
 	*x = TurnStarted{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[17]
+	mi := &file_dispatch_v1_common_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2217,7 +2298,7 @@ func (x *TurnStarted) String() string {
 func (*TurnStarted) ProtoMessage() {}
 
 func (x *TurnStarted) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[17]
+	mi := &file_dispatch_v1_common_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2230,7 +2311,7 @@ func (x *TurnStarted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnStarted.ProtoReflect.Descriptor instead.
 func (*TurnStarted) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TurnStarted) GetAgent() string {
@@ -2270,7 +2351,7 @@ type TextDelta struct {
 
 func (x *TextDelta) Reset() {
 	*x = TextDelta{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[18]
+	mi := &file_dispatch_v1_common_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2282,7 +2363,7 @@ func (x *TextDelta) String() string {
 func (*TextDelta) ProtoMessage() {}
 
 func (x *TextDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[18]
+	mi := &file_dispatch_v1_common_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2295,7 +2376,7 @@ func (x *TextDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TextDelta.ProtoReflect.Descriptor instead.
 func (*TextDelta) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{18}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TextDelta) GetText() string {
@@ -2314,7 +2395,7 @@ type ReasoningDelta struct {
 
 func (x *ReasoningDelta) Reset() {
 	*x = ReasoningDelta{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[19]
+	mi := &file_dispatch_v1_common_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2326,7 +2407,7 @@ func (x *ReasoningDelta) String() string {
 func (*ReasoningDelta) ProtoMessage() {}
 
 func (x *ReasoningDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[19]
+	mi := &file_dispatch_v1_common_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2339,7 +2420,7 @@ func (x *ReasoningDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReasoningDelta.ProtoReflect.Descriptor instead.
 func (*ReasoningDelta) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{19}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReasoningDelta) GetText() string {
@@ -2360,7 +2441,7 @@ type ToolCallEvent struct {
 
 func (x *ToolCallEvent) Reset() {
 	*x = ToolCallEvent{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[20]
+	mi := &file_dispatch_v1_common_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2372,7 +2453,7 @@ func (x *ToolCallEvent) String() string {
 func (*ToolCallEvent) ProtoMessage() {}
 
 func (x *ToolCallEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[20]
+	mi := &file_dispatch_v1_common_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2385,7 +2466,7 @@ func (x *ToolCallEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallEvent.ProtoReflect.Descriptor instead.
 func (*ToolCallEvent) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{20}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ToolCallEvent) GetToolCallId() string {
@@ -2420,7 +2501,7 @@ type ToolOutput struct {
 
 func (x *ToolOutput) Reset() {
 	*x = ToolOutput{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[21]
+	mi := &file_dispatch_v1_common_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2432,7 +2513,7 @@ func (x *ToolOutput) String() string {
 func (*ToolOutput) ProtoMessage() {}
 
 func (x *ToolOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[21]
+	mi := &file_dispatch_v1_common_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2445,7 +2526,7 @@ func (x *ToolOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolOutput.ProtoReflect.Descriptor instead.
 func (*ToolOutput) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{21}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ToolOutput) GetToolCallId() string {
@@ -2483,7 +2564,7 @@ type ToolStarted struct {
 
 func (x *ToolStarted) Reset() {
 	*x = ToolStarted{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[22]
+	mi := &file_dispatch_v1_common_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2495,7 +2576,7 @@ func (x *ToolStarted) String() string {
 func (*ToolStarted) ProtoMessage() {}
 
 func (x *ToolStarted) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[22]
+	mi := &file_dispatch_v1_common_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2508,7 +2589,7 @@ func (x *ToolStarted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolStarted.ProtoReflect.Descriptor instead.
 func (*ToolStarted) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{22}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ToolStarted) GetToolCallId() string {
@@ -2548,7 +2629,7 @@ type ToolResultEvent struct {
 
 func (x *ToolResultEvent) Reset() {
 	*x = ToolResultEvent{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[23]
+	mi := &file_dispatch_v1_common_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2560,7 +2641,7 @@ func (x *ToolResultEvent) String() string {
 func (*ToolResultEvent) ProtoMessage() {}
 
 func (x *ToolResultEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[23]
+	mi := &file_dispatch_v1_common_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2573,7 +2654,7 @@ func (x *ToolResultEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolResultEvent.ProtoReflect.Descriptor instead.
 func (*ToolResultEvent) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{23}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ToolResultEvent) GetToolCallId() string {
@@ -2627,7 +2708,7 @@ type UsageEvent struct {
 
 func (x *UsageEvent) Reset() {
 	*x = UsageEvent{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[24]
+	mi := &file_dispatch_v1_common_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2639,7 +2720,7 @@ func (x *UsageEvent) String() string {
 func (*UsageEvent) ProtoMessage() {}
 
 func (x *UsageEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[24]
+	mi := &file_dispatch_v1_common_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2652,7 +2733,7 @@ func (x *UsageEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageEvent.ProtoReflect.Descriptor instead.
 func (*UsageEvent) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{24}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UsageEvent) GetUsage() *Usage {
@@ -2685,7 +2766,7 @@ type StepCompleted struct {
 
 func (x *StepCompleted) Reset() {
 	*x = StepCompleted{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[25]
+	mi := &file_dispatch_v1_common_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2697,7 +2778,7 @@ func (x *StepCompleted) String() string {
 func (*StepCompleted) ProtoMessage() {}
 
 func (x *StepCompleted) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[25]
+	mi := &file_dispatch_v1_common_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2710,7 +2791,7 @@ func (x *StepCompleted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StepCompleted.ProtoReflect.Descriptor instead.
 func (*StepCompleted) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{25}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StepCompleted) GetStepIndex() int32 {
@@ -2803,7 +2884,7 @@ type ProviderRetry struct {
 
 func (x *ProviderRetry) Reset() {
 	*x = ProviderRetry{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[26]
+	mi := &file_dispatch_v1_common_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2815,7 +2896,7 @@ func (x *ProviderRetry) String() string {
 func (*ProviderRetry) ProtoMessage() {}
 
 func (x *ProviderRetry) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[26]
+	mi := &file_dispatch_v1_common_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2828,7 +2909,7 @@ func (x *ProviderRetry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProviderRetry.ProtoReflect.Descriptor instead.
 func (*ProviderRetry) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{26}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ProviderRetry) GetAttempt() int32 {
@@ -2870,7 +2951,7 @@ type SteeringInjected struct {
 
 func (x *SteeringInjected) Reset() {
 	*x = SteeringInjected{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[27]
+	mi := &file_dispatch_v1_common_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2882,7 +2963,7 @@ func (x *SteeringInjected) String() string {
 func (*SteeringInjected) ProtoMessage() {}
 
 func (x *SteeringInjected) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[27]
+	mi := &file_dispatch_v1_common_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2895,7 +2976,7 @@ func (x *SteeringInjected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteeringInjected.ProtoReflect.Descriptor instead.
 func (*SteeringInjected) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{27}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SteeringInjected) GetStepIndex() int32 {
@@ -2921,7 +3002,7 @@ type ApprovalRequested struct {
 
 func (x *ApprovalRequested) Reset() {
 	*x = ApprovalRequested{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[28]
+	mi := &file_dispatch_v1_common_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2933,7 +3014,7 @@ func (x *ApprovalRequested) String() string {
 func (*ApprovalRequested) ProtoMessage() {}
 
 func (x *ApprovalRequested) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[28]
+	mi := &file_dispatch_v1_common_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2946,7 +3027,7 @@ func (x *ApprovalRequested) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApprovalRequested.ProtoReflect.Descriptor instead.
 func (*ApprovalRequested) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{28}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ApprovalRequested) GetApproval() *Approval {
@@ -2965,7 +3046,7 @@ type ApprovalResolved struct {
 
 func (x *ApprovalResolved) Reset() {
 	*x = ApprovalResolved{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[29]
+	mi := &file_dispatch_v1_common_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2977,7 +3058,7 @@ func (x *ApprovalResolved) String() string {
 func (*ApprovalResolved) ProtoMessage() {}
 
 func (x *ApprovalResolved) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[29]
+	mi := &file_dispatch_v1_common_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2990,7 +3071,7 @@ func (x *ApprovalResolved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApprovalResolved.ProtoReflect.Descriptor instead.
 func (*ApprovalResolved) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{29}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ApprovalResolved) GetApproval() *Approval {
@@ -3010,7 +3091,7 @@ type MessagesCommitted struct {
 
 func (x *MessagesCommitted) Reset() {
 	*x = MessagesCommitted{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[30]
+	mi := &file_dispatch_v1_common_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3022,7 +3103,7 @@ func (x *MessagesCommitted) String() string {
 func (*MessagesCommitted) ProtoMessage() {}
 
 func (x *MessagesCommitted) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[30]
+	mi := &file_dispatch_v1_common_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3035,7 +3116,7 @@ func (x *MessagesCommitted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessagesCommitted.ProtoReflect.Descriptor instead.
 func (*MessagesCommitted) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{30}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *MessagesCommitted) GetFirstSeq() int64 {
@@ -3065,7 +3146,7 @@ type ErrorEvent struct {
 
 func (x *ErrorEvent) Reset() {
 	*x = ErrorEvent{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[31]
+	mi := &file_dispatch_v1_common_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3158,7 @@ func (x *ErrorEvent) String() string {
 func (*ErrorEvent) ProtoMessage() {}
 
 func (x *ErrorEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[31]
+	mi := &file_dispatch_v1_common_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3171,7 @@ func (x *ErrorEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorEvent.ProtoReflect.Descriptor instead.
 func (*ErrorEvent) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{31}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ErrorEvent) GetMessage() string {
@@ -3131,7 +3212,7 @@ type TurnDone struct {
 
 func (x *TurnDone) Reset() {
 	*x = TurnDone{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[32]
+	mi := &file_dispatch_v1_common_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3143,7 +3224,7 @@ func (x *TurnDone) String() string {
 func (*TurnDone) ProtoMessage() {}
 
 func (x *TurnDone) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[32]
+	mi := &file_dispatch_v1_common_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3156,7 +3237,7 @@ func (x *TurnDone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnDone.ProtoReflect.Descriptor instead.
 func (*TurnDone) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{32}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *TurnDone) GetFinishReason() FinishReason {
@@ -3219,7 +3300,7 @@ type TurnSealed struct {
 
 func (x *TurnSealed) Reset() {
 	*x = TurnSealed{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[33]
+	mi := &file_dispatch_v1_common_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3231,7 +3312,7 @@ func (x *TurnSealed) String() string {
 func (*TurnSealed) ProtoMessage() {}
 
 func (x *TurnSealed) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[33]
+	mi := &file_dispatch_v1_common_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3244,7 +3325,7 @@ func (x *TurnSealed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnSealed.ProtoReflect.Descriptor instead.
 func (*TurnSealed) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{33}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *TurnSealed) GetState() TurnState {
@@ -3276,7 +3357,7 @@ type TurnResumed struct {
 
 func (x *TurnResumed) Reset() {
 	*x = TurnResumed{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[34]
+	mi := &file_dispatch_v1_common_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3288,7 +3369,7 @@ func (x *TurnResumed) String() string {
 func (*TurnResumed) ProtoMessage() {}
 
 func (x *TurnResumed) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[34]
+	mi := &file_dispatch_v1_common_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3301,7 +3382,7 @@ func (x *TurnResumed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnResumed.ProtoReflect.Descriptor instead.
 func (*TurnResumed) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{34}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *TurnResumed) GetAttempt() int32 {
@@ -3339,7 +3420,7 @@ type TurnInterrupted struct {
 
 func (x *TurnInterrupted) Reset() {
 	*x = TurnInterrupted{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[35]
+	mi := &file_dispatch_v1_common_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3351,7 +3432,7 @@ func (x *TurnInterrupted) String() string {
 func (*TurnInterrupted) ProtoMessage() {}
 
 func (x *TurnInterrupted) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[35]
+	mi := &file_dispatch_v1_common_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3364,7 +3445,7 @@ func (x *TurnInterrupted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnInterrupted.ProtoReflect.Descriptor instead.
 func (*TurnInterrupted) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{35}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TurnInterrupted) GetAttempt() int32 {
@@ -3402,7 +3483,7 @@ type EventsLost struct {
 
 func (x *EventsLost) Reset() {
 	*x = EventsLost{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[36]
+	mi := &file_dispatch_v1_common_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3414,7 +3495,7 @@ func (x *EventsLost) String() string {
 func (*EventsLost) ProtoMessage() {}
 
 func (x *EventsLost) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[36]
+	mi := &file_dispatch_v1_common_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3427,7 +3508,7 @@ func (x *EventsLost) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsLost.ProtoReflect.Descriptor instead.
 func (*EventsLost) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{36}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *EventsLost) GetFirstEventSeq() int64 {
@@ -3482,6 +3563,8 @@ type AgentEvent struct {
 	//	*AgentEvent_TurnInterrupted
 	//	*AgentEvent_EventsLost
 	//	*AgentEvent_ToolStarted
+	//	*AgentEvent_CompactionStarted
+	//	*AgentEvent_CompactionDone
 	Kind          isAgentEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3489,7 +3572,7 @@ type AgentEvent struct {
 
 func (x *AgentEvent) Reset() {
 	*x = AgentEvent{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[37]
+	mi := &file_dispatch_v1_common_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3501,7 +3584,7 @@ func (x *AgentEvent) String() string {
 func (*AgentEvent) ProtoMessage() {}
 
 func (x *AgentEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[37]
+	mi := &file_dispatch_v1_common_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3514,7 +3597,7 @@ func (x *AgentEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentEvent.ProtoReflect.Descriptor instead.
 func (*AgentEvent) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{37}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *AgentEvent) GetConversationId() string {
@@ -3739,6 +3822,24 @@ func (x *AgentEvent) GetToolStarted() *ToolStarted {
 	return nil
 }
 
+func (x *AgentEvent) GetCompactionStarted() *CompactionStarted {
+	if x != nil {
+		if x, ok := x.Kind.(*AgentEvent_CompactionStarted); ok {
+			return x.CompactionStarted
+		}
+	}
+	return nil
+}
+
+func (x *AgentEvent) GetCompactionDone() *CompactionDone {
+	if x != nil {
+		if x, ok := x.Kind.(*AgentEvent_CompactionDone); ok {
+			return x.CompactionDone
+		}
+	}
+	return nil
+}
+
 type isAgentEvent_Kind interface {
 	isAgentEvent_Kind()
 }
@@ -3823,6 +3924,14 @@ type AgentEvent_ToolStarted struct {
 	ToolStarted *ToolStarted `protobuf:"bytes,29,opt,name=tool_started,json=toolStarted,proto3,oneof"`
 }
 
+type AgentEvent_CompactionStarted struct {
+	CompactionStarted *CompactionStarted `protobuf:"bytes,30,opt,name=compaction_started,json=compactionStarted,proto3,oneof"`
+}
+
+type AgentEvent_CompactionDone struct {
+	CompactionDone *CompactionDone `protobuf:"bytes,31,opt,name=compaction_done,json=compactionDone,proto3,oneof"`
+}
+
 func (*AgentEvent_TurnStarted) isAgentEvent_Kind() {}
 
 func (*AgentEvent_TextDelta) isAgentEvent_Kind() {}
@@ -3863,6 +3972,151 @@ func (*AgentEvent_EventsLost) isAgentEvent_Kind() {}
 
 func (*AgentEvent_ToolStarted) isAgentEvent_Kind() {}
 
+func (*AgentEvent_CompactionStarted) isAgentEvent_Kind() {}
+
+func (*AgentEvent_CompactionDone) isAgentEvent_Kind() {}
+
+// The kernel summarises older messages before a request that would fill more than the
+// agent's compact_at of the window (see Compaction).
+type CompactionStarted struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's estimated input tokens, and the model's window.
+	Tokens        int64 `protobuf:"varint,1,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	ContextWindow int64 `protobuf:"varint,2,opt,name=context_window,json=contextWindow,proto3" json:"context_window,omitempty"`
+	// The messages to be summarised: up to this seq.
+	CoversToSeq   int64 `protobuf:"varint,3,opt,name=covers_to_seq,json=coversToSeq,proto3" json:"covers_to_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactionStarted) Reset() {
+	*x = CompactionStarted{}
+	mi := &file_dispatch_v1_common_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactionStarted) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactionStarted) ProtoMessage() {}
+
+func (x *CompactionStarted) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_common_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactionStarted.ProtoReflect.Descriptor instead.
+func (*CompactionStarted) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *CompactionStarted) GetTokens() int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *CompactionStarted) GetContextWindow() int64 {
+	if x != nil {
+		return x.ContextWindow
+	}
+	return 0
+}
+
+func (x *CompactionStarted) GetCoversToSeq() int64 {
+	if x != nil {
+		return x.CoversToSeq
+	}
+	return 0
+}
+
+type CompactionDone struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	TokensBefore int64                  `protobuf:"varint,1,opt,name=tokens_before,json=tokensBefore,proto3" json:"tokens_before,omitempty"`
+	TokensAfter  int64                  `protobuf:"varint,2,opt,name=tokens_after,json=tokensAfter,proto3" json:"tokens_after,omitempty"`
+	CoversToSeq  int64                  `protobuf:"varint,3,opt,name=covers_to_seq,json=coversToSeq,proto3" json:"covers_to_seq,omitempty"`
+	// The seq of the committed compaction record.
+	SummarySeq    int64  `protobuf:"varint,4,opt,name=summary_seq,json=summarySeq,proto3" json:"summary_seq,omitempty"`
+	Model         string `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactionDone) Reset() {
+	*x = CompactionDone{}
+	mi := &file_dispatch_v1_common_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactionDone) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactionDone) ProtoMessage() {}
+
+func (x *CompactionDone) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_common_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactionDone.ProtoReflect.Descriptor instead.
+func (*CompactionDone) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *CompactionDone) GetTokensBefore() int64 {
+	if x != nil {
+		return x.TokensBefore
+	}
+	return 0
+}
+
+func (x *CompactionDone) GetTokensAfter() int64 {
+	if x != nil {
+		return x.TokensAfter
+	}
+	return 0
+}
+
+func (x *CompactionDone) GetCoversToSeq() int64 {
+	if x != nil {
+		return x.CoversToSeq
+	}
+	return 0
+}
+
+func (x *CompactionDone) GetSummarySeq() int64 {
+	if x != nil {
+		return x.SummarySeq
+	}
+	return 0
+}
+
+func (x *CompactionDone) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
 // Events travel in batches: gRPC in Python pays per message, not per byte.
 type EventBatch struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -3875,7 +4129,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[38]
+	mi := &file_dispatch_v1_common_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3887,7 +4141,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[38]
+	mi := &file_dispatch_v1_common_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3900,7 +4154,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{38}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *EventBatch) GetEvents() []*AgentEvent {
@@ -3930,7 +4184,7 @@ type EventBatchView struct {
 
 func (x *EventBatchView) Reset() {
 	*x = EventBatchView{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[39]
+	mi := &file_dispatch_v1_common_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3942,7 +4196,7 @@ func (x *EventBatchView) String() string {
 func (*EventBatchView) ProtoMessage() {}
 
 func (x *EventBatchView) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[39]
+	mi := &file_dispatch_v1_common_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3955,7 +4209,7 @@ func (x *EventBatchView) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatchView.ProtoReflect.Descriptor instead.
 func (*EventBatchView) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{39}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *EventBatchView) GetEvents() [][]byte {
@@ -3982,7 +4236,7 @@ type ListWorkspacesResponse struct {
 
 func (x *ListWorkspacesResponse) Reset() {
 	*x = ListWorkspacesResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[40]
+	mi := &file_dispatch_v1_common_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3994,7 +4248,7 @@ func (x *ListWorkspacesResponse) String() string {
 func (*ListWorkspacesResponse) ProtoMessage() {}
 
 func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[40]
+	mi := &file_dispatch_v1_common_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4007,7 +4261,7 @@ func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspacesResponse.ProtoReflect.Descriptor instead.
 func (*ListWorkspacesResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{40}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ListWorkspacesResponse) GetWorkspaces() []*Workspace {
@@ -4034,7 +4288,7 @@ type ListConversationsResponse struct {
 
 func (x *ListConversationsResponse) Reset() {
 	*x = ListConversationsResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[41]
+	mi := &file_dispatch_v1_common_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4046,7 +4300,7 @@ func (x *ListConversationsResponse) String() string {
 func (*ListConversationsResponse) ProtoMessage() {}
 
 func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[41]
+	mi := &file_dispatch_v1_common_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4059,7 +4313,7 @@ func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsResponse.ProtoReflect.Descriptor instead.
 func (*ListConversationsResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{41}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListConversationsResponse) GetConversations() []*Conversation {
@@ -4084,7 +4338,7 @@ type DeleteConversationResponse struct {
 
 func (x *DeleteConversationResponse) Reset() {
 	*x = DeleteConversationResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[42]
+	mi := &file_dispatch_v1_common_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4096,7 +4350,7 @@ func (x *DeleteConversationResponse) String() string {
 func (*DeleteConversationResponse) ProtoMessage() {}
 
 func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[42]
+	mi := &file_dispatch_v1_common_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4109,7 +4363,7 @@ func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteConversationResponse.ProtoReflect.Descriptor instead.
 func (*DeleteConversationResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{42}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{45}
 }
 
 type ListTurnsResponse struct {
@@ -4122,7 +4376,7 @@ type ListTurnsResponse struct {
 
 func (x *ListTurnsResponse) Reset() {
 	*x = ListTurnsResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[43]
+	mi := &file_dispatch_v1_common_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4134,7 +4388,7 @@ func (x *ListTurnsResponse) String() string {
 func (*ListTurnsResponse) ProtoMessage() {}
 
 func (x *ListTurnsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[43]
+	mi := &file_dispatch_v1_common_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4147,7 +4401,7 @@ func (x *ListTurnsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTurnsResponse.ProtoReflect.Descriptor instead.
 func (*ListTurnsResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{43}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListTurnsResponse) GetTurns() []*Turn {
@@ -4173,7 +4427,7 @@ type ListApprovalsResponse struct {
 
 func (x *ListApprovalsResponse) Reset() {
 	*x = ListApprovalsResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[44]
+	mi := &file_dispatch_v1_common_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4185,7 +4439,7 @@ func (x *ListApprovalsResponse) String() string {
 func (*ListApprovalsResponse) ProtoMessage() {}
 
 func (x *ListApprovalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[44]
+	mi := &file_dispatch_v1_common_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4198,7 +4452,7 @@ func (x *ListApprovalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApprovalsResponse.ProtoReflect.Descriptor instead.
 func (*ListApprovalsResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{44}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListApprovalsResponse) GetApprovals() []*Approval {
@@ -4217,7 +4471,7 @@ type GetMetricsResponse struct {
 
 func (x *GetMetricsResponse) Reset() {
 	*x = GetMetricsResponse{}
-	mi := &file_dispatch_v1_common_proto_msgTypes[45]
+	mi := &file_dispatch_v1_common_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4229,7 +4483,7 @@ func (x *GetMetricsResponse) String() string {
 func (*GetMetricsResponse) ProtoMessage() {}
 
 func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_common_proto_msgTypes[45]
+	mi := &file_dispatch_v1_common_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4242,7 +4496,7 @@ func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{45}
+	return file_dispatch_v1_common_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *GetMetricsResponse) GetTurns() []*TurnMetrics {
@@ -4286,7 +4540,7 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"\vtool_result\x18\x04 \x01(\v2\x1c.dispatch.v1.ToolResultChunkH\x00R\n" +
 	"toolResult\x12/\n" +
 	"\x05error\x18\x05 \x01(\v2\x17.dispatch.v1.ErrorChunkH\x00R\x05errorB\x06\n" +
-	"\x04kind\"\x8a\x02\n" +
+	"\x04kind\"\xc3\x02\n" +
 	"\aMessage\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12%\n" +
@@ -4296,7 +4550,16 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"\n" +
 	"step_index\x18\x06 \x01(\x05R\tstepIndex\x129\n" +
 	"\n" +
-	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xd4\x01\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x127\n" +
+	"\n" +
+	"compaction\x18\b \x01(\v2\x17.dispatch.v1.CompactionR\n" +
+	"compaction\"\x8e\x01\n" +
+	"\n" +
+	"Compaction\x12\"\n" +
+	"\rcovers_to_seq\x18\x01 \x01(\x03R\vcoversToSeq\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12#\n" +
+	"\rtokens_before\x18\x03 \x01(\x03R\ftokensBefore\x12!\n" +
+	"\ftokens_after\x18\x04 \x01(\x03R\vtokensAfter\"\xd4\x01\n" +
 	"\x05Usage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x03R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x02 \x01(\x03R\foutputTokens\x12*\n" +
@@ -4528,7 +4791,7 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"EventsLost\x12&\n" +
 	"\x0ffirst_event_seq\x18\x01 \x01(\x03R\rfirstEventSeq\x12$\n" +
 	"\x0elast_event_seq\x18\x02 \x01(\x03R\flastEventSeq\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xd5\v\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xee\f\n" +
 	"\n" +
 	"AgentEvent\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\x12\x17\n" +
@@ -4561,8 +4824,21 @@ const file_dispatch_v1_common_proto_rawDesc = "" +
 	"\x10turn_interrupted\x18\x1b \x01(\v2\x1c.dispatch.v1.TurnInterruptedH\x00R\x0fturnInterrupted\x12:\n" +
 	"\vevents_lost\x18\x1c \x01(\v2\x17.dispatch.v1.EventsLostH\x00R\n" +
 	"eventsLost\x12=\n" +
-	"\ftool_started\x18\x1d \x01(\v2\x18.dispatch.v1.ToolStartedH\x00R\vtoolStartedB\x06\n" +
-	"\x04kind\"\\\n" +
+	"\ftool_started\x18\x1d \x01(\v2\x18.dispatch.v1.ToolStartedH\x00R\vtoolStarted\x12O\n" +
+	"\x12compaction_started\x18\x1e \x01(\v2\x1e.dispatch.v1.CompactionStartedH\x00R\x11compactionStarted\x12F\n" +
+	"\x0fcompaction_done\x18\x1f \x01(\v2\x1b.dispatch.v1.CompactionDoneH\x00R\x0ecompactionDoneB\x06\n" +
+	"\x04kind\"v\n" +
+	"\x11CompactionStarted\x12\x16\n" +
+	"\x06tokens\x18\x01 \x01(\x03R\x06tokens\x12%\n" +
+	"\x0econtext_window\x18\x02 \x01(\x03R\rcontextWindow\x12\"\n" +
+	"\rcovers_to_seq\x18\x03 \x01(\x03R\vcoversToSeq\"\xb3\x01\n" +
+	"\x0eCompactionDone\x12#\n" +
+	"\rtokens_before\x18\x01 \x01(\x03R\ftokensBefore\x12!\n" +
+	"\ftokens_after\x18\x02 \x01(\x03R\vtokensAfter\x12\"\n" +
+	"\rcovers_to_seq\x18\x03 \x01(\x03R\vcoversToSeq\x12\x1f\n" +
+	"\vsummary_seq\x18\x04 \x01(\x03R\n" +
+	"summarySeq\x12\x14\n" +
+	"\x05model\x18\x05 \x01(\tR\x05model\"\\\n" +
 	"\n" +
 	"EventBatch\x12/\n" +
 	"\x06events\x18\x01 \x03(\v2\x17.dispatch.v1.AgentEventR\x06events\x12\x1d\n" +
@@ -4658,7 +4934,7 @@ func file_dispatch_v1_common_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_dispatch_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_dispatch_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_dispatch_v1_common_proto_goTypes = []any{
 	(Role)(0),                          // 0: dispatch.v1.Role
 	(TurnState)(0),                     // 1: dispatch.v1.TurnState
@@ -4675,47 +4951,50 @@ var file_dispatch_v1_common_proto_goTypes = []any{
 	(*ErrorChunk)(nil),                 // 12: dispatch.v1.ErrorChunk
 	(*Chunk)(nil),                      // 13: dispatch.v1.Chunk
 	(*Message)(nil),                    // 14: dispatch.v1.Message
-	(*Usage)(nil),                      // 15: dispatch.v1.Usage
-	(*Turn)(nil),                       // 16: dispatch.v1.Turn
-	(*Workspace)(nil),                  // 17: dispatch.v1.Workspace
-	(*Conversation)(nil),               // 18: dispatch.v1.Conversation
-	(*Computer)(nil),                   // 19: dispatch.v1.Computer
-	(*ModelInfo)(nil),                  // 20: dispatch.v1.ModelInfo
-	(*StepMetrics)(nil),                // 21: dispatch.v1.StepMetrics
-	(*TurnMetrics)(nil),                // 22: dispatch.v1.TurnMetrics
-	(*PermissionRule)(nil),             // 23: dispatch.v1.PermissionRule
-	(*Approval)(nil),                   // 24: dispatch.v1.Approval
-	(*TurnStarted)(nil),                // 25: dispatch.v1.TurnStarted
-	(*TextDelta)(nil),                  // 26: dispatch.v1.TextDelta
-	(*ReasoningDelta)(nil),             // 27: dispatch.v1.ReasoningDelta
-	(*ToolCallEvent)(nil),              // 28: dispatch.v1.ToolCallEvent
-	(*ToolOutput)(nil),                 // 29: dispatch.v1.ToolOutput
-	(*ToolStarted)(nil),                // 30: dispatch.v1.ToolStarted
-	(*ToolResultEvent)(nil),            // 31: dispatch.v1.ToolResultEvent
-	(*UsageEvent)(nil),                 // 32: dispatch.v1.UsageEvent
-	(*StepCompleted)(nil),              // 33: dispatch.v1.StepCompleted
-	(*ProviderRetry)(nil),              // 34: dispatch.v1.ProviderRetry
-	(*SteeringInjected)(nil),           // 35: dispatch.v1.SteeringInjected
-	(*ApprovalRequested)(nil),          // 36: dispatch.v1.ApprovalRequested
-	(*ApprovalResolved)(nil),           // 37: dispatch.v1.ApprovalResolved
-	(*MessagesCommitted)(nil),          // 38: dispatch.v1.MessagesCommitted
-	(*ErrorEvent)(nil),                 // 39: dispatch.v1.ErrorEvent
-	(*TurnDone)(nil),                   // 40: dispatch.v1.TurnDone
-	(*TurnSealed)(nil),                 // 41: dispatch.v1.TurnSealed
-	(*TurnResumed)(nil),                // 42: dispatch.v1.TurnResumed
-	(*TurnInterrupted)(nil),            // 43: dispatch.v1.TurnInterrupted
-	(*EventsLost)(nil),                 // 44: dispatch.v1.EventsLost
-	(*AgentEvent)(nil),                 // 45: dispatch.v1.AgentEvent
-	(*EventBatch)(nil),                 // 46: dispatch.v1.EventBatch
-	(*EventBatchView)(nil),             // 47: dispatch.v1.EventBatchView
-	(*ListWorkspacesResponse)(nil),     // 48: dispatch.v1.ListWorkspacesResponse
-	(*ListConversationsResponse)(nil),  // 49: dispatch.v1.ListConversationsResponse
-	(*DeleteConversationResponse)(nil), // 50: dispatch.v1.DeleteConversationResponse
-	(*ListTurnsResponse)(nil),          // 51: dispatch.v1.ListTurnsResponse
-	(*ListApprovalsResponse)(nil),      // 52: dispatch.v1.ListApprovalsResponse
-	(*GetMetricsResponse)(nil),         // 53: dispatch.v1.GetMetricsResponse
-	(*timestamppb.Timestamp)(nil),      // 54: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 55: google.protobuf.Duration
+	(*Compaction)(nil),                 // 15: dispatch.v1.Compaction
+	(*Usage)(nil),                      // 16: dispatch.v1.Usage
+	(*Turn)(nil),                       // 17: dispatch.v1.Turn
+	(*Workspace)(nil),                  // 18: dispatch.v1.Workspace
+	(*Conversation)(nil),               // 19: dispatch.v1.Conversation
+	(*Computer)(nil),                   // 20: dispatch.v1.Computer
+	(*ModelInfo)(nil),                  // 21: dispatch.v1.ModelInfo
+	(*StepMetrics)(nil),                // 22: dispatch.v1.StepMetrics
+	(*TurnMetrics)(nil),                // 23: dispatch.v1.TurnMetrics
+	(*PermissionRule)(nil),             // 24: dispatch.v1.PermissionRule
+	(*Approval)(nil),                   // 25: dispatch.v1.Approval
+	(*TurnStarted)(nil),                // 26: dispatch.v1.TurnStarted
+	(*TextDelta)(nil),                  // 27: dispatch.v1.TextDelta
+	(*ReasoningDelta)(nil),             // 28: dispatch.v1.ReasoningDelta
+	(*ToolCallEvent)(nil),              // 29: dispatch.v1.ToolCallEvent
+	(*ToolOutput)(nil),                 // 30: dispatch.v1.ToolOutput
+	(*ToolStarted)(nil),                // 31: dispatch.v1.ToolStarted
+	(*ToolResultEvent)(nil),            // 32: dispatch.v1.ToolResultEvent
+	(*UsageEvent)(nil),                 // 33: dispatch.v1.UsageEvent
+	(*StepCompleted)(nil),              // 34: dispatch.v1.StepCompleted
+	(*ProviderRetry)(nil),              // 35: dispatch.v1.ProviderRetry
+	(*SteeringInjected)(nil),           // 36: dispatch.v1.SteeringInjected
+	(*ApprovalRequested)(nil),          // 37: dispatch.v1.ApprovalRequested
+	(*ApprovalResolved)(nil),           // 38: dispatch.v1.ApprovalResolved
+	(*MessagesCommitted)(nil),          // 39: dispatch.v1.MessagesCommitted
+	(*ErrorEvent)(nil),                 // 40: dispatch.v1.ErrorEvent
+	(*TurnDone)(nil),                   // 41: dispatch.v1.TurnDone
+	(*TurnSealed)(nil),                 // 42: dispatch.v1.TurnSealed
+	(*TurnResumed)(nil),                // 43: dispatch.v1.TurnResumed
+	(*TurnInterrupted)(nil),            // 44: dispatch.v1.TurnInterrupted
+	(*EventsLost)(nil),                 // 45: dispatch.v1.EventsLost
+	(*AgentEvent)(nil),                 // 46: dispatch.v1.AgentEvent
+	(*CompactionStarted)(nil),          // 47: dispatch.v1.CompactionStarted
+	(*CompactionDone)(nil),             // 48: dispatch.v1.CompactionDone
+	(*EventBatch)(nil),                 // 49: dispatch.v1.EventBatch
+	(*EventBatchView)(nil),             // 50: dispatch.v1.EventBatchView
+	(*ListWorkspacesResponse)(nil),     // 51: dispatch.v1.ListWorkspacesResponse
+	(*ListConversationsResponse)(nil),  // 52: dispatch.v1.ListConversationsResponse
+	(*DeleteConversationResponse)(nil), // 53: dispatch.v1.DeleteConversationResponse
+	(*ListTurnsResponse)(nil),          // 54: dispatch.v1.ListTurnsResponse
+	(*ListApprovalsResponse)(nil),      // 55: dispatch.v1.ListApprovalsResponse
+	(*GetMetricsResponse)(nil),         // 56: dispatch.v1.GetMetricsResponse
+	(*timestamppb.Timestamp)(nil),      // 57: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 58: google.protobuf.Duration
 }
 var file_dispatch_v1_common_proto_depIdxs = []int32{
 	8,  // 0: dispatch.v1.Chunk.text:type_name -> dispatch.v1.TextChunk
@@ -4725,79 +5004,82 @@ var file_dispatch_v1_common_proto_depIdxs = []int32{
 	12, // 4: dispatch.v1.Chunk.error:type_name -> dispatch.v1.ErrorChunk
 	0,  // 5: dispatch.v1.Message.role:type_name -> dispatch.v1.Role
 	13, // 6: dispatch.v1.Message.chunks:type_name -> dispatch.v1.Chunk
-	54, // 7: dispatch.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	1,  // 8: dispatch.v1.Turn.state:type_name -> dispatch.v1.TurnState
-	54, // 9: dispatch.v1.Turn.lease_expires_at:type_name -> google.protobuf.Timestamp
-	2,  // 10: dispatch.v1.Turn.finish_reason:type_name -> dispatch.v1.FinishReason
-	54, // 11: dispatch.v1.Turn.created_at:type_name -> google.protobuf.Timestamp
-	54, // 12: dispatch.v1.Turn.started_at:type_name -> google.protobuf.Timestamp
-	54, // 13: dispatch.v1.Turn.ended_at:type_name -> google.protobuf.Timestamp
-	54, // 14: dispatch.v1.Workspace.created_at:type_name -> google.protobuf.Timestamp
-	23, // 15: dispatch.v1.Workspace.permissions:type_name -> dispatch.v1.PermissionRule
-	54, // 16: dispatch.v1.Conversation.created_at:type_name -> google.protobuf.Timestamp
-	54, // 17: dispatch.v1.Conversation.updated_at:type_name -> google.protobuf.Timestamp
-	23, // 18: dispatch.v1.Conversation.remembered:type_name -> dispatch.v1.PermissionRule
-	55, // 19: dispatch.v1.StepMetrics.ttft:type_name -> google.protobuf.Duration
-	55, // 20: dispatch.v1.StepMetrics.decode:type_name -> google.protobuf.Duration
-	55, // 21: dispatch.v1.StepMetrics.generation:type_name -> google.protobuf.Duration
-	15, // 22: dispatch.v1.StepMetrics.usage:type_name -> dispatch.v1.Usage
-	2,  // 23: dispatch.v1.StepMetrics.finish_reason:type_name -> dispatch.v1.FinishReason
-	55, // 24: dispatch.v1.TurnMetrics.duration:type_name -> google.protobuf.Duration
-	15, // 25: dispatch.v1.TurnMetrics.usage:type_name -> dispatch.v1.Usage
-	2,  // 26: dispatch.v1.TurnMetrics.finish_reason:type_name -> dispatch.v1.FinishReason
-	21, // 27: dispatch.v1.TurnMetrics.step_metrics:type_name -> dispatch.v1.StepMetrics
-	6,  // 28: dispatch.v1.PermissionRule.action:type_name -> dispatch.v1.PermissionAction
-	5,  // 29: dispatch.v1.Approval.decision:type_name -> dispatch.v1.ApprovalDecision
-	54, // 30: dispatch.v1.Approval.created_at:type_name -> google.protobuf.Timestamp
-	54, // 31: dispatch.v1.Approval.resolved_at:type_name -> google.protobuf.Timestamp
-	54, // 32: dispatch.v1.Approval.expires_at:type_name -> google.protobuf.Timestamp
-	7,  // 33: dispatch.v1.ToolOutput.stream:type_name -> dispatch.v1.OutputStream
-	55, // 34: dispatch.v1.ToolResultEvent.duration:type_name -> google.protobuf.Duration
-	15, // 35: dispatch.v1.UsageEvent.usage:type_name -> dispatch.v1.Usage
-	2,  // 36: dispatch.v1.StepCompleted.finish_reason:type_name -> dispatch.v1.FinishReason
-	55, // 37: dispatch.v1.StepCompleted.ttft:type_name -> google.protobuf.Duration
-	55, // 38: dispatch.v1.StepCompleted.decode:type_name -> google.protobuf.Duration
-	55, // 39: dispatch.v1.StepCompleted.generation:type_name -> google.protobuf.Duration
-	15, // 40: dispatch.v1.StepCompleted.usage:type_name -> dispatch.v1.Usage
-	55, // 41: dispatch.v1.ProviderRetry.delay:type_name -> google.protobuf.Duration
-	24, // 42: dispatch.v1.ApprovalRequested.approval:type_name -> dispatch.v1.Approval
-	24, // 43: dispatch.v1.ApprovalResolved.approval:type_name -> dispatch.v1.Approval
-	2,  // 44: dispatch.v1.TurnDone.finish_reason:type_name -> dispatch.v1.FinishReason
-	55, // 45: dispatch.v1.TurnDone.duration:type_name -> google.protobuf.Duration
-	15, // 46: dispatch.v1.TurnDone.usage:type_name -> dispatch.v1.Usage
-	1,  // 47: dispatch.v1.TurnSealed.state:type_name -> dispatch.v1.TurnState
-	54, // 48: dispatch.v1.AgentEvent.time:type_name -> google.protobuf.Timestamp
-	25, // 49: dispatch.v1.AgentEvent.turn_started:type_name -> dispatch.v1.TurnStarted
-	26, // 50: dispatch.v1.AgentEvent.text_delta:type_name -> dispatch.v1.TextDelta
-	27, // 51: dispatch.v1.AgentEvent.reasoning_delta:type_name -> dispatch.v1.ReasoningDelta
-	28, // 52: dispatch.v1.AgentEvent.tool_call:type_name -> dispatch.v1.ToolCallEvent
-	29, // 53: dispatch.v1.AgentEvent.tool_output:type_name -> dispatch.v1.ToolOutput
-	31, // 54: dispatch.v1.AgentEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
-	32, // 55: dispatch.v1.AgentEvent.usage:type_name -> dispatch.v1.UsageEvent
-	33, // 56: dispatch.v1.AgentEvent.step_completed:type_name -> dispatch.v1.StepCompleted
-	34, // 57: dispatch.v1.AgentEvent.provider_retry:type_name -> dispatch.v1.ProviderRetry
-	35, // 58: dispatch.v1.AgentEvent.steering_injected:type_name -> dispatch.v1.SteeringInjected
-	36, // 59: dispatch.v1.AgentEvent.approval_requested:type_name -> dispatch.v1.ApprovalRequested
-	37, // 60: dispatch.v1.AgentEvent.approval_resolved:type_name -> dispatch.v1.ApprovalResolved
-	38, // 61: dispatch.v1.AgentEvent.messages_committed:type_name -> dispatch.v1.MessagesCommitted
-	39, // 62: dispatch.v1.AgentEvent.error:type_name -> dispatch.v1.ErrorEvent
-	40, // 63: dispatch.v1.AgentEvent.turn_done:type_name -> dispatch.v1.TurnDone
-	41, // 64: dispatch.v1.AgentEvent.turn_sealed:type_name -> dispatch.v1.TurnSealed
-	42, // 65: dispatch.v1.AgentEvent.turn_resumed:type_name -> dispatch.v1.TurnResumed
-	43, // 66: dispatch.v1.AgentEvent.turn_interrupted:type_name -> dispatch.v1.TurnInterrupted
-	44, // 67: dispatch.v1.AgentEvent.events_lost:type_name -> dispatch.v1.EventsLost
-	30, // 68: dispatch.v1.AgentEvent.tool_started:type_name -> dispatch.v1.ToolStarted
-	45, // 69: dispatch.v1.EventBatch.events:type_name -> dispatch.v1.AgentEvent
-	17, // 70: dispatch.v1.ListWorkspacesResponse.workspaces:type_name -> dispatch.v1.Workspace
-	18, // 71: dispatch.v1.ListConversationsResponse.conversations:type_name -> dispatch.v1.Conversation
-	16, // 72: dispatch.v1.ListTurnsResponse.turns:type_name -> dispatch.v1.Turn
-	24, // 73: dispatch.v1.ListApprovalsResponse.approvals:type_name -> dispatch.v1.Approval
-	22, // 74: dispatch.v1.GetMetricsResponse.turns:type_name -> dispatch.v1.TurnMetrics
-	75, // [75:75] is the sub-list for method output_type
-	75, // [75:75] is the sub-list for method input_type
-	75, // [75:75] is the sub-list for extension type_name
-	75, // [75:75] is the sub-list for extension extendee
-	0,  // [0:75] is the sub-list for field type_name
+	57, // 7: dispatch.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	15, // 8: dispatch.v1.Message.compaction:type_name -> dispatch.v1.Compaction
+	1,  // 9: dispatch.v1.Turn.state:type_name -> dispatch.v1.TurnState
+	57, // 10: dispatch.v1.Turn.lease_expires_at:type_name -> google.protobuf.Timestamp
+	2,  // 11: dispatch.v1.Turn.finish_reason:type_name -> dispatch.v1.FinishReason
+	57, // 12: dispatch.v1.Turn.created_at:type_name -> google.protobuf.Timestamp
+	57, // 13: dispatch.v1.Turn.started_at:type_name -> google.protobuf.Timestamp
+	57, // 14: dispatch.v1.Turn.ended_at:type_name -> google.protobuf.Timestamp
+	57, // 15: dispatch.v1.Workspace.created_at:type_name -> google.protobuf.Timestamp
+	24, // 16: dispatch.v1.Workspace.permissions:type_name -> dispatch.v1.PermissionRule
+	57, // 17: dispatch.v1.Conversation.created_at:type_name -> google.protobuf.Timestamp
+	57, // 18: dispatch.v1.Conversation.updated_at:type_name -> google.protobuf.Timestamp
+	24, // 19: dispatch.v1.Conversation.remembered:type_name -> dispatch.v1.PermissionRule
+	58, // 20: dispatch.v1.StepMetrics.ttft:type_name -> google.protobuf.Duration
+	58, // 21: dispatch.v1.StepMetrics.decode:type_name -> google.protobuf.Duration
+	58, // 22: dispatch.v1.StepMetrics.generation:type_name -> google.protobuf.Duration
+	16, // 23: dispatch.v1.StepMetrics.usage:type_name -> dispatch.v1.Usage
+	2,  // 24: dispatch.v1.StepMetrics.finish_reason:type_name -> dispatch.v1.FinishReason
+	58, // 25: dispatch.v1.TurnMetrics.duration:type_name -> google.protobuf.Duration
+	16, // 26: dispatch.v1.TurnMetrics.usage:type_name -> dispatch.v1.Usage
+	2,  // 27: dispatch.v1.TurnMetrics.finish_reason:type_name -> dispatch.v1.FinishReason
+	22, // 28: dispatch.v1.TurnMetrics.step_metrics:type_name -> dispatch.v1.StepMetrics
+	6,  // 29: dispatch.v1.PermissionRule.action:type_name -> dispatch.v1.PermissionAction
+	5,  // 30: dispatch.v1.Approval.decision:type_name -> dispatch.v1.ApprovalDecision
+	57, // 31: dispatch.v1.Approval.created_at:type_name -> google.protobuf.Timestamp
+	57, // 32: dispatch.v1.Approval.resolved_at:type_name -> google.protobuf.Timestamp
+	57, // 33: dispatch.v1.Approval.expires_at:type_name -> google.protobuf.Timestamp
+	7,  // 34: dispatch.v1.ToolOutput.stream:type_name -> dispatch.v1.OutputStream
+	58, // 35: dispatch.v1.ToolResultEvent.duration:type_name -> google.protobuf.Duration
+	16, // 36: dispatch.v1.UsageEvent.usage:type_name -> dispatch.v1.Usage
+	2,  // 37: dispatch.v1.StepCompleted.finish_reason:type_name -> dispatch.v1.FinishReason
+	58, // 38: dispatch.v1.StepCompleted.ttft:type_name -> google.protobuf.Duration
+	58, // 39: dispatch.v1.StepCompleted.decode:type_name -> google.protobuf.Duration
+	58, // 40: dispatch.v1.StepCompleted.generation:type_name -> google.protobuf.Duration
+	16, // 41: dispatch.v1.StepCompleted.usage:type_name -> dispatch.v1.Usage
+	58, // 42: dispatch.v1.ProviderRetry.delay:type_name -> google.protobuf.Duration
+	25, // 43: dispatch.v1.ApprovalRequested.approval:type_name -> dispatch.v1.Approval
+	25, // 44: dispatch.v1.ApprovalResolved.approval:type_name -> dispatch.v1.Approval
+	2,  // 45: dispatch.v1.TurnDone.finish_reason:type_name -> dispatch.v1.FinishReason
+	58, // 46: dispatch.v1.TurnDone.duration:type_name -> google.protobuf.Duration
+	16, // 47: dispatch.v1.TurnDone.usage:type_name -> dispatch.v1.Usage
+	1,  // 48: dispatch.v1.TurnSealed.state:type_name -> dispatch.v1.TurnState
+	57, // 49: dispatch.v1.AgentEvent.time:type_name -> google.protobuf.Timestamp
+	26, // 50: dispatch.v1.AgentEvent.turn_started:type_name -> dispatch.v1.TurnStarted
+	27, // 51: dispatch.v1.AgentEvent.text_delta:type_name -> dispatch.v1.TextDelta
+	28, // 52: dispatch.v1.AgentEvent.reasoning_delta:type_name -> dispatch.v1.ReasoningDelta
+	29, // 53: dispatch.v1.AgentEvent.tool_call:type_name -> dispatch.v1.ToolCallEvent
+	30, // 54: dispatch.v1.AgentEvent.tool_output:type_name -> dispatch.v1.ToolOutput
+	32, // 55: dispatch.v1.AgentEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
+	33, // 56: dispatch.v1.AgentEvent.usage:type_name -> dispatch.v1.UsageEvent
+	34, // 57: dispatch.v1.AgentEvent.step_completed:type_name -> dispatch.v1.StepCompleted
+	35, // 58: dispatch.v1.AgentEvent.provider_retry:type_name -> dispatch.v1.ProviderRetry
+	36, // 59: dispatch.v1.AgentEvent.steering_injected:type_name -> dispatch.v1.SteeringInjected
+	37, // 60: dispatch.v1.AgentEvent.approval_requested:type_name -> dispatch.v1.ApprovalRequested
+	38, // 61: dispatch.v1.AgentEvent.approval_resolved:type_name -> dispatch.v1.ApprovalResolved
+	39, // 62: dispatch.v1.AgentEvent.messages_committed:type_name -> dispatch.v1.MessagesCommitted
+	40, // 63: dispatch.v1.AgentEvent.error:type_name -> dispatch.v1.ErrorEvent
+	41, // 64: dispatch.v1.AgentEvent.turn_done:type_name -> dispatch.v1.TurnDone
+	42, // 65: dispatch.v1.AgentEvent.turn_sealed:type_name -> dispatch.v1.TurnSealed
+	43, // 66: dispatch.v1.AgentEvent.turn_resumed:type_name -> dispatch.v1.TurnResumed
+	44, // 67: dispatch.v1.AgentEvent.turn_interrupted:type_name -> dispatch.v1.TurnInterrupted
+	45, // 68: dispatch.v1.AgentEvent.events_lost:type_name -> dispatch.v1.EventsLost
+	31, // 69: dispatch.v1.AgentEvent.tool_started:type_name -> dispatch.v1.ToolStarted
+	47, // 70: dispatch.v1.AgentEvent.compaction_started:type_name -> dispatch.v1.CompactionStarted
+	48, // 71: dispatch.v1.AgentEvent.compaction_done:type_name -> dispatch.v1.CompactionDone
+	46, // 72: dispatch.v1.EventBatch.events:type_name -> dispatch.v1.AgentEvent
+	18, // 73: dispatch.v1.ListWorkspacesResponse.workspaces:type_name -> dispatch.v1.Workspace
+	19, // 74: dispatch.v1.ListConversationsResponse.conversations:type_name -> dispatch.v1.Conversation
+	17, // 75: dispatch.v1.ListTurnsResponse.turns:type_name -> dispatch.v1.Turn
+	25, // 76: dispatch.v1.ListApprovalsResponse.approvals:type_name -> dispatch.v1.Approval
+	23, // 77: dispatch.v1.GetMetricsResponse.turns:type_name -> dispatch.v1.TurnMetrics
+	78, // [78:78] is the sub-list for method output_type
+	78, // [78:78] is the sub-list for method input_type
+	78, // [78:78] is the sub-list for extension type_name
+	78, // [78:78] is the sub-list for extension extendee
+	0,  // [0:78] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_common_proto_init() }
@@ -4812,7 +5094,7 @@ func file_dispatch_v1_common_proto_init() {
 		(*Chunk_ToolResult)(nil),
 		(*Chunk_Error)(nil),
 	}
-	file_dispatch_v1_common_proto_msgTypes[37].OneofWrappers = []any{
+	file_dispatch_v1_common_proto_msgTypes[38].OneofWrappers = []any{
 		(*AgentEvent_TurnStarted)(nil),
 		(*AgentEvent_TextDelta)(nil),
 		(*AgentEvent_ReasoningDelta)(nil),
@@ -4833,6 +5115,8 @@ func file_dispatch_v1_common_proto_init() {
 		(*AgentEvent_TurnInterrupted)(nil),
 		(*AgentEvent_EventsLost)(nil),
 		(*AgentEvent_ToolStarted)(nil),
+		(*AgentEvent_CompactionStarted)(nil),
+		(*AgentEvent_CompactionDone)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -4840,7 +5124,7 @@ func file_dispatch_v1_common_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_common_proto_rawDesc), len(file_dispatch_v1_common_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   46,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

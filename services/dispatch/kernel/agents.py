@@ -36,6 +36,8 @@ class Agent:
     window: Window = field(default_factory=lambda: window_for(""))
     # The most characters of one tool result the model is shown (kernel/context.py).
     tool_output_chars: int = 32_000
+    # Compact before a request estimated past this fraction of the window's input; 0: never.
+    compact_at: float = 0.8
 
     @property
     def text_only(self) -> bool:
@@ -133,6 +135,7 @@ def _agent(
         approval_timeout=a.approval_timeout,
         window=window,
         tool_output_chars=output_budget(window, a.tool_output_budget),
+        compact_at=a.compact_at,
     )
 
 

@@ -125,6 +125,11 @@ def _tools_chars(request: ProviderRequest) -> int:
     return sum(len(t.name) + len(t.description) + len(str(t.parameters)) for t in request.tools)
 
 
+def estimate_request(request: ProviderRequest) -> int:
+    """About how many input tokens ``request`` takes, all of it."""
+    return estimate(request.messages, request.system, _tools_chars(request))
+
+
 class Gauge:
     """A turn's running estimate of its requests' input tokens (see the module's docstring)."""
 
@@ -138,7 +143,7 @@ class Gauge:
         """The estimate for ``request``, whose first ``history_len`` messages are history."""
         if self._reported and self._count <= history_len:
             return self._reported + sum(estimate_message(m) for m in request.messages[self._count :])
-        return estimate(request.messages, request.system, _tools_chars(request))
+        return estimate_request(request)
 
     def after(self, history_len: int, usage: common_pb2.Usage) -> None:
         """The provider reported ``usage`` for the request whose first ``history_len`` messages
@@ -217,3 +222,101 @@ def find_tool_output(messages: Sequence[common_pb2.Message], tool_call_id: str) 
                 if chunk.HasField("tool_result") and chunk.tool_result.tool_call_id == tool_call_id:
                     return chunk.tool_result.content
     return None
+
+
+# ------------------------------------------------------------------ compaction
+
+# What the summary keeps of each tool result it is made from, in characters.
+SUMMARY_RESULT_CHARS = 2_000
+# The share of the window's input the messages kept verbatim after a compaction may fill.
+KEEP_SHARE = 0.3
+
+COMPACTION_PROMPT = (
+    "You summarise the earlier part of a conversation between a user and an AI agent that uses "
+    "tools, so that the agent can carry on the work from your summary and the most recent "
+    "messages alone. Write a complete, concise summary: the user's goals and instructions "
+    "(verbatim where the wording matters), decisions made, what has been done (files read or "
+    "changed, commands run and what they showed), what failed and why, what is still open, and "
+    "the next steps. Keep paths, names, numbers and error messages exact. Invent nothing."
+)
+SUMMARY_INTRO = "A summary of the conversation's earlier messages (they are not shown):"
+CONTINUE = "(The earlier conversation is summarised above. Continue.)"
+
+
+class ContextFull(Exception):
+    """A request does not fit the model's window, even compacted: the turn ends with this."""
+
+
+def visible(
+    history: Sequence[common_pb2.Message],
+) -> tuple[common_pb2.Message | None, list[common_pb2.Message]]:
+    """The latest compaction record in ``history`` (None: none) and the messages a request
+    carries: those after what it covers (and uncommitted ones), records left out."""
+    record = next((m for m in reversed(history) if m.HasField("compaction")), None)
+    covers = record.compaction.covers_to_seq if record is not None else 0
+    return record, [m for m in history if not m.HasField("compaction") and (m.seq == 0 or m.seq > covers)]
+
+
+def summary_text(record: common_pb2.Message | None) -> str:
+    return "".join(c.text.text for c in record.chunks if c.HasField("text")) if record is not None else ""
+
+
+def with_summary(system: str, record: common_pb2.Message | None) -> str:
+    """The system prompt, and the summary after it when there is one."""
+    summary = summary_text(record)
+    return f"{system}\n\n{SUMMARY_INTRO}\n{summary}" if summary else system
+
+
+def split_point(messages: Sequence[common_pb2.Message], keep_tokens: int) -> int:
+    """Where to cut ``messages`` into what a summary covers and what stays verbatim: the
+    earliest index whose tail fits ``keep_tokens``, else the latest possible. Never before a
+    tool message (a call and its results stay together), never after an uncommitted message,
+    and never 0 (something is covered). 0: there is no such place."""
+    candidates = [
+        i
+        for i in range(1, len(messages))
+        if messages[i].role != common_pb2.ROLE_TOOL and all(m.seq for m in messages[:i])
+    ]
+    if not candidates:
+        return 0
+    tail = 0
+    fits = []
+    sizes = [estimate_message(m) for m in messages]
+    for i in range(len(messages) - 1, 0, -1):
+        tail += sizes[i]
+        if tail > keep_tokens:
+            break
+        if i in candidates:
+            fits.append(i)
+    return min(fits) if fits else max(candidates)
+
+
+def transcript(
+    record: common_pb2.Message | None, messages: Sequence[common_pb2.Message], limit_chars: int
+) -> str:
+    """``messages`` as plain text for the summary request (tool results cut short), after the
+    previous summary; at most ``limit_chars`` (the oldest messages go first)."""
+    parts = []
+    for m in messages:
+        role = common_pb2.Role.Name(m.role).removeprefix("ROLE_").lower()
+        for chunk in m.chunks:
+            kind = chunk.WhichOneof("kind")
+            if kind == "text":
+                parts.append(f"[{role}] {chunk.text.text}")
+            elif kind == "tool_call":
+                c = chunk.tool_call
+                parts.append(f"[{role} called {c.name} {c.input_json} (call {c.id})]")
+            elif kind == "tool_result":
+                r = chunk.tool_result
+                error = " (error)" if r.is_error else ""
+                content = cut(r.content, SUMMARY_RESULT_CHARS, r.tool_call_id, readable=False)
+                parts.append(f"[result of call {r.tool_call_id}{error}] {content}")
+            elif kind == "error":
+                parts.append(f"[error] {chunk.error.message}")
+    body = "\n\n".join(parts)
+    previous = summary_text(record)
+    head = f"{SUMMARY_INTRO}\n{previous}\n\n" if previous else ""
+    room = max(0, limit_chars - len(head))
+    if len(body) > room:
+        body = "[... the oldest messages are left out ...]\n" + body[len(body) - room :]
+    return head + body

@@ -24,7 +24,20 @@ from typing import TYPE_CHECKING
 from dispatch.dispatcher import canonical_key
 from dispatch.kernel.agents import Agent
 from dispatch.kernel.approvals import RUNS, ApprovalBoard, StepApprovals, why_not_run
-from dispatch.kernel.context import READ_TOOL, Gauge, find_tool_output, fit_tool_results
+from dispatch.kernel.context import (
+    COMPACTION_PROMPT,
+    CONTINUE,
+    KEEP_SHARE,
+    READ_TOOL,
+    ContextFull,
+    Gauge,
+    find_tool_output,
+    fit_tool_results,
+    split_point,
+    transcript,
+    visible,
+    with_summary,
+)
 from dispatch.kernel.dispatch import StepDispatcher
 from dispatch.kernel.events import ConversationLog
 from dispatch.kernel.leases import new_instance_id
@@ -218,6 +231,10 @@ def interrupted_note(step_index: int, why: str) -> str:
         "have taken effect: tool calls made then may have run, partly or fully, or not at all. "
         "Check the current state before repeating an action that changes something."
     )
+
+
+def text_chunks(text: str) -> list[common_pb2.Chunk]:
+    return [common_pb2.Chunk(text=common_pb2.TextChunk(text=text))]
 
 
 def note_message(turn_id: str, step_index: int, why: str) -> common_pb2.Message:
@@ -526,6 +543,9 @@ class TurnRunner:
         except RetryBudgetSpent as exc:
             error = str(exc)
             self._emit(error=common_pb2.ErrorEvent(message=error, code="provider_retry_budget", fatal=True))
+        except ContextFull as exc:
+            error = str(exc)
+            self._emit(error=common_pb2.ErrorEvent(message=error, code="context_window", fatal=True))
         except Exception as exc:
             log.exception("turn %s failed", self.turn.id)
             error = f"internal error: {type(exc).__name__}: {exc}"
@@ -698,7 +718,7 @@ class TurnRunner:
                     continue
                 if self.abort_reason is None:
                     raise  # the kernel itself is being cancelled
-            except (ProviderError, RetryBudgetSpent):
+            except (ProviderError, RetryBudgetSpent, ContextFull):
                 # Keep what the step said before failing, without dangling tool calls.
                 await self._commit_partial(step)
                 raise
@@ -920,18 +940,24 @@ class TurnRunner:
         """Stream one provider response and run its calls; ``waiting``: the step is committed
         and waits for these approvals (a recovered turn), so nothing is streamed."""
         agent = self.agent
-        # Tool results over the agent's budget go to the model cut (history keeps them whole).
-        messages = fit_tool_results(history, agent.tool_output_chars, readable=READ_TOOL in agent.tools)
-        if wrap_up is not None:
-            messages.append(_wrap_up_instruction(wrap_up, self._step_cap(), agent.tool_budget))
-        request = ProviderRequest(
-            model=agent.model,
-            system=agent.system_prompt,
-            messages=messages,
-            tools=[t.spec for t in agent.tools.values()],
-            tools_disabled=wrap_up is not None,
-        )
-        step.context_estimate = self._gauge.before(request, len(history))
+        request, shown = self._request(history, wrap_up)
+        step.context_estimate = self._gauge.before(request, shown)
+        budget = agent.window.input_budget
+        if not waiting and agent.compact_at and step.context_estimate > agent.compact_at * budget:
+            made = await self._compact(step, history, step.context_estimate)
+            # The loop's history gets the record (``history`` may be a copy with a note).
+            if history is not self._history:
+                history = [*history, *made]
+            self._history.extend(made)
+            request, shown = self._request(history, wrap_up)
+            step.context_estimate = self._gauge.before(request, shown)
+        if not waiting and step.context_estimate > budget:
+            raise ContextFull(
+                f"the request is about {step.context_estimate} tokens, more than the "
+                f"{budget} the model's window of {agent.window.tokens} leaves for input"
+                + (" even after compacting" if agent.compact_at else "")
+                + "; send a shorter message, or set a larger context_window if the model has one"
+            )
         started: dict[str, float] = {}
 
         async def run_call(call: ToolCall) -> ToolResult:
@@ -966,7 +992,7 @@ class TurnRunner:
             return
         try:
             await self._stream_step(step, request, dispatcher, tools_allowed=wrap_up is None)
-            self._gauge.after(len(history), step.usage.to_proto())
+            self._gauge.after(shown, step.usage.to_proto())
             if wrap_up is not None and not "".join(step.text).strip():
                 await self._wrap_up_once_more(step, request, dispatcher)
             if not agent.policy.eager:
@@ -980,6 +1006,104 @@ class TurnRunner:
             # keeps running, and every unresolved call reads "Aborted".
             await dispatcher.abort()
             raise
+
+    def _request(
+        self, history: Sequence[common_pb2.Message], wrap_up: common_pb2.FinishReason.ValueType | None
+    ) -> tuple[ProviderRequest, int]:
+        """The provider request of a step over ``history``, and how many of its messages come
+        from history: the latest compaction's summary in place of what it covers, and tool
+        results over the agent's budget cut (history keeps everything whole)."""
+        agent = self.agent
+        record, messages = visible(history)
+        messages = fit_tool_results(messages, agent.tool_output_chars, readable=READ_TOOL in agent.tools)
+        if record is not None and (not messages or messages[0].role != common_pb2.ROLE_USER):
+            # Some APIs want a user message first; the summary rides in the system prompt.
+            messages.insert(0, common_pb2.Message(role=common_pb2.ROLE_USER, chunks=text_chunks(CONTINUE)))
+        shown = len(messages)
+        if wrap_up is not None:
+            messages.append(_wrap_up_instruction(wrap_up, self._step_cap(), agent.tool_budget))
+        request = ProviderRequest(
+            model=agent.model,
+            system=with_summary(agent.system_prompt, record),
+            messages=messages,
+            tools=[t.spec for t in agent.tools.values()],
+            tools_disabled=wrap_up is not None,
+        )
+        return request, shown
+
+    async def _compact(
+        self, step: StepState, history: Sequence[common_pb2.Message], tokens: int
+    ) -> list[common_pb2.Message]:
+        """Summarise the older messages of ``history`` with the agent's model and commit the
+        summary as a compaction record, which is returned: later requests carry it in their
+        place. Nothing is deleted. A failure ends the turn (``ContextFull``)."""
+        agent = self.agent
+        window = agent.window
+        record, messages = visible(history)
+        at = split_point(messages, int(window.input_budget * KEEP_SHARE))
+        if at == 0:
+            raise ContextFull(
+                f"the request is about {tokens} tokens, over {agent.compact_at:.0%} of the "
+                f"{window.input_budget} the model's window of {window.tokens} leaves for input, and "
+                "there is nothing older to summarise; send a shorter message, or set a larger "
+                "context_window if the model has one"
+            )
+        covers = messages[at - 1].seq
+        self._emit(
+            step.step_id,
+            compaction_started=common_pb2.CompactionStarted(
+                tokens=tokens, context_window=window.tokens, covers_to_seq=covers
+            ),
+        )
+        limit = int(window.input_budget * 0.9 - len(COMPACTION_PROMPT) / 4) * 4
+        text = transcript(record, messages[:at], max(limit, 1_000))
+        request = ProviderRequest(
+            model=agent.model,
+            system=COMPACTION_PROMPT,
+            messages=[common_pb2.Message(role=common_pb2.ROLE_USER, chunks=text_chunks(text))],
+            tools_disabled=True,
+            omit_tools=True,
+        )
+        pieces: list[str] = []
+        try:
+            async with contextlib.aclosing(self._stream_with_retries(step, request)) as events:
+                async for ev in events:
+                    if isinstance(ev, TextDelta):
+                        pieces.append(ev.text)
+        except (ProviderError, RetryBudgetSpent) as exc:
+            raise ContextFull(
+                f"the conversation needed compacting (about {tokens} tokens for a window of "
+                f"{window.tokens}) and the summary request failed: {exc}; send the message again "
+                "to retry, or start a new conversation"
+            ) from None
+        summary = "".join(pieces).strip()
+        if not summary:
+            raise ContextFull("the conversation needed compacting and the model's summary was empty")
+        made = common_pb2.Message(
+            role=common_pb2.ROLE_SYSTEM,
+            turn_id=self.turn.id,
+            step_index=step.index,
+            chunks=text_chunks(summary),
+        )
+        made.compaction.covers_to_seq = covers
+        made.compaction.model = agent.model
+        made.compaction.tokens_before = tokens
+        self._gauge = Gauge(window)  # the requests change shape: estimate them whole again
+        probe = [*history, made]
+        after, shown = self._request(probe, None)
+        made.compaction.tokens_after = self._gauge.before(after, shown)
+        committed = await self._append([made])
+        self._emit(
+            step.step_id,
+            compaction_done=common_pb2.CompactionDone(
+                tokens_before=tokens,
+                tokens_after=made.compaction.tokens_after,
+                covers_to_seq=covers,
+                summary_seq=committed.last_seq,
+                model=agent.model,
+            ),
+        )
+        return list(committed.messages)
 
     async def _decide(
         self,

@@ -170,6 +170,9 @@ class AgentConfig:
     # The most of one tool result the model is shown, in tokens (at most a quarter of the
     # window's input); history keeps it whole and read_tool_output reads the rest.
     tool_output_budget: int = 8_000
+    # A request estimated past this fraction of the window's input is compacted first (older
+    # messages summarised, kernel/context.py); 0: never.
+    compact_at: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,7 @@ SCHEMA: Mapping[str, Any] = {
             "context_window": None,
             "output_reserve": None,
             "tool_output_budget": None,
+            "compact_at": None,
         }
     },
     "kernel": {
@@ -618,7 +622,12 @@ def agent_config(
         context_window=_window(sec, key)[0],
         output_reserve=_window(sec, key)[1],
         tool_output_budget=_int(sec.get("tool_output_budget", 8_000), f"{key}.tool_output_budget"),
+        compact_at=_float(sec.get("compact_at", AgentConfig.compact_at), f"{key}.compact_at"),
     )
+    if not 0 <= agent.compact_at < 1:
+        raise ConfigError(
+            f"config key {key}.compact_at must be from 0 (never) to less than 1, got {agent.compact_at}"
+        )
     if agent.tool_output_budget < 100:
         raise ConfigError(f"config key {key}.tool_output_budget must be at least 100 tokens")
     if agent.approval_timeout < 0:

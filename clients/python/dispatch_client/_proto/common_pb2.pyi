@@ -442,6 +442,7 @@ class Message(_message.Message):
     TURN_ID_FIELD_NUMBER: _builtins.int
     STEP_INDEX_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    COMPACTION_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     seq: _builtins.int
     """Per conversation, gap-free and strictly increasing from 1. Assigned by the
@@ -455,6 +456,12 @@ class Message(_message.Message):
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Chunk]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def compaction(self) -> Global___Compaction:
+        """Set on a compaction record (role SYSTEM, the summary as its text): in the model's
+        requests the summary stands in for the messages it covers. History keeps them all.
+        """
+
     def __init__(
         self,
         *,
@@ -465,14 +472,48 @@ class Message(_message.Message):
         turn_id: _builtins.str = ...,
         step_index: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        compaction: Global___Compaction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "conversation_id", b"conversation_id", "created_at", b"created_at", "role", b"role", "seq", b"seq", "step_index", b"step_index", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "compaction", b"compaction", "conversation_id", b"conversation_id", "created_at", b"created_at", "role", b"role", "seq", b"seq", "step_index", b"step_index", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class Compaction(_message.Message):
+    """A summary of the conversation's messages up to covers_to_seq, made by `model` when a
+    request would have filled too much of its window.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COVERS_TO_SEQ_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKENS_AFTER_FIELD_NUMBER: _builtins.int
+    covers_to_seq: _builtins.int
+    model: _builtins.str
+    tokens_before: _builtins.int
+    """The request's estimated input tokens before and after."""
+    tokens_after: _builtins.int
+    def __init__(
+        self,
+        *,
+        covers_to_seq: _builtins.int = ...,
+        model: _builtins.str = ...,
+        tokens_before: _builtins.int = ...,
+        tokens_after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covers_to_seq", b"covers_to_seq", "model", b"model", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Compaction: _TypeAlias = Compaction  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -1603,6 +1644,8 @@ class AgentEvent(_message.Message):
     TURN_INTERRUPTED_FIELD_NUMBER: _builtins.int
     EVENTS_LOST_FIELD_NUMBER: _builtins.int
     TOOL_STARTED_FIELD_NUMBER: _builtins.int
+    COMPACTION_STARTED_FIELD_NUMBER: _builtins.int
+    COMPACTION_DONE_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     turn_id: _builtins.str
     event_seq: _builtins.int
@@ -1651,6 +1694,10 @@ class AgentEvent(_message.Message):
     def events_lost(self) -> Global___EventsLost: ...
     @_builtins.property
     def tool_started(self) -> Global___ToolStarted: ...
+    @_builtins.property
+    def compaction_started(self) -> Global___CompactionStarted: ...
+    @_builtins.property
+    def compaction_done(self) -> Global___CompactionDone: ...
     def __init__(
         self,
         *,
@@ -1679,16 +1726,81 @@ class AgentEvent(_message.Message):
         turn_interrupted: Global___TurnInterrupted | None = ...,
         events_lost: Global___EventsLost | None = ...,
         tool_started: Global___ToolStarted | None = ...,
+        compaction_started: Global___CompactionStarted | None = ...,
+        compaction_done: Global___CompactionDone | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "error", b"error", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "compaction_done", b"compaction_done", "compaction_started", b"compaction_started", "error", b"error", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requested", b"approval_requested", "approval_resolved", b"approval_resolved", "compaction_done", b"compaction_done", "compaction_started", b"compaction_started", "conversation_id", b"conversation_id", "error", b"error", "event_seq", b"event_seq", "events_lost", b"events_lost", "kind", b"kind", "messages_committed", b"messages_committed", "provider_retry", b"provider_retry", "reasoning_delta", b"reasoning_delta", "steering_injected", b"steering_injected", "step_completed", b"step_completed", "step_id", b"step_id", "text_delta", b"text_delta", "time", b"time", "tool_call", b"tool_call", "tool_output", b"tool_output", "tool_result", b"tool_result", "tool_started", b"tool_started", "turn_done", b"turn_done", "turn_id", b"turn_id", "turn_interrupted", b"turn_interrupted", "turn_resumed", b"turn_resumed", "turn_sealed", b"turn_sealed", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed", "turn_resumed", "turn_interrupted", "events_lost", "tool_started"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "reasoning_delta", "tool_call", "tool_output", "tool_result", "usage", "step_completed", "provider_retry", "steering_injected", "approval_requested", "approval_resolved", "messages_committed", "error", "turn_done", "turn_sealed", "turn_resumed", "turn_interrupted", "events_lost", "tool_started", "compaction_started", "compaction_done"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
+
+@_typing.final
+class CompactionStarted(_message.Message):
+    """The kernel summarises older messages before a request that would fill more than the
+    agent's compact_at of the window (see Compaction).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    COVERS_TO_SEQ_FIELD_NUMBER: _builtins.int
+    tokens: _builtins.int
+    """The request's estimated input tokens, and the model's window."""
+    context_window: _builtins.int
+    covers_to_seq: _builtins.int
+    """The messages to be summarised: up to this seq."""
+    def __init__(
+        self,
+        *,
+        tokens: _builtins.int = ...,
+        context_window: _builtins.int = ...,
+        covers_to_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "covers_to_seq", b"covers_to_seq", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactionStarted: _TypeAlias = CompactionStarted  # noqa: Y015
+
+@_typing.final
+class CompactionDone(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKENS_AFTER_FIELD_NUMBER: _builtins.int
+    COVERS_TO_SEQ_FIELD_NUMBER: _builtins.int
+    SUMMARY_SEQ_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    tokens_before: _builtins.int
+    tokens_after: _builtins.int
+    covers_to_seq: _builtins.int
+    summary_seq: _builtins.int
+    """The seq of the committed compaction record."""
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        tokens_before: _builtins.int = ...,
+        tokens_after: _builtins.int = ...,
+        covers_to_seq: _builtins.int = ...,
+        summary_seq: _builtins.int = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covers_to_seq", b"covers_to_seq", "model", b"model", "summary_seq", b"summary_seq", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactionDone: _TypeAlias = CompactionDone  # noqa: Y015
 
 @_typing.final
 class EventBatch(_message.Message):

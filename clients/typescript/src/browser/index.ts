@@ -79,6 +79,8 @@ const KINDS = [
   "turnInterrupted",
   "eventsLost",
   "toolStarted",
+  "compactionStarted",
+  "compactionDone",
 ] as const satisfies readonly EventKind[];
 // A kind the protos add and KINDS lacks fails to compile here.
 const complete: Exclude<EventKind, (typeof KINDS)[number]> extends never ? true : false = true;

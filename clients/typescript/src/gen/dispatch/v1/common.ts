@@ -556,7 +556,26 @@ export interface Message {
   /** Empty for messages written outside a turn. */
   turnId: string;
   stepIndex: number;
-  createdAt: Date | undefined;
+  createdAt:
+    | Date
+    | undefined;
+  /**
+   * Set on a compaction record (role SYSTEM, the summary as its text): in the model's
+   * requests the summary stands in for the messages it covers. History keeps them all.
+   */
+  compaction: Compaction | undefined;
+}
+
+/**
+ * A summary of the conversation's messages up to covers_to_seq, made by `model` when a
+ * request would have filled too much of its window.
+ */
+export interface Compaction {
+  coversToSeq: number;
+  model: string;
+  /** The request's estimated input tokens before and after. */
+  tokensBefore: number;
+  tokensAfter: number;
 }
 
 /**
@@ -963,7 +982,30 @@ export interface AgentEvent {
     | { $case: "turnInterrupted"; value: TurnInterrupted }
     | { $case: "eventsLost"; value: EventsLost }
     | { $case: "toolStarted"; value: ToolStarted }
+    | { $case: "compactionStarted"; value: CompactionStarted }
+    | { $case: "compactionDone"; value: CompactionDone }
     | undefined;
+}
+
+/**
+ * The kernel summarises older messages before a request that would fill more than the
+ * agent's compact_at of the window (see Compaction).
+ */
+export interface CompactionStarted {
+  /** The request's estimated input tokens, and the model's window. */
+  tokens: number;
+  contextWindow: number;
+  /** The messages to be summarised: up to this seq. */
+  coversToSeq: number;
+}
+
+export interface CompactionDone {
+  tokensBefore: number;
+  tokensAfter: number;
+  coversToSeq: number;
+  /** The seq of the committed compaction record. */
+  summarySeq: number;
+  model: string;
 }
 
 /** Events travel in batches: gRPC in Python pays per message, not per byte. */
@@ -1685,7 +1727,16 @@ export const Chunk: MessageFns<Chunk> = {
 };
 
 function createBaseMessage(): Message {
-  return { conversationId: "", seq: 0, role: 0, chunks: [], turnId: "", stepIndex: 0, createdAt: undefined };
+  return {
+    conversationId: "",
+    seq: 0,
+    role: 0,
+    chunks: [],
+    turnId: "",
+    stepIndex: 0,
+    createdAt: undefined,
+    compaction: undefined,
+  };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1710,6 +1761,9 @@ export const Message: MessageFns<Message> = {
     }
     if (message.createdAt !== undefined) {
       Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(58).fork()).join();
+    }
+    if (message.compaction !== undefined) {
+      Compaction.encode(message.compaction, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -1783,6 +1837,14 @@ export const Message: MessageFns<Message> = {
             message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.compaction = Compaction.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1820,6 +1882,7 @@ export const Message: MessageFns<Message> = {
         : isSet(object.created_at)
         ? fromJsonTimestamp(object.created_at)
         : undefined,
+      compaction: isSet(object.compaction) ? Compaction.fromJSON(object.compaction) : undefined,
     };
   },
 
@@ -1846,6 +1909,9 @@ export const Message: MessageFns<Message> = {
     if (message.createdAt !== undefined) {
       obj.createdAt = message.createdAt.toISOString();
     }
+    if (message.compaction !== undefined) {
+      obj.compaction = Compaction.toJSON(message.compaction);
+    }
     return obj;
   },
 
@@ -1861,6 +1927,138 @@ export const Message: MessageFns<Message> = {
     message.turnId = object.turnId ?? "";
     message.stepIndex = object.stepIndex ?? 0;
     message.createdAt = object.createdAt ?? undefined;
+    message.compaction = (object.compaction !== undefined && object.compaction !== null)
+      ? Compaction.fromPartial(object.compaction)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseCompaction(): Compaction {
+  return { coversToSeq: 0, model: "", tokensBefore: 0, tokensAfter: 0 };
+}
+
+export const Compaction: MessageFns<Compaction> = {
+  encode(message: Compaction, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.coversToSeq !== 0) {
+      writer.uint32(8).int64(message.coversToSeq);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.tokensBefore !== 0) {
+      writer.uint32(24).int64(message.tokensBefore);
+    }
+    if (message.tokensAfter !== 0) {
+      writer.uint32(32).int64(message.tokensAfter);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Compaction {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompaction();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.coversToSeq = longToNumber(reader.int64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.tokensBefore = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.tokensAfter = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Compaction {
+    return {
+      coversToSeq: isSet(object.coversToSeq)
+        ? globalThis.Number(object.coversToSeq)
+        : isSet(object.covers_to_seq)
+        ? globalThis.Number(object.covers_to_seq)
+        : 0,
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      tokensBefore: isSet(object.tokensBefore)
+        ? globalThis.Number(object.tokensBefore)
+        : isSet(object.tokens_before)
+        ? globalThis.Number(object.tokens_before)
+        : 0,
+      tokensAfter: isSet(object.tokensAfter)
+        ? globalThis.Number(object.tokensAfter)
+        : isSet(object.tokens_after)
+        ? globalThis.Number(object.tokens_after)
+        : 0,
+    };
+  },
+
+  toJSON(message: Compaction): unknown {
+    const obj: any = {};
+    if (message.coversToSeq !== 0) {
+      obj.coversToSeq = Math.round(message.coversToSeq);
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.tokensBefore !== 0) {
+      obj.tokensBefore = Math.round(message.tokensBefore);
+    }
+    if (message.tokensAfter !== 0) {
+      obj.tokensAfter = Math.round(message.tokensAfter);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Compaction>, I>>(base?: I): Compaction {
+    return Compaction.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Compaction>, I>>(object: I): Compaction {
+    const message = createBaseCompaction();
+    message.coversToSeq = object.coversToSeq ?? 0;
+    message.model = object.model ?? "";
+    message.tokensBefore = object.tokensBefore ?? 0;
+    message.tokensAfter = object.tokensAfter ?? 0;
     return message;
   },
 };
@@ -6539,6 +6737,12 @@ export const AgentEvent: MessageFns<AgentEvent> = {
       case "toolStarted":
         ToolStarted.encode(message.kind.value, writer.uint32(234).fork()).join();
         break;
+      case "compactionStarted":
+        CompactionStarted.encode(message.kind.value, writer.uint32(242).fork()).join();
+        break;
+      case "compactionDone":
+        CompactionDone.encode(message.kind.value, writer.uint32(250).fork()).join();
+        break;
     }
     return writer;
   },
@@ -6756,6 +6960,22 @@ export const AgentEvent: MessageFns<AgentEvent> = {
             message.kind = { $case: "toolStarted", value: ToolStarted.decode(reader, reader.uint32()) };
             continue;
           }
+          case 30: {
+            if (tag !== 242) {
+              break;
+            }
+
+            message.kind = { $case: "compactionStarted", value: CompactionStarted.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 31: {
+            if (tag !== 250) {
+              break;
+            }
+
+            message.kind = { $case: "compactionDone", value: CompactionDone.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -6867,6 +7087,14 @@ export const AgentEvent: MessageFns<AgentEvent> = {
         ? { $case: "toolStarted", value: ToolStarted.fromJSON(object.toolStarted) }
         : isSet(object.tool_started)
         ? { $case: "toolStarted", value: ToolStarted.fromJSON(object.tool_started) }
+        : isSet(object.compactionStarted)
+        ? { $case: "compactionStarted", value: CompactionStarted.fromJSON(object.compactionStarted) }
+        : isSet(object.compaction_started)
+        ? { $case: "compactionStarted", value: CompactionStarted.fromJSON(object.compaction_started) }
+        : isSet(object.compactionDone)
+        ? { $case: "compactionDone", value: CompactionDone.fromJSON(object.compactionDone) }
+        : isSet(object.compaction_done)
+        ? { $case: "compactionDone", value: CompactionDone.fromJSON(object.compaction_done) }
         : undefined,
     };
   },
@@ -6928,6 +7156,10 @@ export const AgentEvent: MessageFns<AgentEvent> = {
       obj.eventsLost = EventsLost.toJSON(message.kind.value);
     } else if (message.kind?.$case === "toolStarted") {
       obj.toolStarted = ToolStarted.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "compactionStarted") {
+      obj.compactionStarted = CompactionStarted.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "compactionDone") {
+      obj.compactionDone = CompactionDone.toJSON(message.kind.value);
     }
     return obj;
   },
@@ -7063,7 +7295,277 @@ export const AgentEvent: MessageFns<AgentEvent> = {
         }
         break;
       }
+      case "compactionStarted": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "compactionStarted", value: CompactionStarted.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "compactionDone": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "compactionDone", value: CompactionDone.fromPartial(object.kind.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseCompactionStarted(): CompactionStarted {
+  return { tokens: 0, contextWindow: 0, coversToSeq: 0 };
+}
+
+export const CompactionStarted: MessageFns<CompactionStarted> = {
+  encode(message: CompactionStarted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.tokens !== 0) {
+      writer.uint32(8).int64(message.tokens);
+    }
+    if (message.contextWindow !== 0) {
+      writer.uint32(16).int64(message.contextWindow);
+    }
+    if (message.coversToSeq !== 0) {
+      writer.uint32(24).int64(message.coversToSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CompactionStarted {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompactionStarted();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.tokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.contextWindow = longToNumber(reader.int64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.coversToSeq = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CompactionStarted {
+    return {
+      tokens: isSet(object.tokens) ? globalThis.Number(object.tokens) : 0,
+      contextWindow: isSet(object.contextWindow)
+        ? globalThis.Number(object.contextWindow)
+        : isSet(object.context_window)
+        ? globalThis.Number(object.context_window)
+        : 0,
+      coversToSeq: isSet(object.coversToSeq)
+        ? globalThis.Number(object.coversToSeq)
+        : isSet(object.covers_to_seq)
+        ? globalThis.Number(object.covers_to_seq)
+        : 0,
+    };
+  },
+
+  toJSON(message: CompactionStarted): unknown {
+    const obj: any = {};
+    if (message.tokens !== 0) {
+      obj.tokens = Math.round(message.tokens);
+    }
+    if (message.contextWindow !== 0) {
+      obj.contextWindow = Math.round(message.contextWindow);
+    }
+    if (message.coversToSeq !== 0) {
+      obj.coversToSeq = Math.round(message.coversToSeq);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CompactionStarted>, I>>(base?: I): CompactionStarted {
+    return CompactionStarted.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CompactionStarted>, I>>(object: I): CompactionStarted {
+    const message = createBaseCompactionStarted();
+    message.tokens = object.tokens ?? 0;
+    message.contextWindow = object.contextWindow ?? 0;
+    message.coversToSeq = object.coversToSeq ?? 0;
+    return message;
+  },
+};
+
+function createBaseCompactionDone(): CompactionDone {
+  return { tokensBefore: 0, tokensAfter: 0, coversToSeq: 0, summarySeq: 0, model: "" };
+}
+
+export const CompactionDone: MessageFns<CompactionDone> = {
+  encode(message: CompactionDone, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.tokensBefore !== 0) {
+      writer.uint32(8).int64(message.tokensBefore);
+    }
+    if (message.tokensAfter !== 0) {
+      writer.uint32(16).int64(message.tokensAfter);
+    }
+    if (message.coversToSeq !== 0) {
+      writer.uint32(24).int64(message.coversToSeq);
+    }
+    if (message.summarySeq !== 0) {
+      writer.uint32(32).int64(message.summarySeq);
+    }
+    if (message.model !== "") {
+      writer.uint32(42).string(message.model);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CompactionDone {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompactionDone();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.tokensBefore = longToNumber(reader.int64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.tokensAfter = longToNumber(reader.int64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.coversToSeq = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.summarySeq = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CompactionDone {
+    return {
+      tokensBefore: isSet(object.tokensBefore)
+        ? globalThis.Number(object.tokensBefore)
+        : isSet(object.tokens_before)
+        ? globalThis.Number(object.tokens_before)
+        : 0,
+      tokensAfter: isSet(object.tokensAfter)
+        ? globalThis.Number(object.tokensAfter)
+        : isSet(object.tokens_after)
+        ? globalThis.Number(object.tokens_after)
+        : 0,
+      coversToSeq: isSet(object.coversToSeq)
+        ? globalThis.Number(object.coversToSeq)
+        : isSet(object.covers_to_seq)
+        ? globalThis.Number(object.covers_to_seq)
+        : 0,
+      summarySeq: isSet(object.summarySeq)
+        ? globalThis.Number(object.summarySeq)
+        : isSet(object.summary_seq)
+        ? globalThis.Number(object.summary_seq)
+        : 0,
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+    };
+  },
+
+  toJSON(message: CompactionDone): unknown {
+    const obj: any = {};
+    if (message.tokensBefore !== 0) {
+      obj.tokensBefore = Math.round(message.tokensBefore);
+    }
+    if (message.tokensAfter !== 0) {
+      obj.tokensAfter = Math.round(message.tokensAfter);
+    }
+    if (message.coversToSeq !== 0) {
+      obj.coversToSeq = Math.round(message.coversToSeq);
+    }
+    if (message.summarySeq !== 0) {
+      obj.summarySeq = Math.round(message.summarySeq);
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CompactionDone>, I>>(base?: I): CompactionDone {
+    return CompactionDone.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CompactionDone>, I>>(object: I): CompactionDone {
+    const message = createBaseCompactionDone();
+    message.tokensBefore = object.tokensBefore ?? 0;
+    message.tokensAfter = object.tokensAfter ?? 0;
+    message.coversToSeq = object.coversToSeq ?? 0;
+    message.summarySeq = object.summarySeq ?? 0;
+    message.model = object.model ?? "";
     return message;
   },
 };
